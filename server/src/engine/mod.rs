@@ -1,0 +1,161 @@
+//! The engine: the boundary between the HTTP layer and the model.
+//!
+//! Handlers validate a request into a [`GenerationRequest`] (token ids, sampling
+//! parameters, limits) and [`Engine::submit`] it. The engine schedules it — the
+//! continuous-batching scheduler packs many sequences into each forward step —
+//! and streams [`GenerationEvent`]s back. Dropping the [`GenerationHandle`]
+//! cancels every sequence of the request within one scheduler step (client
+//! disconnect, deadline), which frees its KV cache blocks.
+//!
+//! Handlers depend only on this trait, so the scheduler can change without
+//! touching them, and tests can drive the HTTP layer with a scripted engine.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use salus_models::sampling::SamplingParams;
+use salus_models::Phi;
+
+/// Opaque request id (also written to logs and the audit trail).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RequestId(pub String);
+
+/// Why a choice stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` reached, or the context window is full.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// A request that passed validation: everything the engine needs, nothing it
+/// must check again (prompt fits the context, parameters in range).
+#[derive(Debug)]
+pub struct GenerationRequest {
+    pub request_id: RequestId,
+    /// Prompt token ids (after the chat template). PHI.
+    pub prompt_tokens: Phi<Vec<u32>>,
+    /// Number of choices (`n`); each is scheduled as its own sequence.
+    pub n: usize,
+    /// Most tokens to generate per choice (already bounded by the context window).
+    pub max_tokens: usize,
+    /// Sampling parameters; choice `i` uses seed `seed + i` when a seed is set.
+    pub sampling: SamplingParams,
+    /// Stop strings (PHI: clients may put text in them).
+    pub stop_strings: Vec<Phi<String>>,
+    /// When to give up (the request is cancelled at this instant).
+    pub deadline: Option<Instant>,
+}
+
+/// Log-probability information for one generated token.
+#[derive(Debug, Clone)]
+pub struct TokenLogprob {
+    pub token_id: u32,
+    pub logprob: f32,
+    /// The most likely alternatives (token id, logprob), best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What the engine streams back for one request.
+#[derive(Debug)]
+pub enum GenerationEvent {
+    /// New text for `choice` (may be empty when a token completes no character
+    /// yet, or is held back because it may begin a stop string).
+    Delta {
+        choice: usize,
+        text: Phi<String>,
+        /// One entry per token this delta covers, when logprobs were requested.
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// `choice` finished; `completion_tokens` counts its generated tokens.
+    Finished { choice: usize, reason: FinishReason, completion_tokens: usize },
+    /// The request failed inside the engine; no further events follow.
+    Failed { error: EngineError },
+}
+
+/// Errors the engine reports. Messages never contain request text.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    /// The waiting queue is full; retry after the given delay.
+    #[error("server is at capacity; retry later")]
+    QueueFull { retry_after: Duration },
+    /// The request can never fit the KV cache, even alone.
+    #[error("request needs {needed} KV cache tokens but the cache holds {capacity}")]
+    TooLarge { needed: usize, capacity: usize },
+    /// The engine is shutting down or not started.
+    #[error("engine is not running")]
+    NotRunning,
+    /// A model or kernel error while generating (details logged by id only).
+    #[error("internal engine error")]
+    Internal,
+}
+
+/// Cancels a request when dropped (or explicitly).
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// The caller's side of a submitted request.
+#[derive(Debug)]
+pub struct GenerationHandle {
+    pub events: tokio::sync::mpsc::UnboundedReceiver<GenerationEvent>,
+    cancel: CancelToken,
+}
+
+impl GenerationHandle {
+    pub fn new(events: tokio::sync::mpsc::UnboundedReceiver<GenerationEvent>, cancel: CancelToken) -> Self {
+        GenerationHandle { events, cancel }
+    }
+}
+
+impl Drop for GenerationHandle {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// A snapshot of the engine's load, for metrics and readiness.
+#[derive(Debug, Clone, Default)]
+pub struct EngineStats {
+    pub running_seqs: usize,
+    pub waiting_seqs: usize,
+    pub kv_blocks_used: usize,
+    pub kv_blocks_total: usize,
+    pub preemptions_total: u64,
+    pub steps_total: u64,
+    pub last_batch_seqs: usize,
+    pub last_batch_tokens: usize,
+}
+
+/// The generation backend handlers talk to.
+pub trait Engine: Send + Sync + 'static {
+    /// Queues a request. Fails at once when the queue is full or the request can
+    /// never fit; otherwise events arrive on the handle.
+    fn submit(&self, request: GenerationRequest) -> Result<GenerationHandle, EngineError>;
+    /// Current load.
+    fn stats(&self) -> EngineStats;
+    /// Whether the engine can take requests (model loaded, worker alive).
+    fn is_ready(&self) -> bool;
+}
