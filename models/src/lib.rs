@@ -11,13 +11,39 @@
 //! into process memory and passed in without plaintext ever touching the disk.
 
 pub mod batch;
+pub mod chat;
+pub mod config;
+pub mod detok;
 pub mod error;
+pub mod generate;
+pub mod kv_cache;
+pub mod layers;
+pub mod linear;
+pub mod llama;
+pub mod mistral;
+pub mod model;
+pub mod paged_cache;
 pub mod phi;
+pub mod qlinear;
+pub mod qwen2;
+pub mod sampling;
 pub mod source;
+pub mod stop;
+pub mod tokenizer;
+pub mod weights;
 
 pub use batch::{PackedBatch, SeqId, SeqSpan};
+pub use config::{Architecture, DecoderConfig};
+pub use kv_cache::{ContiguousKvCache, KvCache};
+pub use generate::{generate, FinishReason, GenerateParams, GenerationOutput, Timings};
+pub use model::{load, LoadOptions, LoadedModel, Model, ModelInfo};
 pub use error::ModelError;
 pub use phi::Phi;
 pub use source::{ModelSource, WeightBytes};
+pub use chat::{ChatMessage, ChatTemplate, Role};
+pub use detok::StreamDecoder;
+pub use sampling::{Sampled, Sampler, SamplingParams};
+pub use stop::{StopMatcher, StopStep};
+pub use tokenizer::Tokenizer;
 
 pub type Result<T> = std::result::Result<T, ModelError>;

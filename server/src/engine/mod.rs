@@ -10,6 +10,8 @@
 //! Handlers depend only on this trait, so the scheduler can change without
 //! touching them, and tests can drive the HTTP layer with a scripted engine.
 
+pub mod serial;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,0 +1,303 @@
+//! `salus-bench`: a load generator for any OpenAI-compatible chat completions
+//! endpoint (Salus, llama.cpp's server, vLLM…).
+//!
+//! For each concurrency level it keeps that many requests in flight (one
+//! blocking client thread each) until the level's request count is done, and
+//! reports aggregate output tokens/s, requests/s, time to first token
+//! p50/p95/p99, inter-token latency p50/p95 and end-to-end latency p50/p95, plus
+//! errors. Writes a JSON report and an SVG chart; shows a progress bar on stderr.
+//!
+//! Output tokens are taken from the server's `usage` (requested with
+//! `stream_options.include_usage`), else counted as streamed content chunks.
+//! Prompts are the built-in synthetic clinical notes or lines of `--prompts`.
+//! Nothing of the prompts, completions or the API key is printed.
+
+#[path = "report.rs"]
+mod bench_report;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bench_report::{summarize, Sample};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser, Debug)]
+#[command(name = "salus-bench", about = "Load generator for OpenAI-compatible chat completion servers")]
+struct Args {
+    /// API base URL (the part before `/chat/completions`).
+    #[arg(long, default_value = "https://127.0.0.1:8443/v1")]
+    base_url: String,
+    /// Bearer token; also read from SALUS_API_KEY.
+    #[arg(long, env = "SALUS_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Model name sent in the request.
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// Concurrency levels, comma separated.
+    #[arg(long, default_value = "1,4,8,16", value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Requests per level (default: 2 × concurrency, at least 4).
+    #[arg(long)]
+    requests: Option<usize>,
+    /// max_tokens of every request.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// File with one prompt per line (default: built-in synthetic clinical notes).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Ask for non-streamed responses (TTFT then equals end-to-end latency).
+    #[arg(long)]
+    no_stream: bool,
+    /// Accept any server certificate (self-signed test servers only).
+    #[arg(long)]
+    insecure: bool,
+    /// PEM file with the CA certificate(s) to trust for https.
+    #[arg(long)]
+    cacert: Option<PathBuf>,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+    /// JSON report path.
+    #[arg(long, default_value = "salus-bench.json")]
+    out_json: PathBuf,
+    /// SVG chart path.
+    #[arg(long, default_value = "salus-bench.svg")]
+    out_svg: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("salus-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args = Args::parse();
+    if args.concurrency.is_empty() || args.concurrency.contains(&0) {
+        bail!("--concurrency needs positive levels");
+    }
+    let prompts = match &args.prompts {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading prompt file {}", p.display()))?;
+            let v: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
+            if v.is_empty() {
+                bail!("prompt file {} has no non-empty line", p.display());
+            }
+            v
+        }
+        None => bench_report::synthetic_prompts(),
+    };
+    let url = format!("{}/chat/completions", args.base_url.trim_end_matches('/'));
+    let agent = build_agent(&args)?;
+    let stream = !args.no_stream;
+    let per_level: Vec<usize> = args.concurrency.iter().map(|&c| args.requests.unwrap_or((2 * c).max(4))).collect();
+    let pb = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(per_level.iter().sum::<usize>() as u64) };
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} requests  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let bodies: Arc<Vec<String>> = Arc::new(
+        prompts
+            .iter()
+            .map(|p| {
+                let mut b = serde_json::json!({
+                    "model": args.model,
+                    "messages": [{"role": "user", "content": p}],
+                    "max_tokens": args.max_tokens,
+                    "temperature": args.temperature,
+                    "stream": stream,
+                });
+                if stream {
+                    b["stream_options"] = serde_json::json!({"include_usage": true});
+                }
+                b.to_string()
+            })
+            .collect(),
+    );
+    let mut summaries = Vec::new();
+    let mut offset = 0;
+    for (&c, &n) in args.concurrency.iter().zip(&per_level) {
+        pb.set_message(format!("concurrency {c}"));
+        let counter = Arc::new(AtomicUsize::new(0));
+        let start = Instant::now();
+        let threads: Vec<_> = (0..c)
+            .map(|_| {
+                let (agent, url, key, bodies, counter, pb) =
+                    (agent.clone(), url.clone(), args.api_key.clone(), bodies.clone(), counter.clone(), pb.clone());
+                std::thread::spawn(move || {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = counter.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break out;
+                        }
+                        let body = &bodies[(offset + i) % bodies.len()];
+                        out.push(one_request(&agent, &url, key.as_deref(), body, stream));
+                        pb.inc(1);
+                    }
+                })
+            })
+            .collect();
+        let samples: Vec<Sample> = threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect();
+        summaries.push(summarize(c, &samples, start.elapsed()));
+        offset += n;
+    }
+    pb.finish_and_clear();
+    println!("{url}  max_tokens {}  stream {stream}", args.max_tokens);
+    print!("{}", bench_report::table(&summaries));
+    let json = bench_report::to_json(&url, args.max_tokens, stream, &summaries);
+    std::fs::write(&args.out_json, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", args.out_json.display()))?;
+    std::fs::write(&args.out_svg, bench_report::to_svg(&format!("salus-bench {url}"), &summaries))
+        .with_context(|| format!("writing {}", args.out_svg.display()))?;
+    eprintln!("wrote {} and {}", args.out_json.display(), args.out_svg.display());
+    Ok(())
+}
+
+fn build_agent(args: &Args) -> Result<ureq::Agent> {
+    let mut b = ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(10))
+        .timeout(Duration::from_secs(args.timeout_secs))
+        .max_idle_connections_per_host(args.concurrency.iter().copied().max().unwrap_or(1));
+    if args.insecure || args.cacert.is_some() {
+        b = b.tls_config(Arc::new(tls_config(args)?));
+    }
+    Ok(b.build())
+}
+
+fn tls_config(args: &Args) -> Result<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?;
+    if args.insecure {
+        eprintln!("salus-bench: --insecure: server certificates are not verified");
+        return Ok(builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth());
+    }
+    let path = args.cacert.as_ref().context("no --cacert")?;
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        let cert = cert.with_context(|| format!("{}: invalid PEM", path.display()))?;
+        roots.add(cert).with_context(|| format!("{}: invalid certificate", path.display()))?;
+    }
+    if roots.is_empty() {
+        bail!("{} holds no certificate", path.display());
+    }
+    Ok(builder.with_root_certificates(roots).with_no_client_auth())
+}
+
+/// Accepts any certificate but still checks handshake signatures (for `--insecure`).
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Sends one request and measures it. Any transport error, non-2xx status or
+/// malformed response counts as an error.
+fn one_request(agent: &ureq::Agent, url: &str, key: Option<&str>, body: &str, stream: bool) -> Sample {
+    let t0 = Instant::now();
+    let mut s = Sample::default();
+    let mut req = agent.post(url).set("Content-Type", "application/json");
+    if let Some(k) = key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    let resp = match req.send_string(body) {
+        Ok(r) => r,
+        Err(_) => {
+            s.e2e = t0.elapsed();
+            return s;
+        }
+    };
+    if !stream {
+        let v: Option<serde_json::Value> = resp.into_json().ok();
+        s.e2e = t0.elapsed();
+        s.ttft = Some(s.e2e);
+        if let Some(n) = v.as_ref().and_then(|v| v["usage"]["completion_tokens"].as_u64()) {
+            s.output_tokens = n as usize;
+            s.ok = true;
+        }
+        return s;
+    }
+    let mut chunks = 0usize;
+    let mut usage = None;
+    let mut last: Option<Instant> = None;
+    let mut done = false;
+    for line in BufReader::new(resp.into_reader()).lines() {
+        let Ok(line) = line else { break };
+        let Some(data) = line.strip_prefix("data:") else { continue };
+        let data = data.trim();
+        if data == "[DONE]" {
+            done = true;
+            break;
+        }
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else { break };
+        if v.get("error").is_some() {
+            break;
+        }
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            usage = Some(n as usize);
+        }
+        let has_text = v["choices"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["delta"]["content"].as_str().is_some_and(|t| !t.is_empty())));
+        if has_text {
+            let now = Instant::now();
+            match last {
+                None => s.ttft = Some(now - t0),
+                Some(l) => s.itl.push(now - l),
+            }
+            last = Some(now);
+            chunks += 1;
+        }
+    }
+    s.e2e = t0.elapsed();
+    s.ok = done;
+    s.output_tokens = usage.unwrap_or(chunks);
+    s
+}

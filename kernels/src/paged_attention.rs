@@ -1,0 +1,860 @@
+//! CPU paged attention: attention that reads keys and values through per-sequence
+//! block tables, so continuous batching never copies a sequence's history into a
+//! contiguous buffer.
+//!
+//! # Cache layout
+//! A layer's K (and, separately, V) cache is one flat slice of `num_blocks` blocks.
+//! Block `b` holds `block_size` token slots for every KV head, laid out
+//! `[block][kv_head][slot][head_dim]`: the keys one KV head needs from one block are
+//! a single contiguous run of `block_size * head_dim` elements, which the inner loops
+//! stream through. Token position `p` of a sequence lives in block
+//! `block_table[p / block_size]`, slot `p % block_size`.
+//!
+//! # Algorithm
+//! Work is split into items of (sequence, KV head, chunk of up to [`QUERY_CHUNK`]
+//! query tokens) and spread over the kernels' persistent pool ([`crate::pool`];
+//! nothing is spawned per call). An item walks the sequence's blocks once, converts a block of
+//! f16/bf16 keys and values to f32 into a small per-thread scratch buffer (shared by
+//! every query head of the GQA group and every query token of the chunk), and keeps an
+//! online (streaming) softmax per query: running max, running sum, f32 accumulator.
+//! Prefill chunks over a cached prefix are causally masked per query token; a sliding
+//! window restricts a query at position `p` to keys at positions `p - window + 1 ..= p`
+//! (the Hugging Face convention: `window` keys including itself).
+//!
+//! The result for one query token depends only on that token's position and the
+//! cache contents, never on which other tokens or sequences share the call: blocks
+//! that hold no visible key for a query are skipped for that query, so a token
+//! computed inside a prefill chunk, a decode step or a batch of many sequences gets
+//! bit-identical output. Continuous batching relies on that for reproducibility.
+//!
+//! # SIMD
+//! The inner loops (dot products, scaled accumulation) are written over
+//! `chunks_exact(16)` with independent accumulators and compiled three times: for
+//! AVX-512, for AVX2+FMA and portable. The best version is picked at runtime
+//! (`is_x86_feature_detected!`) once per call.
+
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+
+/// Query tokens of one sequence handled by one work item.
+pub const QUERY_CHUNK: usize = 16;
+
+/// Largest supported head dimension.
+pub const MAX_HEAD_DIM: usize = 512;
+
+/// Storage type of the KV cache. Arithmetic is always f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KvDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl KvDtype {
+    /// Bytes per stored element.
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 | KvDtype::BF16 => 2,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+            KvDtype::BF16 => "bf16",
+        }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// An element type the KV cache can be stored in (f32, f16, bf16).
+pub trait KvElement: sealed::Sealed + Copy + Default + Send + Sync + 'static {
+    const DTYPE: KvDtype;
+    /// Converts `src` into `dst` (same length).
+    fn store(src: &[f32], dst: &mut [Self]);
+    /// Converts `src` into `dst` (same length).
+    fn load(src: &[Self], dst: &mut [f32]);
+    /// The slice itself when the storage type already is f32 (no conversion).
+    fn as_f32(src: &[Self]) -> Option<&[f32]>;
+}
+
+impl KvElement for f32 {
+    const DTYPE: KvDtype = KvDtype::F32;
+    #[inline(always)]
+    fn store(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    #[inline(always)]
+    fn load(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    #[inline(always)]
+    fn as_f32(src: &[f32]) -> Option<&[f32]> {
+        Some(src)
+    }
+}
+
+impl KvElement for f16 {
+    const DTYPE: KvDtype = KvDtype::F16;
+    #[inline(always)]
+    fn store(src: &[f32], dst: &mut [f16]) {
+        // `half` picks F16C at runtime when the CPU has it.
+        dst.convert_from_f32_slice(src);
+    }
+    #[inline(always)]
+    fn load(src: &[f16], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+    #[inline(always)]
+    fn as_f32(_: &[f16]) -> Option<&[f32]> {
+        None
+    }
+}
+
+impl KvElement for bf16 {
+    const DTYPE: KvDtype = KvDtype::BF16;
+    #[inline(always)]
+    fn store(src: &[f32], dst: &mut [bf16]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = bf16::from_f32(*s);
+        }
+    }
+    #[inline(always)]
+    fn load(src: &[bf16], dst: &mut [f32]) {
+        // bf16 is the upper half of an f32: a shift, which vectorizes.
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits((s.to_bits() as u32) << 16);
+        }
+    }
+    #[inline(always)]
+    fn as_f32(_: &[bf16]) -> Option<&[f32]> {
+        None
+    }
+}
+
+/// Shape of a paged KV cache (one layer's K or V slice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagedGeometry {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl PagedGeometry {
+    /// Elements of one block (all KV heads).
+    pub fn block_elems(&self) -> usize {
+        self.block_size * self.num_kv_heads * self.head_dim
+    }
+    /// Elements of a whole layer's K (or V) cache.
+    pub fn cache_elems(&self) -> usize {
+        self.num_blocks * self.block_elems()
+    }
+    /// Blocks needed to hold `tokens` tokens.
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block_size)
+    }
+}
+
+/// One sequence's part of a call: its new tokens (rows of q/k/v/out) and where
+/// its history lives.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqChunk<'a> {
+    /// Physical block ids, in position order.
+    pub block_table: &'a [u32],
+    /// Row of this sequence's first new token in `q`, `k`, `v` and `out`.
+    pub row: usize,
+    /// Number of new tokens (>= 1).
+    pub len: usize,
+    /// Position of the first new token = tokens already cached before this call.
+    pub start_pos: usize,
+}
+
+/// Attention parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionParams {
+    /// Query heads (a multiple of the geometry's KV heads).
+    pub num_heads: usize,
+    /// Score scale, usually `1 / sqrt(head_dim)`.
+    pub scale: f32,
+    /// Keys visible to a query: at most this many most recent positions (itself included).
+    pub sliding_window: Option<usize>,
+}
+
+/// Inconsistent arguments. The messages carry sizes only.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PagedAttentionError {
+    #[error("paged attention: {0}")]
+    Shape(String),
+    #[error("paged attention: block table needs {needed} blocks but has {have}")]
+    BlockTableTooShort { needed: usize, have: usize },
+    #[error("paged attention: block id {id} out of range (cache has {num_blocks} blocks)")]
+    BlockOutOfRange { id: u32, num_blocks: usize },
+}
+
+fn shape_err(msg: impl Into<String>) -> PagedAttentionError {
+    PagedAttentionError::Shape(msg.into())
+}
+
+fn validate(
+    geom: &PagedGeometry,
+    rows: usize,
+    seqs: &[SeqChunk<'_>],
+    cache_len: usize,
+) -> Result<(), PagedAttentionError> {
+    if geom.block_size == 0 || geom.num_kv_heads == 0 || geom.head_dim == 0 {
+        return Err(shape_err("block_size, num_kv_heads and head_dim must be > 0"));
+    }
+    if geom.head_dim > MAX_HEAD_DIM {
+        return Err(shape_err(format!("head_dim {} exceeds {MAX_HEAD_DIM}", geom.head_dim)));
+    }
+    if cache_len != geom.cache_elems() {
+        return Err(shape_err(format!("cache has {cache_len} elements, geometry needs {}", geom.cache_elems())));
+    }
+    let mut ranges: Vec<(usize, usize)> = Vec::with_capacity(seqs.len());
+    for s in seqs {
+        if s.len == 0 {
+            return Err(shape_err("a sequence contributes no tokens"));
+        }
+        if s.row + s.len > rows {
+            return Err(shape_err(format!("rows {}..{} exceed the {rows} input rows", s.row, s.row + s.len)));
+        }
+        let needed = geom.blocks_for(s.start_pos + s.len);
+        if s.block_table.len() < needed {
+            return Err(PagedAttentionError::BlockTableTooShort { needed, have: s.block_table.len() });
+        }
+        if let Some(&id) = s.block_table[..needed].iter().find(|&&id| id as usize >= geom.num_blocks) {
+            return Err(PagedAttentionError::BlockOutOfRange { id, num_blocks: geom.num_blocks });
+        }
+        ranges.push((s.row, s.row + s.len));
+    }
+    ranges.sort_unstable();
+    if ranges.windows(2).any(|w| w[1].0 < w[0].1) {
+        return Err(shape_err("sequences overlap in the input rows"));
+    }
+    Ok(())
+}
+
+/// Writes the new keys and values (`k`, `v`: `[rows, num_kv_heads, head_dim]`, f32)
+/// of every sequence into their cache slots (positions `start_pos..start_pos+len`).
+pub fn write_kv<E: KvElement>(
+    geom: &PagedGeometry,
+    k_cache: &mut [E],
+    v_cache: &mut [E],
+    k: &[f32],
+    v: &[f32],
+    seqs: &[SeqChunk<'_>],
+) -> Result<(), PagedAttentionError> {
+    let row_elems = geom.num_kv_heads * geom.head_dim;
+    if k.len() != v.len() || k.len() % row_elems != 0 {
+        return Err(shape_err("k and v must both be [rows, num_kv_heads, head_dim]"));
+    }
+    if v_cache.len() != k_cache.len() {
+        return Err(shape_err("k and v caches differ in size"));
+    }
+    let rows = k.len() / row_elems;
+    validate(geom, rows, seqs, k_cache.len())?;
+    let hd = geom.head_dim;
+    let bs = geom.block_size;
+    for s in seqs {
+        for t in 0..s.len {
+            let pos = s.start_pos + t;
+            let block = s.block_table[pos / bs] as usize;
+            let slot = pos % bs;
+            let src_row = (s.row + t) * row_elems;
+            for h in 0..geom.num_kv_heads {
+                let dst = ((block * geom.num_kv_heads + h) * bs + slot) * hd;
+                let src = src_row + h * hd;
+                E::store(&k[src..src + hd], &mut k_cache[dst..dst + hd]);
+                E::store(&v[src..src + hd], &mut v_cache[dst..dst + hd]);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Attention of every sequence's new tokens over its cached keys and values
+/// (which must already include the new tokens: call [`write_kv`] first).
+///
+/// `q`: `[rows, num_heads, head_dim]`; `out`: `[rows, num_heads * head_dim]`.
+/// Rows not covered by any sequence are left untouched.
+pub fn paged_attention<E: KvElement>(
+    geom: &PagedGeometry,
+    params: &AttentionParams,
+    q: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
+    seqs: &[SeqChunk<'_>],
+    out: &mut [f32],
+) -> Result<(), PagedAttentionError> {
+    let hd = geom.head_dim;
+    if params.num_heads == 0 || params.num_heads % geom.num_kv_heads != 0 {
+        return Err(shape_err(format!(
+            "{} query heads is not a multiple of {} KV heads",
+            params.num_heads, geom.num_kv_heads
+        )));
+    }
+    if params.sliding_window == Some(0) {
+        return Err(shape_err("sliding window must be > 0"));
+    }
+    let row_elems = params.num_heads * hd;
+    if q.len() % row_elems != 0 || out.len() != q.len() {
+        return Err(shape_err("q and out must both be [rows, num_heads * head_dim]"));
+    }
+    if v_cache.len() != k_cache.len() {
+        return Err(shape_err("k and v caches differ in size"));
+    }
+    validate(geom, q.len() / row_elems, seqs, k_cache.len())?;
+
+    let mut items = Vec::new();
+    let mut work = 0usize;
+    for (si, s) in seqs.iter().enumerate() {
+        let ctx = s.start_pos + s.len;
+        for g in 0..geom.num_kv_heads {
+            let mut t0 = 0;
+            while t0 < s.len {
+                let t1 = (t0 + QUERY_CHUNK).min(s.len);
+                items.push(WorkItem { seq: si, kv_head: g, t0, t1 });
+                work += (t1 - t0) * ctx.min(params.sliding_window.unwrap_or(usize::MAX));
+                t0 = t1;
+            }
+        }
+    }
+    let ctx = Ctx { geom: *geom, params: *params, q, k_cache, v_cache, seqs, out: SendPtr(out.as_mut_ptr()) };
+    let path = SimdPath::detect();
+    // Small calls (a handful of short decodes) are cheaper than a fork-join.
+    if items.len() == 1 || work * hd * params.num_heads / geom.num_kv_heads < 32 * 1024 {
+        for it in &items {
+            run_dispatch(path, &ctx, it);
+        }
+    } else {
+        crate::pool::parallel_for(items.len(), &|i| run_dispatch(path, &ctx, &items[i]));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+struct WorkItem {
+    seq: usize,
+    kv_head: usize,
+    t0: usize,
+    t1: usize,
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the pointer is only used to write disjoint regions of `out` (each work item
+// owns rows t0..t1 of one sequence and the columns of one KV head's query group;
+// `validate` rejects overlapping sequences), and `out` outlives the parallel loop.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above; shared references to the wrapper only hand out the pointer value.
+unsafe impl Sync for SendPtr {}
+
+struct Ctx<'a, E> {
+    geom: PagedGeometry,
+    params: AttentionParams,
+    q: &'a [f32],
+    k_cache: &'a [E],
+    v_cache: &'a [E],
+    seqs: &'a [SeqChunk<'a>],
+    out: SendPtr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SimdPath {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+impl SimdPath {
+    fn detect() -> SimdPath {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+                return SimdPath::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return SimdPath::Avx2;
+            }
+        }
+        SimdPath::Portable
+    }
+}
+
+fn run_dispatch<E: KvElement>(path: SimdPath, ctx: &Ctx<'_, E>, it: &WorkItem) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `detect` verified at runtime that the CPU supports avx512f and fma.
+        SimdPath::Avx512 => unsafe { run_avx512(ctx, it) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `detect` verified at runtime that the CPU supports avx2 and fma.
+        SimdPath::Avx2 => unsafe { run_avx2(ctx, it) },
+        SimdPath::Portable => run_item::<E, false>(ctx, it),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn run_avx512<E: KvElement>(ctx: &Ctx<'_, E>, it: &WorkItem) {
+    run_item::<E, true>(ctx, it)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_avx2<E: KvElement>(ctx: &Ctx<'_, E>, it: &WorkItem) {
+    run_item::<E, true>(ctx, it)
+}
+
+/// `a * b + c`, fused when the caller was compiled with FMA.
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+#[inline(always)]
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let ac = a.chunks_exact(16);
+    let bc = b.chunks_exact(16);
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..16 {
+            acc[i] = madd::<FMA>(x[i], y[i], acc[i]);
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ar.iter().zip(br) {
+        tail = madd::<FMA>(*x, *y, tail);
+    }
+    // Fixed reduction tree: the result does not depend on the caller.
+    let mut s8 = [0f32; 8];
+    for i in 0..8 {
+        s8[i] = acc[i] + acc[i + 8];
+    }
+    let s4 = [s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]];
+    (s4[0] + s4[2]) + (s4[1] + s4[3]) + tail
+}
+
+/// `acc = acc * c + p * v` element-wise.
+#[inline(always)]
+fn scale_axpy<const FMA: bool>(acc: &mut [f32], c: f32, p: f32, v: &[f32]) {
+    let mut ac = acc.chunks_exact_mut(16);
+    let mut vc = v.chunks_exact(16);
+    for (a, x) in (&mut ac).zip(&mut vc) {
+        for i in 0..16 {
+            a[i] = madd::<FMA>(p, x[i], a[i] * c);
+        }
+    }
+    for (a, x) in ac.into_remainder().iter_mut().zip(vc.remainder()) {
+        *a = madd::<FMA>(p, *x, *a * c);
+    }
+}
+
+/// `acc += p * v` element-wise.
+#[inline(always)]
+fn axpy<const FMA: bool>(acc: &mut [f32], p: f32, v: &[f32]) {
+    let mut ac = acc.chunks_exact_mut(16);
+    let mut vc = v.chunks_exact(16);
+    for (a, x) in (&mut ac).zip(&mut vc) {
+        for i in 0..16 {
+            a[i] = madd::<FMA>(p, x[i], a[i]);
+        }
+    }
+    for (a, x) in ac.into_remainder().iter_mut().zip(vc.remainder()) {
+        *a = madd::<FMA>(p, *x, *a);
+    }
+}
+
+/// Per-thread scratch, reused across calls so the hot path does not allocate.
+#[derive(Default)]
+struct Scratch {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    q: Vec<f32>,
+    acc: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+    s: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+fn resize(v: &mut Vec<f32>, n: usize, val: f32) {
+    v.clear();
+    v.resize(n, val);
+}
+
+#[inline(always)]
+fn run_item<E: KvElement, const FMA: bool>(ctx: &Ctx<'_, E>, it: &WorkItem) {
+    SCRATCH.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        let sc = &mut *guard;
+        run_item_inner::<E, FMA>(ctx, it, sc);
+    })
+}
+
+#[inline(always)]
+fn run_item_inner<E: KvElement, const FMA: bool>(ctx: &Ctx<'_, E>, it: &WorkItem, sc: &mut Scratch) {
+    let geom = &ctx.geom;
+    let (hd, bs) = (geom.head_dim, geom.block_size);
+    let group = ctx.params.num_heads / geom.num_kv_heads;
+    let s = &ctx.seqs[it.seq];
+    let nt = it.t1 - it.t0;
+    let nq = nt * group;
+    let q_row = ctx.params.num_heads * hd;
+
+    // Scaled queries of this item, [t][h_in_group][d].
+    resize(&mut sc.q, nq * hd, 0.0);
+    for t in 0..nt {
+        for hg in 0..group {
+            let h = it.kv_head * group + hg;
+            let src = (s.row + it.t0 + t) * q_row + h * hd;
+            let dst = (t * group + hg) * hd;
+            for (d, x) in sc.q[dst..dst + hd].iter_mut().zip(&ctx.q[src..src + hd]) {
+                *d = *x * ctx.params.scale;
+            }
+        }
+    }
+    resize(&mut sc.acc, nq * hd, 0.0);
+    resize(&mut sc.m, nq, f32::NEG_INFINITY);
+    resize(&mut sc.l, nq, 0.0);
+    resize(&mut sc.s, bs, 0.0);
+    let window = ctx.params.sliding_window.unwrap_or(usize::MAX);
+    // Visible keys of the query at position p: lo(p) ..= p.
+    let lo = |p: usize| (p + 1).saturating_sub(window);
+    let first_pos = s.start_pos + it.t0;
+    let last_pos = s.start_pos + it.t1 - 1;
+    let run = bs * hd;
+    for b in lo(first_pos) / bs..=last_pos / bs {
+        let phys = s.block_table[b] as usize;
+        let base = (phys * geom.num_kv_heads + it.kv_head) * run;
+        let kb_src = &ctx.k_cache[base..base + run];
+        let vb_src = &ctx.v_cache[base..base + run];
+        let block_start = b * bs;
+        // Slots of this block that exist for the latest query.
+        let valid = (last_pos + 1 - block_start).min(bs);
+        let (kb, vb): (&[f32], &[f32]) = match (E::as_f32(kb_src), E::as_f32(vb_src)) {
+            (Some(k), Some(v)) => (k, v),
+            _ => {
+                resize(&mut sc.k, run, 0.0);
+                resize(&mut sc.v, run, 0.0);
+                E::load(&kb_src[..valid * hd], &mut sc.k[..valid * hd]);
+                E::load(&vb_src[..valid * hd], &mut sc.v[..valid * hd]);
+                (&sc.k, &sc.v)
+            }
+        };
+        for t in 0..nt {
+            let p = s.start_pos + it.t0 + t;
+            let j0 = lo(p).max(block_start);
+            let j1 = (p + 1).min(block_start + valid); // exclusive
+            if j0 >= j1 {
+                continue; // nothing visible in this block for this query
+            }
+            for hg in 0..group {
+                let qi = t * group + hg;
+                let qv = &sc.q[qi * hd..(qi + 1) * hd];
+                let mut mx = f32::NEG_INFINITY;
+                for j in j0..j1 {
+                    let o = (j - block_start) * hd;
+                    let score = dot::<FMA>(qv, &kb[o..o + hd]);
+                    sc.s[j - j0] = score;
+                    mx = mx.max(score);
+                }
+                let m_old = sc.m[qi];
+                let m_new = m_old.max(mx);
+                let acc = &mut sc.acc[qi * hd..(qi + 1) * hd];
+                let mut l = sc.l[qi];
+                let mut first = true;
+                let corr = if m_old == m_new { 1.0 } else { (m_old - m_new).exp() };
+                l *= corr;
+                for j in j0..j1 {
+                    let pj = (sc.s[j - j0] - m_new).exp();
+                    l += pj;
+                    let o = (j - block_start) * hd;
+                    if first && corr != 1.0 {
+                        scale_axpy::<FMA>(acc, corr, pj, &vb[o..o + hd]);
+                    } else {
+                        axpy::<FMA>(acc, pj, &vb[o..o + hd]);
+                    }
+                    first = false;
+                }
+                sc.l[qi] = l;
+                sc.m[qi] = m_new;
+            }
+        }
+    }
+    for t in 0..nt {
+        let row = s.row + it.t0 + t;
+        for hg in 0..group {
+            let qi = t * group + hg;
+            let h = it.kv_head * group + hg;
+            let inv = 1.0 / sc.l[qi];
+            // SAFETY: `out` has `rows * num_heads * head_dim` elements (checked by
+            // `paged_attention`), `row < rows` and `h < num_heads` (validated), and no
+            // other work item writes this (row, head): items partition rows by
+            // sequence and query chunk and heads by KV-head group.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(ctx.out.0.add((row * ctx.params.num_heads + h) * hd), hd) };
+            for (d, a) in dst.iter_mut().zip(&sc.acc[qi * hd..(qi + 1) * hd]) {
+                *d = *a * inv;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
+
+    /// Naive f32 attention over a contiguous history `[ctx, n_kv, hd]`.
+    fn reference(
+        q: &[f32],      // [len, nh, hd]
+        k_hist: &[f32], // [ctx, nkv, hd]
+        v_hist: &[f32],
+        start_pos: usize,
+        len: usize,
+        nh: usize,
+        nkv: usize,
+        hd: usize,
+        scale: f32,
+        window: Option<usize>,
+    ) -> Vec<f32> {
+        let group = nh / nkv;
+        let mut out = vec![0f32; len * nh * hd];
+        for t in 0..len {
+            let p = start_pos + t;
+            let lo = window.map(|w| (p + 1).saturating_sub(w)).unwrap_or(0);
+            for h in 0..nh {
+                let g = h / group;
+                let qv = &q[(t * nh + h) * hd..][..hd];
+                let scores: Vec<f64> = (lo..=p)
+                    .map(|j| {
+                        let kv = &k_hist[(j * nkv + g) * hd..][..hd];
+                        qv.iter().zip(kv).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() * scale as f64
+                    })
+                    .collect();
+                let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+                let z: f64 = w.iter().sum();
+                for d in 0..hd {
+                    let mut acc = 0f64;
+                    for (i, j) in (lo..=p).enumerate() {
+                        acc += w[i] * v_hist[(j * nkv + g) * hd + d] as f64;
+                    }
+                    out[(t * nh + h) * hd + d] = (acc / z) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// Rounds through the storage type, as the cache does.
+    fn round_trip<E: KvElement>(x: &[f32]) -> Vec<f32> {
+        let mut e = vec![E::default(); x.len()];
+        E::store(x, &mut e);
+        let mut out = vec![0f32; x.len()];
+        E::load(&e, &mut out);
+        out
+    }
+
+    struct Case {
+        block_size: usize,
+        nh: usize,
+        nkv: usize,
+        hd: usize,
+        window: Option<usize>,
+    }
+
+    /// Fills several sequences' histories in random chunks, then runs one packed
+    /// call mixing decode tokens and prefill chunks at offsets; compares with the
+    /// naive reference.
+    fn check_case<E: KvElement>(case: &Case, seed: u64, tol: f32) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (bs, nh, nkv, hd) = (case.block_size, case.nh, case.nkv, case.hd);
+        let nseq = 4;
+        let totals: Vec<usize> = (0..nseq).map(|_| rng.random_range(1..80)).collect();
+        let blocks_needed: usize = totals.iter().map(|t| t.div_ceil(bs)).sum();
+        let geom = PagedGeometry { num_blocks: blocks_needed + 3, block_size: bs, num_kv_heads: nkv, head_dim: hd };
+        // Scatter the sequences over shuffled physical blocks.
+        let mut ids: Vec<u32> = (0..geom.num_blocks as u32).collect();
+        ids.shuffle(&mut rng);
+        let mut tables = Vec::new();
+        let mut next = 0;
+        for t in &totals {
+            let n = t.div_ceil(bs);
+            tables.push(ids[next..next + n].to_vec());
+            next += n;
+        }
+        let mut k_cache = vec![E::default(); geom.cache_elems()];
+        let mut v_cache = vec![E::default(); geom.cache_elems()];
+        let row_kv = nkv * hd;
+        let k_all: Vec<Vec<f32>> = totals.iter().map(|t| rand_vec(&mut rng, t * row_kv)).collect();
+        let v_all: Vec<Vec<f32>> = totals.iter().map(|t| rand_vec(&mut rng, t * row_kv)).collect();
+        // The last `len` tokens of each sequence are the final call's new tokens.
+        let lens: Vec<usize> =
+            totals.iter().map(|&t| if rng.random_bool(0.5) { 1 } else { rng.random_range(1..=t) }).collect();
+        // Write each history prefix in random chunks, one sequence per call.
+        for s in 0..nseq {
+            let prefix = totals[s] - lens[s];
+            let mut pos = 0;
+            while pos < prefix {
+                let n = rng.random_range(1..=prefix - pos);
+                let chunk = [SeqChunk { block_table: &tables[s], row: 0, len: n, start_pos: pos }];
+                write_kv(
+                    &geom,
+                    &mut k_cache,
+                    &mut v_cache,
+                    &k_all[s][pos * row_kv..(pos + n) * row_kv],
+                    &v_all[s][pos * row_kv..(pos + n) * row_kv],
+                    &chunk,
+                )
+                .unwrap();
+                pos += n;
+            }
+        }
+        // The packed call.
+        let mut chunks = Vec::new();
+        let mut k_new = Vec::new();
+        let mut v_new = Vec::new();
+        let mut row = 0;
+        for s in 0..nseq {
+            let start = totals[s] - lens[s];
+            chunks.push(SeqChunk { block_table: &tables[s], row, len: lens[s], start_pos: start });
+            k_new.extend_from_slice(&k_all[s][start * row_kv..]);
+            v_new.extend_from_slice(&v_all[s][start * row_kv..]);
+            row += lens[s];
+        }
+        let q = rand_vec(&mut rng, row * nh * hd);
+        write_kv(&geom, &mut k_cache, &mut v_cache, &k_new, &v_new, &chunks).unwrap();
+        let params = AttentionParams { num_heads: nh, scale: 1.0 / (hd as f32).sqrt(), sliding_window: case.window };
+        let mut out = vec![f32::NAN; row * nh * hd];
+        paged_attention(&geom, &params, &q, &k_cache, &v_cache, &chunks, &mut out).unwrap();
+        for (s, c) in chunks.iter().enumerate() {
+            let kr = round_trip::<E>(&k_all[s]);
+            let vr = round_trip::<E>(&v_all[s]);
+            let qs = &q[c.row * nh * hd..(c.row + c.len) * nh * hd];
+            let want = reference(qs, &kr, &vr, c.start_pos, c.len, nh, nkv, hd, params.scale, case.window);
+            let got = &out[c.row * nh * hd..(c.row + c.len) * nh * hd];
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= tol, "dtype {:?} bs {bs} seq {s} elem {i}: got {g}, want {w}", E::DTYPE);
+            }
+        }
+    }
+
+    fn cases() -> Vec<Case> {
+        vec![
+            Case { block_size: 16, nh: 9, nkv: 3, hd: 64, window: None },
+            Case { block_size: 1, nh: 4, nkv: 4, hd: 32, window: None },
+            Case { block_size: 8, nh: 8, nkv: 2, hd: 40, window: None },
+            Case { block_size: 32, nh: 6, nkv: 1, hd: 128, window: None },
+            Case { block_size: 16, nh: 4, nkv: 2, hd: 64, window: Some(7) },
+            Case { block_size: 5, nh: 2, nkv: 1, hd: 16, window: Some(20) },
+        ]
+    }
+
+    #[test]
+    fn paged_attention_matches_reference_f32() {
+        for (i, c) in cases().iter().enumerate() {
+            for seed in 0..3 {
+                check_case::<f32>(c, 100 * i as u64 + seed, 2e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn paged_attention_matches_reference_f16() {
+        for (i, c) in cases().iter().enumerate() {
+            check_case::<f16>(c, 7 + i as u64, 2e-5);
+        }
+    }
+
+    #[test]
+    fn paged_attention_matches_reference_bf16() {
+        for (i, c) in cases().iter().enumerate() {
+            check_case::<bf16>(c, 13 + i as u64, 2e-5);
+        }
+    }
+
+    /// A token's output must not depend on how the sequence was chunked or what
+    /// else shares the call: prefill in one chunk == token-by-token decode, bitwise.
+    #[test]
+    fn paged_attention_is_independent_of_chunking() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let (nh, nkv, hd, bs, n) = (6, 2, 64, 4, 37);
+        let geom = PagedGeometry { num_blocks: 12, block_size: bs, num_kv_heads: nkv, head_dim: hd };
+        let table: Vec<u32> = (0..10).rev().collect();
+        let k = rand_vec(&mut rng, n * nkv * hd);
+        let v = rand_vec(&mut rng, n * nkv * hd);
+        let q = rand_vec(&mut rng, n * nh * hd);
+        let params = AttentionParams { num_heads: nh, scale: 0.125, sliding_window: Some(9) };
+        let mut kc = vec![0f32; geom.cache_elems()];
+        let mut vc = vec![0f32; geom.cache_elems()];
+        let whole = [SeqChunk { block_table: &table, row: 0, len: n, start_pos: 0 }];
+        write_kv(&geom, &mut kc, &mut vc, &k, &v, &whole).unwrap();
+        let mut out_whole = vec![0f32; n * nh * hd];
+        paged_attention(&geom, &params, &q, &kc, &vc, &whole, &mut out_whole).unwrap();
+        let mut kc2 = vec![0f32; geom.cache_elems()];
+        let mut vc2 = vec![0f32; geom.cache_elems()];
+        let (rk, rq) = (nkv * hd, nh * hd);
+        for t in 0..n {
+            let one = [SeqChunk { block_table: &table, row: 0, len: 1, start_pos: t }];
+            write_kv(&geom, &mut kc2, &mut vc2, &k[t * rk..(t + 1) * rk], &v[t * rk..(t + 1) * rk], &one).unwrap();
+            let mut o = vec![0f32; rq];
+            paged_attention(&geom, &params, &q[t * rq..(t + 1) * rq], &kc2, &vc2, &one, &mut o).unwrap();
+            assert_eq!(&o[..], &out_whole[t * rq..(t + 1) * rq], "token {t}");
+        }
+    }
+
+    #[test]
+    fn paged_attention_rejects_bad_tables_and_overlaps() {
+        let geom = PagedGeometry { num_blocks: 2, block_size: 4, num_kv_heads: 1, head_dim: 8 };
+        let kc = vec![0f32; geom.cache_elems()];
+        let params = AttentionParams { num_heads: 1, scale: 1.0, sliding_window: None };
+        let q = vec![0f32; 16];
+        let mut out = vec![0f32; 16];
+        let short = [SeqChunk { block_table: &[0], row: 0, len: 2, start_pos: 3 }];
+        assert!(matches!(
+            paged_attention(&geom, &params, &q, &kc, &kc, &short, &mut out),
+            Err(PagedAttentionError::BlockTableTooShort { needed: 2, have: 1 })
+        ));
+        let bad = [SeqChunk { block_table: &[5], row: 0, len: 1, start_pos: 0 }];
+        assert!(matches!(
+            paged_attention(&geom, &params, &q, &kc, &kc, &bad, &mut out),
+            Err(PagedAttentionError::BlockOutOfRange { id: 5, .. })
+        ));
+        let overlap = [
+            SeqChunk { block_table: &[0], row: 0, len: 2, start_pos: 0 },
+            SeqChunk { block_table: &[1], row: 1, len: 1, start_pos: 0 },
+        ];
+        assert!(paged_attention(&geom, &params, &q, &kc, &kc, &overlap, &mut out).is_err());
+        let gqa = AttentionParams { num_heads: 3, scale: 1.0, sliding_window: None };
+        let geom2 = PagedGeometry { num_kv_heads: 2, ..geom };
+        let kc2 = vec![0f32; geom2.cache_elems()];
+        let (q3, mut out3) = (vec![0f32; 24], vec![0f32; 24]);
+        assert!(paged_attention(&geom2, &gqa, &q3, &kc2, &kc2, &[], &mut out3).is_err());
+    }
+}

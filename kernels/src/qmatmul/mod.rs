@@ -1,0 +1,210 @@
+//! Quantized matrix multiplication `out[m, rows] = x[m, cols] · W[rows, cols]^T`
+//! with `W` in a GGUF block format.
+//!
+//! Design (why it is fast):
+//! - At load, weights are decoded into the uniform group form of [`formats`]
+//!   and repacked into **tiles of 16 weight rows**: for each group of 16/32
+//!   columns, 64-byte vectors hold 4 consecutive elements of each of the 16
+//!   rows, followed by the 16 rows' scales and offsets. One broadcast of 4
+//!   activation bytes then feeds a single `vpdpbusd` that advances 16 row dot
+//!   products at once — no horizontal sums, and each weight byte is loaded
+//!   once per call whatever the number of activation rows (they are processed
+//!   in register tiles of up to 6 rows while the weight tile sits in L1).
+//! - Activations are quantized on the fly to signed 8 bits per group (scale
+//!   `d`, integer sum), like llama.cpp's Q8_0/Q8_1; the group dot product is
+//!   exact in integers and one FMA per group applies `d_w·d_x` and `m_w·d_x·Σq`.
+//! - Work is split over weight tiles across the persistent [`crate::pool`].
+//!
+//! Paths: AVX-512 VNNI (`vpdpbusd`), AVX2+FMA+F16C (`vpmaddubsw`), and a
+//! portable scalar path that is the reference in tests. All eight types run on
+//! all three paths.
+
+pub(crate) mod formats;
+mod pack;
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86_avx2;
+#[cfg(target_arch = "x86_64")]
+mod x86_avx512;
+
+pub use formats::{dequantize_row, GgmlType};
+pub use pack::QuantMatrix;
+
+/// Which implementation runs a matmul.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelPath {
+    /// Portable scalar code; the reference.
+    Scalar,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512 F/BW/VL + VNNI.
+    Avx512Vnni,
+}
+
+impl KernelPath {
+    pub const ALL: [KernelPath; 3] = [KernelPath::Scalar, KernelPath::Avx2, KernelPath::Avx512Vnni];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelPath::Scalar => "scalar",
+            KernelPath::Avx2 => "avx2",
+            KernelPath::Avx512Vnni => "avx512vnni",
+        }
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn is_available(self) -> bool {
+        match self {
+            KernelPath::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2 => {
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512Vnni => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The fastest available path, unless `SALUS_KERNEL_PATH`
+    /// (`scalar`/`avx2`/`avx512vnni`) names another available one.
+    pub fn best() -> KernelPath {
+        static BEST: std::sync::OnceLock<KernelPath> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            if let Ok(v) = std::env::var("SALUS_KERNEL_PATH") {
+                if let Some(p) = KernelPath::ALL.into_iter().find(|p| p.name() == v.trim()) {
+                    if p.is_available() {
+                        return p;
+                    }
+                }
+            }
+            [KernelPath::Avx512Vnni, KernelPath::Avx2]
+                .into_iter()
+                .find(|p| p.is_available())
+                .unwrap_or(KernelPath::Scalar)
+        })
+    }
+}
+
+/// Activations quantized to signed 8 bits per group: `x ≈ d[g] * q`.
+pub(crate) struct QActs {
+    pub q: Vec<i8>,
+    pub d: Vec<f32>,
+    /// `d[g] * Σ q` over the group.
+    pub s: Vec<f32>,
+    /// `Σ q` over the group.
+    pub qsum: Vec<i32>,
+    pub cols: usize,
+    pub ngroups: usize,
+}
+
+#[inline(always)]
+fn quantize_rows_body(x: &[f32], group: usize, q: &mut [i8], d: &mut [f32], s: &mut [f32], qsum: &mut [i32]) {
+    for (gi, (xs, qs)) in x.chunks_exact(group).zip(q.chunks_exact_mut(group)).enumerate() {
+        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let dd = amax / 127.0;
+        let id = if dd != 0.0 { 1.0 / dd } else { 0.0 };
+        let mut sum = 0i32;
+        for (o, v) in qs.iter_mut().zip(xs) {
+            let r = (v * id).round_ties_even().clamp(-127.0, 127.0) as i32;
+            *o = r as i8;
+            sum += r;
+        }
+        d[gi] = dd;
+        qsum[gi] = sum;
+        s[gi] = dd * sum as f32;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn quantize_rows_avx512(x: &[f32], group: usize, q: &mut [i8], d: &mut [f32], s: &mut [f32], qsum: &mut [i32]) {
+    quantize_rows_body(x, group, q, d, s, qsum)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn quantize_rows_avx2(x: &[f32], group: usize, q: &mut [i8], d: &mut [f32], s: &mut [f32], qsum: &mut [i32]) {
+    quantize_rows_body(x, group, q, d, s, qsum)
+}
+
+fn quantize_rows(
+    path: KernelPath,
+    x: &[f32],
+    group: usize,
+    q: &mut [i8],
+    d: &mut [f32],
+    s: &mut [f32],
+    qsum: &mut [i32],
+) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller only passes a path that `is_available()` on this CPU.
+        KernelPath::Avx512Vnni => unsafe { quantize_rows_avx512(x, group, q, d, s, qsum) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        KernelPath::Avx2 => unsafe { quantize_rows_avx2(x, group, q, d, s, qsum) },
+        _ => quantize_rows_body(x, group, q, d, s, qsum),
+    }
+}
+
+/// Quantizes `x` (`m` rows of `cols`) per `group` elements; rows are split
+/// across the pool when there are many.
+pub(crate) fn quantize_acts(path: KernelPath, x: &[f32], m: usize, cols: usize, group: usize) -> QActs {
+    let ngroups = cols / group;
+    let mut a = QActs {
+        q: vec![0i8; m * cols],
+        d: vec![0f32; m * ngroups],
+        s: vec![0f32; m * ngroups],
+        qsum: vec![0i32; m * ngroups],
+        cols,
+        ngroups,
+    };
+    if m < 8 {
+        quantize_rows(path, x, group, &mut a.q, &mut a.d, &mut a.s, &mut a.qsum);
+        return a;
+    }
+    let chunks = crate::pool::num_threads().max(1) * 2;
+    let rows_per = m.div_ceil(chunks);
+    let ptrs = (
+        SendPtr(a.q.as_mut_ptr()),
+        SendPtr(a.d.as_mut_ptr()),
+        SendPtr(a.s.as_mut_ptr()),
+        SendPtr(a.qsum.as_mut_ptr()),
+    );
+    crate::pool::parallel_for(m.div_ceil(rows_per), &|t| {
+        let r0 = t * rows_per;
+        let r1 = (r0 + rows_per).min(m);
+        let n = r1 - r0;
+        // SAFETY: tasks cover disjoint row ranges `r0..r1` of each buffer, all
+        // within the allocations made above, which outlive `parallel_for`.
+        unsafe {
+            let q = std::slice::from_raw_parts_mut(ptrs.0.get().add(r0 * cols), n * cols);
+            let d = std::slice::from_raw_parts_mut(ptrs.1.get().add(r0 * ngroups), n * ngroups);
+            let s = std::slice::from_raw_parts_mut(ptrs.2.get().add(r0 * ngroups), n * ngroups);
+            let qs = std::slice::from_raw_parts_mut(ptrs.3.get().add(r0 * ngroups), n * ngroups);
+            quantize_rows(path, &x[r0 * cols..r1 * cols], group, q, d, s, qs);
+        }
+    });
+    a
+}
+
+/// A raw pointer that may be shared with pool tasks writing disjoint ranges.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub *mut T);
+// SAFETY: used only to hand disjoint sub-ranges of one buffer to pool tasks.
+unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    #[inline(always)]
+    pub fn get(self) -> *mut T {
+        self.0
+    }
+}

@@ -1,0 +1,141 @@
+//! AVX-512 VNNI tile kernel: `vpdpbusd` (u8 weights × i8 activations → i32),
+//! 16 weight rows per 512-bit vector, up to 6 activation rows per register tile.
+
+use super::formats::Storage;
+use super::pack::{TileArgs, TILE_ROWS};
+use core::arch::x86_64::*;
+
+const NIB4: u8 = 0;
+const U8: u8 = 1;
+const I8: u8 = 2;
+/// Activation rows per register tile.
+const MR: usize = 6;
+
+/// Computes tile `t` for all activation rows.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL and VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn tile(a: &TileArgs<'_>, tile: &[u8], t: usize) {
+    let l = a.layout;
+    assert!(tile.len() >= l.ngroups * l.group_bytes);
+    assert!(a.acts.q.len() >= a.m * a.acts.cols && a.acts.d.len() >= a.m * a.acts.ngroups);
+    assert!(a.acts.s.len() >= a.m * a.acts.ngroups && a.acts.qsum.len() >= a.m * a.acts.ngroups);
+    let mut i0 = 0;
+    while i0 < a.m {
+        let n = (a.m - i0).min(MR);
+        macro_rules! go {
+            ($kind:expr, $g:expr, $f16:expr) => {
+                match n {
+                    1 => rows::<1, { $kind }, { $g }, { $f16 }>(a, tile, t, i0),
+                    2 => rows::<2, { $kind }, { $g }, { $f16 }>(a, tile, t, i0),
+                    3 => rows::<3, { $kind }, { $g }, { $f16 }>(a, tile, t, i0),
+                    4 => rows::<4, { $kind }, { $g }, { $f16 }>(a, tile, t, i0),
+                    5 => rows::<5, { $kind }, { $g }, { $f16 }>(a, tile, t, i0),
+                    _ => rows::<6, { $kind }, { $g }, { $f16 }>(a, tile, t, i0),
+                }
+            };
+        }
+        // SAFETY (all arms): the asserts above bound every pointer the row
+        // kernel forms: groups `< ngroups` of the tile, activation rows `< m`.
+        match (l.storage, l.group, l.f16_scales) {
+            (Storage::Nib4, _, true) => go!(NIB4, 32, true),
+            (Storage::Nib4, _, false) => go!(NIB4, 32, false),
+            (Storage::I8, _, true) => go!(I8, 32, true),
+            (Storage::I8, _, false) => go!(I8, 32, false),
+            (Storage::U8, 16, true) => go!(U8, 16, true),
+            (Storage::U8, 16, false) => go!(U8, 16, false),
+            (Storage::U8, _, true) => go!(U8, 32, true),
+            (Storage::U8, _, false) => go!(U8, 32, false),
+        }
+        i0 += n;
+    }
+}
+
+#[inline(always)]
+unsafe fn load_scales<const F16: bool>(p: *const u8) -> __m512 {
+    if F16 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    } else {
+        _mm512_loadu_ps(p as *const f32)
+    }
+}
+
+#[inline(always)]
+unsafe fn bcast4(p: *const i8) -> __m512i {
+    _mm512_set1_epi32((p as *const i32).read_unaligned())
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn rows<const N: usize, const KIND: u8, const G: usize, const F16: bool>(
+    a: &TileArgs<'_>,
+    tile: &[u8],
+    t: usize,
+    i0: usize,
+) {
+    let l = a.layout;
+    let ng = a.acts.ngroups;
+    let cols = a.acts.cols;
+    let ss = if F16 { 2 } else { 4 };
+    let wp = tile.as_ptr();
+    let xq: [*const i8; N] = core::array::from_fn(|r| a.acts.q.as_ptr().add((i0 + r) * cols));
+    let xd = a.acts.d.as_ptr().add(i0 * ng);
+    let xs = a.acts.s.as_ptr().add(i0 * ng);
+    let xqs = a.acts.qsum.as_ptr().add(i0 * ng);
+    let m4 = _mm512_set1_epi8(0x0F);
+    let flip = _mm512_set1_epi8(0x80u8 as i8);
+    let mut facc = [_mm512_setzero_ps(); N];
+    for g in 0..ng {
+        let gp = wp.add(g * l.group_bytes);
+        let mut ia = [_mm512_setzero_si512(); N];
+        let mut ib = [_mm512_setzero_si512(); N];
+        if KIND == NIB4 {
+            for s in 0..4 {
+                let v = _mm512_loadu_si512(gp.add(64 * s) as *const _);
+                let lo = _mm512_and_si512(v, m4);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                for r in 0..N {
+                    let xp = xq[r].add(g * 32 + 8 * s);
+                    ia[r] = _mm512_dpbusd_epi32(ia[r], lo, bcast4(xp));
+                    ib[r] = _mm512_dpbusd_epi32(ib[r], hi, bcast4(xp.add(4)));
+                }
+            }
+        } else {
+            for s in 0..G / 4 {
+                let mut v = _mm512_loadu_si512(gp.add(64 * s) as *const _);
+                if KIND == I8 {
+                    // i8 -> u8 by +128; corrected below with 128·Σx.
+                    v = _mm512_xor_si512(v, flip);
+                }
+                for r in 0..N {
+                    let x = bcast4(xq[r].add(g * G + 4 * s));
+                    if s % 2 == 0 {
+                        ia[r] = _mm512_dpbusd_epi32(ia[r], v, x);
+                    } else {
+                        ib[r] = _mm512_dpbusd_epi32(ib[r], v, x);
+                    }
+                }
+            }
+        }
+        let sp = gp.add(l.wbytes);
+        let dw = load_scales::<F16>(sp);
+        let mw = if KIND == I8 { _mm512_setzero_ps() } else { load_scales::<F16>(sp.add(TILE_ROWS * ss)) };
+        for r in 0..N {
+            let ai = r * ng + g;
+            let mut isum = _mm512_add_epi32(ia[r], ib[r]);
+            if KIND == I8 {
+                isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(128 * *xqs.add(ai)));
+            }
+            let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*xd.add(ai)));
+            facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), dd, facc[r]);
+            if KIND != I8 {
+                facc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*xs.add(ai)), facc[r]);
+            }
+        }
+    }
+    for (r, f) in facc.iter().enumerate() {
+        let mut lanes = [0f32; TILE_ROWS];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), *f);
+        a.store(i0 + r, t, &lanes);
+    }
+}

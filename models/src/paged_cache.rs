@@ -1,0 +1,567 @@
+//! The paged KV cache: fixed-size blocks from one pool, per-sequence block
+//! tables, attention through the `salus-kernels` paged-attention kernel.
+//!
+//! Why paged: a contiguous per-sequence cache must reserve (or repeatedly grow
+//! and copy) room for the longest possible sequence, so memory, not compute,
+//! caps the number of concurrent sequences. Here a sequence holds only
+//! `ceil(len / block_size)` blocks, taken from and returned to a shared free
+//! list in O(1), and the scheduler admits work by counting free blocks.
+//!
+//! Ownership: a sequence's blocks are a [`SeqBlocks`] allocation that returns
+//! them to the [`BlockPool`] when dropped, so a cancelled, failed or panicked
+//! request can never leak cache memory. [`PagedKvCache`] owns the allocations of
+//! the sequences it holds and implements [`BlockManager`], the interface the
+//! scheduler uses to reserve and release blocks.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Storage, Tensor};
+use half::{bf16, f16};
+use salus_kernels::paged_attention::{self, AttentionParams, KvElement, PagedGeometry, SeqChunk};
+
+pub use salus_kernels::paged_attention::KvDtype;
+
+use crate::batch::{SeqId, SeqSpan};
+use crate::kv_cache::KvCache;
+use crate::{ModelError, Result};
+
+/// Default tokens per block.
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+struct PoolInner {
+    free: Mutex<Vec<u32>>,
+    total: usize,
+}
+
+/// A pool of `total` block ids with an O(1) free list. Cloning shares the pool.
+#[derive(Clone)]
+pub struct BlockPool(Arc<PoolInner>);
+
+impl std::fmt::Debug for BlockPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockPool").field("total", &self.total_blocks()).field("free", &self.free_blocks()).finish()
+    }
+}
+
+impl BlockPool {
+    pub fn new(total_blocks: usize) -> Self {
+        // Reverse so that low ids are handed out first (easier to read in tests).
+        let free: Vec<u32> = (0..total_blocks as u32).rev().collect();
+        BlockPool(Arc::new(PoolInner { free: Mutex::new(free), total: total_blocks }))
+    }
+
+    fn free_list(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+        // The free list is always consistent (pushes/pops only), so a poisoned
+        // lock is still usable.
+        self.0.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.0.total
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free_list().len()
+    }
+
+    pub fn used_blocks(&self) -> usize {
+        self.total_blocks() - self.free_blocks()
+    }
+
+    /// An allocation holding no blocks yet.
+    pub fn empty_allocation(&self) -> SeqBlocks {
+        SeqBlocks { pool: self.clone(), blocks: Vec::new() }
+    }
+
+    /// Allocates `n` blocks, all or nothing.
+    pub fn allocate(&self, n: usize) -> Option<SeqBlocks> {
+        let mut a = self.empty_allocation();
+        a.grow(n).then_some(a)
+    }
+}
+
+/// Blocks held by one sequence, in position order. Returned to the pool on drop.
+pub struct SeqBlocks {
+    pool: BlockPool,
+    blocks: Vec<u32>,
+}
+
+impl std::fmt::Debug for SeqBlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeqBlocks").field("blocks", &self.blocks.len()).finish()
+    }
+}
+
+impl SeqBlocks {
+    /// The block table: physical block ids in position order.
+    pub fn blocks(&self) -> &[u32] {
+        &self.blocks
+    }
+
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// Adds `n` blocks, all or nothing. Returns false when the pool has fewer free.
+    pub fn grow(&mut self, n: usize) -> bool {
+        let mut free = self.pool.free_list();
+        if free.len() < n {
+            return false;
+        }
+        let at = free.len() - n;
+        self.blocks.extend(free.drain(at..).rev());
+        true
+    }
+
+    /// Grows the allocation to hold at least `tokens` tokens of `block_size`-token blocks.
+    pub fn ensure_tokens(&mut self, tokens: usize, block_size: usize) -> bool {
+        let need = tokens.div_ceil(block_size);
+        need <= self.blocks.len() || self.grow(need - self.blocks.len())
+    }
+}
+
+impl Drop for SeqBlocks {
+    fn drop(&mut self) {
+        if !self.blocks.is_empty() {
+            self.pool.free_list().extend(self.blocks.drain(..));
+        }
+    }
+}
+
+/// What the scheduler needs from a block-based KV cache: admission by free
+/// blocks, reservation ahead of a step, release on finish or preemption.
+pub trait BlockManager {
+    fn block_size(&self) -> usize;
+    fn total_blocks(&self) -> usize;
+    fn free_blocks(&self) -> usize;
+    /// Makes `seq`'s block table cover `tokens` tokens (allocating as needed,
+    /// all or nothing). Returns false when there are not enough free blocks.
+    fn reserve(&mut self, seq: SeqId, tokens: usize) -> bool;
+    /// Frees all of `seq`'s blocks and forgets its cached tokens.
+    fn release(&mut self, seq: SeqId);
+    /// `seq`'s block table (empty if unknown).
+    fn block_table(&self, seq: SeqId) -> &[u32];
+}
+
+/// A [`BlockManager`] over a bare pool, with no storage: for policy tests and
+/// capacity planning.
+#[derive(Debug)]
+pub struct PoolBlockManager {
+    pool: BlockPool,
+    block_size: usize,
+    seqs: HashMap<SeqId, SeqBlocks>,
+}
+
+impl PoolBlockManager {
+    pub fn new(total_blocks: usize, block_size: usize) -> Self {
+        PoolBlockManager { pool: BlockPool::new(total_blocks), block_size, seqs: HashMap::new() }
+    }
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+}
+
+impl BlockManager for PoolBlockManager {
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+    fn total_blocks(&self) -> usize {
+        self.pool.total_blocks()
+    }
+    fn free_blocks(&self) -> usize {
+        self.pool.free_blocks()
+    }
+    fn reserve(&mut self, seq: SeqId, tokens: usize) -> bool {
+        let bs = self.block_size;
+        let pool = &self.pool;
+        self.seqs.entry(seq).or_insert_with(|| pool.empty_allocation()).ensure_tokens(tokens, bs)
+    }
+    fn release(&mut self, seq: SeqId) {
+        self.seqs.remove(&seq);
+    }
+    fn block_table(&self, seq: SeqId) -> &[u32] {
+        self.seqs.get(&seq).map_or(&[], |b| b.blocks())
+    }
+}
+
+/// How much memory the KV cache may take.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvCapacity {
+    /// A fixed number of bytes (K and V of all layers together).
+    Bytes(u64),
+    /// A fraction (0, 1] of the memory available when the cache is created.
+    FractionOfFree(f64),
+}
+
+/// Memory available to new allocations (`MemAvailable` in /proc/meminfo).
+pub fn available_memory_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Shape of a paged cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagedCacheConfig {
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub dtype: KvDtype,
+}
+
+impl PagedCacheConfig {
+    /// Bytes one block takes across all layers (K and V).
+    pub fn bytes_per_block(
+        num_layers: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        block_size: usize,
+        dtype: KvDtype,
+    ) -> u64 {
+        2 * (num_layers * num_kv_heads * head_dim * block_size * dtype.size_in_bytes()) as u64
+    }
+
+    /// Sizes the pool from a capacity budget. Fails when not even one block fits.
+    pub fn from_capacity(
+        num_layers: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        block_size: usize,
+        dtype: KvDtype,
+        capacity: KvCapacity,
+    ) -> Result<Self> {
+        if block_size == 0 {
+            return Err(ModelError::InvalidConfig("KV cache block_size must be > 0".into()));
+        }
+        let bytes = match capacity {
+            KvCapacity::Bytes(b) => b,
+            KvCapacity::FractionOfFree(f) => {
+                if !(f > 0.0 && f <= 1.0) {
+                    return Err(ModelError::InvalidConfig("KV cache fraction must be in (0, 1]".into()));
+                }
+                let avail = available_memory_bytes().ok_or_else(|| {
+                    ModelError::InvalidConfig("cannot read available memory from /proc/meminfo".into())
+                })?;
+                (avail as f64 * f) as u64
+            }
+        };
+        let per_block = Self::bytes_per_block(num_layers, num_kv_heads, head_dim, block_size, dtype);
+        let num_blocks = (bytes / per_block.max(1)).min(u32::MAX as u64) as usize;
+        if num_blocks == 0 {
+            return Err(ModelError::InvalidConfig(format!(
+                "KV cache capacity of {bytes} bytes holds no block ({per_block} bytes each)"
+            )));
+        }
+        Ok(PagedCacheConfig { num_layers, num_kv_heads, head_dim, block_size, num_blocks, dtype })
+    }
+
+    /// Tokens the whole cache holds.
+    pub fn capacity_tokens(&self) -> usize {
+        self.num_blocks * self.block_size
+    }
+
+    fn geometry(&self) -> PagedGeometry {
+        PagedGeometry {
+            num_blocks: self.num_blocks,
+            block_size: self.block_size,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+}
+
+/// One layer's K and V storage.
+enum LayerStore {
+    F32(Vec<f32>, Vec<f32>),
+    F16(Vec<f16>, Vec<f16>),
+    BF16(Vec<bf16>, Vec<bf16>),
+}
+
+struct SeqEntry {
+    blocks: SeqBlocks,
+    /// Cached tokens per layer.
+    lens: Vec<usize>,
+}
+
+/// A KV cache of fixed-size blocks with attention through the paged kernel (CPU).
+pub struct PagedKvCache {
+    cfg: PagedCacheConfig,
+    pool: BlockPool,
+    layers: Vec<LayerStore>,
+    seqs: HashMap<SeqId, SeqEntry>,
+}
+
+impl std::fmt::Debug for PagedKvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PagedKvCache").field("cfg", &self.cfg).field("seqs", &self.seqs.len()).finish()
+    }
+}
+
+impl PagedKvCache {
+    /// Allocates the whole cache up front (zeroed pages are mapped lazily by the OS).
+    pub fn new(cfg: PagedCacheConfig) -> Result<Self> {
+        if cfg.block_size == 0 || cfg.num_kv_heads == 0 || cfg.head_dim == 0 || cfg.num_layers == 0 {
+            return Err(ModelError::InvalidConfig("paged KV cache dimensions must be > 0".into()));
+        }
+        let n = cfg.geometry().cache_elems();
+        let layers = (0..cfg.num_layers)
+            .map(|_| match cfg.dtype {
+                KvDtype::F32 => LayerStore::F32(vec![0.0; n], vec![0.0; n]),
+                KvDtype::F16 => LayerStore::F16(vec![f16::ZERO; n], vec![f16::ZERO; n]),
+                KvDtype::BF16 => LayerStore::BF16(vec![bf16::ZERO; n], vec![bf16::ZERO; n]),
+            })
+            .collect();
+        Ok(PagedKvCache { pool: BlockPool::new(cfg.num_blocks), cfg, layers, seqs: HashMap::new() })
+    }
+
+    pub fn config(&self) -> &PagedCacheConfig {
+        &self.cfg
+    }
+
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    /// Number of sequences holding blocks.
+    pub fn num_seqs(&self) -> usize {
+        self.seqs.len()
+    }
+
+    fn entry(&mut self, seq: SeqId) -> &mut SeqEntry {
+        let (pool, layers) = (&self.pool, self.cfg.num_layers);
+        self.seqs.entry(seq).or_insert_with(|| SeqEntry { blocks: pool.empty_allocation(), lens: vec![0; layers] })
+    }
+}
+
+impl BlockManager for PagedKvCache {
+    fn block_size(&self) -> usize {
+        self.cfg.block_size
+    }
+    fn total_blocks(&self) -> usize {
+        self.pool.total_blocks()
+    }
+    fn free_blocks(&self) -> usize {
+        self.pool.free_blocks()
+    }
+    fn reserve(&mut self, seq: SeqId, tokens: usize) -> bool {
+        let bs = self.cfg.block_size;
+        self.entry(seq).blocks.ensure_tokens(tokens, bs)
+    }
+    fn release(&mut self, seq: SeqId) {
+        self.seqs.remove(&seq);
+    }
+    fn block_table(&self, seq: SeqId) -> &[u32] {
+        self.seqs.get(&seq).map_or(&[], |e| e.blocks.blocks())
+    }
+}
+
+/// Runs `f` over the tensor's f32 data without copying when it is a contiguous
+/// f32 CPU tensor, else over a converted copy.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    if t.dtype() == DType::F32 {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
+            let s = cpu.as_slice::<f32>()?;
+            return f(&s[a..b]);
+        }
+    }
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    f(&v)
+}
+
+fn kernel_err(e: paged_attention::PagedAttentionError) -> ModelError {
+    ModelError::InvalidBatch(e.to_string())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_and_attend<E: KvElement>(
+    geom: &PagedGeometry,
+    params: &AttentionParams,
+    kc: &mut [E],
+    vc: &mut [E],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    chunks: &[SeqChunk<'_>],
+    out: &mut [f32],
+) -> Result<()> {
+    paged_attention::write_kv(geom, kc, vc, k, v, chunks).map_err(kernel_err)?;
+    paged_attention::paged_attention(geom, params, q, kc, vc, chunks, out).map_err(kernel_err)
+}
+
+impl KvCache for PagedKvCache {
+    fn attend(
+        &mut self,
+        layer: usize,
+        spans: &[SeqSpan],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        sliding_window: Option<usize>,
+    ) -> Result<Tensor> {
+        if !matches!(q.device(), Device::Cpu) {
+            return Err(ModelError::InvalidBatch("the paged KV cache runs on CPU only".into()));
+        }
+        if layer >= self.cfg.num_layers {
+            return Err(ModelError::InvalidBatch(format!("layer {layer} out of range")));
+        }
+        let (total, n_heads, hd) = q.dims3()?;
+        let (kt, n_kv, khd) = k.dims3()?;
+        if kt != total || n_kv != self.cfg.num_kv_heads || khd != self.cfg.head_dim || hd != khd || v.dims() != k.dims()
+        {
+            return Err(ModelError::InvalidBatch("q/k/v shapes do not match the cache".into()));
+        }
+        // Check every span before touching anything.
+        for s in spans {
+            let have = self.seqs.get(&s.seq).map_or(0, |e| e.lens[layer]);
+            if s.start_pos != have {
+                return Err(ModelError::InvalidBatch(format!(
+                    "sequence {} starts at position {} but {} tokens are cached",
+                    s.seq.0, s.start_pos, have
+                )));
+            }
+            if s.offset + s.len > total {
+                return Err(ModelError::InvalidBatch("spans exceed the packed tokens".into()));
+            }
+        }
+        // Blocks are normally reserved by the scheduler; standalone callers get
+        // them allocated here.
+        for s in spans {
+            if !self.reserve(s.seq, s.start_pos + s.len) {
+                return Err(ModelError::CacheExhausted(format!(
+                    "no free block for sequence {} ({} of {} blocks used)",
+                    s.seq.0,
+                    self.pool.used_blocks(),
+                    self.pool.total_blocks()
+                )));
+            }
+        }
+        let geom = self.cfg.geometry();
+        let params = AttentionParams { num_heads: n_heads, scale: 1.0 / (hd as f32).sqrt(), sliding_window };
+        let chunks: Vec<SeqChunk<'_>> = spans
+            .iter()
+            .map(|s| SeqChunk {
+                block_table: self.seqs[&s.seq].blocks.blocks(),
+                row: s.offset,
+                len: s.len,
+                start_pos: s.start_pos,
+            })
+            .collect();
+        let mut out = vec![0f32; total * n_heads * hd];
+        let store = &mut self.layers[layer];
+        with_f32(q, |q| {
+            with_f32(k, |k| {
+                with_f32(v, |v| match store {
+                    LayerStore::F32(kc, vc) => write_and_attend(&geom, &params, kc, vc, q, k, v, &chunks, &mut out),
+                    LayerStore::F16(kc, vc) => write_and_attend(&geom, &params, kc, vc, q, k, v, &chunks, &mut out),
+                    LayerStore::BF16(kc, vc) => write_and_attend(&geom, &params, kc, vc, q, k, v, &chunks, &mut out),
+                })
+            })
+        })?;
+        drop(chunks);
+        for s in spans {
+            if let Some(e) = self.seqs.get_mut(&s.seq) {
+                e.lens[layer] = s.start_pos + s.len;
+            }
+        }
+        let out = Tensor::from_vec(out, (total, n_heads * hd), q.device())?;
+        if q.dtype() == DType::F32 {
+            Ok(out)
+        } else {
+            Ok(out.to_dtype(q.dtype())?)
+        }
+    }
+
+    fn remove(&mut self, seq: SeqId) {
+        self.seqs.remove(&seq);
+    }
+
+    fn seq_len(&self, seq: SeqId) -> usize {
+        self.seqs.get(&seq).map_or(0, |e| e.lens[0])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paged_pool_allocates_all_or_nothing_and_frees_on_drop() {
+        let pool = BlockPool::new(5);
+        let a = pool.allocate(3).unwrap();
+        assert_eq!(pool.free_blocks(), 2);
+        assert!(pool.allocate(3).is_none());
+        assert_eq!(pool.free_blocks(), 2, "a failed allocation takes nothing");
+        let mut b = pool.allocate(2).unwrap();
+        assert!(!b.grow(1));
+        let mut ids: Vec<u32> = a.blocks().iter().chain(b.blocks()).copied().collect();
+        ids.sort();
+        assert_eq!(ids, vec![0, 1, 2, 3, 4]);
+        drop(a);
+        assert_eq!(pool.free_blocks(), 3);
+        assert!(b.ensure_tokens(4 * 16, 16));
+        assert_eq!(b.len(), 4);
+        // Panicking while holding blocks still frees them.
+        let pool2 = pool.clone();
+        let r = std::panic::catch_unwind(move || {
+            let _held = pool2.allocate(1).unwrap();
+            panic!("boom");
+        });
+        assert!(r.is_err());
+        drop(b);
+        assert_eq!(pool.free_blocks(), 5);
+    }
+
+    #[test]
+    fn paged_capacity_sizes_the_pool() {
+        let per = PagedCacheConfig::bytes_per_block(2, 2, 8, 4, KvDtype::F16);
+        assert_eq!(per, 2 * 2 * 2 * 8 * 4 * 2);
+        let c = PagedCacheConfig::from_capacity(2, 2, 8, 4, KvDtype::F16, KvCapacity::Bytes(per * 10 + 7)).unwrap();
+        assert_eq!(c.num_blocks, 10);
+        assert_eq!(c.capacity_tokens(), 40);
+        assert!(PagedCacheConfig::from_capacity(2, 2, 8, 4, KvDtype::F16, KvCapacity::Bytes(per - 1)).is_err());
+        assert!(PagedCacheConfig::from_capacity(2, 2, 8, 4, KvDtype::F16, KvCapacity::FractionOfFree(1.5)).is_err());
+    }
+
+    #[test]
+    fn paged_cache_reserve_release_and_exhaustion() {
+        let cfg = PagedCacheConfig {
+            num_layers: 1,
+            num_kv_heads: 1,
+            head_dim: 4,
+            block_size: 2,
+            num_blocks: 3,
+            dtype: KvDtype::F32,
+        };
+        let mut c = PagedKvCache::new(cfg).unwrap();
+        let q = Tensor::ones((5, 2, 4), DType::F32, &Device::Cpu).unwrap();
+        let kv = Tensor::ones((5, 1, 4), DType::F32, &Device::Cpu).unwrap();
+        let span = [SeqSpan { seq: SeqId(1), offset: 0, len: 5, start_pos: 0 }];
+        let out = c.attend(0, &span, &q, &kv, &kv, None).unwrap();
+        assert_eq!(out.dims(), &[5, 8]);
+        assert_eq!(c.seq_len(SeqId(1)), 5);
+        assert_eq!(c.free_blocks(), 0);
+        let q1 = q.narrow(0, 0, 1).unwrap();
+        let kv1 = kv.narrow(0, 0, 1).unwrap();
+        let other = [SeqSpan { seq: SeqId(2), offset: 0, len: 1, start_pos: 0 }];
+        assert!(matches!(c.attend(0, &other, &q1, &kv1, &kv1, None), Err(ModelError::CacheExhausted(_))));
+        let wrong = [SeqSpan { seq: SeqId(1), offset: 0, len: 1, start_pos: 4 }];
+        assert!(matches!(c.attend(0, &wrong, &q1, &kv1, &kv1, None), Err(ModelError::InvalidBatch(_))));
+        c.remove(SeqId(1));
+        assert_eq!(c.free_blocks(), 3);
+        assert_eq!(c.seq_len(SeqId(1)), 0);
+        assert!(c.reserve(SeqId(3), 6));
+        assert!(!c.reserve(SeqId(4), 1));
+        assert_eq!(c.block_table(SeqId(3)).len(), 3);
+        c.release(SeqId(3));
+        assert_eq!(c.free_blocks(), 3);
+    }
+}

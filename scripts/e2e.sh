@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# End-to-end test of `salus serve` with the official `openai` Python SDK.
+#
+# Starts the real binary on the default model, over TLS, on a loopback port,
+# with a freshly generated self-signed certificate and API keys created by
+# `salus keys`, then runs tests/e2e/test_openai_sdk.py against it. Everything
+# stays on 127.0.0.1; nothing is downloaded at test time except the `openai`
+# package into a virtualenv (cached under target/e2e-venv) and, on a fresh
+# machine, the default model through scripts/fetch-model.sh.
+#
+# Needs: python3 (with venv), openssl, curl, cargo (the binary is built here if
+# stale; set SALUS_BIN to use another). Bounded: the whole run is limited to
+# SALUS_E2E_TIMEOUT seconds (default 900). SALUS_E2E_ENGINE=serial tests the
+# serial reference engine instead of continuous batching. Exit status 0 = all checks passed.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TIMEOUT="${SALUS_E2E_TIMEOUT:-900}"
+if [ -z "${SALUS_E2E_INNER:-}" ]; then
+  SALUS_E2E_INNER=1 exec timeout --kill-after=10 "$TIMEOUT" "$0" "$@"
+fi
+
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+if [ -n "${SALUS_BIN:-}" ]; then
+  BIN="$SALUS_BIN"
+else
+  (cd "$ROOT" && cargo build --quiet --bin salus)
+  BIN="$TARGET_DIR/debug/salus"
+fi
+VENV="${SALUS_E2E_VENV:-$TARGET_DIR/e2e-venv}"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3"
+fi
+MODEL="$("$ROOT/scripts/fetch-model.sh")"
+
+WORK="$(mktemp -d)"
+chmod 700 "$WORK"
+SERVER_PID=""
+cleanup() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    sleep 1
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+  fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# Self-signed certificate for localhost / 127.0.0.1.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+  -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+  -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+chmod 600 "$WORK/key.pem"
+
+# API keys: inference, metrics, and one revoked.
+KEYS="$WORK/api-keys.json"
+INFERENCE_KEY="$("$BIN" keys --api-keys "$KEYS" create --principal e2e-client --kind service --role inference 2>/dev/null)"
+METRICS_KEY="$("$BIN" keys --api-keys "$KEYS" create --principal e2e-prometheus --kind service --role metrics 2>/dev/null)"
+REVOKED_KEY="$("$BIN" keys --api-keys "$KEYS" create --principal e2e-revoked --kind human --role inference 2>/dev/null)"
+"$BIN" keys --api-keys "$KEYS" revoke e2e-revoked 2>/dev/null
+
+PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')"
+
+# Flags for the main keys, environment variables for the rest (both override paths are exercised).
+SALUS_MODEL__ALLOW_PLAINTEXT_WEIGHTS=true SALUS_MODEL__ID=smollm2-135m SALUS_SERVER__SHUTDOWN_TIMEOUT_SECS=60 \
+SALUS_LIMITS__MAX_TOKENS=4000 SALUS_LOGGING__FORMAT=json \
+  "$BIN" serve --listen "127.0.0.1:$PORT" --model "$MODEL" --engine "${SALUS_E2E_ENGINE:-batching}" \
+    --tls-cert "$WORK/cert.pem" --tls-key "$WORK/key.pem" --api-keys "$KEYS" \
+    >"$WORK/server.out" 2>"$WORK/server.err" &
+SERVER_PID=$!
+
+for _ in $(seq 1 120); do
+  if curl -s --cacert "$WORK/cert.pem" "https://127.0.0.1:$PORT/health" >/dev/null 2>&1; then break; fi
+  if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    echo "e2e: server exited during start-up:" >&2; cat "$WORK/server.err" >&2; exit 1
+  fi
+  sleep 1
+done
+
+status=0
+SALUS_E2E_BASE="https://127.0.0.1:$PORT" SALUS_E2E_CA="$WORK/cert.pem" SALUS_E2E_MODEL=smollm2-135m \
+SALUS_E2E_KEY="$INFERENCE_KEY" SALUS_E2E_METRICS_KEY="$METRICS_KEY" SALUS_E2E_REVOKED_KEY="$REVOKED_KEY" \
+  "$VENV/bin/python" "$ROOT/tests/e2e/test_openai_sdk.py" || status=$?
+
+# SIGHUP reloads the certificate without dropping a connection that is streaming.
+fingerprint() {
+  echo | openssl s_client -connect "127.0.0.1:$PORT" -servername localhost 2>/dev/null \
+    | openssl x509 -noout -fingerprint -sha256 2>/dev/null
+}
+OLD_FP="$(fingerprint)"
+cp "$WORK/cert.pem" "$WORK/old-cert.pem"
+curl -sN --cacert "$WORK/old-cert.pem" "https://127.0.0.1:$PORT/v1/chat/completions" \
+  -H "Authorization: Bearer $INFERENCE_KEY" -H "Content-Type: application/json" \
+  -d '{"model":"smollm2-135m","messages":[{"role":"user","content":"Count to fifty."}],"max_tokens":60,"logit_bias":{"0":-100,"1":-100,"2":-100},"stream":true}' \
+  >"$WORK/stream.out" 2>/dev/null &
+CURL_PID=$!
+sleep 0.5
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+  -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+  -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+kill -HUP "$SERVER_PID"
+sleep 1
+NEW_FP="$(fingerprint)"
+FILE_FP="$(openssl x509 -noout -fingerprint -sha256 -in "$WORK/cert.pem")"
+if wait "$CURL_PID" && tail -c 200 "$WORK/stream.out" | grep -q 'data: \[DONE\]' \
+   && [ "$NEW_FP" = "$FILE_FP" ] && [ "$NEW_FP" != "$OLD_FP" ] \
+   && curl -sf --cacert "$WORK/cert.pem" "https://127.0.0.1:$PORT/health" >/dev/null; then
+  echo "PASS SIGHUP certificate reload (in-flight stream completed, new handshakes use the new certificate)"
+else
+  echo "FAIL SIGHUP certificate reload" >&2; status=1
+fi
+
+# Graceful shutdown on SIGTERM: a request in flight finishes, then the process exits 0.
+curl -sN --cacert "$WORK/cert.pem" "https://127.0.0.1:$PORT/v1/chat/completions" \
+  -H "Authorization: Bearer $INFERENCE_KEY" -H "Content-Type: application/json" \
+  -d '{"model":"smollm2-135m","messages":[{"role":"user","content":"Count to fifty."}],"max_tokens":30,"logit_bias":{"0":-100,"1":-100,"2":-100},"stream":true}' \
+  >"$WORK/drain.out" 2>/dev/null &
+CURL_PID=$!
+sleep 0.5
+kill -TERM "$SERVER_PID"
+for _ in $(seq 1 150); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.5; done
+if kill -0 "$SERVER_PID" 2>/dev/null; then
+  echo "FAIL graceful shutdown: still running 75 s after SIGTERM (drain timeout 60 s)" >&2; status=1
+elif ! wait "$SERVER_PID"; then
+  echo "FAIL graceful shutdown: non-zero exit status" >&2; status=1
+elif wait "$CURL_PID" && tail -c 200 "$WORK/drain.out" | grep -q 'data: \[DONE\]'; then
+  echo "PASS graceful shutdown on SIGTERM (in-flight stream completed, exit status 0)"
+else
+  echo "FAIL graceful shutdown: the in-flight stream was cut off" >&2; status=1
+fi
+SERVER_PID=""
+
+# The server's own output must hold no request text and no key (a small canary check;
+# the full canary harness is a separate test).
+if grep -a -q -e "about the sea" -e "Count to fifty" -e "$INFERENCE_KEY" -e "${INFERENCE_KEY#sk-salus-}" \
+     "$WORK/server.out" "$WORK/server.err"; then
+  echo "FAIL server output contains request text or an API key" >&2; status=1
+else
+  echo "PASS server output holds no prompt text or API key ($(cat "$WORK/server.out" "$WORK/server.err" | wc -c) bytes scanned)"
+fi
+if [ "$status" -ne 0 ]; then
+  echo "--- server stderr (last 40 lines) ---" >&2; tail -40 "$WORK/server.err" >&2
+fi
+exit "$status"

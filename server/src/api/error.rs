@@ -1,0 +1,198 @@
+//! API errors as OpenAI error objects: `{"error":{"message","type","param","code"}}`.
+//!
+//! Every message is built from fixed text, numbers and parameter names taken from
+//! Salus' own lists — never from the request body, headers or query string — so
+//! an error can never echo PHI back or into a log.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::engine::EngineError;
+
+/// Everything a request can fail with.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// 400: a parameter is missing, has the wrong type or is out of range.
+    #[error("{message}")]
+    InvalidParam { param: Cow<'static, str>, message: Cow<'static, str> },
+    /// 400: the body is not valid JSON (or not UTF-8). Fixed message.
+    #[error("malformed JSON body")]
+    MalformedJson,
+    /// 400: the body is not a JSON object.
+    #[error("request body must be a JSON object")]
+    NotAnObject,
+    /// 400: the Content-Type is not application/json.
+    #[error("Content-Type must be application/json")]
+    ContentType,
+    /// 400: a parameter OpenAI defines but Salus does not support.
+    #[error("parameter {0} is not supported by this server")]
+    Unsupported(&'static str),
+    /// 400: a parameter neither OpenAI nor Salus knows (its name is not echoed).
+    #[error("unrecognized request parameter")]
+    Unrecognized,
+    /// 400: prompt + max_tokens exceed the context window or the prompt limit.
+    #[error("this request needs {needed} tokens ({prompt} in the prompt, {completion} for the completion) but the limit is {limit}")]
+    ContextOverflow { needed: usize, prompt: usize, completion: usize, limit: usize },
+    /// 401: missing, unknown, revoked or expired API key (indistinguishable on purpose).
+    #[error("invalid or missing API key")]
+    Unauthorized,
+    /// 403: the principal lacks a role.
+    #[error("this API key lacks the '{role}' role")]
+    Forbidden { role: &'static str },
+    /// 404: no such model.
+    #[error("the requested model does not exist or you do not have access to it")]
+    ModelNotFound,
+    /// 404: no such route.
+    #[error("unknown URL")]
+    RouteNotFound,
+    /// 405: wrong method for the route.
+    #[error("method not allowed for this URL")]
+    MethodNotAllowed,
+    /// 413: body over the configured limit.
+    #[error("request body exceeds {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    /// 429: the queue is full.
+    #[error("the server is at capacity; retry later")]
+    QueueFull { retry_after: Duration },
+    /// 503: the model or request path is not ready (or shutting down).
+    #[error("the server is not ready to serve requests")]
+    NotReady,
+    /// 503: the audit trail could not record this request, so it was refused
+    /// (fail closed; the model never ran). Generic on purpose.
+    #[error("the server cannot serve requests right now; retry later")]
+    AuditUnavailable,
+    /// 500: anything else; the message carries only the request id.
+    #[error("internal server error (request id {request_id})")]
+    Internal { request_id: String },
+}
+
+impl ApiError {
+    /// 400 naming `param`.
+    pub fn invalid(param: impl Into<Cow<'static, str>>, message: impl Into<Cow<'static, str>>) -> Self {
+        ApiError::InvalidParam { param: param.into(), message: message.into() }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidParam { .. }
+            | ApiError::MalformedJson
+            | ApiError::NotAnObject
+            | ApiError::ContentType
+            | ApiError::Unsupported(_)
+            | ApiError::Unrecognized
+            | ApiError::ContextOverflow { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ApiError::ModelNotFound | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NotReady | ApiError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.status() {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => "invalid_request_error",
+            StatusCode::METHOD_NOT_ALLOWED => "invalid_request_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            StatusCode::SERVICE_UNAVAILABLE => "service_unavailable",
+            _ => "server_error",
+        }
+    }
+
+    fn param(&self) -> Option<Cow<'static, str>> {
+        match self {
+            ApiError::InvalidParam { param, .. } => Some(param.clone()),
+            ApiError::Unsupported(p) => Some(Cow::Borrowed(p)),
+            ApiError::ContextOverflow { .. } => Some(Cow::Borrowed("messages")),
+            ApiError::ModelNotFound => Some(Cow::Borrowed("model")),
+            _ => None,
+        }
+    }
+
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            ApiError::InvalidParam { .. } => Some("invalid_value"),
+            ApiError::MalformedJson | ApiError::NotAnObject | ApiError::ContentType => Some("invalid_json"),
+            ApiError::Unsupported(_) => Some("unsupported_parameter"),
+            ApiError::Unrecognized => Some("unknown_parameter"),
+            ApiError::ContextOverflow { .. } => Some("context_length_exceeded"),
+            ApiError::Unauthorized => Some("invalid_api_key"),
+            ApiError::Forbidden { .. } => Some("insufficient_permissions"),
+            ApiError::ModelNotFound => Some("model_not_found"),
+            ApiError::RouteNotFound => Some("unknown_url"),
+            ApiError::MethodNotAllowed => Some("method_not_allowed"),
+            ApiError::PayloadTooLarge { .. } => Some("request_too_large"),
+            ApiError::QueueFull { .. } => Some("queue_full"),
+            ApiError::NotReady => Some("not_ready"),
+            ApiError::AuditUnavailable => Some("service_unavailable"),
+            ApiError::Internal { .. } => None,
+        }
+    }
+
+    /// The JSON error object.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": self.kind(),
+                "param": self.param(),
+                "code": self.code(),
+            }
+        })
+    }
+
+    /// Maps an engine error; `request_id` goes into internal errors.
+    pub fn from_engine(e: &EngineError, request_id: &str) -> Self {
+        match e {
+            EngineError::QueueFull { retry_after } => ApiError::QueueFull { retry_after: *retry_after },
+            EngineError::TooLarge { needed, capacity } => {
+                ApiError::ContextOverflow { needed: *needed, prompt: 0, completion: 0, limit: *capacity }
+            }
+            EngineError::NotRunning => ApiError::NotReady,
+            EngineError::Internal => ApiError::Internal { request_id: request_id.to_string() },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status(), axum::Json(self.body())).into_response();
+        if let ApiError::QueueFull { retry_after } = &self {
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let ApiError::Unauthorized = &self {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp.extensions_mut().insert(self);
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_types_and_headers() {
+        let r = ApiError::QueueFull { retry_after: Duration::from_millis(1500) }.into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+        let b = ApiError::Unsupported("tools").body();
+        assert_eq!(b["error"]["param"], "tools");
+        assert_eq!(b["error"]["type"], "invalid_request_error");
+        let b = ApiError::ModelNotFound.body();
+        assert_eq!(b["error"]["code"], "model_not_found");
+        let b = ApiError::Internal { request_id: "req-1".into() }.body();
+        assert_eq!(b["error"]["message"], "internal server error (request id req-1)");
+        assert_eq!(ApiError::Unauthorized.status(), StatusCode::UNAUTHORIZED);
+    }
+}

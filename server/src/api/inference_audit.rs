@@ -1,0 +1,207 @@
+//! The audit trail of one inference: `inference.started` before the engine sees
+//! the prompt, then exactly one of `inference.completed` / `failed` /
+//! `cancelled`.
+//!
+//! # Fail closed
+//!
+//! [`InferenceAudit::start`] returns only once `inference.started` is durable; if
+//! it cannot be written the request gets 503 ([`ApiError::AuditUnavailable`])
+//! and is never submitted to the engine. A non-streaming response is returned
+//! only after `inference.completed` is durable; if that record fails the output
+//! is withheld (500). A streaming response has already sent its tokens when it
+//! ends: a failed completion record is logged with the request id, the stream
+//! ends with an error event instead of `[DONE]`, and `/ready` turns unhealthy
+//! (the audit log marks itself so).
+//!
+//! If the handler is dropped before an outcome was recorded (the client went
+//! away mid-generation: axum drops a non-streaming handler, a streaming task
+//! returns), [`Drop`] records `inference.cancelled` in the background.
+//!
+//! # Canonical texts of the HMACs
+//!
+//! The trail never holds prompt or completion text, only
+//! `HMAC-SHA256(audit HMAC key, bytes)` of these canonical byte strings, so that
+//! an auditor holding the key can test a given text with `salus audit hash --text -`
+//! (stdin is hashed byte for byte):
+//!
+//! * `prompt_hmac`, chat: the UTF-8 prompt text *after the model's chat template*
+//!   (with the generation prompt appended), exactly what is tokenized for the
+//!   model. `salus audit hash --chat-model PATH` renders stdin as one user message
+//!   with that model's template before hashing.
+//! * `prompt_hmac`, completions: the UTF-8 prompt as sent; a request with several
+//!   prompts hashes their concatenation in request order (no separator).
+//! * `completion_hmac`: the concatenation of every choice's full text in choice
+//!   index order (no separator), UTF-8 — for `n = 1` simply the completion text.
+//!   For a failed or cancelled generation no completion HMAC is recorded.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use salus_models::Phi;
+
+use super::error::ApiError;
+use super::types::GenerationParams;
+use crate::audit::{AuditEvent, AuditLog, AuditPrincipal, EventKind, InferenceParams, TextHmac};
+use crate::auth::AuthenticatedPrincipal;
+use crate::state::{AppState, RequestContext};
+
+/// The peer address of the connection (absent for in-process requests).
+#[derive(Debug, Clone, Copy)]
+pub struct SourceAddr(pub Option<SocketAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for SourceAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(SourceAddr(parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)))
+    }
+}
+
+/// The principal as the trail records it: id, principal kind and roles.
+pub fn audit_principal(p: &AuthenticatedPrincipal) -> AuditPrincipal {
+    AuditPrincipal::new(p.id(), p.kind().as_str(), p.roles().iter().map(|r| r.as_str()))
+}
+
+/// The non-PHI parameters of a request (stop strings only counted).
+pub fn audit_params(p: &GenerationParams) -> InferenceParams {
+    let s = &p.sampling;
+    InferenceParams {
+        temperature: Some(s.temperature),
+        top_p: Some(s.top_p),
+        top_k: (s.top_k > 0).then_some(s.top_k as u32),
+        max_tokens: p.max_tokens.map(|m| m.min(u32::MAX as usize) as u32),
+        n: Some(p.n as u32),
+        stream: Some(p.stream),
+        seed: s.seed,
+        presence_penalty: (s.presence_penalty != 0.0).then_some(s.presence_penalty),
+        frequency_penalty: (s.frequency_penalty != 0.0).then_some(s.frequency_penalty),
+        repetition_penalty: (s.repetition_penalty != 1.0).then_some(s.repetition_penalty),
+        stop_sequences: (!p.stop.is_empty()).then_some(p.stop.len() as u32),
+    }
+}
+
+/// What an inference request is, for its audit records.
+pub struct InferenceSubject<'a> {
+    pub principal: &'a AuthenticatedPrincipal,
+    pub source: SourceAddr,
+    /// `"chat.completions"` or `"completions"`.
+    pub operation: &'static str,
+    pub params: &'a GenerationParams,
+    /// The canonical prompt bytes (see the module doc).
+    pub prompt: &'a Phi<String>,
+}
+
+/// The open audit transaction of one inference. Records exactly one outcome.
+pub struct InferenceAudit {
+    log: AuditLog,
+    base: AuditEvent,
+    started: Instant,
+    done: bool,
+}
+
+fn with_kind(base: &AuditEvent, kind: EventKind) -> AuditEvent {
+    // The builder's defaults (action, outcome) follow the kind: rebuild from the base's fields.
+    let mut ev = base.clone();
+    ev.kind = kind;
+    ev.action = kind.default_action();
+    ev.outcome = match kind {
+        EventKind::InferenceFailed => crate::audit::Outcome::Failure,
+        EventKind::InferenceCancelled => crate::audit::Outcome::Cancelled,
+        _ => crate::audit::Outcome::Success,
+    };
+    ev
+}
+
+impl InferenceAudit {
+    /// Records `inference.started` and waits until it is durable. On failure the
+    /// request must be refused: returns [`ApiError::AuditUnavailable`] (503).
+    pub async fn start(state: &AppState, ctx: &RequestContext, subject: InferenceSubject<'_>) -> Result<Self, ApiError> {
+        let log = state.audit().clone();
+        let model = state.model();
+        let mut base = AuditEvent::new(EventKind::InferenceStarted)
+            .request_id(ctx.request_id())
+            .principal(audit_principal(subject.principal))
+            .operation(subject.operation)
+            .model(model.id.clone(), model.fingerprint.clone())
+            .params(audit_params(subject.params))
+            .prompt_hmac(log.hmac(subject.prompt));
+        if let Some(addr) = subject.source.0 {
+            base = base.source_addr(addr);
+        }
+        match log.record(base.clone()).await {
+            Ok(_) => Ok(InferenceAudit { log, base, started: Instant::now(), done: false }),
+            Err(e) => {
+                tracing::error!(request_id = ctx.request_id(), error = %e, "audit: inference.started not recorded; request refused");
+                Err(ApiError::AuditUnavailable)
+            }
+        }
+    }
+
+    /// The HMAC of a completion (see the module doc for the canonical bytes).
+    pub fn completion_hmac(&self, texts: &[&Phi<String>]) -> TextHmac {
+        let mut all = Phi::new(String::with_capacity(texts.iter().map(|t| t.expose().len()).sum()));
+        for t in texts {
+            all.expose_mut().push_str(t.expose());
+        }
+        self.log.hmac(&all)
+    }
+
+    /// Records `inference.completed`; an error means it is NOT recorded.
+    pub async fn completed(
+        &mut self,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        completion_hmac: TextHmac,
+    ) -> Result<(), crate::audit::AuditError> {
+        self.done = true;
+        let ev = with_kind(&self.base, EventKind::InferenceCompleted)
+            .tokens(clamp(prompt_tokens), clamp(completion_tokens))
+            .latency(self.started.elapsed())
+            .completion_hmac(completion_hmac);
+        self.log.record(ev).await.map(|_| ())
+    }
+
+    /// Records `inference.failed` with a fixed reason code; a failure to record
+    /// is logged (the request already failed).
+    pub async fn failed(&mut self, reason: &'static str, prompt_tokens: usize, completion_tokens: usize) {
+        self.done = true;
+        let ev = with_kind(&self.base, EventKind::InferenceFailed)
+            .outcome_reason(reason)
+            .tokens(clamp(prompt_tokens), clamp(completion_tokens))
+            .latency(self.started.elapsed());
+        if let Err(e) = self.log.record(ev).await {
+            let request_id = self.base.request_id.clone().unwrap_or_default();
+            tracing::error!(request_id = %request_id, error = %e, "audit: inference.failed not recorded");
+        }
+    }
+}
+
+fn clamp(n: usize) -> u32 {
+    n.min(u32::MAX as usize) as u32
+}
+
+impl Drop for InferenceAudit {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let ev = with_kind(&self.base, EventKind::InferenceCancelled)
+            .outcome_reason("client_disconnected")
+            .latency(self.started.elapsed());
+        let log = self.log.clone();
+        let request_id = self.base.request_id.clone().unwrap_or_default();
+        let report = move |r: Result<crate::audit::RecordReceipt, crate::audit::AuditError>| {
+            if let Err(e) = r {
+                tracing::error!(request_id = %request_id, error = %e, "audit: inference.cancelled not recorded");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move { report(log.record(ev).await) });
+            }
+            Err(_) => report(log.record_blocking(ev)),
+        }
+    }
+}

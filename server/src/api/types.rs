@@ -1,0 +1,364 @@
+//! Request validation: OpenAI request JSON → `Validated*Request`.
+//!
+//! Every field OpenAI defines for the endpoint is either read and checked here or
+//! rejected by name (see the `UNSUPPORTED_*` lists); anything else is rejected as
+//! unrecognized. Text (messages, prompts, stop strings, `user`) is wrapped in
+//! [`Phi`] as soon as it leaves the JSON value.
+
+use salus_models::sampling::{SamplingParams, MAX_TOP_LOGPROBS};
+use salus_models::Phi;
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::json::Fields;
+use crate::config::LimitsConfig;
+
+/// Chat parameters OpenAI defines that Salus does not implement (400 naming them).
+pub const UNSUPPORTED_CHAT: &[&str] = &[
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "parallel_tool_calls",
+    "response_format",
+    "audio",
+    "modalities",
+    "prediction",
+    "store",
+    "metadata",
+    "service_tier",
+    "reasoning_effort",
+    "web_search_options",
+    "verbosity",
+    "prompt_cache_key",
+    "safety_identifier",
+];
+
+/// Completion parameters OpenAI defines that Salus does not implement.
+pub const UNSUPPORTED_COMPLETION: &[&str] = &["suffix", "echo", "best_of"];
+
+/// Who wrote a chat message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageRole {
+    System,
+    User,
+    Assistant,
+}
+
+impl MessageRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageRole::System => "system",
+            MessageRole::User => "user",
+            MessageRole::Assistant => "assistant",
+        }
+    }
+}
+
+/// One chat message (content is PHI).
+#[derive(Debug, Clone)]
+pub struct ChatMessage {
+    pub role: MessageRole,
+    pub content: Phi<String>,
+}
+
+/// Parameters shared by both generation endpoints, validated.
+#[derive(Debug, Clone)]
+pub struct GenerationParams {
+    /// The client's `max_tokens` / `max_completion_tokens`, if any (bounded by the config).
+    pub max_tokens: Option<usize>,
+    pub n: usize,
+    pub stop: Vec<Phi<String>>,
+    pub sampling: SamplingParams,
+    /// Return logprobs of the chosen tokens.
+    pub logprobs: bool,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// The client's end-user id (may identify a patient: treated as PHI).
+    pub user: Option<Phi<String>>,
+}
+
+/// A `/v1/chat/completions` request that passed validation.
+#[derive(Debug)]
+pub struct ValidatedChatRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    pub params: GenerationParams,
+}
+
+/// A `/v1/completions` request that passed validation.
+#[derive(Debug)]
+pub struct ValidatedCompletionRequest {
+    pub model: String,
+    pub prompts: Vec<Phi<String>>,
+    pub params: GenerationParams,
+}
+
+fn parse_model(f: &mut Fields) -> Result<String, ApiError> {
+    match f.required("model")? {
+        Value::String(s) => Ok(s),
+        _ => Err(ApiError::invalid("model", "model must be a string")),
+    }
+}
+
+fn parse_stop(f: &mut Fields, limits: &LimitsConfig) -> Result<Vec<Phi<String>>, ApiError> {
+    let list = match f.take("stop") {
+        None => return Ok(Vec::new()),
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(items)) => {
+            let mut out = Vec::with_capacity(items.len());
+            for item in items {
+                match item {
+                    Value::String(s) => out.push(s),
+                    _ => return Err(ApiError::invalid("stop", "stop must be a string or an array of strings")),
+                }
+            }
+            out
+        }
+        Some(_) => return Err(ApiError::invalid("stop", "stop must be a string or an array of strings")),
+    };
+    if list.len() > limits.max_stop {
+        return Err(ApiError::invalid("stop", format!("at most {} stop sequences are allowed", limits.max_stop)));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for s in list {
+        if s.is_empty() || s.len() > 256 {
+            return Err(ApiError::invalid("stop", "stop sequences must be 1 to 256 bytes long"));
+        }
+        out.push(Phi::new(s));
+    }
+    Ok(out)
+}
+
+fn parse_logit_bias(f: &mut Fields) -> Result<Vec<(u32, f32)>, ApiError> {
+    let bad = || ApiError::invalid("logit_bias", "logit_bias must map token ids to numbers between -100 and 100");
+    let map = match f.take("logit_bias") {
+        None => return Ok(Vec::new()),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(bad()),
+    };
+    if map.len() > 300 {
+        return Err(ApiError::invalid("logit_bias", "logit_bias may list at most 300 tokens"));
+    }
+    let mut out = Vec::with_capacity(map.len());
+    for (k, v) in map {
+        let id: u32 = k.parse().map_err(|_| bad())?;
+        let bias = v.as_f64().filter(|b| b.is_finite() && (-100.0..=100.0).contains(b)).ok_or_else(bad)?;
+        out.push((id, bias as f32));
+    }
+    Ok(out)
+}
+
+/// Reads the sampling and limit fields common to both endpoints. `top_logprobs`
+/// is set by the caller (the endpoints spell logprobs differently).
+fn parse_common(
+    f: &mut Fields,
+    limits: &LimitsConfig,
+    max_tokens_names: &[&'static str],
+) -> Result<GenerationParams, ApiError> {
+    let mut max_tokens = None;
+    for name in max_tokens_names {
+        if let Some(v) = f.u64_in(name, 1, limits.max_tokens as u64)? {
+            max_tokens = Some(v as usize);
+        }
+    }
+    let n = f.u64_in("n", 1, limits.max_n as u64)?.unwrap_or(1) as usize;
+    let stop = parse_stop(f, limits)?;
+    let mut sampling = SamplingParams::default();
+    if let Some(t) = f.f64_in("temperature", 0.0, 2.0)? {
+        sampling.temperature = t as f32;
+    }
+    if let Some(p) = f.f64_in("top_p", 0.0, 1.0)? {
+        if p <= 0.0 {
+            return Err(ApiError::invalid("top_p", "top_p must be greater than 0 and at most 1"));
+        }
+        sampling.top_p = p as f32;
+    }
+    if let Some(k) = f.u64_in("top_k", 0, 1_000_000)? {
+        sampling.top_k = k as usize;
+    }
+    if let Some(p) = f.f64_in("min_p", 0.0, 1.0)? {
+        sampling.min_p = p as f32;
+    }
+    if let Some(p) = f.f64_in("repetition_penalty", 0.0, 10.0)? {
+        if p <= 0.0 {
+            return Err(ApiError::invalid("repetition_penalty", "repetition_penalty must be greater than 0"));
+        }
+        sampling.repetition_penalty = p as f32;
+    }
+    if let Some(p) = f.f64_in("presence_penalty", -2.0, 2.0)? {
+        sampling.presence_penalty = p as f32;
+    }
+    if let Some(p) = f.f64_in("frequency_penalty", -2.0, 2.0)? {
+        sampling.frequency_penalty = p as f32;
+    }
+    sampling.seed = f.i64("seed")?.map(|s| s as u64);
+    sampling.logit_bias = parse_logit_bias(f)?;
+    let stream = f.bool("stream")?.unwrap_or(false);
+    let mut include_usage = false;
+    if let Some(mut so) = f.object("stream_options")? {
+        include_usage = so.bool("include_usage")?.unwrap_or(false);
+        so.finish(&[])?;
+        if !stream {
+            return Err(ApiError::invalid("stream_options", "stream_options is only allowed when stream is true"));
+        }
+    }
+    let user = f.string("user")?.map(Phi::new);
+    Ok(GenerationParams { max_tokens, n, stop, sampling, logprobs: false, stream, include_usage, user })
+}
+
+fn parse_content(v: Value, i: usize) -> Result<String, ApiError> {
+    let param = || format!("messages[{i}].content");
+    match v {
+        Value::String(s) => Ok(s),
+        Value::Array(parts) => {
+            let mut text = String::new();
+            for part in parts {
+                let Value::Object(m) = part else {
+                    return Err(ApiError::invalid(param(), format!("{} parts must be objects", param())));
+                };
+                let mut pf = Fields::nested(m, param());
+                match pf.string("type")?.as_deref() {
+                    Some("text") => {}
+                    _ => {
+                        return Err(ApiError::invalid(
+                            param(),
+                            format!("{}: only parts of type \"text\" are supported", param()),
+                        ))
+                    }
+                }
+                let t = pf
+                    .string("text")?
+                    .ok_or_else(|| ApiError::invalid(param(), format!("{} text part has no text", param())))?;
+                pf.finish(&[])?;
+                text.push_str(&t);
+            }
+            Ok(text)
+        }
+        _ => Err(ApiError::invalid(param(), format!("{} must be a string or an array of text parts", param()))),
+    }
+}
+
+fn parse_messages(v: Value, limits: &LimitsConfig) -> Result<Vec<ChatMessage>, ApiError> {
+    let Value::Array(items) = v else {
+        return Err(ApiError::invalid("messages", "messages must be an array"));
+    };
+    if items.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must contain at least one message"));
+    }
+    if items.len() > limits.max_messages {
+        return Err(ApiError::invalid("messages", format!("at most {} messages are allowed", limits.max_messages)));
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let Value::Object(m) = item else {
+            return Err(ApiError::invalid(format!("messages[{i}]"), format!("messages[{i}] must be an object")));
+        };
+        let mut mf = Fields::nested(m, format!("messages[{i}]"));
+        let role = match mf.string("role")?.as_deref() {
+            Some("system") | Some("developer") => MessageRole::System,
+            Some("user") => MessageRole::User,
+            Some("assistant") => MessageRole::Assistant,
+            Some("tool") | Some("function") => return Err(ApiError::Unsupported("tools")),
+            _ => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].role"),
+                    format!("messages[{i}].role must be system, developer, user or assistant"),
+                ))
+            }
+        };
+        let content = match mf.take("content") {
+            Some(v) => parse_content(v, i)?,
+            None => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].content"),
+                    format!("messages[{i}].content is required"),
+                ))
+            }
+        };
+        mf.finish(&["name", "tool_calls", "tool_call_id", "function_call", "refusal", "audio"]).map_err(
+            |e| match e {
+                ApiError::Unsupported(p) if p == "tool_calls" || p == "tool_call_id" || p == "function_call" => {
+                    ApiError::Unsupported("tools")
+                }
+                ApiError::Unsupported(_) | ApiError::Unrecognized => ApiError::invalid(
+                    format!("messages[{i}]"),
+                    format!("messages[{i}] may only contain role and content"),
+                ),
+                other => other,
+            },
+        )?;
+        out.push(ChatMessage { role, content: Phi::new(content) });
+    }
+    Ok(out)
+}
+
+impl ValidatedChatRequest {
+    pub fn parse(body: serde_json::Map<String, Value>, limits: &LimitsConfig) -> Result<Self, ApiError> {
+        let mut f = Fields::new(body);
+        let model = parse_model(&mut f)?;
+        let messages = parse_messages(f.required("messages")?, limits)?;
+        let mut params = parse_common(&mut f, limits, &["max_tokens", "max_completion_tokens"])?;
+        let logprobs = f.bool("logprobs")?.unwrap_or(false);
+        let top = f.u64_in("top_logprobs", 0, MAX_TOP_LOGPROBS as u64)?;
+        if top.is_some() && !logprobs {
+            return Err(ApiError::invalid("top_logprobs", "top_logprobs requires logprobs to be true"));
+        }
+        params.logprobs = logprobs;
+        if logprobs {
+            params.sampling.top_logprobs = Some(top.unwrap_or(0) as usize);
+        }
+        f.finish(UNSUPPORTED_CHAT)?;
+        Ok(ValidatedChatRequest { model, messages, params })
+    }
+}
+
+impl ValidatedCompletionRequest {
+    pub fn parse(body: serde_json::Map<String, Value>, limits: &LimitsConfig) -> Result<Self, ApiError> {
+        let mut f = Fields::new(body);
+        let model = parse_model(&mut f)?;
+        let bad_prompt = || ApiError::invalid("prompt", "prompt must be a string or an array of strings");
+        let prompts = match f.required("prompt")? {
+            Value::String(s) => vec![Phi::new(s)],
+            Value::Array(items) => {
+                if items.is_empty() || items.len() > limits.max_prompts {
+                    return Err(ApiError::invalid(
+                        "prompt",
+                        format!("prompt arrays must hold 1 to {} strings", limits.max_prompts),
+                    ));
+                }
+                let mut out = Vec::with_capacity(items.len());
+                for item in items {
+                    match item {
+                        Value::String(s) => out.push(Phi::new(s)),
+                        _ => return Err(bad_prompt()),
+                    }
+                }
+                out
+            }
+            _ => return Err(bad_prompt()),
+        };
+        let mut params = parse_common(&mut f, limits, &["max_tokens"])?;
+        if let Some(k) = f.u64_in("logprobs", 0, 5)? {
+            params.logprobs = true;
+            params.sampling.top_logprobs = Some(k as usize);
+        }
+        // Values equal to OpenAI's defaults are harmless; anything else is unsupported.
+        match f.take("echo") {
+            None | Some(Value::Bool(false)) => {}
+            Some(_) => return Err(ApiError::Unsupported("echo")),
+        }
+        match f.take("suffix") {
+            None => {}
+            Some(Value::String(s)) if s.is_empty() => {}
+            Some(_) => return Err(ApiError::Unsupported("suffix")),
+        }
+        if let Some(b) = f.take("best_of") {
+            if b.as_u64() != Some(1) {
+                return Err(ApiError::Unsupported("best_of"));
+            }
+        }
+        f.finish(UNSUPPORTED_COMPLETION)?;
+        Ok(ValidatedCompletionRequest { model, prompts, params })
+    }
+}

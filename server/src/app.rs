@@ -1,0 +1,143 @@
+//! The router: `fn app(state) -> Router`, plus the one middleware that gives each
+//! request an id, catches panics, records metrics and writes the access log.
+//!
+//! The access log records only: request id, principal id, route *template*
+//! (never the URI or query string), method (standard ones only), status, error
+//! code, token counts and duration. No headers, no body.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, Method};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures::FutureExt;
+
+use crate::api::{chat, meta, ApiError};
+use crate::metrics::route_label;
+use crate::state::{AppState, RequestContext};
+
+tokio::task_local! {
+    /// The id of the request being handled on this task (read by the panic hook).
+    pub static REQUEST_ID: String;
+}
+
+/// The API router.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(chat::completions))
+        .route("/v1/models", get(meta::list_models))
+        .route("/v1/models/{*id}", get(meta::get_model))
+        .route("/health", get(meta::health))
+        .route("/ready", get(meta::ready))
+        .route("/metrics", get(meta::metrics))
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// The router of the separate loopback metrics listener (no authentication).
+pub fn metrics_app(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(meta::metrics_open))
+        .fallback(|| async { ApiError::RouteNotFound })
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "OTHER",
+    }
+}
+
+/// Records `auth.denied` for a 401/403: the reason code, the route template, the
+/// source address and (for 403) the principal id. Never the presented key.
+/// Logged, not fatal, if the trail cannot take it (the request was refused anyway).
+async fn record_auth_denied(
+    state: &AppState,
+    request_id: &str,
+    ctx: &RequestContext,
+    source: Option<std::net::SocketAddr>,
+    code: &'static str,
+    route: &'static str,
+) {
+    let mut ev = crate::audit::AuditEvent::new(crate::audit::EventKind::AuthDenied)
+        .request_id(request_id)
+        .operation(route)
+        .outcome_reason(if code.is_empty() { "denied" } else { code });
+    if let Some(addr) = source {
+        ev = ev.source_addr(addr);
+    }
+    if !ctx.auth_denied() {
+        if let Some(id) = ctx.principal() {
+            ev = ev.principal(crate::audit::AuditPrincipal::new(id, "api_key", Vec::<String>::new()));
+        }
+    }
+    if let Err(e) = state.audit().record(ev).await {
+        tracing::error!(request_id, error = %e, "audit: auth.denied not recorded");
+    }
+}
+
+/// A fresh request id (never taken from the client).
+pub fn new_request_id() -> String {
+    format!("req_{}", uuid::Uuid::new_v4().simple())
+}
+
+async fn observe(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = route_label(req.extensions().get::<MatchedPath>().map(|m| m.as_str()));
+    let method = method_label(req.method());
+    let source = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0);
+    let request_id = new_request_id();
+    let ctx = Arc::new(RequestContext::new(request_id.clone()));
+    req.extensions_mut().insert(ctx.clone());
+    state.metrics().request_started();
+    let run = AssertUnwindSafe(next.run(req)).catch_unwind();
+    let mut resp = match REQUEST_ID.scope(request_id.clone(), run).await {
+        Ok(resp) => resp,
+        Err(_panic) => {
+            // The payload may quote request data: dropped unread. The hook logged the location.
+            state.metrics().panic_caught();
+            ApiError::Internal { request_id: request_id.clone() }.into_response()
+        }
+    };
+    state.metrics().request_finished();
+    let status = resp.status().as_u16();
+    state.metrics().request_done(route, status);
+    let error_code = resp.extensions().get::<ApiError>().and_then(|e| e.code()).unwrap_or("");
+    let (prompt_tokens, completion_tokens) = ctx.tokens();
+    let principal = ctx.principal().unwrap_or_default();
+    if status == 401 || status == 403 {
+        record_auth_denied(&state, &request_id, &ctx, source, error_code, route).await;
+    }
+    tracing::info!(
+        request_id = %request_id,
+        principal = %principal,
+        route,
+        method,
+        status,
+        error = error_code,
+        prompt_tokens,
+        completion_tokens,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}

@@ -1,0 +1,644 @@
+//! In-process tests of the router: `app(state).oneshot(request)` with a scripted
+//! engine and a byte-level prompt codec (test-only; not a product path).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use salus_models::Phi;
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+use tower::ServiceExt;
+
+use crate::api::types::ChatMessage;
+use crate::app::app;
+use crate::audit::{read_trail, AuditConfig, AuditLog, AuditRecord};
+use crate::auth::{KeyStore, KeyStoreHandle, PrincipalKind, Role};
+use crate::config::LimitsConfig;
+use crate::engine::{
+    CancelToken, Engine, EngineError, EngineStats, FinishReason, GenerationEvent, GenerationHandle, GenerationRequest,
+    TokenLogprob,
+};
+use crate::metrics::Metrics;
+use crate::secret::{write_new_key_file, KeySource};
+use crate::state::{AppState, EncodedChat, ModelInfo, PromptCodec, PromptError};
+
+/// What the engine saw of a request: (prompt length, n, seed, max_tokens).
+type Seen = (usize, usize, Option<u64>, usize);
+
+/// Replies "Hello world" (two deltas) to every choice, or `max_tokens` words if fewer.
+#[derive(Default)]
+struct ScriptedEngine {
+    seen: Mutex<Vec<Seen>>,
+    queue_full: AtomicBool,
+    cancels: Mutex<Vec<CancelToken>>,
+    /// When set, sends one delta and then waits forever (for cancellation tests).
+    hang: AtomicBool,
+    /// When set, every audit write fails from the moment a request is submitted
+    /// (the completion record cannot be written).
+    break_audit_on_submit: Mutex<Option<AuditLog>>,
+}
+
+impl Engine for ScriptedEngine {
+    fn submit(&self, r: GenerationRequest) -> Result<GenerationHandle, EngineError> {
+        if self.queue_full.load(Ordering::Relaxed) {
+            return Err(EngineError::QueueFull { retry_after: Duration::from_secs(3) });
+        }
+        self.seen.lock().unwrap().push((r.prompt_tokens.expose().len(), r.n, r.sampling.seed, r.max_tokens));
+        if let Some(log) = &*self.break_audit_on_submit.lock().unwrap() {
+            log.inject_write_failures(1_000_000);
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let cancel = CancelToken::new();
+        self.cancels.lock().unwrap().push(cancel.clone());
+        let words = ["Hello", " world"];
+        for choice in 0..r.n {
+            let k = r.max_tokens.min(words.len());
+            for w in &words[..k] {
+                let logprobs = match r.sampling.top_logprobs {
+                    Some(top) => vec![TokenLogprob {
+                        token_id: u32::from(w.as_bytes()[0]),
+                        logprob: -0.5,
+                        top: [(72u32, -0.5f32), (74, -1.5)][..top.min(2)].to_vec(),
+                    }],
+                    None => Vec::new(),
+                };
+                let _ = tx.send(GenerationEvent::Delta { choice, text: Phi::new(w.to_string()), logprobs });
+                if self.hang.load(Ordering::Relaxed) {
+                    std::mem::forget(tx);
+                    return Ok(GenerationHandle::new(rx, cancel));
+                }
+            }
+            let reason = if k < words.len() { FinishReason::Length } else { FinishReason::Stop };
+            let _ = tx.send(GenerationEvent::Finished { choice, reason, completion_tokens: k });
+        }
+        Ok(GenerationHandle::new(rx, cancel))
+    }
+    fn stats(&self) -> EngineStats {
+        EngineStats { waiting_seqs: 2, running_seqs: 1, ..Default::default() }
+    }
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
+/// One token per byte; context 64. Panics on a message that is exactly "PANIC".
+struct ByteCodec;
+
+impl PromptCodec for ByteCodec {
+    fn context_length(&self) -> usize {
+        64
+    }
+    fn vocab_size(&self) -> usize {
+        256
+    }
+    /// The "template" is each role name followed by the content.
+    fn encode_chat(&self, messages: &[ChatMessage]) -> Result<EncodedChat, PromptError> {
+        let mut text = String::new();
+        for m in messages {
+            if m.content.expose() == "PANIC" {
+                panic!("test panic with request text {}", m.content.expose());
+            }
+            text.push_str(m.role.as_str());
+            text.push_str(m.content.expose());
+        }
+        let ids = text.bytes().map(u32::from).collect();
+        Ok(EncodedChat { text: Phi::new(text), ids: Phi::new(ids) })
+    }
+    fn encode_text(&self, text: &Phi<String>) -> Result<Phi<Vec<u32>>, PromptError> {
+        Ok(Phi::new(text.expose().bytes().map(u32::from).collect()))
+    }
+    fn token_text(&self, id: u32) -> Phi<String> {
+        Phi::new(char::from(id as u8).to_string())
+    }
+}
+
+struct Fixture {
+    state: AppState,
+    audit: AuditLog,
+    audit_key: KeySource,
+    audit_dir: tempfile::TempDir,
+    engine: Arc<ScriptedEngine>,
+    inference: String,
+    metrics_only: String,
+    revoked: String,
+    expired: String,
+}
+
+fn fixture() -> Fixture {
+    let now = OffsetDateTime::now_utc();
+    let mut store = KeyStore::default();
+    let inference = store.create("alice", PrincipalKind::Human, &[Role::Inference], None, now).unwrap();
+    let metrics_only = store.create("prom", PrincipalKind::Service, &[Role::Metrics], None, now).unwrap();
+    let revoked = store.create("bob", PrincipalKind::Human, &[Role::Inference], None, now).unwrap();
+    store.revoke(&revoked.record.id, now).unwrap();
+    let expired = store
+        .create("carol", PrincipalKind::Human, &[Role::Inference], Some(now + time::Duration::seconds(1)), now)
+        .unwrap();
+    // Make it expire: rewrite its expiry into the past.
+    let idx = store.keys.iter().position(|k| k.id == expired.record.id).unwrap();
+    store.keys[idx].expires = Some(now - time::Duration::seconds(5));
+    let engine = Arc::new(ScriptedEngine::default());
+    let audit_dir = tempfile::tempdir().unwrap();
+    let key_path = audit_dir.path().join("audit.key");
+    write_new_key_file(&key_path).unwrap();
+    let audit_key: KeySource = format!("file:{}", key_path.display()).parse().unwrap();
+    let audit = AuditLog::open(AuditConfig::new(audit_dir.path().join("trail"), audit_key.clone())).unwrap();
+    let state = AppState::new(
+        engine.clone(),
+        Arc::new(ByteCodec),
+        Arc::new(KeyStoreHandle::fixed(store)),
+        Arc::new(Metrics::new("test-model")),
+        ModelInfo { id: "test-model".into(), created: 1, fingerprint: "ab".repeat(32), sealed: true },
+        LimitsConfig { max_body_bytes: 4096, max_tokens: 100, default_max_tokens: 16, ..Default::default() },
+        audit.clone(),
+    );
+    Fixture {
+        state,
+        audit,
+        audit_key,
+        audit_dir,
+        engine,
+        inference: inference.secret.to_string(),
+        metrics_only: metrics_only.secret.to_string(),
+        revoked: revoked.secret.to_string(),
+        expired: expired.secret.to_string(),
+    }
+}
+
+async fn send(
+    state: &AppState,
+    method: &str,
+    uri: &str,
+    key: Option<&str>,
+    body: Option<&[u8]>,
+) -> (StatusCode, Value, String) {
+    let mut b = Request::builder().method(method).uri(uri);
+    if let Some(k) = key {
+        b = b.header(header::AUTHORIZATION, format!("Bearer {k}"));
+    }
+    let req = match body {
+        Some(bytes) => b.header(header::CONTENT_TYPE, "application/json").body(Body::from(bytes.to_vec())).unwrap(),
+        None => b.body(Body::empty()).unwrap(),
+    };
+    let resp = app(state.clone()).oneshot(req).await.unwrap();
+    let status = resp.status();
+    assert!(resp.headers().contains_key("x-request-id"));
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, json, text)
+}
+
+fn chat_body(extra: Value) -> Vec<u8> {
+    let mut v = json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}]});
+    for (k, x) in extra.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    serde_json::to_vec(&v).unwrap()
+}
+
+#[tokio::test]
+async fn auth_missing_bad_revoked_expired_and_wrong_role() {
+    let f = fixture();
+    let body = chat_body(json!({}));
+    for key in [None, Some("sk-salus-nope"), Some(f.revoked.as_str()), Some(f.expired.as_str())] {
+        let (s, v, _) = send(&f.state, "POST", "/v1/chat/completions", key, Some(&body)).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{key:?}");
+        assert_eq!(v["error"]["type"], "authentication_error");
+    }
+    let (s, v, _) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.metrics_only), Some(&body)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(v["error"]["type"], "permission_error");
+    let (s, _, _) = send(&f.state, "GET", "/metrics", Some(&f.inference), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _, text) = send(&f.state, "GET", "/metrics", Some(&f.metrics_only), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(text.contains("salus_queue_depth 2"), "{text}");
+    // /health needs no key; /ready does.
+    assert_eq!(send(&f.state, "GET", "/health", None, None).await.0, StatusCode::OK);
+    assert_eq!(send(&f.state, "GET", "/ready", None, None).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(send(&f.state, "GET", "/ready", Some(&f.inference), None).await.0, StatusCode::OK);
+    assert!(f.engine.seen.lock().unwrap().is_empty(), "no request may reach the engine");
+}
+
+#[tokio::test]
+async fn chat_completion_non_streaming_shape_and_usage() {
+    let f = fixture();
+    let body = chat_body(json!({"n": 2, "seed": 7, "max_tokens": 5, "temperature": 0.5, "stop": ["x"], "user": "u1"}));
+    let (s, v, _) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "test-model");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(v["choices"][1]["index"], 1);
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello world");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let prompt_len = "user".len() + "hi".len();
+    assert_eq!(
+        v["usage"],
+        json!({"prompt_tokens": prompt_len, "completion_tokens": 4, "total_tokens": prompt_len + 4})
+    );
+    assert_eq!(f.engine.seen.lock().unwrap()[0], (prompt_len, 2, Some(7), 5));
+    // max_tokens=1 → finish_reason length.
+    let body = chat_body(json!({"max_completion_tokens": 1}));
+    let (_, v, _) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello");
+    let text = f.state.metrics().render(&EngineStats::default());
+    assert!(text.contains("salus_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 2"), "{text}");
+    assert!(text.contains("salus_completion_tokens_total{model=\"test-model\"} 5"));
+}
+
+#[tokio::test]
+async fn chat_streaming_sse_matches_openai() {
+    let f = fixture();
+    let body = chat_body(json!({"stream": true, "stream_options": {"include_usage": true}}));
+    let (s, _, text) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
+    assert_eq!(s, StatusCode::OK);
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert!(events.iter().all(|e| e.starts_with("data: ")), "{text}");
+    assert_eq!(*events.last().unwrap(), "data: [DONE]");
+    let chunks: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(&e[6..]).unwrap()).collect();
+    assert_eq!(chunks.len(), 5, "role, 2 content, finish, usage: {text}");
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    assert!(chunks.windows(2).all(|w| w[0]["id"] == w[1]["id"]));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(chunks[1]["choices"][0]["delta"]["content"], "Hello");
+    assert_eq!(chunks[2]["choices"][0]["delta"]["content"], " world");
+    assert!(chunks[1]["usage"].is_null() && chunks[1].as_object().unwrap().contains_key("usage"));
+    assert_eq!(chunks[3]["choices"][0]["finish_reason"], "stop");
+    assert_eq!(chunks[3]["choices"][0]["delta"], json!({}));
+    assert_eq!(chunks[4]["choices"], json!([]));
+    assert_eq!(chunks[4]["usage"]["completion_tokens"], 2);
+    // Without include_usage: no usage key, no usage chunk.
+    let body = chat_body(json!({"stream": true}));
+    let (_, _, text) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
+    assert!(!text.contains("usage"));
+    assert!(text.ends_with("data: [DONE]\n\n"));
+}
+
+#[tokio::test]
+async fn completions_string_and_array_prompts() {
+    let f = fixture();
+    let body = serde_json::to_vec(&json!({"model": "test-model", "prompt": ["ab", "cde"], "n": 2, "seed": 1})).unwrap();
+    let (s, v, _) = send(&f.state, "POST", "/v1/completions", Some(&f.inference), Some(&body)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 4);
+    assert_eq!(v["choices"][3]["index"], 3);
+    assert_eq!(v["choices"][2]["text"], "Hello world");
+    assert_eq!(v["usage"]["prompt_tokens"], 5);
+    let seen = f.engine.seen.lock().unwrap().clone();
+    assert_eq!(seen.iter().map(|s| s.2).collect::<Vec<_>>(), vec![Some(1), Some(3)], "distinct seeds per prompt");
+    let body = serde_json::to_vec(&json!({"model": "test-model", "prompt": "ab", "stream": true})).unwrap();
+    let (_, _, text) = send(&f.state, "POST", "/v1/completions", Some(&f.inference), Some(&body)).await;
+    assert!(text.contains("\"object\":\"text_completion\"") && text.ends_with("data: [DONE]\n\n"), "{text}");
+}
+
+#[tokio::test]
+async fn errors_never_echo_the_body() {
+    let f = fixture();
+    let k = Some(f.inference.as_str());
+    let cases: Vec<(Vec<u8>, StatusCode, Value)> = vec![
+        (b"{\"model\": \"CANARY-1".to_vec(), StatusCode::BAD_REQUEST, Value::Null),
+        (b"{\"model\": \"x\xff\xfeCANARY-2\"}".to_vec(), StatusCode::BAD_REQUEST, Value::Null),
+        (chat_body(json!({"temperature": "CANARY-3"})), StatusCode::BAD_REQUEST, json!("temperature")),
+        (chat_body(json!({"max_tokens": "CANARY-4"})), StatusCode::BAD_REQUEST, json!("max_tokens")),
+        (chat_body(json!({"CANARY-5": 1})), StatusCode::BAD_REQUEST, Value::Null),
+        (chat_body(json!({"tools": [{"CANARY-6": 1}]})), StatusCode::BAD_REQUEST, json!("tools")),
+        (
+            chat_body(json!({"response_format": {"type": "json_object"}})),
+            StatusCode::BAD_REQUEST,
+            json!("response_format"),
+        ),
+        (chat_body(json!({"logit_bias": {"CANARY-7": 1}})), StatusCode::BAD_REQUEST, json!("logit_bias")),
+        (
+            chat_body(json!({"messages": [{"role": "CANARY-8", "content": "x"}]})),
+            StatusCode::BAD_REQUEST,
+            json!("messages[0].role"),
+        ),
+        (chat_body(json!({"model": "CANARY-9"})), StatusCode::NOT_FOUND, json!("model")),
+        (chat_body(json!({"max_tokens": 60})), StatusCode::BAD_REQUEST, json!("messages")),
+        (
+            chat_body(json!({"messages": [{"role": "user", "content": "CANARY-10".repeat(10)}]})),
+            StatusCode::BAD_REQUEST,
+            json!("messages"),
+        ),
+        (
+            format!("{{\"model\":\"{}\"}}", "CANARY-11".repeat(1000)).into_bytes(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Value::Null,
+        ),
+    ];
+    for (i, (body, status, param)) in cases.into_iter().enumerate() {
+        let (s, v, text) = send(&f.state, "POST", "/v1/chat/completions", k, Some(&body)).await;
+        assert_eq!(s, status, "case {i}: {text}");
+        assert_eq!(v["error"]["param"], param, "case {i}: {text}");
+        assert!(!text.contains("CANARY"), "case {i} echoed input: {text}");
+        assert!(v["error"]["message"].is_string() && v["error"]["type"].is_string(), "case {i}: {text}");
+    }
+    let (s, v, _) =
+        send(&f.state, "POST", "/v1/chat/completions", k, Some(&chat_body(json!({"max_tokens": 60})))).await;
+    assert_eq!((s, v["error"]["code"].clone()), (StatusCode::BAD_REQUEST, json!("context_length_exceeded")));
+    assert!(f.engine.seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn routing_models_404_405_and_queue_full() {
+    let f = fixture();
+    let k = Some(f.inference.as_str());
+    let (s, v, _) = send(&f.state, "GET", "/v1/models", k, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["data"][0]["id"], "test-model");
+    assert_eq!(v["data"][0]["metadata"]["weights_fingerprint"], "ab".repeat(32));
+    assert_eq!(send(&f.state, "GET", "/v1/models/test-model", k, None).await.0, StatusCode::OK);
+    let (s, v, text) = send(&f.state, "GET", "/v1/models/CANARY-x%FF", k, None).await;
+    assert_eq!((s, v["error"]["code"].clone()), (StatusCode::NOT_FOUND, json!("model_not_found")));
+    assert!(!text.contains("CANARY"));
+    let (s, _, text) = send(&f.state, "GET", "/v2/CANARY?q=CANARY", k, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(!text.contains("CANARY"));
+    assert_eq!(send(&f.state, "GET", "/v1/chat/completions", k, None).await.0, StatusCode::METHOD_NOT_ALLOWED);
+    f.engine.queue_full.store(true, Ordering::Relaxed);
+    let req = Request::post("/v1/chat/completions")
+        .header(header::AUTHORIZATION, format!("Bearer {}", f.inference))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(chat_body(json!({}))))
+        .unwrap();
+    let resp = app(f.state.clone()).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.headers()[header::RETRY_AFTER], "3");
+    // Wrong content type.
+    let req = Request::post("/v1/chat/completions")
+        .header(header::AUTHORIZATION, format!("Bearer {}", f.inference))
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from(chat_body(json!({}))))
+        .unwrap();
+    assert_eq!(app(f.state.clone()).oneshot(req).await.unwrap().status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn panic_in_handler_is_a_500_and_the_server_keeps_serving() {
+    let f = fixture();
+    let body = chat_body(json!({"messages": [{"role": "user", "content": "PANIC"}]}));
+    let (s, v, text) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(v["error"]["message"].as_str().unwrap().contains("request id req_"));
+    assert!(!text.contains("PANIC"));
+    let (s, _, _) =
+        send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&chat_body(json!({})))).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn dropping_a_stream_cancels_the_generation() {
+    let f = fixture();
+    f.engine.hang.store(true, Ordering::Relaxed);
+    let req = Request::post("/v1/chat/completions")
+        .header(header::AUTHORIZATION, format!("Bearer {}", f.inference))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(chat_body(json!({"stream": true}))))
+        .unwrap();
+    let resp = app(f.state.clone()).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let cancel = f.engine.cancels.lock().unwrap()[0].clone();
+    assert!(!cancel.is_cancelled());
+    drop(resp); // the client goes away
+    for _ in 0..100 {
+        if cancel.is_cancelled() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("generation was not cancelled after the client disconnected");
+}
+
+#[tokio::test]
+async fn logprobs_in_chat_and_completions_format() {
+    let f = fixture();
+    let body = chat_body(json!({"logprobs": true, "top_logprobs": 2}));
+    let (s, v, _) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let content = &v["choices"][0]["logprobs"]["content"];
+    assert_eq!(content.as_array().unwrap().len(), 2);
+    assert_eq!(content[0]["token"], "H");
+    assert_eq!(content[0]["logprob"], -0.5);
+    assert_eq!(content[0]["bytes"], json!([72]));
+    assert_eq!(content[0]["top_logprobs"][1]["token"], "J");
+    let body = chat_body(json!({"top_logprobs": 2}));
+    let (s, v, _) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
+    assert_eq!((s, v["error"]["param"].clone()), (StatusCode::BAD_REQUEST, json!("top_logprobs")));
+    let body = serde_json::to_vec(&json!({"model": "test-model", "prompt": "ab", "logprobs": 1})).unwrap();
+    let (_, v, _) = send(&f.state, "POST", "/v1/completions", Some(&f.inference), Some(&body)).await;
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"], json!(["H", " "]));
+    assert_eq!(lp["text_offset"], json!([0, 1]));
+    assert_eq!(lp["top_logprobs"][0], json!({"H": -0.5}));
+}
+
+// ---- audit trail -------------------------------------------------------------
+
+/// Every record of the fixture's trail (verified while read).
+fn trail(f: &Fixture) -> Vec<AuditRecord> {
+    let key = f.audit_key.load().unwrap();
+    let mut out = Vec::new();
+    read_trail(&f.audit_dir.path().join("trail"), &key, |r, _| out.push(r.clone())).unwrap();
+    out
+}
+
+fn records_of<'a>(recs: &'a [AuditRecord], request_id: &str) -> Vec<&'a AuditRecord> {
+    recs.iter().filter(|r| r.request_id.as_deref() == Some(request_id)).collect()
+}
+
+/// Every file under `dir`, concatenated (to scan the trail's raw bytes).
+fn raw_bytes(dir: &std::path::Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(raw_bytes(&p));
+        } else {
+            out.extend(std::fs::read(&p).unwrap());
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+async fn post_chat(f: &Fixture, body: &[u8]) -> (StatusCode, String, String) {
+    let mut req = Request::post("/v1/chat/completions")
+        .header(header::AUTHORIZATION, format!("Bearer {}", f.inference))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_vec()))
+        .unwrap();
+    let peer: std::net::SocketAddr = "127.0.0.9:40000".parse().unwrap();
+    req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+    let resp = app(f.state.clone()).oneshot(req).await.unwrap();
+    let status = resp.status();
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+    (status, id, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+const SECRET_PROMPT: &str = "Patient Zebulon Quartermaine, MRN 88-1234-canary";
+
+#[tokio::test]
+async fn audit_success_writes_started_and_completed_without_text() {
+    let f = fixture();
+    let body = serde_json::to_vec(&json!({
+        "model": "test-model", "messages": [{"role": "user", "content": SECRET_PROMPT}],
+        "max_tokens": 5, "temperature": 0.5, "seed": 11,
+    }))
+    .unwrap();
+    let (s, id, text) = post_chat(&f, &body).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert!(text.contains("Hello world"));
+    // Streaming and completions are audited too.
+    let body_stream = chat_body(json!({"stream": true}));
+    let (s, sid, text) = post_chat(&f, &body_stream).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    let (s, v, _) = send(
+        &f.state,
+        "POST",
+        "/v1/completions",
+        Some(&f.inference),
+        Some(br#"{"model":"test-model","prompt":["ab","cd"],"max_tokens":1}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let cid = v["id"].as_str().unwrap().strip_prefix("cmpl-").unwrap().to_string();
+
+    let recs = trail(&f);
+    let mine = records_of(&recs, &id);
+    assert_eq!(mine.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>(), ["inference.started", "inference.completed"]);
+    let (st, done) = (mine[0], mine[1]);
+    // The canonical prompt: the rendered template text ("user" + content for ByteCodec).
+    let canonical = Phi::new(format!("user{SECRET_PROMPT}"));
+    assert_eq!(st.prompt_hmac.as_deref(), Some(f.audit.hmac(&canonical).as_str()));
+    assert_eq!(done.prompt_hmac, st.prompt_hmac);
+    assert_eq!(done.completion_hmac.as_deref(), Some(f.audit.hmac(&Phi::new("Hello world".to_string())).as_str()));
+    let p = st.principal.as_ref().unwrap();
+    assert_eq!((p.id.as_str(), p.kind.as_str(), p.roles.clone()), ("alice", "human", vec!["inference".to_string()]));
+    assert_eq!(st.source_addr.as_deref(), Some("127.0.0.9:40000"));
+    assert_eq!(st.operation.as_deref(), Some("chat.completions"));
+    let m = st.model.as_ref().unwrap();
+    assert_eq!((m.id.as_str(), m.weights_fingerprint.clone()), ("test-model", "ab".repeat(32)));
+    let params = st.params.as_ref().unwrap();
+    assert_eq!((params.max_tokens, params.temperature, params.seed, params.stream), (Some(5), Some(0.5), Some(11), Some(false)));
+    assert_eq!(done.tokens.map(|t| (t.prompt, t.completion)), Some((SECRET_PROMPT.len() as u32 + 4, 2)));
+    assert!(done.latency_us.is_some());
+    assert!(st.seq < done.seq);
+    // Streaming: both records, completion HMAC over the streamed text.
+    let ms = records_of(&recs, &sid);
+    assert_eq!(ms.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>(), ["inference.started", "inference.completed"]);
+    assert_eq!(ms[1].completion_hmac.as_deref(), Some(f.audit.hmac(&Phi::new("Hello world".to_string())).as_str()));
+    // Completions: prompt HMAC over the prompts concatenated; completion over the choices in order.
+    let mc = records_of(&recs, &cid);
+    assert_eq!(mc.len(), 2);
+    assert_eq!(mc[0].prompt_hmac.as_deref(), Some(f.audit.hmac(&Phi::new("abcd".to_string())).as_str()));
+    assert_eq!(mc[1].completion_hmac.as_deref(), Some(f.audit.hmac(&Phi::new("HelloHello".to_string())).as_str()));
+    // No text, anywhere in the trail's files.
+    let raw = raw_bytes(f.audit_dir.path());
+    assert!(!contains(&raw, SECRET_PROMPT.as_bytes()) && !contains(&raw, b"Zebulon"));
+    assert!(!contains(&raw, b"Hello world"));
+}
+
+#[tokio::test]
+async fn audit_started_failure_is_503_and_the_engine_never_runs() {
+    let f = fixture();
+    f.audit.inject_write_failures(1_000_000);
+    let (s, _id, text) = post_chat(&f, &chat_body(json!({}))).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error"]["type"], "service_unavailable");
+    assert!(f.engine.seen.lock().unwrap().is_empty(), "the model must not run without a durable record");
+    assert_eq!(send(&f.state, "GET", "/ready", Some(&f.inference), None).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    // Still refused while unhealthy (streaming too).
+    let (s, _, _) = post_chat(&f, &chat_body(json!({"stream": true}))).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(f.engine.seen.lock().unwrap().is_empty());
+    // The disk recovers: the writer's probe heals the log, /ready and requests come back.
+    f.audit.inject_write_failures(0);
+    let mut ready = false;
+    for _ in 0..100 {
+        if send(&f.state, "GET", "/ready", Some(&f.inference), None).await.0 == StatusCode::OK {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ready, "/ready did not recover after the audit trail became writable");
+    assert_eq!(post_chat(&f, &chat_body(json!({}))).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn audit_completion_failure_withholds_the_output() {
+    let f = fixture();
+    *f.engine.break_audit_on_submit.lock().unwrap() = Some(f.audit.clone());
+    let (s, id, text) = post_chat(&f, &chat_body(json!({}))).await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{text}");
+    assert_eq!(f.engine.seen.lock().unwrap().len(), 1, "the model ran");
+    assert!(!text.contains("Hello") && !text.contains("world"), "output must be withheld: {text}");
+    assert!(text.contains(&id), "the 500 names the request id");
+    f.audit.inject_write_failures(0);
+    *f.engine.break_audit_on_submit.lock().unwrap() = None;
+    // The failed write left a partial batch; once healthy again the writer has cut it.
+    for _ in 0..200 {
+        if f.audit.is_healthy() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(f.audit.is_healthy());
+    let recs = trail(&f);
+    let mine = records_of(&recs, &id);
+    assert_eq!(mine.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>(), ["inference.started"]);
+}
+
+#[tokio::test]
+async fn audit_auth_denied_and_cancelled_are_recorded() {
+    let f = fixture();
+    let (s, _, _) = send(&f.state, "POST", "/v1/chat/completions", Some("sk-salus-wrong"), Some(&chat_body(json!({})))).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, _) = send(&f.state, "GET", "/metrics", Some(&f.inference), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // A streaming client that goes away mid-generation.
+    f.engine.hang.store(true, Ordering::Relaxed);
+    let req = Request::post("/v1/chat/completions")
+        .header(header::AUTHORIZATION, format!("Bearer {}", f.inference))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(chat_body(json!({"stream": true}))))
+        .unwrap();
+    let resp = app(f.state.clone()).oneshot(req).await.unwrap();
+    let sid = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    drop(resp);
+    let mut recs = Vec::new();
+    for _ in 0..200 {
+        recs = trail(&f);
+        if records_of(&recs, &sid).len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ms = records_of(&recs, &sid);
+    assert_eq!(ms.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>(), ["inference.started", "inference.cancelled"]);
+    assert!(ms[1].completion_hmac.is_none());
+    let denied: Vec<&AuditRecord> = recs.iter().filter(|r| r.kind == "auth.denied").collect();
+    assert_eq!(denied.len(), 2);
+    assert_eq!(denied[0].outcome_reason.as_deref(), Some("invalid_api_key"));
+    assert!(denied[0].principal.is_none());
+    assert_eq!(denied[1].outcome_reason.as_deref(), Some("insufficient_permissions"));
+    assert_eq!(denied[1].principal.as_ref().map(|p| p.id.as_str()), Some("alice"));
+    let raw = raw_bytes(f.audit_dir.path());
+    assert!(!contains(&raw, b"sk-salus-wrong") && !contains(&raw, f.inference.as_bytes()));
+}

@@ -1,0 +1,231 @@
+//! Prometheus metrics, rendered in the text exposition format.
+//!
+//! Hand-rolled (counters, gauges, fixed-bucket histograms) to keep the label
+//! sets under our control: labels come only from fixed sets — route templates of
+//! the router, HTTP status codes, the configured model id — never from request
+//! data, so a metric can never carry PHI.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::engine::EngineStats;
+
+const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+const TOKEN_LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56];
+
+/// A cumulative histogram with fixed buckets.
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation in seconds.
+    pub fn observe(&self, secs: f64) {
+        if !secs.is_finite() || secs < 0.0 {
+            return;
+        }
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            if secs <= *b {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sum_micros.fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {}", c.load(Ordering::Relaxed));
+        }
+        let n = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {n}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{braces} {sum}");
+        let _ = writeln!(out, "{name}_count{braces} {n}");
+    }
+}
+
+/// All process metrics.
+pub struct Metrics {
+    model_id: String,
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    in_flight: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+    panics: AtomicU64,
+    pub ttft: Histogram,
+    pub inter_token: Histogram,
+    pub e2e: Histogram,
+}
+
+/// Maps a matched route template to a fixed label (unknown → `other`).
+pub fn route_label(template: Option<&str>) -> &'static str {
+    const ROUTES: &[&str] =
+        &["/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{*id}", "/health", "/ready", "/metrics"];
+    template.and_then(|t| ROUTES.iter().find(|r| **r == t).copied()).unwrap_or("other")
+}
+
+impl Metrics {
+    /// `model_id` is the configured model id (a label on token counters).
+    pub fn new(model_id: &str) -> Self {
+        Metrics {
+            model_id: model_id.to_string(),
+            requests: Mutex::new(BTreeMap::new()),
+            in_flight: AtomicU64::new(0),
+            prompt_tokens: AtomicU64::new(0),
+            completion_tokens: AtomicU64::new(0),
+            panics: AtomicU64::new(0),
+            ttft: Histogram::new(TOKEN_LATENCY_BUCKETS_TTFT),
+            inter_token: Histogram::new(TOKEN_LATENCY_BUCKETS),
+            e2e: Histogram::new(LATENCY_BUCKETS),
+        }
+    }
+
+    pub fn request_done(&self, route: &'static str, status: u16) {
+        *self.requests.lock().unwrap_or_else(|e| e.into_inner()).entry((route, status)).or_insert(0) += 1;
+    }
+    pub fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn request_finished(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub fn add_tokens(&self, prompt: usize, completion: usize) {
+        self.prompt_tokens.fetch_add(prompt as u64, Ordering::Relaxed);
+        self.completion_tokens.fetch_add(completion as u64, Ordering::Relaxed);
+    }
+    pub fn panic_caught(&self) {
+        self.panics.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn requests_total(&self, route: &'static str, status: u16) -> u64 {
+        self.requests.lock().unwrap_or_else(|e| e.into_inner()).get(&(route, status)).copied().unwrap_or(0)
+    }
+
+    /// The exposition text, with the engine's current load.
+    pub fn render(&self, engine: &EngineStats) -> String {
+        let mut out = String::with_capacity(8192);
+        let model = format!("model=\"{}\"", self.model_id);
+        out.push_str("# HELP salus_requests_total HTTP requests by route template and status.\n# TYPE salus_requests_total counter\n");
+        for ((route, status), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "salus_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+        }
+        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        let counter = |out: &mut String, name: &str, help: &str, labels: &str, v: u64| {
+            let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{braces} {v}");
+        };
+        gauge(
+            &mut out,
+            "salus_http_requests_in_flight",
+            "HTTP requests being served.",
+            self.in_flight.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "salus_prompt_tokens_total",
+            "Prompt tokens processed.",
+            &model,
+            self.prompt_tokens.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "salus_completion_tokens_total",
+            "Completion tokens generated.",
+            &model,
+            self.completion_tokens.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "salus_panics_total",
+            "Panics caught inside request handlers.",
+            "",
+            self.panics.load(Ordering::Relaxed),
+        );
+        self.ttft.render(
+            &mut out,
+            "salus_time_to_first_token_seconds",
+            "Time from request to first generated token.",
+            &model,
+        );
+        self.inter_token.render(
+            &mut out,
+            "salus_inter_token_latency_seconds",
+            "Time between consecutive streamed deltas.",
+            &model,
+        );
+        self.e2e.render(
+            &mut out,
+            "salus_e2e_request_latency_seconds",
+            "Generation request latency, end to end.",
+            &model,
+        );
+        gauge(&mut out, "salus_queue_depth", "Sequences waiting to be scheduled.", engine.waiting_seqs as u64);
+        gauge(&mut out, "salus_running_requests", "Sequences being generated.", engine.running_seqs as u64);
+        gauge(&mut out, "salus_kv_cache_blocks_used", "KV cache blocks in use.", engine.kv_blocks_used as u64);
+        gauge(&mut out, "salus_kv_cache_blocks_total", "KV cache blocks in total.", engine.kv_blocks_total as u64);
+        gauge(
+            &mut out,
+            "salus_last_batch_sequences",
+            "Sequences in the last forward step.",
+            engine.last_batch_seqs as u64,
+        );
+        gauge(&mut out, "salus_last_batch_tokens", "Tokens in the last forward step.", engine.last_batch_tokens as u64);
+        counter(
+            &mut out,
+            "salus_preemptions_total",
+            "Sequences preempted for lack of KV cache.",
+            "",
+            engine.preemptions_total,
+        );
+        counter(&mut out, "salus_engine_steps_total", "Forward steps run by the engine.", "", engine.steps_total);
+        out
+    }
+}
+
+const TOKEN_LATENCY_BUCKETS_TTFT: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histograms() {
+        let m = Metrics::new("smol");
+        m.request_done("/v1/chat/completions", 200);
+        m.request_done("/v1/chat/completions", 200);
+        m.request_done(route_label(Some("/nope/{x}")), 404);
+        m.ttft.observe(0.03);
+        m.add_tokens(5, 7);
+        let text = m.render(&EngineStats { waiting_seqs: 3, ..Default::default() });
+        assert!(text.contains("salus_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 2"));
+        assert!(text.contains("salus_requests_total{route=\"other\",status=\"404\"} 1"));
+        assert!(text.contains("salus_time_to_first_token_seconds_bucket{model=\"smol\",le=\"0.025\"} 0"));
+        assert!(text.contains("salus_time_to_first_token_seconds_bucket{model=\"smol\",le=\"0.05\"} 1"));
+        assert!(text.contains("salus_time_to_first_token_seconds_count{model=\"smol\"} 1"));
+        assert!(text.contains("salus_completion_tokens_total{model=\"smol\"} 7"));
+        assert!(text.contains("salus_queue_depth 3"));
+    }
+}

@@ -1,0 +1,284 @@
+//! The scheduling policy: queues, admission, preemption and the token budget.
+//!
+//! Pure and deterministic — no model, no threads, no clock — so it can be driven
+//! for thousands of randomized steps in a test. The engine's worker asks it for a
+//! [`StepPlan`] each step, runs the model over the plan, and reports back.
+//!
+//! Rules (vLLM-like, with chunked prefill):
+//! 1. Every running sequence in decode (one pending token) gets its token first,
+//!    oldest admission first. When its next token needs a block and none is free,
+//!    the most recently admitted running sequence is preempted by recompute: its
+//!    blocks are freed and it goes back to the front of the waiting queue keeping
+//!    its generated tokens, which are recomputed as a prefill when readmitted.
+//! 2. Running sequences still prefilling get a chunk of at most `prefill_chunk`
+//!    tokens within what is left of `max_batch_tokens`. Their blocks were reserved
+//!    at admission, so prefill never needs new blocks and never stalls decoding.
+//! 3. Waiting sequences are admitted strictly in queue order (no overtaking, so
+//!    no starvation) while there is budget, a running slot, and free blocks for
+//!    all their pending tokens. Nothing is admitted in a step that preempted.
+//!
+//! Any sequence whose tokens fit the whole cache alone eventually runs: the
+//! oldest running sequence is never preempted while a younger one holds blocks.
+
+use std::collections::{HashMap, VecDeque};
+
+use salus_models::paged_cache::BlockManager;
+use salus_models::{PackedBatch, Phi, SeqId};
+
+/// Limits of one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyLimits {
+    /// Most tokens (decode + prefill) in one forward step.
+    pub max_batch_tokens: usize,
+    /// Most sequences running (holding KV blocks) at once.
+    pub max_running_seqs: usize,
+    /// Most prompt tokens of one sequence per step.
+    pub prefill_chunk: usize,
+}
+
+#[derive(Debug)]
+struct SeqState {
+    /// Prompt followed by generated tokens. PHI.
+    tokens: Phi<Vec<u32>>,
+    prompt_len: usize,
+    /// Tokens whose K/V are in the cache.
+    computed: usize,
+    running: bool,
+    /// Never admitted yet (counts towards the bounded waiting queue).
+    fresh: bool,
+}
+
+/// One sequence's share of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScheduledSeq {
+    pub seq: SeqId,
+    pub start_pos: usize,
+    pub len: usize,
+    /// The chunk reaches the last known token: its logits give the next token.
+    pub samples: bool,
+}
+
+/// What to run in one step.
+#[derive(Debug, Clone, Default)]
+pub struct StepPlan {
+    pub seqs: Vec<ScheduledSeq>,
+    /// Sequences preempted (blocks freed, requeued) while planning this step.
+    pub preempted: Vec<SeqId>,
+    /// Sequences admitted for the first time in this step.
+    pub admitted: Vec<SeqId>,
+}
+
+impl StepPlan {
+    pub fn num_tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.len).sum()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+}
+
+/// Waiting/running queues over a [`BlockManager`].
+#[derive(Debug)]
+pub struct Policy<B: BlockManager> {
+    limits: PolicyLimits,
+    blocks: B,
+    seqs: HashMap<SeqId, SeqState>,
+    waiting: VecDeque<SeqId>,
+    /// Admission order, oldest first.
+    running: Vec<SeqId>,
+    preemptions: u64,
+}
+
+impl<B: BlockManager> Policy<B> {
+    pub fn new(limits: PolicyLimits, blocks: B) -> Self {
+        let limits = PolicyLimits {
+            max_batch_tokens: limits.max_batch_tokens.max(1),
+            max_running_seqs: limits.max_running_seqs.max(1),
+            prefill_chunk: limits.prefill_chunk.max(1),
+        };
+        Policy { limits, blocks, seqs: HashMap::new(), waiting: VecDeque::new(), running: Vec::new(), preemptions: 0 }
+    }
+
+    pub fn blocks(&self) -> &B {
+        &self.blocks
+    }
+    pub fn blocks_mut(&mut self) -> &mut B {
+        &mut self.blocks
+    }
+
+    /// Tokens the whole cache can hold.
+    pub fn capacity_tokens(&self) -> usize {
+        self.blocks.total_blocks() * self.blocks.block_size()
+    }
+
+    /// Queues a new sequence at the back. `prompt` must be non-empty and, with
+    /// everything it may generate, fit [`Self::capacity_tokens`] (checked by the caller).
+    pub fn add(&mut self, seq: SeqId, prompt: Vec<u32>) {
+        debug_assert!(!prompt.is_empty());
+        let prompt_len = prompt.len();
+        self.seqs
+            .insert(seq, SeqState { tokens: Phi::new(prompt), prompt_len, computed: 0, running: false, fresh: true });
+        self.waiting.push_back(seq);
+    }
+
+    /// Removes a sequence (finished or cancelled), freeing its blocks.
+    pub fn remove(&mut self, seq: SeqId) {
+        if let Some(s) = self.seqs.remove(&seq) {
+            if s.running {
+                self.running.retain(|&r| r != seq);
+            } else {
+                self.waiting.retain(|&w| w != seq);
+            }
+            self.blocks.release(seq);
+        }
+    }
+
+    /// Appends a sampled token to a sequence.
+    pub fn append_token(&mut self, seq: SeqId, token: u32) {
+        if let Some(s) = self.seqs.get_mut(&seq) {
+            s.tokens.expose_mut().push(token);
+        }
+    }
+
+    /// Prompt followed by generated tokens.
+    pub fn tokens(&self, seq: SeqId) -> &[u32] {
+        self.seqs.get(&seq).map_or(&[], |s| s.tokens.expose())
+    }
+    pub fn prompt_len(&self, seq: SeqId) -> usize {
+        self.seqs.get(&seq).map_or(0, |s| s.prompt_len)
+    }
+    pub fn contains(&self, seq: SeqId) -> bool {
+        self.seqs.contains_key(&seq)
+    }
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+    /// Waiting sequences never admitted yet (excludes preempted ones).
+    pub fn num_fresh_waiting(&self) -> usize {
+        self.waiting.iter().filter(|w| self.seqs[w].fresh).count()
+    }
+    pub fn preemptions(&self) -> u64 {
+        self.preemptions
+    }
+    pub fn is_idle(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    fn preempt(&mut self, victim: SeqId, plan: &mut StepPlan) {
+        self.running.retain(|&r| r != victim);
+        self.blocks.release(victim);
+        let s = self.seqs.get_mut(&victim).expect("running sequence is known");
+        s.running = false;
+        s.computed = 0;
+        self.waiting.push_front(victim);
+        self.preemptions += 1;
+        plan.preempted.push(victim);
+    }
+
+    /// Plans the next step.
+    pub fn schedule(&mut self) -> StepPlan {
+        let mut plan = StepPlan::default();
+        let mut budget = self.limits.max_batch_tokens;
+
+        // 1. Decodes, oldest first; preempt the youngest when blocks run out.
+        let mut i = 0;
+        while i < self.running.len() {
+            let id = self.running[i];
+            let s = &self.seqs[&id];
+            let pending = s.tokens.expose().len() - s.computed;
+            if pending != 1 {
+                i += 1;
+                continue;
+            }
+            if budget == 0 {
+                break;
+            }
+            let need = s.computed + 1;
+            let mut self_preempted = false;
+            while !self.blocks.reserve(id, need) {
+                let victim = *self.running.last().expect("the current sequence is running");
+                self.preempt(victim, &mut plan);
+                if victim == id {
+                    self_preempted = true;
+                    break;
+                }
+            }
+            if self_preempted {
+                break; // it was the youngest: everything after it is gone too
+            }
+            let start_pos = self.seqs[&id].computed;
+            plan.seqs.push(ScheduledSeq { seq: id, start_pos, len: 1, samples: true });
+            budget -= 1;
+            i += 1;
+        }
+
+        // 2. Prefill chunks of running sequences (blocks reserved at admission).
+        for &id in &self.running {
+            if budget == 0 {
+                break;
+            }
+            let s = &self.seqs[&id];
+            let total = s.tokens.expose().len();
+            let pending = total - s.computed;
+            if pending <= 1 {
+                continue;
+            }
+            let len = pending.min(self.limits.prefill_chunk).min(budget);
+            plan.seqs.push(ScheduledSeq { seq: id, start_pos: s.computed, len, samples: s.computed + len == total });
+            budget -= len;
+        }
+
+        // 3. Admission in queue order.
+        if plan.preempted.is_empty() {
+            while budget > 0 && self.running.len() < self.limits.max_running_seqs {
+                let Some(&id) = self.waiting.front() else { break };
+                let total = self.seqs[&id].tokens.expose().len();
+                let blocks_needed = total.div_ceil(self.blocks.block_size());
+                if blocks_needed > self.blocks.free_blocks() || !self.blocks.reserve(id, total) {
+                    break;
+                }
+                self.waiting.pop_front();
+                self.running.push(id);
+                let s = self.seqs.get_mut(&id).expect("waiting sequence is known");
+                s.running = true;
+                if s.fresh {
+                    s.fresh = false;
+                    plan.admitted.push(id);
+                }
+                let len = total.min(self.limits.prefill_chunk).min(budget);
+                plan.seqs.push(ScheduledSeq { seq: id, start_pos: 0, len, samples: len == total });
+                budget -= len;
+            }
+        }
+        plan
+    }
+
+    /// Builds the packed batch of a plan.
+    pub fn build_batch(&self, plan: &StepPlan) -> salus_models::Result<PackedBatch> {
+        let mut b = PackedBatch::new();
+        for s in &plan.seqs {
+            let t = self.tokens(s.seq);
+            b.push(s.seq, &t[s.start_pos..s.start_pos + s.len], s.start_pos)?;
+        }
+        Ok(b)
+    }
+
+    /// Records that the plan's tokens are now cached. Call after a successful
+    /// forward step, before [`Self::append_token`] / [`Self::remove`].
+    pub fn complete(&mut self, plan: &StepPlan) {
+        for p in &plan.seqs {
+            if let Some(s) = self.seqs.get_mut(&p.seq) {
+                if s.running && s.computed == p.start_pos {
+                    s.computed += p.len;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "policy_tests.rs"]
+mod tests;

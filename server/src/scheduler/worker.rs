@@ -1,0 +1,325 @@
+//! The model-running side of continuous batching: one dedicated thread owns the
+//! model and the paged KV cache (model calls are blocking CPU work), asks the
+//! [`Policy`] for a plan each step, runs one packed forward pass, and turns the
+//! sampled tokens into [`GenerationEvent`]s.
+//!
+//! Per step, before planning, every request's cancel token, event channel and
+//! deadline are checked, so a cancelled sequence leaves within one step and its
+//! KV blocks return to the pool. A failing or panicking step fails only the
+//! requests that had a sequence in that step.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use salus_models::paged_cache::{BlockManager, PagedKvCache};
+use salus_models::{LoadedModel, Phi, Sampler, SeqId, StopMatcher, StreamDecoder};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::policy::{Policy, PolicyLimits, StepPlan};
+use super::{Shared, Submission};
+use crate::engine::{CancelToken, EngineError, FinishReason, GenerationEvent, RequestId, TokenLogprob};
+
+struct RequestState {
+    id: RequestId,
+    events: UnboundedSender<GenerationEvent>,
+    cancel: CancelToken,
+    deadline: Option<Instant>,
+    seqs: Vec<SeqId>,
+}
+
+impl RequestState {
+    fn is_cancelled(&self, now: Instant) -> bool {
+        self.cancel.is_cancelled() || self.events.is_closed() || self.deadline.is_some_and(|d| now >= d)
+    }
+}
+
+struct SeqCtx {
+    request: u64,
+    choice: usize,
+    sampler: Sampler,
+    detok: StreamDecoder,
+    stops: StopMatcher,
+    generated: usize,
+    max_tokens: usize,
+    want_logprobs: bool,
+}
+
+struct Worker {
+    lm: Arc<LoadedModel>,
+    policy: Policy<PagedKvCache>,
+    shared: Arc<Shared>,
+    requests: HashMap<u64, RequestState>,
+    seqs: HashMap<SeqId, SeqCtx>,
+    next_request: u64,
+    next_seq: u64,
+    steps: u64,
+}
+
+pub(crate) fn run(
+    lm: Arc<LoadedModel>,
+    cache: PagedKvCache,
+    limits: PolicyLimits,
+    rx: Receiver<Submission>,
+    shared: Arc<Shared>,
+) {
+    let mut w = Worker {
+        lm,
+        policy: Policy::new(limits, cache),
+        shared,
+        requests: HashMap::new(),
+        seqs: HashMap::new(),
+        next_request: 0,
+        next_seq: 0,
+        steps: 0,
+    };
+    loop {
+        if w.policy.is_idle() {
+            match rx.recv() {
+                Ok(sub) => w.accept(sub),
+                Err(_) => break,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(sub) => w.accept(sub),
+                Err(TryRecvError::Empty) => break,
+                // Finish what is queued; exit once idle.
+                Err(TryRecvError::Disconnected) => break,
+            }
+        }
+        w.drop_cancelled();
+        w.step();
+    }
+    w.shared.alive.store(false, Ordering::Release);
+}
+
+impl Worker {
+    fn accept(&mut self, sub: Submission) {
+        let Submission { request, events, cancel } = sub;
+        let n = request.n.max(1);
+        self.shared.in_channel.fetch_sub(n, Ordering::AcqRel);
+        let model_cfg = self.lm.model.config();
+        let (vocab, context) = (model_cfg.vocab_size, model_cfg.max_context);
+        let prompt = request.prompt_tokens.expose();
+        let max_tokens = request.max_tokens.min(context.saturating_sub(prompt.len()));
+        let rid = self.next_request;
+        self.next_request += 1;
+        let mut state = RequestState {
+            id: request.request_id.clone(),
+            events,
+            cancel,
+            deadline: request.deadline,
+            seqs: Vec::new(),
+        };
+        let mut ctxs = Vec::with_capacity(n);
+        for choice in 0..n {
+            let mut params = request.sampling.clone();
+            params.seed = params.seed.map(|s| s.wrapping_add(choice as u64));
+            let want_logprobs = params.top_logprobs.is_some();
+            match Sampler::new(params, vocab) {
+                Ok(sampler) => ctxs.push(SeqCtx {
+                    request: rid,
+                    choice,
+                    sampler,
+                    detok: StreamDecoder::new(true),
+                    stops: StopMatcher::new(request.stop_strings.clone()),
+                    generated: 0,
+                    max_tokens,
+                    want_logprobs,
+                }),
+                Err(e) => {
+                    tracing::error!(request_id = %state.id.0, error = %e, "invalid sampling parameters reached the engine");
+                    let _ = state.events.send(GenerationEvent::Failed { error: EngineError::Internal });
+                    return;
+                }
+            }
+        }
+        if max_tokens == 0 || prompt.is_empty() {
+            for c in ctxs {
+                let _ = state.events.send(GenerationEvent::Finished {
+                    choice: c.choice,
+                    reason: FinishReason::Length,
+                    completion_tokens: 0,
+                });
+            }
+            return;
+        }
+        for c in ctxs {
+            let seq = SeqId(self.next_seq);
+            self.next_seq += 1;
+            self.policy.add(seq, prompt.clone());
+            self.seqs.insert(seq, c);
+            state.seqs.push(seq);
+        }
+        self.requests.insert(rid, state);
+    }
+
+    /// Removes every sequence of cancelled or expired requests.
+    fn drop_cancelled(&mut self) {
+        let now = Instant::now();
+        let gone: Vec<u64> = self.requests.iter().filter(|(_, r)| r.is_cancelled(now)).map(|(k, _)| *k).collect();
+        for rid in gone {
+            if let Some(r) = self.requests.remove(&rid) {
+                tracing::debug!(request_id = %r.id.0, "request cancelled");
+                for s in r.seqs {
+                    self.policy.remove(s);
+                    self.seqs.remove(&s);
+                }
+            }
+        }
+    }
+
+    /// Fails a request: one `Failed` event, all its sequences removed.
+    fn fail_request(&mut self, rid: u64) {
+        if let Some(r) = self.requests.remove(&rid) {
+            let _ = r.events.send(GenerationEvent::Failed { error: EngineError::Internal });
+            for s in r.seqs {
+                self.policy.remove(s);
+                self.seqs.remove(&s);
+            }
+        }
+    }
+
+    fn publish_stats(&self, plan: &StepPlan) {
+        let fresh = self.policy.num_fresh_waiting();
+        self.shared.waiting.store(fresh, Ordering::Release);
+        if let Ok(mut s) = self.shared.stats.lock() {
+            let cache = self.policy.blocks();
+            s.running_seqs = self.policy.num_running();
+            s.waiting_seqs = self.policy.num_waiting();
+            s.kv_blocks_total = cache.total_blocks();
+            s.kv_blocks_used = cache.total_blocks() - cache.free_blocks();
+            s.preemptions_total = self.policy.preemptions();
+            s.steps_total = self.steps;
+            s.last_batch_seqs = plan.seqs.len();
+            s.last_batch_tokens = plan.num_tokens();
+        }
+    }
+
+    fn step(&mut self) {
+        let plan = self.policy.schedule();
+        if plan.is_empty() {
+            self.publish_stats(&plan);
+            if !self.policy.is_idle() {
+                // Nothing runnable (cannot happen for requests that fit alone);
+                // avoid a hot loop while waiting for cancellations.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            return;
+        }
+        let lm = self.lm.clone();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> salus_models::Result<Vec<f32>> {
+            let batch = self.policy.build_batch(&plan)?;
+            let logits = lm.model.forward(&batch, self.policy.blocks_mut())?;
+            Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+        }));
+        self.steps += 1;
+        let logits = match result {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, seqs = plan.seqs.len(), "forward step failed");
+                self.fail_step(&plan);
+                self.publish_stats(&plan);
+                return;
+            }
+            Err(_) => {
+                tracing::error!(seqs = plan.seqs.len(), "forward step panicked");
+                self.fail_step(&plan);
+                self.publish_stats(&plan);
+                return;
+            }
+        };
+        self.policy.complete(&plan);
+        let vocab = logits.len() / plan.seqs.len();
+        for (i, s) in plan.seqs.iter().enumerate() {
+            if s.samples {
+                self.on_logits(s.seq, &logits[i * vocab..(i + 1) * vocab]);
+            }
+        }
+        self.publish_stats(&plan);
+    }
+
+    fn fail_step(&mut self, plan: &StepPlan) {
+        let rids: Vec<u64> = plan.seqs.iter().filter_map(|s| self.seqs.get(&s.seq).map(|c| c.request)).collect();
+        for rid in rids {
+            self.fail_request(rid);
+        }
+    }
+
+    /// Samples the next token of `seq` and applies the stop conditions.
+    fn on_logits(&mut self, seq: SeqId, logits: &[f32]) {
+        let Some(ctx) = self.seqs.get_mut(&seq) else { return };
+        let rid = ctx.request;
+        let Some(req) = self.requests.get(&rid) else { return };
+        let lm = &self.lm;
+        let tokens = self.policy.tokens(seq);
+        let context = lm.model.config().max_context;
+        let sampled = match ctx.sampler.sample(logits, tokens, self.policy.prompt_len(seq)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(request_id = %req.id.0, error = %e, "sampling failed");
+                self.fail_request(rid);
+                return;
+            }
+        };
+        let send = |text: String, logprobs: Vec<TokenLogprob>| {
+            if !text.is_empty() || !logprobs.is_empty() {
+                let _ = req.events.send(GenerationEvent::Delta { choice: ctx.choice, text: Phi::new(text), logprobs });
+            }
+        };
+        let reason = if lm.info.eos_token_ids.contains(&sampled.token) {
+            Some(FinishReason::Stop)
+        } else {
+            ctx.generated += 1;
+            let lp = if ctx.want_logprobs {
+                vec![TokenLogprob { token_id: sampled.token, logprob: sampled.logprob, top: sampled.top_logprobs }]
+            } else {
+                Vec::new()
+            };
+            let piece = match ctx.detok.push(&lm.tokenizer, sampled.token) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(request_id = %req.id.0, error = %e, "detokenization failed");
+                    self.fail_request(rid);
+                    return;
+                }
+            };
+            let step = ctx.stops.push(&piece);
+            let stopped = step.stopped;
+            send(step.emit, lp);
+            if stopped {
+                Some(FinishReason::Stop)
+            } else if ctx.generated >= ctx.max_tokens || tokens.len() + 1 >= context {
+                Some(FinishReason::Length)
+            } else {
+                None
+            }
+        };
+        let Some(reason) = reason else {
+            self.policy.append_token(seq, sampled.token);
+            return;
+        };
+        if !ctx.stops.is_stopped() {
+            let tail = ctx.detok.finish(&lm.tokenizer).unwrap_or_default();
+            let step = ctx.stops.push(&tail);
+            let was_stopped = step.stopped;
+            send(step.emit, Vec::new());
+            if !was_stopped {
+                send(ctx.stops.finish(), Vec::new());
+            }
+        }
+        let _ =
+            req.events.send(GenerationEvent::Finished { choice: ctx.choice, reason, completion_tokens: ctx.generated });
+        self.policy.remove(seq);
+        self.seqs.remove(&seq);
+        if let Some(r) = self.requests.get_mut(&rid) {
+            r.seqs.retain(|&s| s != seq);
+            if r.seqs.is_empty() {
+                self.requests.remove(&rid);
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! Shared server state and the per-request context.
+//!
+//! [`AppState`] bundles what handlers need: the [`Engine`], the [`PromptCodec`]
+//! (chat template + tokenizer of the served model), the API keys, metrics, the
+//! served model's public description, the limits and the [`AuditLog`] (required:
+//! there is no way to build an `AppState` that serves inference without an audit
+//! trail). [`RequestContext`] is put
+//! into each request's extensions by the middleware; the auth extractor and the
+//! handlers fill in the principal and token counts, and the middleware logs them
+//! when the response is done.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use salus_models::Phi;
+
+use crate::api::types::ChatMessage;
+use crate::audit::AuditLog;
+use crate::auth::KeyStoreHandle;
+use crate::config::LimitsConfig;
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+
+/// Why a prompt could not be encoded. Messages never quote the prompt.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PromptError {
+    /// The chat template rejected the conversation (roles out of order, …): a client error.
+    #[error("the model's chat template rejected these messages (check the order of roles)")]
+    Template,
+    /// The encoded prompt is empty.
+    #[error("the prompt is empty")]
+    Empty,
+    /// The tokenizer failed: a server error.
+    #[error("tokenizer failure")]
+    Tokenizer,
+}
+
+/// A chat conversation after the chat template: the rendered text (what the
+/// model reads; its UTF-8 bytes are the canonical input of the audit
+/// `prompt_hmac`) and its token ids.
+pub struct EncodedChat {
+    pub text: Phi<String>,
+    pub ids: Phi<Vec<u32>>,
+}
+
+/// Turns requests into prompt tokens and token ids into text, for the served
+/// model. Implemented over `salus_models`' tokenizer and chat template; tests use
+/// a tiny byte-level codec.
+pub trait PromptCodec: Send + Sync + 'static {
+    /// The model's context window in tokens.
+    fn context_length(&self) -> usize;
+    /// Vocabulary size (bounds `logit_bias` token ids).
+    fn vocab_size(&self) -> usize;
+    /// Applies the chat template (with the generation prompt) and tokenizes.
+    fn encode_chat(&self, messages: &[ChatMessage]) -> Result<EncodedChat, PromptError>;
+    /// Tokenizes a raw completion prompt (with the model's BOS handling).
+    fn encode_text(&self, text: &Phi<String>) -> Result<Phi<Vec<u32>>, PromptError>;
+    /// The text of one token (for logprobs).
+    fn token_text(&self, id: u32) -> Phi<String>;
+}
+
+/// What `/v1/models` says about the served model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// The id clients send as `model`.
+    pub id: String,
+    /// Unix time the model was loaded.
+    pub created: u64,
+    /// SHA-256 fingerprint of the weights (hex).
+    pub fingerprint: String,
+    /// Whether the weights were loaded sealed (encrypted at rest).
+    pub sealed: bool,
+}
+
+struct Inner {
+    engine: Arc<dyn Engine>,
+    codec: Arc<dyn PromptCodec>,
+    keys: Arc<KeyStoreHandle>,
+    metrics: Arc<Metrics>,
+    model: ModelInfo,
+    limits: LimitsConfig,
+    audit: AuditLog,
+    accepting: AtomicBool,
+}
+
+/// Handler state (cheap to clone).
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+impl AppState {
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        codec: Arc<dyn PromptCodec>,
+        keys: Arc<KeyStoreHandle>,
+        metrics: Arc<Metrics>,
+        model: ModelInfo,
+        limits: LimitsConfig,
+        audit: AuditLog,
+    ) -> Self {
+        AppState(Arc::new(Inner { engine, codec, keys, metrics, model, limits, audit, accepting: AtomicBool::new(true) }))
+    }
+
+    pub fn engine(&self) -> &dyn Engine {
+        &*self.0.engine
+    }
+    pub fn codec(&self) -> &dyn PromptCodec {
+        &*self.0.codec
+    }
+    pub fn keys(&self) -> &KeyStoreHandle {
+        &self.0.keys
+    }
+    pub fn keys_arc(&self) -> Arc<KeyStoreHandle> {
+        self.0.keys.clone()
+    }
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+    pub fn model(&self) -> &ModelInfo {
+        &self.0.model
+    }
+    pub fn limits(&self) -> &LimitsConfig {
+        &self.0.limits
+    }
+    /// The audit trail every inference is recorded in.
+    pub fn audit(&self) -> &AuditLog {
+        &self.0.audit
+    }
+    /// Ready: accepting requests, the engine is up and the audit trail can be
+    /// written (fail closed: no trail, no inference).
+    pub fn is_ready(&self) -> bool {
+        self.0.accepting.load(Ordering::Acquire) && self.0.engine.is_ready() && self.0.audit.is_healthy()
+    }
+    /// Called when shutdown starts: `/ready` turns false so balancers drain us.
+    pub fn stop_accepting(&self) {
+        self.0.accepting.store(false, Ordering::Release);
+    }
+}
+
+/// Per-request facts for the access log and metrics. Holds no request text.
+#[derive(Debug, Default)]
+pub struct RequestContext {
+    request_id: String,
+    principal: Mutex<Option<String>>,
+    auth_denied: AtomicBool,
+    prompt_tokens: AtomicUsize,
+    completion_tokens: AtomicUsize,
+}
+
+impl RequestContext {
+    pub fn new(request_id: String) -> Self {
+        RequestContext { request_id, ..Default::default() }
+    }
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+    pub fn set_principal(&self, id: &str) {
+        *self.principal.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.to_string());
+    }
+    pub fn principal(&self) -> Option<String> {
+        self.principal.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    pub fn set_auth_denied(&self) {
+        self.auth_denied.store(true, Ordering::Relaxed);
+    }
+    pub fn auth_denied(&self) -> bool {
+        self.auth_denied.load(Ordering::Relaxed)
+    }
+    pub fn set_tokens(&self, prompt: usize, completion: usize) {
+        self.prompt_tokens.store(prompt, Ordering::Relaxed);
+        self.completion_tokens.store(completion, Ordering::Relaxed);
+    }
+    pub fn tokens(&self) -> (usize, usize) {
+        (self.prompt_tokens.load(Ordering::Relaxed), self.completion_tokens.load(Ordering::Relaxed))
+    }
+}

@@ -1,0 +1,206 @@
+//! `salus audit …`: verify, query, export and search the audit trail.
+//!
+//! Records are encrypted, so every command takes the audit master key
+//! (`--key file:PATH | env:NAME | cmd:PROGRAM ARGS…`, or `SALUS_AUDIT_KEY`).
+//! `verify` exits non-zero and names the segment and record on any integrity
+//! failure; `query` and `export` verify while they read and stop at the first
+//! failure. Prompt text for `hash` is read from stdin only, never from the
+//! command line (argv is visible to other users and lands in shell history).
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use salus_models::Phi;
+use salus_server::audit::{self, AuditKeys, RecordFilter};
+use salus_server::secret::{write_new_key_file, KeySource};
+
+#[derive(Args)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    command: AuditCommand,
+}
+
+#[derive(Args)]
+struct TrailArgs {
+    /// The audit directory.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Audit master key: file:PATH, env:NAME or cmd:PROGRAM [ARGS].
+    #[arg(long, env = "SALUS_AUDIT_KEY")]
+    key: KeySource,
+}
+
+#[derive(Args)]
+struct FilterArgs {
+    /// Only records of this principal id.
+    #[arg(long)]
+    principal: Option<String>,
+    /// Only this event kind (inference.started) or family (inference, admin, auth…).
+    #[arg(long)]
+    event: Option<String>,
+    /// Only records at or after this time (RFC 3339 or YYYY-MM-DD).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only records at or before this time (RFC 3339 or YYYY-MM-DD).
+    #[arg(long)]
+    until: Option<String>,
+}
+
+impl FilterArgs {
+    fn build(self) -> anyhow::Result<RecordFilter> {
+        if let Some(e) = &self.event {
+            RecordFilter::check_event(e).map_err(anyhow::Error::msg)?;
+        }
+        let time = |s: Option<String>, what: &str| -> anyhow::Result<_> {
+            s.map(|s| RecordFilter::parse_time(&s).map_err(anyhow::Error::msg).with_context(|| format!("--{what}")))
+                .transpose()
+        };
+        Ok(RecordFilter {
+            principal: self.principal,
+            event: self.event,
+            since: time(self.since, "since")?,
+            until: time(self.until, "until")?,
+        })
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    /// FHIR R4 AuditEvent resources in a Bundle (JSON).
+    Fhir,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Walk every segment and check chain, Merkle roots, encryption and checkpoints.
+    Verify {
+        #[command(flatten)]
+        trail: TrailArgs,
+        /// Second checkpoint directory (WORM mount or copy from another host).
+        #[arg(long)]
+        checkpoints: Option<PathBuf>,
+    },
+    /// Print matching records as JSON lines (decrypted).
+    Query {
+        #[command(flatten)]
+        trail: TrailArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Export records in an interchange format.
+    Export {
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        #[command(flatten)]
+        trail: TrailArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Write to this file instead of stdout (never overwritten).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Print the HMAC the trail stores for a text, to search for it.
+    Hash {
+        #[arg(long, env = "SALUS_AUDIT_KEY")]
+        key: KeySource,
+        /// Must be `-`: the text is read from stdin, byte for byte (mind trailing newlines).
+        #[arg(long)]
+        text: String,
+    },
+    /// Write a new random 32-byte audit master key to PATH (mode 0600; never overwrites).
+    Keygen { path: PathBuf },
+}
+
+pub fn run(args: AuditArgs) -> anyhow::Result<()> {
+    match args.command {
+        AuditCommand::Verify { trail, checkpoints } => {
+            let key = trail.key.load().context("loading the audit key")?;
+            let rep = audit::verify_trail(&trail.dir, &key, checkpoints.as_deref())
+                .with_context(|| format!("audit trail {} FAILED verification", trail.dir.display()))?;
+            println!(
+                "OK: {} records (seq {}..{}) in {} segments ({} sealed, {} purged before); chain head {}; checkpoints: {}",
+                rep.records,
+                rep.first_seq,
+                rep.last_seq,
+                rep.segments,
+                rep.sealed_segments,
+                rep.purged_segments,
+                rep.chain_head,
+                rep.checkpoints.join(", ")
+            );
+            Ok(())
+        }
+        AuditCommand::Query { trail, filter } => {
+            let filter = filter.build()?;
+            let key = trail.key.load().context("loading the audit key")?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let mut write_err = None;
+            let walk = audit::read_trail(&trail.dir, &key, |rec, raw| {
+                if write_err.is_none() && filter.matches(rec) {
+                    if let Err(e) = out.write_all(raw).and_then(|_| out.write_all(b"\n")) {
+                        write_err = Some(e);
+                    }
+                }
+            });
+            if let Some(e) = write_err {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    return Err(e).context("writing to stdout");
+                }
+                return Ok(());
+            }
+            let _ = out.flush();
+            walk.with_context(|| format!("reading audit trail {}", trail.dir.display()))?;
+            Ok(())
+        }
+        AuditCommand::Export { format: ExportFormat::Fhir, trail, filter, out } => {
+            let filter = filter.build()?;
+            let key = trail.key.load().context("loading the audit key")?;
+            let mut records = Vec::new();
+            audit::read_trail(&trail.dir, &key, |rec, _| {
+                if filter.matches(rec) {
+                    records.push(rec.clone());
+                }
+            })
+            .with_context(|| format!("reading audit trail {}", trail.dir.display()))?;
+            let bundle = serde_json::to_vec_pretty(&audit::fhir::export_bundle(&records))?;
+            match out {
+                Some(path) => {
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&path)
+                        .with_context(|| format!("creating {}", path.display()))?;
+                    f.write_all(&bundle)?;
+                    f.sync_all()?;
+                    eprintln!("wrote {} AuditEvent resources to {}", records.len(), path.display());
+                }
+                None => {
+                    let mut o = std::io::stdout().lock();
+                    o.write_all(&bundle)?;
+                    o.write_all(b"\n")?;
+                }
+            }
+            Ok(())
+        }
+        AuditCommand::Hash { key, text } => {
+            if text != "-" {
+                bail!(
+                    "--text must be '-' (read the text from stdin); text on the command line is visible to other users"
+                );
+            }
+            let key = key.load().context("loading the audit key")?;
+            let mut text = Phi::new(Vec::new());
+            std::io::stdin().read_to_end(text.expose_mut()).context("reading stdin")?;
+            println!("{}", AuditKeys::from_master(&key).text_hmac(&text).as_str());
+            Ok(())
+        }
+        AuditCommand::Keygen { path } => {
+            let key = write_new_key_file(&path).with_context(|| format!("writing {}", path.display()))?;
+            println!("wrote audit key {} (id {})", path.display(), key.key_id());
+            Ok(())
+        }
+    }
+}

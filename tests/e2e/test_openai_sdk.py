@@ -1,0 +1,212 @@
+"""End-to-end checks of `salus serve` with the official openai Python SDK.
+
+Run by scripts/e2e.sh, which starts the server over TLS on loopback and passes:
+SALUS_E2E_BASE, SALUS_E2E_CA, SALUS_E2E_MODEL, SALUS_E2E_KEY,
+SALUS_E2E_METRICS_KEY, SALUS_E2E_REVOKED_KEY.
+Prints one PASS/FAIL line per check; exits 1 if any check failed.
+"""
+
+import os
+import ssl
+import subprocess
+import sys
+import time
+import traceback
+
+import httpx
+import openai
+
+BASE = os.environ["SALUS_E2E_BASE"]
+CA = os.environ["SALUS_E2E_CA"]
+MODEL = os.environ["SALUS_E2E_MODEL"]
+KEY = os.environ["SALUS_E2E_KEY"]
+METRICS_KEY = os.environ["SALUS_E2E_METRICS_KEY"]
+REVOKED_KEY = os.environ["SALUS_E2E_REVOKED_KEY"]
+
+CTX = ssl.create_default_context(cafile=CA)
+MSG = [{"role": "user", "content": "Write one sentence about the sea."}]
+# SmolLM2's end tokens (<|endoftext|>, <|im_start|>, <|im_end|>), banned to force long generations.
+NO_EOS = {"0": -100, "1": -100, "2": -100}
+
+
+def client(key=KEY, **kw):
+    return openai.OpenAI(
+        base_url=f"{BASE}/v1", api_key=key, max_retries=0, timeout=120,
+        http_client=httpx.Client(verify=CTX), **kw)
+
+
+C = client()
+
+
+def check_non_streaming():
+    r = C.chat.completions.create(model=MODEL, messages=MSG, max_tokens=24, temperature=0)
+    assert r.object == "chat.completion" and r.model == MODEL
+    assert len(r.choices) == 1 and r.choices[0].message.role == "assistant"
+    assert isinstance(r.choices[0].message.content, str) and r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+    u = r.usage
+    assert u.prompt_tokens > 0 and 0 < u.completion_tokens <= 24
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+
+
+def check_streaming_with_usage():
+    chunks = list(C.chat.completions.create(
+        model=MODEL, messages=MSG, max_tokens=16, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["stop"], ["length"]), finishes
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert 0 < last.usage.completion_tokens <= 16
+    assert all(c.usage is None for c in chunks[:-1])
+    assert len({c.id for c in chunks}) == 1
+    # The same request without streaming gives the same greedy text.
+    r = C.chat.completions.create(model=MODEL, messages=MSG, max_tokens=16, temperature=0)
+    assert r.choices[0].message.content == text, (r.choices[0].message.content, text)
+
+
+def check_n2():
+    r = C.chat.completions.create(model=MODEL, messages=MSG, max_tokens=8, n=2, seed=3)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert all(c.message.content for c in r.choices)
+    assert r.usage.completion_tokens >= 2
+
+
+def check_stop():
+    base = C.chat.completions.create(model=MODEL, messages=MSG, max_tokens=40, temperature=0,
+                                     logit_bias=NO_EOS).choices[0].message.content
+    words = base.split()
+    assert len(words) >= 4, base
+    stop = " " + words[3]
+    cut = base[:base.index(stop)]
+    r = C.chat.completions.create(model=MODEL, messages=MSG, max_tokens=40, temperature=0,
+                                  logit_bias=NO_EOS, stop=[stop])
+    assert r.choices[0].message.content == cut, (r.choices[0].message.content, cut)
+    assert r.choices[0].finish_reason == "stop"
+
+
+def check_seed_reproducible():
+    kw = dict(model=MODEL, messages=MSG, max_tokens=24, temperature=1.0, seed=1234)
+    a = C.chat.completions.create(**kw).choices[0].message.content
+    b = C.chat.completions.create(**kw).choices[0].message.content
+    assert a == b, (a, b)
+
+
+def check_completions():
+    r = C.completions.create(model=MODEL, prompt=["The capital of France is", "One, two,"], max_tokens=6,
+                             temperature=0)
+    assert r.object == "text_completion" and [c.index for c in r.choices] == [0, 1]
+    assert all(c.text for c in r.choices)
+    chunks = list(C.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def check_models():
+    ids = [m.id for m in C.models.list()]
+    assert ids == [MODEL], ids
+    m = C.models.retrieve(MODEL)
+    assert m.id == MODEL and len(m.metadata["weights_fingerprint"]) == 64
+
+
+def check_errors():
+    for key in ("sk-salus-" + "0" * 64, REVOKED_KEY):
+        try:
+            client(key).chat.completions.create(model=MODEL, messages=MSG, max_tokens=2)
+            raise AssertionError("bad key accepted")
+        except openai.AuthenticationError as e:
+            assert e.status_code == 401
+    try:
+        C.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2,
+                                  response_format={"type": "json_object"})
+        raise AssertionError("unsupported parameter accepted")
+    except openai.BadRequestError as e:
+        assert e.status_code == 400 and e.body["param"] == "response_format", e.body
+    try:
+        C.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2, tools=[{
+            "type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+        raise AssertionError("tools accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "tools"
+    try:
+        C.chat.completions.create(model="no-such-model", messages=MSG, max_tokens=2)
+        raise AssertionError("unknown model accepted")
+    except openai.NotFoundError as e:
+        assert e.status_code == 404 and e.body["code"] == "model_not_found"
+    try:
+        C.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x " * 9000}], max_tokens=2)
+        raise AssertionError("context overflow accepted")
+    except openai.BadRequestError as e:
+        assert e.body["code"] == "context_length_exceeded", e.body
+
+
+def metrics_text():
+    r = httpx.get(f"{BASE}/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}, verify=CTX)
+    assert r.status_code == 200
+    return r.text
+
+
+def check_disconnect_cancels():
+    # A stream that would run for thousands of tokens; close it after a few chunks.
+    stream = C.chat.completions.create(model=MODEL, messages=MSG, max_tokens=3000, logit_bias=NO_EOS,
+                                       stream=True)
+    for i, _ in enumerate(stream):
+        if i >= 3:
+            break
+    stream.close()
+    # The engine must drop the sequence at once (not after 3000 tokens).
+    deadline = time.time() + 10
+    while True:
+        text = metrics_text()
+        if "\nsalus_running_requests 0\n" in text and "\nsalus_queue_depth 0\n" in text:
+            break
+        assert time.time() < deadline, "generation still running 10 s after the client disconnected"
+        time.sleep(0.2)
+    t = time.time()
+    C.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4)
+    assert time.time() - t < 30, f"next request waited {time.time() - t:.1f}s"
+
+
+def check_metrics():
+    text = metrics_text()
+    assert 'salus_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert "salus_time_to_first_token_seconds_bucket" in text
+    r = httpx.get(f"{BASE}/metrics", headers={"Authorization": f"Bearer {KEY}"}, verify=CTX)
+    assert r.status_code == 403
+
+
+def check_tls_versions():
+    url = f"{BASE}/health"
+    old = subprocess.run(["curl", "-s", "--cacert", CA, "--tlsv1.1", "--tls-max", "1.1", url],
+                         capture_output=True, timeout=30)
+    assert old.returncode != 0, "TLS 1.1 connection succeeded"
+    for v in ("1.2", "1.3"):
+        ok = subprocess.run(["curl", "-sf", "--cacert", CA, f"--tlsv{v}", "--tls-max", v, url],
+                            capture_output=True, timeout=30)
+        assert ok.returncode == 0, f"TLS {v} failed: {ok.returncode}"
+
+
+CHECKS = [check_non_streaming, check_streaming_with_usage, check_n2, check_stop, check_seed_reproducible,
+          check_completions, check_models, check_errors, check_disconnect_cancels, check_metrics,
+          check_tls_versions]
+
+
+def main():
+    failed = 0
+    for check in CHECKS:
+        t = time.time()
+        try:
+            check()
+            print(f"PASS {check.__name__} ({time.time() - t:.1f}s)", flush=True)
+        except Exception:  # noqa: BLE001 - report every failure, keep going
+            failed += 1
+            print(f"FAIL {check.__name__}", flush=True)
+            traceback.print_exc()
+    print(f"{len(CHECKS) - failed}/{len(CHECKS)} checks passed", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

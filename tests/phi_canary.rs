@@ -1,0 +1,764 @@
+//! The PHI canary harness (issue 7): proves that nothing a client sends ends up
+//! anywhere outside the HTTP response.
+//!
+//! It starts the real `salus serve --dev` binary with `RUST_LOG=trace`, once
+//! logging JSON to a log file and once logging text to stderr (the server writes
+//! its log to one or the other), with its home, working and temp directories in
+//! fresh temp dirs. It then sends a unique random canary through every path a
+//! client can reach — message text of every role, stop strings, `user`,
+//! `logit_bias` keys, the model name, parameter names and values of the wrong
+//! type, the query string, the URL path, the method, custom headers, a bad API
+//! key, malformed JSON, invalid UTF-8, an oversized body, a context overflow,
+//! `n=2`, a completed stream and a stream cancelled midway — stops the server with
+//! SIGTERM and scans every byte the process produced outside the HTTP responses
+//! (stdout, stderr, log file, `/metrics`, the dev (with the audit trail), home,
+//! temp and working directories, and the decrypted audit records) for
+//! each canary: raw, lowercase, hex (both cases) and base64 (standard and
+//! URL-safe, all three alignments). Error bodies must not echo any canary either.
+//!
+//! No request can force a 500 from outside: every internal-error path
+//! (tokenizer failure, engine failure, a panicking forward step) needs a broken
+//! model or engine, and there is no panic-forcing switch in the binary. The
+//! panic path (hook → location + request id only, 500, server keeps serving) is
+//! covered by the in-process router tests; here the server must still answer
+//! `/health` after everything else.
+//!
+//! Skips (passes with a message) when the default model is absent; set
+//! `SALUS_MODEL` to use another GGUF file.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_salus");
+
+fn model_path() -> Option<PathBuf> {
+    let p = match std::env::var_os("SALUS_MODEL") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+            home.join(".cache/salus/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        }
+    };
+    p.is_file().then_some(p)
+}
+
+fn random_bytes(n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).expect("read /dev/urandom");
+    b
+}
+
+fn hex(bytes: &[u8], upper: bool) -> String {
+    let digits: &[u8; 16] = if upper { b"0123456789ABCDEF" } else { b"0123456789abcdef" };
+    bytes.iter().flat_map(|b| [digits[(b >> 4) as usize] as char, digits[(b & 15) as usize] as char]).collect()
+}
+
+/// Base64 without padding (`url`: the URL-safe alphabet).
+fn base64(bytes: &[u8], url: bool) -> String {
+    let alphabet: &[u8] = if url {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    } else {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    };
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..=chunk.len() {
+            out.push(alphabet[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// The canaries of one run and the byte patterns that betray them.
+struct Canaries {
+    /// (injection point, canary)
+    list: Vec<(String, String)>,
+}
+
+impl Canaries {
+    fn new() -> Self {
+        Canaries { list: Vec::new() }
+    }
+
+    /// A fresh canary for an injection point: `CANARY` + 16 random upper-case hex digits.
+    fn mint(&mut self, point: &str) -> String {
+        let c = format!("CANARY{}", hex(&random_bytes(8), true));
+        self.list.push((point.to_string(), c.clone()));
+        c
+    }
+
+    fn scanner(&self) -> Scanner {
+        let mut needles = Vec::new();
+        for (i, (_, c)) in self.list.iter().enumerate() {
+            let raw = c.as_bytes();
+            let mut forms: Vec<(&'static str, Vec<u8>)> = vec![
+                ("raw", raw.to_vec()),
+                ("lowercase", c.to_ascii_lowercase().into_bytes()),
+                ("hex", hex(raw, false).into_bytes()),
+                ("HEX", hex(raw, true).into_bytes()),
+            ];
+            // Base64 of a stream containing the canary at any offset contains the
+            // encoding of the canary's bytes from the next 3-byte boundary on.
+            for skip in 0..3 {
+                let sub = &raw[skip..];
+                let sub = &sub[..sub.len() / 3 * 3];
+                forms.push(("base64", base64(sub, false).into_bytes()));
+                forms.push(("base64url", base64(sub, true).into_bytes()));
+            }
+            for (form, bytes) in forms {
+                needles.push(Needle { canary: i, form, bytes });
+            }
+        }
+        let mut index: HashMap<[u8; 8], Vec<usize>> = HashMap::new();
+        for (n, needle) in needles.iter().enumerate() {
+            let key: [u8; 8] = needle.bytes[..8].try_into().unwrap();
+            index.entry(key).or_default().push(n);
+        }
+        Scanner { needles, index, points: self.list.clone() }
+    }
+}
+
+struct Needle {
+    canary: usize,
+    form: &'static str,
+    bytes: Vec<u8>,
+}
+
+struct Scanner {
+    needles: Vec<Needle>,
+    index: HashMap<[u8; 8], Vec<usize>>,
+    points: Vec<(String, String)>,
+}
+
+impl Scanner {
+    /// Every (injection point, form) found in `data`.
+    fn find(&self, data: &[u8]) -> Vec<String> {
+        let mut found = Vec::new();
+        if data.len() < 8 {
+            return found;
+        }
+        for at in 0..=data.len() - 8 {
+            let key: [u8; 8] = data[at..at + 8].try_into().unwrap();
+            if let Some(ns) = self.index.get(&key) {
+                for &n in ns {
+                    let needle = &self.needles[n];
+                    if data[at..].starts_with(&needle.bytes) {
+                        found.push(format!("{} ({}) at byte {at}", self.points[needle.canary].0, needle.form));
+                    }
+                }
+            }
+        }
+        found
+    }
+}
+
+/// Everything the server produced outside HTTP responses, by source.
+#[derive(Default)]
+struct Produced {
+    sources: Vec<(String, Vec<u8>)>,
+}
+
+impl Produced {
+    fn add(&mut self, name: impl Into<String>, bytes: Vec<u8>) {
+        self.sources.push((name.into(), bytes));
+    }
+
+    fn add_tree(&mut self, dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let p = e.path();
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                self.add_tree(&p);
+            } else if ft.is_file() {
+                let bytes = std::fs::read(&p).unwrap_or_else(|err| panic!("reading {}: {err}", p.display()));
+                self.add(p.display().to_string(), bytes);
+            }
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.sources.iter().map(|(_, b)| b.len()).sum()
+    }
+}
+
+struct Resp {
+    status: u16,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One running `salus serve --dev`.
+struct Server {
+    child: Child,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    pumps: Vec<JoinHandle<()>>,
+    base: String,
+    key: String,
+    /// Where curl runs and request bodies are written (not scanned: it holds the canaries).
+    client_dir: PathBuf,
+    requests: usize,
+}
+
+fn pump(mut from: impl Read + Send + 'static, to: Arc<Mutex<Vec<u8>>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => to.lock().unwrap().extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The directories the server may write to, all scanned afterwards.
+struct Dirs {
+    root: tempfile::TempDir,
+}
+
+impl Dirs {
+    fn new() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        for d in ["dev", "home", "tmp", "work", "logs"] {
+            private_dir(&root.path().join(d));
+        }
+        Dirs { root }
+    }
+    fn path(&self, d: &str) -> PathBuf {
+        self.root.path().join(d)
+    }
+}
+
+fn private_dir(p: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(p).unwrap();
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700)).unwrap();
+}
+
+/// The environment the server runs with: nothing inherited but PATH.
+fn server_command(dirs: &Dirs, model: &Path, port: u16, log_to_file: bool) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["serve", "--dev", "--dev-dir"])
+        .arg(dirs.path("dev"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--model"])
+        .arg(model)
+        .current_dir(dirs.path("work"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", dirs.path("home"))
+        .env("TMPDIR", dirs.path("tmp"))
+        .env("RUST_LOG", "trace")
+        .env("SALUS_SERVER__SHUTDOWN_TIMEOUT_SECS", "5")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if log_to_file {
+        c.env("SALUS_LOGGING__FILE", dirs.path("logs").join("salus.log")).env("SALUS_LOGGING__FORMAT", "json");
+    } else {
+        c.env("SALUS_LOGGING__FORMAT", "text");
+    }
+    c
+}
+
+impl Server {
+    fn start(dirs: &Dirs, model: &Path, log_to_file: bool, client_dir: PathBuf) -> Server {
+        let port = free_port();
+        let mut child = server_command(dirs, model, port, log_to_file).spawn().expect("spawn salus");
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let pumps = vec![
+            pump(child.stdout.take().unwrap(), stdout.clone()),
+            pump(child.stderr.take().unwrap(), stderr.clone()),
+        ];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let key = loop {
+            let out = String::from_utf8_lossy(&stdout.lock().unwrap()).into_owned();
+            if let Some(rest) = out.split("export SALUS_API_KEY=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("salus exited ({status}) before serving: {}", String::from_utf8_lossy(&stderr.lock().unwrap()));
+            }
+            assert!(Instant::now() < deadline, "salus did not start within 60 s");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Server { child, stdout, stderr, pumps, base: format!("https://127.0.0.1:{port}"), key, client_dir, requests: 0 }
+    }
+
+    fn curl_args(&self, method: &str, path: &str, key: Option<&str>, headers: &[String]) -> Command {
+        let mut c = Command::new("curl");
+        c.current_dir(&self.client_dir)
+            .args(["-k", "-sS", "--http1.1", "--max-time", "60", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+            .args(["-H", "Expect:"]);
+        if let Some(k) = key {
+            c.args(["-H", &format!("Authorization: Bearer {k}")]);
+        }
+        for h in headers {
+            c.args(["-H", h]);
+        }
+        c.arg(format!("{}{path}", self.base));
+        c
+    }
+
+    fn run(&mut self, mut c: Command) -> Resp {
+        self.requests += 1;
+        let out = c.output().expect("run curl");
+        assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+        let mut body = out.stdout;
+        let nl = body.iter().rposition(|b| *b == b'\n').expect("curl status line");
+        let status = std::str::from_utf8(&body[nl + 1..]).unwrap().trim().parse().unwrap();
+        body.truncate(nl);
+        Resp { status, body }
+    }
+
+    fn get(&mut self, path: &str, key: Option<&str>, headers: &[String]) -> Resp {
+        let c = self.curl_args("GET", path, key, headers);
+        self.run(c)
+    }
+
+    /// POSTs raw bytes (written to a file so any byte goes through unchanged).
+    fn post_raw(&mut self, path: &str, key: Option<&str>, headers: &[String], body: &[u8]) -> Resp {
+        let file = self.client_dir.join(format!("body-{}", self.requests));
+        std::fs::write(&file, body).unwrap();
+        let mut h = vec!["Content-Type: application/json".to_string()];
+        h.extend_from_slice(headers);
+        let mut c = self.curl_args("POST", path, key, &h);
+        c.arg("--data-binary").arg(format!("@{}", file.display()));
+        self.run(c)
+    }
+
+    fn post(&mut self, path: &str, body: &serde_json::Value) -> Resp {
+        let key = self.key.clone();
+        self.post_raw(path, Some(&key), &[], body.to_string().as_bytes())
+    }
+
+    /// Starts a streamed request and disconnects after the first content chunk.
+    fn stream_and_cancel(&mut self, body: &serde_json::Value) {
+        let file = self.client_dir.join("stream-cancel");
+        std::fs::write(&file, body.to_string()).unwrap();
+        let key = self.key.clone();
+        let mut c =
+            self.curl_args("POST", "/v1/chat/completions", Some(&key), &["Content-Type: application/json".into()]);
+        c.args(["-N", "--data-binary"]).arg(format!("@{}", file.display())).stdout(Stdio::piped());
+        self.requests += 1;
+        let mut child = c.spawn().unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The preamble chunk carries the role; wait for a second chunk (generated text).
+        while seen.windows(5).filter(|w| w == b"data:").count() < 2 {
+            let n = out.read(&mut buf).unwrap();
+            assert!(n > 0, "stream ended before two chunks: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        assert!(!seen.windows(12).any(|w| w == b"data: [DONE]"), "the stream finished before it was cancelled");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM, then waits for the exit and the end of its output.
+    fn stop(mut self) -> (Vec<u8>, Vec<u8>) {
+        let st = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(st.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("salus did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        for p in self.pumps.drain(..) {
+            p.join().unwrap();
+        }
+        let (out, err) = (self.stdout.lock().unwrap().clone(), self.stderr.lock().unwrap().clone());
+        assert!(status.success(), "salus exited with {status}: {}", String::from_utf8_lossy(&err));
+        (out, err)
+    }
+}
+
+/// Checks an error response (status, OpenAI error object) and keeps it for the echo check.
+fn expect_error(point: &str, r: Resp, status: u16, errors: &mut Vec<(String, Resp)>) {
+    assert_eq!(r.status, status, "{point}: {}", r.text());
+    let v: serde_json::Value =
+        serde_json::from_slice(&r.body).unwrap_or_else(|_| panic!("{point}: error body is not JSON: {}", r.text()));
+    assert!(v["error"]["message"].is_string(), "{point}: {}", r.text());
+    errors.push((point.to_string(), r));
+}
+
+fn chat(model: &str, messages: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({"model": model, "messages": messages, "max_tokens": 3, "temperature": 0})
+}
+
+/// What one campaign sent and scanned.
+struct Campaign {
+    points: usize,
+    requests: usize,
+    bytes: usize,
+}
+
+/// Sends every injection, stops the server and scans what it produced.
+fn campaign(model_file: &Path, log_to_file: bool) -> Campaign {
+    let dirs = Dirs::new();
+    let client = tempfile::tempdir().unwrap();
+    let mut s = Server::start(&dirs, model_file, log_to_file, client.path().to_path_buf());
+    let key = s.key.clone();
+    let models = s.get("/v1/models", Some(&key), &[]);
+    assert_eq!(models.status, 200, "{}", models.text());
+    let v: serde_json::Value = serde_json::from_slice(&models.body).unwrap();
+    let model = v["data"][0]["id"].as_str().unwrap().to_string();
+
+    let mut cn = Canaries::new();
+    // Error responses: (injection point, response) — bodies must not echo any canary.
+    let mut errors: Vec<(String, Resp)> = Vec::new();
+
+    // 1. A successful chat request carrying canaries everywhere at once.
+    let (sys, usr, asst, stop, user) = (
+        cn.mint("system message"),
+        cn.mint("user message"),
+        cn.mint("assistant history"),
+        cn.mint("stop string"),
+        cn.mint("user field"),
+    );
+    let (query, header, agent) = (cn.mint("query string"), cn.mint("custom header"), cn.mint("user-agent header"));
+    let mut body = chat(
+        &model,
+        serde_json::json!([
+            {"role": "system", "content": format!("You are {sys}.")},
+            {"role": "user", "content": format!("Patient {usr} reports chest pain.")},
+            {"role": "assistant", "content": format!("Noted for {asst}.")},
+            {"role": "user", "content": [{"type": "text", "text": format!("Summarize for {usr}.")}]},
+        ]),
+    );
+    body["stop"] = serde_json::json!([stop]);
+    body["user"] = serde_json::json!(user);
+    let file = s.client_dir.join("full.json");
+    std::fs::write(&file, body.to_string()).unwrap();
+    let mut c = s.curl_args(
+        "POST",
+        &format!("/v1/chat/completions?patient={query}&{query}=1"),
+        Some(&key),
+        &["Content-Type: application/json".into(), format!("X-Patient-Name: {header}"), format!("User-Agent: {agent}")],
+    );
+    c.arg("--data-binary").arg(format!("@{}", file.display()));
+    let r = s.run(c);
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // 2. n = 2.
+    let mut body = chat(&model, serde_json::json!([{"role": "user", "content": cn.mint("n=2 message")}]));
+    body["n"] = 2.into();
+    let r = s.post("/v1/chat/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2);
+
+    // 3. A stream that completes (with usage), and one cancelled midway.
+    let mut body = chat(&model, serde_json::json!([{"role": "user", "content": cn.mint("streamed message")}]));
+    body["stream"] = true.into();
+    body["stream_options"] = serde_json::json!({"include_usage": true});
+    let r = s.post("/v1/chat/completions", &body);
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("data: [DONE]"), "{}", r.text());
+    let mut body = chat(&model, serde_json::json!([{"role": "user", "content": cn.mint("cancelled stream")}]));
+    body["stream"] = true.into();
+    body["max_tokens"] = 2000.into();
+    body["min_p"] = 0.into();
+    body["temperature"] = 1.into();
+    body["seed"] = 7.into();
+    // No EOS: the stream must still be running when the client leaves.
+    body["logit_bias"] = serde_json::json!({"2": -100, "0": -100});
+    s.stream_and_cancel(&body);
+
+    // 4. /v1/completions.
+    let r = s.post(
+        "/v1/completions",
+        &serde_json::json!({"model": model, "prompt": [cn.mint("completion prompt")], "max_tokens": 2, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // 5. Error paths, each with its own canary.
+    let msg = |c: String| serde_json::json!([{"role": "user", "content": c}]);
+    let mut body = chat(&model, msg(cn.mint("message of a bad logit_bias request")));
+    let p = "logit_bias key";
+    body["logit_bias"] = serde_json::json!({ cn.mint(p): 1 });
+    let r = s.post("/v1/chat/completions", &body);
+    expect_error(p, r, 400, &mut errors);
+
+    let p = "bad API key";
+    let bad_key = format!("sk-salus-{}", cn.mint(p));
+    let b = chat(&model, msg(cn.mint("message of a bad-key request"))).to_string();
+    let r = s.post_raw("/v1/chat/completions", Some(&bad_key), &[], b.as_bytes());
+    expect_error(p, r, 401, &mut errors);
+
+    let p = "non-bearer Authorization header";
+    let r = s.get("/v1/models", None, &[format!("Authorization: Basic {}", cn.mint(p))]);
+    expect_error(p, r, 401, &mut errors);
+
+    let p = "malformed JSON";
+    let b = format!("{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"{}\"", cn.mint(p));
+    let r = s.post_raw("/v1/chat/completions", Some(&key), &[], b.as_bytes());
+    expect_error(p, r, 400, &mut errors);
+
+    for (p, field) in [("wrong-typed temperature", "temperature"), ("wrong-typed max_tokens", "max_tokens")] {
+        let mut body = chat(&model, msg(cn.mint(&format!("message of the {p} request"))));
+        body[field] = cn.mint(p).into();
+        let r = s.post("/v1/chat/completions", &body);
+        expect_error(p, r, 400, &mut errors);
+    }
+
+    let p = "wrong-typed content part";
+    let body = chat(&model, serde_json::json!([{"role": "user", "content": [{"type": cn.mint(p), "text": "x"}]}]));
+    let r = s.post("/v1/chat/completions", &body);
+    expect_error(p, r, 400, &mut errors);
+
+    let p = "unknown role";
+    let body =
+        chat(&model, serde_json::json!([{"role": cn.mint(p), "content": cn.mint("content with an unknown role")}]));
+    let r = s.post("/v1/chat/completions", &body);
+    expect_error(p, r, 400, &mut errors);
+
+    let p = "unknown parameter name";
+    let mut body = chat(&model, msg(cn.mint("message of an unknown-parameter request")));
+    body[cn.mint(p)] = cn.mint("unknown parameter value").into();
+    let r = s.post("/v1/chat/completions", &body);
+    expect_error(p, r, 400, &mut errors);
+
+    let p = "unknown model name";
+    let body = chat(&cn.mint(p), msg(cn.mint("message of an unknown-model request")));
+    let r = s.post("/v1/chat/completions", &body);
+    expect_error(p, r, 404, &mut errors);
+
+    let p = "oversized body";
+    let big = cn.mint(p);
+    let filler = format!("{big} ").repeat((1 << 20) / big.len() + 64);
+    let body = chat(&model, msg(filler));
+    let r = s.post("/v1/chat/completions", &body);
+    expect_error(p, r, 413, &mut errors);
+
+    let p = "invalid UTF-8";
+    let mut b = format!("{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"").into_bytes();
+    b.extend_from_slice(cn.mint(p).as_bytes());
+    b.extend_from_slice(b"\xff\xfe\xc3\x28");
+    b.extend_from_slice(cn.mint("after invalid UTF-8").as_bytes());
+    b.extend_from_slice(b"\"}], \"max_tokens\": 2}");
+    let r = s.post_raw("/v1/chat/completions", Some(&key), &[], &b);
+    expect_error(p, r, 400, &mut errors);
+
+    let p = "context-length overflow";
+    let long = format!("{} ", cn.mint(p)).repeat(1500);
+    let body = chat(&model, msg(long));
+    let r = s.post("/v1/chat/completions", &body);
+    expect_error(p, r, 400, &mut errors);
+    let v: serde_json::Value = serde_json::from_slice(&errors.last().unwrap().1.body).unwrap();
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+
+    let p = "Content-Type header";
+    let b = chat(&model, msg(cn.mint("message with a bad Content-Type"))).to_string();
+    let file = s.client_dir.join("ct.json");
+    std::fs::write(&file, b).unwrap();
+    let mut c =
+        s.curl_args("POST", "/v1/chat/completions", Some(&key), &[format!("Content-Type: text/{}", cn.mint(p))]);
+    c.arg("--data-binary").arg(format!("@{}", file.display()));
+    let r = s.run(c);
+    expect_error(p, r, 400, &mut errors);
+
+    let p = "unknown URL path";
+    let r = s.get(&format!("/v1/{}?{}", cn.mint(p), cn.mint("query of an unknown URL")), Some(&key), &[]);
+    expect_error(p, r, 404, &mut errors);
+
+    let p = "model id in the URL";
+    let r = s.get(&format!("/v1/models/{}", cn.mint(p)), Some(&key), &[]);
+    expect_error(p, r, 404, &mut errors);
+
+    let p = "HTTP method";
+    let c = s.curl_args(&cn.mint(p), "/v1/chat/completions", Some(&key), &[]);
+    let r = s.run(c);
+    expect_error(p, r, 405, &mut errors);
+
+    // 6. Still serving; then /metrics with the metrics role.
+    let r = s.get("/health", None, &[]);
+    assert_eq!(r.status, 200, "the server must keep serving after every error");
+    let metrics = s.get("/metrics", Some(&key), &[]);
+    assert_eq!(metrics.status, 200, "{}", metrics.text());
+    let requests = s.requests;
+
+    // 7. Stop and collect.
+    let (stdout, stderr) = s.stop();
+    let scanner = cn.scanner();
+    for (point, r) in &errors {
+        let hits = scanner.find(&r.body);
+        assert!(hits.is_empty(), "the error body for '{point}' echoes input: {hits:?}: {}", r.text());
+    }
+    let mut produced = Produced::default();
+    produced.add("stdout", stdout);
+    produced.add("stderr", stderr);
+    produced.add("/metrics", metrics.body);
+    for d in ["dev", "home", "tmp", "work", "logs"] {
+        produced.add_tree(&dirs.path(d));
+    }
+    audit_records(&dirs, &mut produced);
+
+    // The log must really hold the trace of this run, or the scan proves nothing.
+    let log = if log_to_file {
+        std::fs::read_to_string(dirs.path("logs").join("salus.log")).expect("the log file was written")
+    } else {
+        String::from_utf8_lossy(&produced.sources[1].1).into_owned()
+    };
+    let access = log.lines().filter(|l| l.contains("request_id") && l.contains("status")).count();
+    assert!(access >= requests - 1, "expected an access-log line per request ({requests}), found {access}:\n{log}");
+    assert!(log.contains("client disconnected; generation cancelled"), "the cancelled stream was not seen:\n{log}");
+    if log_to_file {
+        // Whatever RUST_LOG says, only Salus' own crates log below INFO.
+        let mut levels: HashMap<String, usize> = HashMap::new();
+        for line in log.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+            let (level, target) = (v["level"].as_str().unwrap(), v["target"].as_str().unwrap());
+            *levels.entry(level.to_string()).or_default() += 1;
+            if matches!(level, "DEBUG" | "TRACE") {
+                assert!(target == "salus" || target.starts_with("salus"), "a dependency logged at {level}: {line}");
+            }
+        }
+        let mut levels: Vec<_> = levels.into_iter().collect();
+        levels.sort();
+        println!("  log lines by level: {levels:?}");
+    }
+
+    let mut leaks = Vec::new();
+    for (name, bytes) in &produced.sources {
+        for hit in scanner.find(bytes) {
+            leaks.push(format!("{name}: {hit}"));
+        }
+    }
+    assert!(leaks.is_empty(), "PHI canaries leaked:\n{}", leaks.join("\n"));
+    for (name, bytes) in &produced.sources {
+        println!("  scanned {name}: {} bytes", bytes.len());
+    }
+    Campaign { points: cn.list.len(), requests, bytes: produced.total() }
+}
+
+/// Decrypted audit records (`salus audit query`) of the development trail
+/// (`<dev-dir>/audit`, key `<dev-dir>/audit.key`), when the server wrote one.
+fn audit_records(dirs: &Dirs, produced: &mut Produced) {
+    let dir = dirs.path("dev").join("audit");
+    let has_files = std::fs::read_dir(&dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if !has_files {
+        println!("  no audit trail in {}: raw-byte scan only", dir.display());
+        return;
+    }
+    let out = Command::new(BIN)
+        .args(["audit", "query", "--dir"])
+        .arg(&dir)
+        .arg("--key")
+        .arg(format!("file:{}", dirs.path("dev").join("audit.key").display()))
+        .env_remove("RUST_LOG")
+        .env_remove("SALUS_AUDIT_KEY")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "salus audit query: {}", String::from_utf8_lossy(&out.stderr));
+    let records = out.stdout.iter().filter(|b| **b == b'\n').count();
+    assert!(records > 0, "the audit trail has files but no records");
+    println!("  decrypted {records} audit records");
+    produced.add("decrypted audit records", out.stdout);
+    produced.add("salus audit query stderr", out.stderr);
+}
+
+#[test]
+fn no_canary_leaves_the_request() {
+    let Some(model) = model_path() else {
+        println!("SKIPPED: model not found (set SALUS_MODEL or run scripts/fetch-model.sh)");
+        return;
+    };
+    let started = Instant::now();
+    let mut points = 0;
+    let mut requests = 0;
+    let mut bytes = 0;
+    for (log_to_file, what) in [(true, "JSON log file"), (false, "text log on stderr")] {
+        println!("campaign: RUST_LOG=trace, {what}");
+        let c = campaign(&model, log_to_file);
+        println!("  {} injection points, {} requests, {} bytes scanned", c.points, c.requests, c.bytes);
+        points += c.points;
+        requests += c.requests;
+        bytes += c.bytes;
+    }
+    println!(
+        "phi canary: {points} injection points in {requests} requests, {bytes} bytes scanned, no canary found ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn refuses_a_world_readable_log_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let dirs = Dirs::new();
+    let logs = dirs.path("logs");
+    std::fs::set_permissions(&logs, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let model = dirs.path("no-model.gguf");
+    let out = server_command(&dirs, &model, free_port(), true).output().unwrap();
+    assert!(!out.status.success(), "salus must refuse a world-readable log directory");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("world-readable"), "{err}");
+}
+
+#[test]
+fn refuses_a_world_readable_audit_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let dirs = Dirs::new();
+    let audit = dirs.path("dev").join("audit");
+    std::fs::create_dir(&audit).unwrap();
+    std::fs::set_permissions(&audit, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let model = dirs.path("no-model.gguf");
+    let out = server_command(&dirs, &model, free_port(), false).output().unwrap();
+    assert!(!out.status.success(), "salus must refuse a world-readable audit directory");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("audit.dir") && err.contains("other users"), "{err}");
+}
+
+#[test]
+fn the_scanner_finds_every_form_at_every_offset() {
+    assert_eq!(base64(b"Man", false), "TWFu");
+    assert_eq!(base64(b"hello world", false), "aGVsbG8gd29ybGQ");
+    assert_eq!(base64(&[0xfb, 0xff], false), "+/8");
+    assert_eq!(base64(&[0xfb, 0xff], true), "-_8");
+    assert_eq!(hex(&[0xab, 0x01], false), "ab01");
+    let mut cn = Canaries::new();
+    let c = cn.mint("test");
+    let scanner = cn.scanner();
+    let raw = c.as_bytes();
+    let mut encodings =
+        vec![c.to_ascii_lowercase().into_bytes(), hex(raw, false).into_bytes(), hex(raw, true).into_bytes()];
+    for prefix in 0..3 {
+        let mut data = vec![b'x'; prefix];
+        data.extend_from_slice(raw);
+        data.extend_from_slice(b"tail");
+        encodings.push(data.clone());
+        encodings.push(base64(&data, false).into_bytes());
+        encodings.push(base64(&data, true).into_bytes());
+    }
+    for e in encodings {
+        let mut data = b"some log text ".to_vec();
+        data.extend_from_slice(&e);
+        assert!(!scanner.find(&data).is_empty(), "not found in {}", String::from_utf8_lossy(&data));
+    }
+    assert!(scanner.find(b"CANARY0000000000000000 nothing here").is_empty());
+}

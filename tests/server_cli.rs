@@ -1,0 +1,125 @@
+//! `salus keys` and `salus serve` start-up checks, run against the real binary.
+//! (The full HTTPS + openai SDK end-to-end test is scripts/e2e.sh.)
+
+use std::process::{Command, Output};
+
+fn salus(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_salus"));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.env_remove("RUST_LOG");
+    c.output().expect("run salus")
+}
+
+#[test]
+fn keys_create_list_revoke_roundtrip() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("keys.json");
+    let store = store.to_str().unwrap();
+    let out = salus(
+        &[
+            "keys",
+            "--api-keys",
+            store,
+            "create",
+            "--principal",
+            "dr.smith",
+            "--kind",
+            "human",
+            "--role",
+            "inference",
+            "--role",
+            "auditor",
+            "--expires",
+            "90d",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = String::from_utf8(out.stdout).unwrap();
+    let key = key.trim();
+    assert!(key.starts_with("sk-salus-") && key.len() == 9 + 64, "stdout must be the key alone: {key:?}");
+    let file = std::fs::read_to_string(dir.path().join("keys.json")).unwrap();
+    assert!(!file.contains(&key[9..]), "the store must hold only a hash");
+
+    let list = salus(&["keys", "--api-keys", store, "list"], &[]);
+    let text = String::from_utf8(list.stdout).unwrap();
+    assert!(text.contains("dr.smith") && text.contains("inference,auditor") && text.contains("active"), "{text}");
+    assert!(!text.contains(&key[9..]));
+
+    let rev = salus(&["keys", "--api-keys", store, "revoke", "dr.smith"], &[]);
+    assert!(rev.status.success());
+    let text = String::from_utf8(salus(&["keys", "--api-keys", store, "list"], &[]).stdout).unwrap();
+    assert!(text.contains("revoked"), "{text}");
+
+    // Bad input: one-line error, non-zero exit, store untouched.
+    let before = std::fs::read(dir.path().join("keys.json")).unwrap();
+    for args in [
+        vec!["keys", "--api-keys", store, "create", "--principal", "x", "--kind", "robot", "--role", "inference"],
+        vec!["keys", "--api-keys", store, "create", "--principal", "x", "--kind", "human", "--role", "root"],
+        vec!["keys", "--api-keys", store, "create", "--principal", "x y", "--kind", "human", "--role", "inference"],
+        vec!["keys", "--api-keys", store, "revoke", "nobody"],
+    ] {
+        let out = salus(&args, &[]);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with("error: ") && err.trim_end().lines().count() == 1, "{err}");
+    }
+    assert_eq!(std::fs::read(dir.path().join("keys.json")).unwrap(), before);
+}
+
+#[test]
+fn key_store_from_config_and_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("salus.toml");
+    let store = dir.path().join("from-config.json");
+    std::fs::write(&cfg, format!("[auth]\napi_keys = {:?}\n", store.to_str().unwrap())).unwrap();
+    let out = salus(
+        &[
+            "keys",
+            "--config",
+            cfg.to_str().unwrap(),
+            "create",
+            "--principal",
+            "svc",
+            "--kind",
+            "service",
+            "--role",
+            "metrics",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(store.exists());
+    let env_store = dir.path().join("from-env.json");
+    let out = salus(
+        &["keys", "create", "--principal", "svc", "--kind", "service", "--role", "metrics"],
+        &[("SALUS_AUTH__API_KEYS", env_store.to_str().unwrap())],
+    );
+    assert!(out.status.success());
+    assert!(env_store.exists());
+}
+
+#[test]
+fn serve_refuses_plain_http_off_loopback_and_tls_without_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("k.json");
+    let out = salus(
+        &["serve", "--listen", "0.0.0.0:0", "--model", "/nonexistent.gguf", "--api-keys", keys.to_str().unwrap()],
+        &[("SALUS_TLS__ENABLED", "false")],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refusing to serve plain HTTP on 0.0.0.0:0"), "{err}");
+
+    let out = salus(&["serve", "--listen", "127.0.0.1:0", "--model", "/nonexistent.gguf"], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tls.cert / tls.key are not set"), "{err}");
+
+    let out = salus(&["serve", "--listen", "not-an-address"], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.listen"));
+}
