@@ -41,22 +41,34 @@ fn time_it(budget: Duration, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let types: Vec<GgmlType> = GgmlType::ALL
         .into_iter()
         .filter(|t| args.is_empty() || args.iter().any(|a| a.eq_ignore_ascii_case(t.name())))
         .collect();
     let budget = Duration::from_millis(200);
     let dev = Device::Cpu;
-    let paths: Vec<KernelPath> = [KernelPath::Avx2, KernelPath::Avx512Vnni].into_iter().filter(|p| p.is_available()).collect();
-    println!("salus-kernels quantized matmul, {} threads, best path {}", salus_kernels::num_threads(), KernelPath::best().name());
+    let paths: Vec<KernelPath> = [KernelPath::Avx2, KernelPath::Avx512Vnni]
+        .into_iter()
+        .filter(|p| p.is_available())
+        .collect();
+    println!(
+        "salus-kernels quantized matmul, {} threads, best path {}",
+        salus_kernels::num_threads(),
+        KernelPath::best().name()
+    );
     println!(
         "{:<5} {:>11} {:>4} {:<11} {:>10} {:>9} {:>9} {:>8}",
         "type", "rows x cols", "m", "impl", "time", "GB/s", "GFLOP/s", "vs candle"
     );
     for ty in types {
         let shapes: &[(usize, usize)] = match ty {
-            GgmlType::Q4_1 | GgmlType::Q8_0 => &[(576, 576), (1536, 576), (576, 1536), (49152, 576)],
+            GgmlType::Q4_1 | GgmlType::Q8_0 => {
+                &[(576, 576), (1536, 576), (576, 1536), (49152, 576)]
+            }
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q5_1 => &[(1536, 576), (576, 1536)],
             _ => &[(576, 1536)],
         };
@@ -100,7 +112,8 @@ fn main() {
                 }
                 if m == 1 && rows <= 1536 {
                     let t = time_it(budget, || {
-                        ours.matmul_with(KernelPath::Scalar, &xv, m, &mut out).unwrap();
+                        ours.matmul_with(KernelPath::Scalar, &xv, m, &mut out)
+                            .unwrap();
                     });
                     row("scalar", t, ours.packed_bytes(), Some(tc / t));
                 }

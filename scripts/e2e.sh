@@ -59,11 +59,15 @@ METRICS_KEY="$("$BIN" keys --api-keys "$KEYS" create --principal e2e-prometheus 
 REVOKED_KEY="$("$BIN" keys --api-keys "$KEYS" create --principal e2e-revoked --kind human --role inference 2>/dev/null)"
 "$BIN" keys --api-keys "$KEYS" revoke e2e-revoked 2>/dev/null
 
+# The audit trail is required: a fresh key and a private trail directory.
+"$BIN" audit keygen "$WORK/audit.key" >/dev/null
+
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')"
 
 # Flags for the main keys, environment variables for the rest (both override paths are exercised).
 SALUS_MODEL__ALLOW_PLAINTEXT_WEIGHTS=true SALUS_MODEL__ID=smollm2-135m SALUS_SERVER__SHUTDOWN_TIMEOUT_SECS=60 \
 SALUS_LIMITS__MAX_TOKENS=4000 SALUS_LOGGING__FORMAT=json \
+SALUS_AUDIT__DIR="$WORK/audit" SALUS_AUDIT__KEY="file:$WORK/audit.key" \
   "$BIN" serve --listen "127.0.0.1:$PORT" --model "$MODEL" --engine "${SALUS_E2E_ENGINE:-batching}" \
     --tls-cert "$WORK/cert.pem" --tls-key "$WORK/key.pem" --api-keys "$KEYS" \
     >"$WORK/server.out" 2>"$WORK/server.err" &

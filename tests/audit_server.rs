@@ -152,8 +152,13 @@ fn kill9_mid_traffic_then_every_answered_request_is_in_a_verified_trail() {
 
     // Round 1: concurrent requests that complete, then more in flight while the server is killed.
     let mut srv = start(&dev, &model, port);
-    let mut replies: Vec<Reply> = burst(&srv.base, &srv.key, 0..4, &scratch).into_iter().map(|h| h.join().unwrap()).collect();
-    assert!(replies.iter().all(is_full), "first burst must succeed: {:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
+    let mut replies: Vec<Reply> =
+        burst(&srv.base, &srv.key, 0..4, &scratch).into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(
+        replies.iter().all(is_full),
+        "first burst must succeed: {:?}",
+        replies.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
     let in_flight = burst(&srv.base, &srv.key, 4..10, &scratch);
     std::thread::sleep(Duration::from_millis(400));
     srv.child.kill().unwrap(); // SIGKILL
@@ -197,6 +202,23 @@ fn kill9_mid_traffic_then_every_answered_request_is_in_a_verified_trail() {
     // No record holds prompt text; the trail has two starts and one clean stop.
     let all = String::from_utf8_lossy(&q.stdout);
     assert!(!all.contains("Once upon a time") && !all.contains("Count to"));
+    // `salus audit hash --chat-model` reproduces the prompt HMAC of a chat request.
+    let mut h = Command::new(env!("CARGO_BIN_EXE_salus"))
+        .args(["audit", "hash", "--text", "-", "--key", &key, "--chat-model"])
+        .arg(&model)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut h.stdin.take().unwrap(), b"Count to 0.").unwrap();
+    let h = h.wait_with_output().unwrap();
+    assert!(h.status.success());
+    let hmac = String::from_utf8_lossy(&h.stdout).trim().to_string();
+    assert_eq!(hmac.len(), 64);
+    assert!(
+        records.iter().any(|r| r["kind"] == "inference.started" && r["prompt_hmac"] == hmac.as_str()),
+        "no inference.started carries the HMAC of the rendered chat prompt"
+    );
     let count = |k: &str| records.iter().filter(|r| r["kind"] == k).count();
     assert_eq!(count("server.started"), 2);
     assert_eq!(count("server.stopped"), 1);
@@ -215,7 +237,8 @@ fn serve_refuses_without_audit_key_or_with_a_world_readable_audit_dir() {
     use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().unwrap();
     let keys = tmp.path().join("k.json");
-    let base = ["serve", "--listen", "127.0.0.1:0", "--model", "/nonexistent.gguf", "--api-keys", keys.to_str().unwrap()];
+    let base =
+        ["serve", "--listen", "127.0.0.1:0", "--model", "/nonexistent.gguf", "--api-keys", keys.to_str().unwrap()];
     let out = Command::new(env!("CARGO_BIN_EXE_salus"))
         .args(base)
         .env("SALUS_TLS__ENABLED", "false")

@@ -4,11 +4,13 @@
 //!
 //! # Cache layout
 //! A layer's K (and, separately, V) cache is one flat slice of `num_blocks` blocks.
-//! Block `b` holds `block_size` token slots for every KV head, laid out
-//! `[block][kv_head][slot][head_dim]`: the keys one KV head needs from one block are
-//! a single contiguous run of `block_size * head_dim` elements, which the inner loops
-//! stream through. Token position `p` of a sequence lives in block
-//! `block_table[p / block_size]`, slot `p % block_size`.
+//! Block `b` holds `block_size` token slots for every KV head. Values are laid out
+//! `[block][kv_head][slot][head_dim]`; keys are transposed within a block,
+//! `[block][kv_head][head_dim][slot]`, so the scores of a query against all keys
+//! of a block are `head_dim` vector multiply-adds across slots (no horizontal
+//! reduction per key). Either way, what one KV head needs from one block is a
+//! single contiguous run of `block_size * head_dim` elements. Token position `p`
+//! of a sequence lives in block `block_table[p / block_size]`, slot `p % block_size`.
 //!
 //! # Algorithm
 //! Work is split into items of (sequence, KV head, chunk of up to [`QUERY_CHUNK`]
@@ -28,8 +30,8 @@
 //! bit-identical output. Continuous batching relies on that for reproducibility.
 //!
 //! # SIMD
-//! The inner loops (dot products, scaled accumulation) are written over
-//! `chunks_exact(16)` with independent accumulators and compiled three times: for
+//! The inner loops (scores across a block's slots, scaled accumulation over
+//! `chunks_exact(16)`) are plain element-wise multiply-adds compiled three times: for
 //! AVX-512, for AVX2+FMA and portable. The best version is picked at runtime
 //! (`is_x86_feature_detected!`) once per call.
 
@@ -78,6 +80,8 @@ mod sealed {
 /// An element type the KV cache can be stored in (f32, f16, bf16).
 pub trait KvElement: sealed::Sealed + Copy + Default + Send + Sync + 'static {
     const DTYPE: KvDtype;
+    /// Converts one value.
+    fn from_f32(x: f32) -> Self;
     /// Converts `src` into `dst` (same length).
     fn store(src: &[f32], dst: &mut [Self]);
     /// Converts `src` into `dst` (same length).
@@ -88,6 +92,10 @@ pub trait KvElement: sealed::Sealed + Copy + Default + Send + Sync + 'static {
 
 impl KvElement for f32 {
     const DTYPE: KvDtype = KvDtype::F32;
+    #[inline(always)]
+    fn from_f32(x: f32) -> f32 {
+        x
+    }
     #[inline(always)]
     fn store(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
@@ -105,6 +113,10 @@ impl KvElement for f32 {
 impl KvElement for f16 {
     const DTYPE: KvDtype = KvDtype::F16;
     #[inline(always)]
+    fn from_f32(x: f32) -> f16 {
+        f16::from_f32(x)
+    }
+    #[inline(always)]
     fn store(src: &[f32], dst: &mut [f16]) {
         // `half` picks F16C at runtime when the CPU has it.
         dst.convert_from_f32_slice(src);
@@ -121,6 +133,10 @@ impl KvElement for f16 {
 
 impl KvElement for bf16 {
     const DTYPE: KvDtype = KvDtype::BF16;
+    #[inline(always)]
+    fn from_f32(x: f32) -> bf16 {
+        bf16::from_f32(x)
+    }
     #[inline(always)]
     fn store(src: &[f32], dst: &mut [bf16]) {
         for (d, s) in dst.iter_mut().zip(src) {
@@ -271,9 +287,13 @@ pub fn write_kv<E: KvElement>(
             let slot = pos % bs;
             let src_row = (s.row + t) * row_elems;
             for h in 0..geom.num_kv_heads {
-                let dst = ((block * geom.num_kv_heads + h) * bs + slot) * hd;
+                let base = (block * geom.num_kv_heads + h) * bs * hd;
                 let src = src_row + h * hd;
-                E::store(&k[src..src + hd], &mut k_cache[dst..dst + hd]);
+                // Keys transposed within the block: [head_dim][slot].
+                for (d, x) in k[src..src + hd].iter().enumerate() {
+                    k_cache[base + d * bs + slot] = E::from_f32(*x);
+                }
+                let dst = base + slot * hd;
                 E::store(&v[src..src + hd], &mut v_cache[dst..dst + hd]);
             }
         }
@@ -393,27 +413,34 @@ impl SimdPath {
 }
 
 fn run_dispatch<E: KvElement>(path: SimdPath, ctx: &Ctx<'_, E>, it: &WorkItem) {
-    match path {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `detect` verified at runtime that the CPU supports avx512f and fma.
-        SimdPath::Avx512 => unsafe { run_avx512(ctx, it) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `detect` verified at runtime that the CPU supports avx2 and fma.
-        SimdPath::Avx2 => unsafe { run_avx2(ctx, it) },
-        SimdPath::Portable => run_item::<E, false>(ctx, it),
-    }
+    // The scratch is taken here, outside the `target_feature` functions: the body
+    // must be inlined into them (a closure would not inherit the features and
+    // `mul_add` would become a libm call).
+    SCRATCH.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        let sc = &mut *guard;
+        match path {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `detect` verified at runtime that the CPU supports avx512f and fma.
+            SimdPath::Avx512 => unsafe { run_avx512(ctx, it, sc) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `detect` verified at runtime that the CPU supports avx2 and fma.
+            SimdPath::Avx2 => unsafe { run_avx2(ctx, it, sc) },
+            SimdPath::Portable => run_item_inner::<E, false>(ctx, it, sc),
+        }
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn run_avx512<E: KvElement>(ctx: &Ctx<'_, E>, it: &WorkItem) {
-    run_item::<E, true>(ctx, it)
+unsafe fn run_avx512<E: KvElement>(ctx: &Ctx<'_, E>, it: &WorkItem, sc: &mut Scratch) {
+    run_item_inner::<E, true>(ctx, it, sc)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn run_avx2<E: KvElement>(ctx: &Ctx<'_, E>, it: &WorkItem) {
-    run_item::<E, true>(ctx, it)
+unsafe fn run_avx2<E: KvElement>(ctx: &Ctx<'_, E>, it: &WorkItem, sc: &mut Scratch) {
+    run_item_inner::<E, true>(ctx, it, sc)
 }
 
 /// `a * b + c`, fused when the caller was compiled with FMA.
@@ -424,30 +451,6 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     } else {
         a * b + c
     }
-}
-
-#[inline(always)]
-fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let ac = a.chunks_exact(16);
-    let bc = b.chunks_exact(16);
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for i in 0..16 {
-            acc[i] = madd::<FMA>(x[i], y[i], acc[i]);
-        }
-    }
-    let mut tail = 0f32;
-    for (x, y) in ar.iter().zip(br) {
-        tail = madd::<FMA>(*x, *y, tail);
-    }
-    // Fixed reduction tree: the result does not depend on the caller.
-    let mut s8 = [0f32; 8];
-    for i in 0..8 {
-        s8[i] = acc[i] + acc[i + 8];
-    }
-    let s4 = [s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]];
-    (s4[0] + s4[2]) + (s4[1] + s4[3]) + tail
 }
 
 /// `acc = acc * c + p * v` element-wise.
@@ -502,15 +505,6 @@ fn resize(v: &mut Vec<f32>, n: usize, val: f32) {
 }
 
 #[inline(always)]
-fn run_item<E: KvElement, const FMA: bool>(ctx: &Ctx<'_, E>, it: &WorkItem) {
-    SCRATCH.with(|cell| {
-        let mut guard = cell.borrow_mut();
-        let sc = &mut *guard;
-        run_item_inner::<E, FMA>(ctx, it, sc);
-    })
-}
-
-#[inline(always)]
 fn run_item_inner<E: KvElement, const FMA: bool>(ctx: &Ctx<'_, E>, it: &WorkItem, sc: &mut Scratch) {
     let geom = &ctx.geom;
     let (hd, bs) = (geom.head_dim, geom.block_size);
@@ -537,12 +531,11 @@ fn run_item_inner<E: KvElement, const FMA: bool>(ctx: &Ctx<'_, E>, it: &WorkItem
     resize(&mut sc.l, nq, 0.0);
     resize(&mut sc.s, bs, 0.0);
     let window = ctx.params.sliding_window.unwrap_or(usize::MAX);
-    // Visible keys of the query at position p: lo(p) ..= p.
-    let lo = |p: usize| (p + 1).saturating_sub(window);
+    // Visible keys of the query at position p: p + 1 - window ..= p.
     let first_pos = s.start_pos + it.t0;
     let last_pos = s.start_pos + it.t1 - 1;
     let run = bs * hd;
-    for b in lo(first_pos) / bs..=last_pos / bs {
+    for b in (first_pos + 1).saturating_sub(window) / bs..=last_pos / bs {
         let phys = s.block_table[b] as usize;
         let base = (phys * geom.num_kv_heads + it.kv_head) * run;
         let kb_src = &ctx.k_cache[base..base + run];
@@ -555,14 +548,14 @@ fn run_item_inner<E: KvElement, const FMA: bool>(ctx: &Ctx<'_, E>, it: &WorkItem
             _ => {
                 resize(&mut sc.k, run, 0.0);
                 resize(&mut sc.v, run, 0.0);
-                E::load(&kb_src[..valid * hd], &mut sc.k[..valid * hd]);
+                E::load(kb_src, &mut sc.k[..run]);
                 E::load(&vb_src[..valid * hd], &mut sc.v[..valid * hd]);
                 (&sc.k, &sc.v)
             }
         };
         for t in 0..nt {
             let p = s.start_pos + it.t0 + t;
-            let j0 = lo(p).max(block_start);
+            let j0 = (p + 1).saturating_sub(window).max(block_start);
             let j1 = (p + 1).min(block_start + valid); // exclusive
             if j0 >= j1 {
                 continue; // nothing visible in this block for this query
@@ -570,13 +563,17 @@ fn run_item_inner<E: KvElement, const FMA: bool>(ctx: &Ctx<'_, E>, it: &WorkItem
             for hg in 0..group {
                 let qi = t * group + hg;
                 let qv = &sc.q[qi * hd..(qi + 1) * hd];
-                let mut mx = f32::NEG_INFINITY;
-                for j in j0..j1 {
-                    let o = (j - block_start) * hd;
-                    let score = dot::<FMA>(qv, &kb[o..o + hd]);
-                    sc.s[j - j0] = score;
-                    mx = mx.max(score);
+                // Scores of the first `valid` slots; lane j sums over d in order, so
+                // a key's score does not depend on how many lanes are computed.
+                let sl = &mut sc.s[..valid];
+                sl.fill(0.0);
+                for (d, qd) in qv.iter().enumerate() {
+                    let row = &kb[d * bs..d * bs + valid];
+                    for (s, kx) in sl.iter_mut().zip(row) {
+                        *s = madd::<FMA>(*qd, *kx, *s);
+                    }
                 }
+                let mx = sc.s[j0 - block_start..j1 - block_start].iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
                 let m_old = sc.m[qi];
                 let m_new = m_old.max(mx);
                 let acc = &mut sc.acc[qi * hd..(qi + 1) * hd];
@@ -585,7 +582,7 @@ fn run_item_inner<E: KvElement, const FMA: bool>(ctx: &Ctx<'_, E>, it: &WorkItem
                 let corr = if m_old == m_new { 1.0 } else { (m_old - m_new).exp() };
                 l *= corr;
                 for j in j0..j1 {
-                    let pj = (sc.s[j - j0] - m_new).exp();
+                    let pj = (sc.s[j - block_start] - m_new).exp();
                     l += pj;
                     let o = (j - block_start) * hd;
                     if first && corr != 1.0 {

@@ -68,7 +68,9 @@ fn default_threads() -> usize {
 
 /// Number of physical cores available to this process (SMT siblings counted once).
 pub fn physical_cores() -> usize {
-    let logical = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let logical = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mut seen = std::collections::HashSet::new();
     for cpu in 0..logical.max(1) * 4 {
         let path = format!("/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list");
@@ -104,7 +106,12 @@ pub fn set_num_threads(n: usize) {
 fn pool() -> &'static Pool {
     POOL.get_or_init(|| {
         let shared: &'static Shared = Box::leak(Box::new(Shared {
-            slot: Mutex::new(Slot { job: None, open: false, allowed: 0, sleeping: 0 }),
+            slot: Mutex::new(Slot {
+                job: None,
+                open: false,
+                allowed: 0,
+                sleeping: 0,
+            }),
             wake: Condvar::new(),
             generation: AtomicU64::new(0),
             next_task: AtomicUsize::new(0),
@@ -112,7 +119,10 @@ fn pool() -> &'static Pool {
             active: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
         }));
-        Pool { shared, submit: Mutex::new(0) }
+        Pool {
+            shared,
+            submit: Mutex::new(0),
+        }
     })
 }
 
@@ -219,7 +229,8 @@ pub fn parallel_for<'a>(n_tasks: usize, f: &'a (dyn Fn(usize) + Sync + 'a)) {
     // SAFETY: only the lifetime is erased. The pointer is published while the
     // job is open and we wait below until no worker holds it before returning.
     let raw: *const (dyn Fn(usize) + Sync + 'a) = f;
-    let ptr: *const JobFn = unsafe { std::mem::transmute::<*const (dyn Fn(usize) + Sync + 'a), *const JobFn>(raw) };
+    let ptr: *const JobFn =
+        unsafe { std::mem::transmute::<*const (dyn Fn(usize) + Sync + 'a), *const JobFn>(raw) };
     {
         let mut slot = shared.slot.lock().unwrap_or_else(|e| e.into_inner());
         shared.next_task.store(0, Ordering::Release);

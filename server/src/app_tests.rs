@@ -534,7 +534,10 @@ async fn audit_success_writes_started_and_completed_without_text() {
     let m = st.model.as_ref().unwrap();
     assert_eq!((m.id.as_str(), m.weights_fingerprint.clone()), ("test-model", "ab".repeat(32)));
     let params = st.params.as_ref().unwrap();
-    assert_eq!((params.max_tokens, params.temperature, params.seed, params.stream), (Some(5), Some(0.5), Some(11), Some(false)));
+    assert_eq!(
+        (params.max_tokens, params.temperature, params.seed, params.stream),
+        (Some(5), Some(0.5), Some(11), Some(false))
+    );
     assert_eq!(done.tokens.map(|t| (t.prompt, t.completion)), Some((SECRET_PROMPT.len() as u32 + 4, 2)));
     assert!(done.latency_us.is_some());
     assert!(st.seq < done.seq);
@@ -608,7 +611,8 @@ async fn audit_completion_failure_withholds_the_output() {
 #[tokio::test]
 async fn audit_auth_denied_and_cancelled_are_recorded() {
     let f = fixture();
-    let (s, _, _) = send(&f.state, "POST", "/v1/chat/completions", Some("sk-salus-wrong"), Some(&chat_body(json!({})))).await;
+    let (s, _, _) =
+        send(&f.state, "POST", "/v1/chat/completions", Some("sk-salus-wrong"), Some(&chat_body(json!({})))).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     let (s, _, _) = send(&f.state, "GET", "/metrics", Some(&f.inference), None).await;
     assert_eq!(s, StatusCode::FORBIDDEN);

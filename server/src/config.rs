@@ -236,8 +236,9 @@ impl AuditConfig {
             key: "audit.key",
             reason: "not set: the audit trail needs a master key (file:PATH, env:NAME or cmd:PROGRAM; create one with `salus audit keygen PATH`), or use `salus serve --dev`".into(),
         })?;
-        let key: crate::secret::KeySource =
-            key.parse().map_err(|e: crate::secret::SecretError| ConfigError::Value { key: "audit.key", reason: e.to_string() })?;
+        let key: crate::secret::KeySource = key
+            .parse()
+            .map_err(|e: crate::secret::SecretError| ConfigError::Value { key: "audit.key", reason: e.to_string() })?;
         if self.dir.as_os_str().is_empty() {
             return Err(ConfigError::Value { key: "audit.dir", reason: "must be set".into() });
         }
@@ -255,12 +256,14 @@ impl AuditConfig {
         let mut c = crate::audit::AuditConfig::new(&self.dir, key);
         c.checkpoint_dir = self.checkpoint_dir.clone();
         c.checkpoint_every_records = positive("audit.checkpoint_every_records", self.checkpoint_every_records)?;
-        c.checkpoint_every = std::time::Duration::from_secs(positive("audit.checkpoint_every_secs", self.checkpoint_every_secs)?);
+        c.checkpoint_every =
+            std::time::Duration::from_secs(positive("audit.checkpoint_every_secs", self.checkpoint_every_secs)?);
         if self.segment_max_bytes < 4096 {
             return Err(ConfigError::Value { key: "audit.segment_max_bytes", reason: "must be at least 4096".into() });
         }
         c.segment_max_bytes = self.segment_max_bytes;
-        c.segment_max_age = std::time::Duration::from_secs(positive("audit.segment_max_age_secs", self.segment_max_age_secs)?);
+        c.segment_max_age =
+            std::time::Duration::from_secs(positive("audit.segment_max_age_secs", self.segment_max_age_secs)?);
         c.retention_days = u32::try_from(positive("audit.retention_days", self.retention_days)?)
             .map_err(|_| ConfigError::Value { key: "audit.retention_days", reason: "too large".into() })?;
         Ok(c)
@@ -468,5 +471,45 @@ mod tests {
         assert!(c.validate().is_err());
         let c = Config::load(None, env(&[("SALUS_MODEL__ID", "bad id")])).unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn audit_section_maps_and_is_required() {
+        let c = Config::default();
+        let e = c.audit.to_audit_config().unwrap_err().to_string();
+        assert!(e.contains("audit.key"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = AuditConfig {
+            dir: dir.path().join("trail"),
+            key: Some("env:SALUS_TEST_AUDIT_KEY".into()),
+            checkpoint_dir: Some(dir.path().join("ckpt")),
+            checkpoint_every_records: 7,
+            checkpoint_every_secs: 3,
+            segment_max_bytes: 8192,
+            segment_max_age_secs: 5,
+            retention_days: 30,
+            ..AuditConfig::default()
+        };
+        let m = a.to_audit_config().unwrap();
+        assert_eq!(m.dir, dir.path().join("trail"));
+        assert_eq!(m.checkpoint_dir, Some(dir.path().join("ckpt")));
+        assert_eq!((m.checkpoint_every_records, m.checkpoint_every.as_secs()), (7, 3));
+        assert_eq!((m.segment_max_bytes, m.segment_max_age.as_secs(), m.retention_days), (8192, 5, 30));
+        a.segment_max_bytes = 100;
+        assert!(a.to_audit_config().unwrap_err().to_string().contains("audit.segment_max_bytes"));
+        a.segment_max_bytes = 8192;
+        a.key = Some("nonsense".into());
+        assert!(a.to_audit_config().unwrap_err().to_string().contains("audit.key"));
+        a.key = Some("env:X".into());
+        a.enabled = false;
+        assert!(a.to_audit_config().unwrap_err().to_string().contains("cannot be turned off"));
+        a.enabled = true;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir(&a.dir).unwrap();
+        std::fs::set_permissions(&a.dir, std::fs::Permissions::from_mode(0o705)).unwrap();
+        let e = a.to_audit_config().unwrap_err().to_string();
+        assert!(e.contains("audit.dir") && e.contains("accessible to other users"), "{e}");
+        std::fs::set_permissions(&a.dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(a.to_audit_config().is_ok());
     }
 }

@@ -166,6 +166,17 @@ where
     }
 }
 
+/// Span fields are never recorded: the fmt layer would otherwise format every
+/// span's fields (all of them, allowlisted or not) into a string kept with the
+/// span. Nothing prints them, but PHI must not be copied around either.
+pub struct NoSpanFields;
+
+impl<'w> FormatFields<'w> for NoSpanFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(&self, _: Writer<'w>, _: R) -> fmt::Result {
+        Ok(())
+    }
+}
+
 fn in_crate(target: &str, krate: &str) -> bool {
     target == krate || target.strip_prefix(krate).is_some_and(|r| r.starts_with("::"))
 }
@@ -238,6 +249,7 @@ pub fn init(format: &str, level: &str, file: Option<&Path>) -> Result<(), LogErr
                 .map_err(|e| LogError::File { path: path.display().to_string(), reason: e.to_string() })?;
             check_private_file(&f).map_err(|reason| LogError::File { path: path.display().to_string(), reason })?;
             let layer = tracing_subscriber::fmt::layer()
+                .fmt_fields(NoSpanFields)
                 .event_format(SafeFormat { json })
                 .with_ansi(false)
                 .with_writer(std::sync::Mutex::new(f));
@@ -245,6 +257,7 @@ pub fn init(format: &str, level: &str, file: Option<&Path>) -> Result<(), LogErr
         }
         None => {
             let layer = tracing_subscriber::fmt::layer()
+                .fmt_fields(NoSpanFields)
                 .event_format(SafeFormat { json })
                 .with_ansi(false)
                 .with_writer(std::io::stderr);
@@ -291,9 +304,13 @@ mod tests {
             let sub = tracing_subscriber::registry()
                 .with(tracing_subscriber::filter::filter_fn(|m| !(capped(m.target()) && *m.level() > Level::INFO)))
                 .with(
-                    tracing_subscriber::fmt::layer().event_format(SafeFormat { json }).with_writer(move || w.clone()),
+                    tracing_subscriber::fmt::layer()
+                        .fmt_fields(NoSpanFields)
+                        .event_format(SafeFormat { json })
+                        .with_writer(move || w.clone()),
                 );
             tracing::subscriber::with_default(sub, || {
+                let _span = tracing::info_span!("req", prompt = "CANARY-SPAN", request_id = "r0").entered();
                 tracing::trace!(request_id = "r1", prompt = "CANARY-PROMPT", body = ?"CANARY-BODY", status = 200u64, "hello");
                 tracing::trace!(target: "hyper::proto", request_id = "r2", "CANARY-HYPER");
                 tracing::info!(target: "h2::codec", request_id = "r3", "visible");

@@ -97,7 +97,16 @@ impl AppState {
         limits: LimitsConfig,
         audit: AuditLog,
     ) -> Self {
-        AppState(Arc::new(Inner { engine, codec, keys, metrics, model, limits, audit, accepting: AtomicBool::new(true) }))
+        AppState(Arc::new(Inner {
+            engine,
+            codec,
+            keys,
+            metrics,
+            model,
+            limits,
+            audit,
+            accepting: AtomicBool::new(true),
+        }))
     }
 
     pub fn engine(&self) -> &dyn Engine {

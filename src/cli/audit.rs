@@ -108,6 +108,11 @@ enum AuditCommand {
         /// Must be `-`: the text is read from stdin, byte for byte (mind trailing newlines).
         #[arg(long)]
         text: String,
+        /// Hash what the server hashes for a chat request whose only message is
+        /// stdin (role user): stdin rendered with this model's chat template
+        /// (a plaintext .gguf or Hugging Face directory).
+        #[arg(long)]
+        chat_model: Option<PathBuf>,
     },
     /// Write a new random 32-byte audit master key to PATH (mode 0600; never overwrites).
     Keygen { path: PathBuf },
@@ -185,7 +190,7 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        AuditCommand::Hash { key, text } => {
+        AuditCommand::Hash { key, text, chat_model } => {
             if text != "-" {
                 bail!(
                     "--text must be '-' (read the text from stdin); text on the command line is visible to other users"
@@ -194,6 +199,9 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
             let key = key.load().context("loading the audit key")?;
             let mut text = Phi::new(Vec::new());
             std::io::stdin().read_to_end(text.expose_mut()).context("reading stdin")?;
+            if let Some(model) = chat_model {
+                text = render_chat(&model, text)?;
+            }
             println!("{}", AuditKeys::from_master(&key).text_hmac(&text).as_str());
             Ok(())
         }
@@ -203,4 +211,21 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Renders `text` as one user message with the model's chat template (with the
+/// generation prompt): the canonical prompt bytes of a chat request.
+fn render_chat(model: &std::path::Path, text: Phi<Vec<u8>>) -> anyhow::Result<Phi<Vec<u8>>> {
+    use salus_models::chat::{ChatMessage, ChatTemplate, Role};
+    use salus_models::weights::GgufFile;
+    let content = String::from_utf8(text.expose().clone()).map_err(|_| anyhow::anyhow!("stdin is not UTF-8"))?;
+    let content = Phi::new(content);
+    let source = salus_models::ModelSource::read_plaintext(model).context("reading the model")?;
+    let gguf = match source.gguf() {
+        Some((file, bytes)) => Some(GgufFile::parse(file, bytes.as_slice())?),
+        None => None,
+    };
+    let template = ChatTemplate::from_source_required(&source, gguf.as_ref().map(|g| g.metadata()), None)?;
+    let rendered = template.render(&[ChatMessage::new(Role::User, content.expose().clone())], true)?;
+    Ok(Phi::new(rendered.expose().as_bytes().to_vec()))
 }

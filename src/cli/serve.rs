@@ -129,8 +129,6 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<(Config, Option<PathBuf>)> {
         c.auth.api_keys = v.clone();
     }
     c.validate()?;
-    // Fail before anything else if the audit trail is not configured properly.
-    c.audit.to_audit_config()?;
     if args.dev && !c.listen_addr()?.ip().is_loopback() {
         bail!("--dev serves a self-signed certificate and a development key: listen on a loopback address");
     }
@@ -143,29 +141,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Err(e) = salus_server::seal::harden_process() {
         tracing::warn!(error = %e, "process hardening incomplete");
     }
-    let audit_cfg = config.audit.to_audit_config()?;
-    let audit_dir = audit_cfg.dir.clone();
-    let audit = AuditLog::open(audit_cfg).with_context(|| format!("opening the audit trail {}", audit_dir.display()))?;
-    tracing::info!(dir = %audit_dir.display(), "audit trail open");
-    let result = run_with_audit(&args, config, dev_dir, audit.clone());
-    // server.stopped + final checkpoint, also when start-up failed after opening the trail.
-    let closed = audit.close().context("closing the audit trail");
-    result.and(closed)
-}
-
-/// The operator acting at start-up (for admin events written by `serve`).
-fn local_operator() -> AuditPrincipal {
-    AuditPrincipal::new("salus-serve", "local", Vec::<String>::new())
-}
-
-fn run_with_audit(
-    args: &ServeArgs,
-    config: Config,
-    dev_dir: Option<PathBuf>,
-    audit: AuditLog,
-) -> anyhow::Result<()> {
     let addr = config.listen_addr()?;
-
     // Transport first: refuse a bad TLS setup before spending time on the model.
     if let Some(dir) = &dev_dir {
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
@@ -186,6 +162,32 @@ fn run_with_audit(
         None
     };
 
+    // The audit trail: required; refused before any model or key work if it is
+    // not configured, not private, or cannot be made durable.
+    let audit_cfg = config.audit.to_audit_config()?;
+    let audit_dir = audit_cfg.dir.clone();
+    let audit =
+        AuditLog::open(audit_cfg).with_context(|| format!("opening the audit trail {}", audit_dir.display()))?;
+    tracing::info!(dir = %audit_dir.display(), "audit trail open");
+    let result = run_with_audit(&args, config, dev_dir, addr, tls, audit.clone());
+    // server.stopped + final checkpoint, also when start-up failed after opening the trail.
+    let closed = audit.close().context("closing the audit trail");
+    result.and(closed)
+}
+
+/// The operator acting at start-up (for admin events written by `serve`).
+fn local_operator() -> AuditPrincipal {
+    AuditPrincipal::new("salus-serve", "local", Vec::<String>::new())
+}
+
+fn run_with_audit(
+    args: &ServeArgs,
+    config: Config,
+    dev_dir: Option<PathBuf>,
+    addr: std::net::SocketAddr,
+    tls: Option<Arc<ReloadableTls>>,
+    audit: AuditLog,
+) -> anyhow::Result<()> {
     // API keys.
     let mut dev_key = None;
     if args.dev {
@@ -330,6 +332,7 @@ fn print_examples(addr: std::net::SocketAddr, dir: &Path, model: &str, key: &str
     let base = format!("https://{host}:{}/v1", addr.port());
     let cert = dir.join("cert.pem");
     let cert = cert.display();
+    let dir = dir.display();
     println!(
         r#"
 Salus is serving {model} at {base} (TLS, self-signed certificate {cert}).
@@ -351,6 +354,9 @@ r = client.chat.completions.create(model="{model}", max_tokens=32,
                                    messages=[{{"role": "user", "content": "Say hello in five words."}}])
 print(r.choices[0].message.content)
 PY
+
+Audit trail (every request is recorded; no prompt or completion text):
+  salus audit query --dir {dir}/audit --key file:{dir}/audit.key
 "#
     );
 }

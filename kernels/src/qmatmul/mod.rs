@@ -58,7 +58,9 @@ impl KernelPath {
             KernelPath::Scalar => true,
             #[cfg(target_arch = "x86_64")]
             KernelPath::Avx2 => {
-                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
             KernelPath::Avx512Vnni => {
@@ -105,8 +107,19 @@ pub(crate) struct QActs {
 }
 
 #[inline(always)]
-fn quantize_rows_body(x: &[f32], group: usize, q: &mut [i8], d: &mut [f32], s: &mut [f32], qsum: &mut [i32]) {
-    for (gi, (xs, qs)) in x.chunks_exact(group).zip(q.chunks_exact_mut(group)).enumerate() {
+fn quantize_rows_body(
+    x: &[f32],
+    group: usize,
+    q: &mut [i8],
+    d: &mut [f32],
+    s: &mut [f32],
+    qsum: &mut [i32],
+) {
+    for (gi, (xs, qs)) in x
+        .chunks_exact(group)
+        .zip(q.chunks_exact_mut(group))
+        .enumerate()
+    {
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
         let dd = amax / 127.0;
         let id = if dd != 0.0 { 1.0 / dd } else { 0.0 };
@@ -124,13 +137,27 @@ fn quantize_rows_body(x: &[f32], group: usize, q: &mut [i8], d: &mut [f32], s: &
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn quantize_rows_avx512(x: &[f32], group: usize, q: &mut [i8], d: &mut [f32], s: &mut [f32], qsum: &mut [i32]) {
+fn quantize_rows_avx512(
+    x: &[f32],
+    group: usize,
+    q: &mut [i8],
+    d: &mut [f32],
+    s: &mut [f32],
+    qsum: &mut [i32],
+) {
     quantize_rows_body(x, group, q, d, s, qsum)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn quantize_rows_avx2(x: &[f32], group: usize, q: &mut [i8], d: &mut [f32], s: &mut [f32], qsum: &mut [i32]) {
+fn quantize_rows_avx2(
+    x: &[f32],
+    group: usize,
+    q: &mut [i8],
+    d: &mut [f32],
+    s: &mut [f32],
+    qsum: &mut [i32],
+) {
     quantize_rows_body(x, group, q, d, s, qsum)
 }
 
@@ -156,7 +183,13 @@ fn quantize_rows(
 
 /// Quantizes `x` (`m` rows of `cols`) per `group` elements; rows are split
 /// across the pool when there are many.
-pub(crate) fn quantize_acts(path: KernelPath, x: &[f32], m: usize, cols: usize, group: usize) -> QActs {
+pub(crate) fn quantize_acts(
+    path: KernelPath,
+    x: &[f32],
+    m: usize,
+    cols: usize,
+    group: usize,
+) -> QActs {
     let ngroups = cols / group;
     let mut a = QActs {
         q: vec![0i8; m * cols],

@@ -239,8 +239,13 @@ pub async fn completions(
     }
     drop(req.prompts);
     let plan = generate::plan(&state, &ctx, prompts, &req.params)?;
-    let subject =
-        InferenceSubject { principal: &principal, source, operation: "completions", params: &req.params, prompt: &canonical };
+    let subject = InferenceSubject {
+        principal: &principal,
+        source,
+        operation: "completions",
+        params: &req.params,
+        prompt: &canonical,
+    };
     let audit = InferenceAudit::start(&state, &ctx, subject).await?;
     drop(canonical);
     let sub = plan.submit(&state, &ctx, audit).await?;

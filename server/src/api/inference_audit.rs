@@ -117,7 +117,11 @@ fn with_kind(base: &AuditEvent, kind: EventKind) -> AuditEvent {
 impl InferenceAudit {
     /// Records `inference.started` and waits until it is durable. On failure the
     /// request must be refused: returns [`ApiError::AuditUnavailable`] (503).
-    pub async fn start(state: &AppState, ctx: &RequestContext, subject: InferenceSubject<'_>) -> Result<Self, ApiError> {
+    pub async fn start(
+        state: &AppState,
+        ctx: &RequestContext,
+        subject: InferenceSubject<'_>,
+    ) -> Result<Self, ApiError> {
         let log = state.audit().clone();
         let model = state.model();
         let mut base = AuditEvent::new(EventKind::InferenceStarted)
