@@ -563,15 +563,30 @@ fn run_item_inner<E: KvElement, const FMA: bool>(ctx: &Ctx<'_, E>, it: &WorkItem
             for hg in 0..group {
                 let qi = t * group + hg;
                 let qv = &sc.q[qi * hd..(qi + 1) * hd];
-                // Scores of the first `valid` slots; lane j sums over d in order, so
-                // a key's score does not depend on how many lanes are computed.
-                let sl = &mut sc.s[..valid];
-                sl.fill(0.0);
-                for (d, qd) in qv.iter().enumerate() {
-                    let row = &kb[d * bs..d * bs + valid];
-                    for (s, kx) in sl.iter_mut().zip(row) {
-                        *s = madd::<FMA>(*qd, *kx, *s);
+                // Scores of all slots of the block, 16 lanes at a time with the lanes
+                // in registers (a fixed-width inner loop vectorizes; a short
+                // variable-length one would run scalar). Lane j sums over d in order
+                // with the same multiply-add as the scalar tail, so a key's score does
+                // not depend on which path or how many lanes computed it. Slots past
+                // `valid` hold finite stale or zero data and are never used.
+                let mut c0 = 0;
+                while c0 + 16 <= bs {
+                    let mut acc = [0f32; 16];
+                    for (d, qd) in qv.iter().enumerate() {
+                        let r = &kb[d * bs + c0..d * bs + c0 + 16];
+                        for i in 0..16 {
+                            acc[i] = madd::<FMA>(*qd, r[i], acc[i]);
+                        }
                     }
+                    sc.s[c0..c0 + 16].copy_from_slice(&acc);
+                    c0 += 16;
+                }
+                for j in c0..valid {
+                    let mut a = 0f32;
+                    for (d, qd) in qv.iter().enumerate() {
+                        a = madd::<FMA>(*qd, kb[d * bs + j], a);
+                    }
+                    sc.s[j] = a;
                 }
                 let mx = sc.s[j0 - block_start..j1 - block_start].iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
                 let m_old = sc.m[qi];
