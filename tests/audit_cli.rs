@@ -110,3 +110,93 @@ fn verify_query_export_and_hash() {
     let out = salus(&["audit", "query", "--dir", d, "--key", &key], None);
     assert!(!out.status.success());
 }
+
+/// `salus keys` records its changes in the trail when no server holds it, tells
+/// when a running server holds it (that server records them on reload), and
+/// changes nothing when the trail cannot be used.
+#[test]
+fn keys_changes_are_audited_by_the_cli_or_left_to_the_running_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key_path = tmp.path().join("audit.key");
+    assert!(salus(&["audit", "keygen", key_path.to_str().unwrap()], None).status.success());
+    let audit_key = format!("file:{}", key_path.display());
+    let audit_dir = tmp.path().join("audit");
+    let store = tmp.path().join("keys.json");
+    let base = [
+        "keys",
+        "--api-keys",
+        store.to_str().unwrap(),
+        "--audit-dir",
+        audit_dir.to_str().unwrap(),
+        "--audit-key",
+        &audit_key,
+    ];
+    let run = |extra: &[&str]| salus(&[&base[..], extra].concat(), None);
+
+    let out = run(&["create", "--principal", "dr.who", "--kind", "human", "--role", "inference"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let secret = text(&out.stdout).trim().to_string();
+    assert!(text(&out.stderr).contains("recorded in the audit trail"), "{}", text(&out.stderr));
+    let out = run(&["revoke", "dr.who"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let dir = audit_dir.to_str().unwrap();
+    let v = salus(&["audit", "verify", "--dir", dir, "--key", &audit_key], None);
+    assert!(v.status.success(), "{}", text(&v.stderr));
+    let q = salus(&["audit", "query", "--dir", dir, "--key", &audit_key], None);
+    assert!(q.status.success(), "{}", text(&q.stderr));
+    let recs: Vec<serde_json::Value> = text(&q.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let stored: serde_json::Value = serde_json::from_slice(&std::fs::read(&store).unwrap()).unwrap();
+    let key_id = stored["keys"][0]["id"].as_str().unwrap();
+    let hash = stored["keys"][0]["hash"].as_str().unwrap();
+    let admin: Vec<(&str, &str)> = recs
+        .iter()
+        .filter(|r| r["kind"].as_str().unwrap().starts_with("admin."))
+        .map(|r| (r["kind"].as_str().unwrap(), r["target"].as_str().unwrap()))
+        .collect();
+    assert_eq!(admin, [("admin.key_created", key_id), ("admin.key_revoked", key_id)]);
+    assert!(recs.iter().any(|r| r["kind"] == "server.started" && r["detail"]["session"] == "salus keys"));
+    let created = recs.iter().find(|r| r["kind"] == "admin.key_created").unwrap();
+    assert_eq!(created["detail"]["key_principal"], "dr.who");
+    assert_eq!(created["principal"]["kind"], "local");
+    assert!(!text(&q.stdout).contains(hash) && !text(&q.stdout).contains(&secret[9..]), "key material in the trail");
+
+    // A running server holds the trail: the store changes, the CLI says who records it.
+    let cfg = AuditConfig::new(&audit_dir, audit_key.parse::<KeySource>().unwrap());
+    let held = AuditLog::open(cfg).unwrap();
+    let out = run(&["create", "--principal", "nurse.joy", "--kind", "human", "--role", "inference"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("held by a running server"), "{}", text(&out.stderr));
+    held.close().unwrap();
+    let stored: serde_json::Value = serde_json::from_slice(&std::fs::read(&store).unwrap()).unwrap();
+    assert_eq!(stored["keys"].as_array().unwrap().len(), 2);
+
+    // The trail cannot be opened (wrong key): fail closed, store unchanged.
+    let before = std::fs::read(&store).unwrap();
+    let other = tmp.path().join("other.key");
+    assert!(salus(&["audit", "keygen", other.to_str().unwrap()], None).status.success());
+    let other = format!("file:{}", other.display());
+    let out = salus(
+        &[
+            "keys",
+            "--api-keys",
+            store.to_str().unwrap(),
+            "--audit-dir",
+            dir,
+            "--audit-key",
+            &other,
+            "create",
+            "--principal",
+            "mallory",
+            "--kind",
+            "human",
+            "--role",
+            "admin",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).starts_with("error: ") && text(&out.stderr).contains("key store unchanged"));
+    assert!(out.stdout.is_empty(), "no key may be printed when nothing was stored");
+    assert_eq!(std::fs::read(&store).unwrap(), before);
+}

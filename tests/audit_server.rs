@@ -170,6 +170,31 @@ fn kill9_mid_traffic_then_every_answered_request_is_in_a_verified_trail() {
     let after = post(&srv.base, &srv.key, "/v1/chat/completions", &request_body(0).1, "after", &scratch);
     assert!(is_full(&after), "request after restart: {} {}", after.status, after.body.len());
     replies.push(after);
+    // Key management while the server holds the trail: `salus keys` leaves the
+    // record to the server, which notices the changed store within a second.
+    let audit_key = format!("file:{}", dev.join("audit.key").display());
+    let created = salus(&[
+        "keys",
+        "--api-keys",
+        dev.join("api-keys.json").to_str().unwrap(),
+        "--audit-dir",
+        dev.join("audit").to_str().unwrap(),
+        "--audit-key",
+        &audit_key,
+        "create",
+        "--principal",
+        "nurse.joy",
+        "--kind",
+        "human",
+        "--role",
+        "inference",
+    ]);
+    let created_err = String::from_utf8_lossy(&created.stderr).into_owned();
+    assert!(created.status.success() && created_err.contains("held by a running server"), "{created_err}");
+    let new_key_id = created_err.split_whitespace().find(|w| w.starts_with("key_")).expect("key id").to_string();
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = Command::new("kill").args(["-HUP", &srv.child.id().to_string()]).status();
+    std::thread::sleep(Duration::from_millis(300));
     let _ = Command::new("kill").args(["-TERM", &srv.child.id().to_string()]).status();
     let status = srv.child.wait().unwrap();
     assert!(status.success(), "salus did not stop cleanly on SIGTERM: {status}");
@@ -223,6 +248,14 @@ fn kill9_mid_traffic_then_every_answered_request_is_in_a_verified_trail() {
     assert_eq!(count("server.started"), 2);
     assert_eq!(count("server.stopped"), 1);
     assert_eq!(count("admin.model_loaded"), 2);
+    assert_eq!(count("admin.model_unloaded"), 1, "only the cleanly stopped run unloads");
+    assert_eq!(count("admin.config_reloaded"), 1, "one SIGHUP");
+    assert!(
+        records.iter().any(|r| r["kind"] == "admin.key_created"
+            && r["target"] == new_key_id.as_str()
+            && r["operation"] == "keys.reload_file_changed"),
+        "the running server must record the key created by `salus keys`"
+    );
     eprintln!(
         "audit_server: {} requests, {} full responses, {} records, {:.1} s",
         replies.len(),

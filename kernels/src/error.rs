@@ -33,6 +33,11 @@ pub enum KernelError {
     /// The requested SIMD path is not available on this CPU.
     #[error("kernel path {0} is not supported by this CPU")]
     PathUnavailable(&'static str),
+    /// Matrices stacked with [`crate::QuantMatrix::concat_rows`] differ in type,
+    /// width or scale format, or a part other than the last does not fill whole
+    /// 16-row tiles.
+    #[error("cannot stack matrices: {0}")]
+    Concat(&'static str),
     /// A GGML type id this crate has no kernel for.
     #[error("GGML type {0} has no kernel here")]
     UnsupportedType(String),

@@ -11,9 +11,15 @@
 //! hand-off); every public API is safe and validates its inputs.
 
 pub mod error;
+pub mod math;
 pub mod paged_attention;
+pub mod paged_plan;
 pub mod pool;
 pub mod qmatmul;
+
+/// CUDA paged-attention kernels (NVRTC), behind the `cuda` feature.
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 pub use error::KernelError;
 pub use pool::{num_threads, set_num_threads};

@@ -38,6 +38,8 @@
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
+use crate::math::exp_nonpositive;
+
 /// Query tokens of one sequence handled by one work item.
 pub const QUERY_CHUNK: usize = 16;
 
@@ -453,34 +455,77 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// `acc = acc * c + p * v` element-wise.
+/// Largest of `s[lo..hi]` (NaN never wins), over all of `s` with the other
+/// slots masked out: fixed-width lanes, so it vectorizes.
 #[inline(always)]
-fn scale_axpy<const FMA: bool>(acc: &mut [f32], c: f32, p: f32, v: &[f32]) {
-    let mut ac = acc.chunks_exact_mut(16);
-    let mut vc = v.chunks_exact(16);
-    for (a, x) in (&mut ac).zip(&mut vc) {
-        for i in 0..16 {
-            a[i] = madd::<FMA>(p, x[i], a[i] * c);
+fn masked_max(s: &[f32], lo: usize, hi: usize) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    for (j, x) in s.iter().enumerate() {
+        let v = if j >= lo && j < hi { *x } else { f32::NEG_INFINITY };
+        lanes[j % 16] = lanes[j % 16].max(v);
+    }
+    let mut w = 16;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            lanes[i] = lanes[i].max(lanes[i + w]);
         }
     }
-    for (a, x) in ac.into_remainder().iter_mut().zip(vc.remainder()) {
-        *a = madd::<FMA>(p, *x, *a * c);
+    lanes[0]
+}
+
+/// Sum of 16 lanes by halving (a fixed order, so results are reproducible).
+#[inline(always)]
+fn tree_sum(mut lanes: [f32; 16]) -> f32 {
+    let mut w = 16;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            lanes[i] += lanes[i + w];
+        }
+    }
+    lanes[0]
+}
+
+/// `acc = acc · corr + Σ_j p[j] · v[j]` (`v`: one row of `acc.len()` values per
+/// `p[j]`), 64 lanes of the head dimension at a time held in registers, so the
+/// four 16-lane chains run side by side; each lane sums over `j` in order.
+#[inline(always)]
+fn accumulate_pv<const FMA: bool>(acc: &mut [f32], corr: f32, p: &[f32], v: &[f32]) {
+    let hd = acc.len();
+    let mut c0 = 0;
+    while c0 + 64 <= hd {
+        pv_lanes::<FMA, 64>(acc, c0, corr, p, v);
+        c0 += 64;
+    }
+    while c0 + 16 <= hd {
+        pv_lanes::<FMA, 16>(acc, c0, corr, p, v);
+        c0 += 16;
+    }
+    for c in c0..hd {
+        let mut a = acc[c] * corr;
+        for (j, pj) in p.iter().enumerate() {
+            a = madd::<FMA>(*pj, v[j * hd + c], a);
+        }
+        acc[c] = a;
     }
 }
 
-/// `acc += p * v` element-wise.
+/// Lanes `c0..c0 + W` of [`accumulate_pv`], kept in registers across all keys.
 #[inline(always)]
-fn axpy<const FMA: bool>(acc: &mut [f32], p: f32, v: &[f32]) {
-    let mut ac = acc.chunks_exact_mut(16);
-    let mut vc = v.chunks_exact(16);
-    for (a, x) in (&mut ac).zip(&mut vc) {
-        for i in 0..16 {
-            a[i] = madd::<FMA>(p, x[i], a[i]);
+fn pv_lanes<const FMA: bool, const W: usize>(acc: &mut [f32], c0: usize, corr: f32, p: &[f32], v: &[f32]) {
+    let hd = acc.len();
+    let mut a = [0f32; W];
+    for i in 0..W {
+        a[i] = acc[c0 + i] * corr;
+    }
+    for (j, pj) in p.iter().enumerate() {
+        let vr = &v[j * hd + c0..j * hd + c0 + W];
+        for i in 0..W {
+            a[i] = madd::<FMA>(*pj, vr[i], a[i]);
         }
     }
-    for (a, x) in ac.into_remainder().iter_mut().zip(vc.remainder()) {
-        *a = madd::<FMA>(p, *x, *a);
-    }
+    acc[c0..c0 + W].copy_from_slice(&a);
 }
 
 /// Per-thread scratch, reused across calls so the hot path does not allocate.
@@ -492,7 +537,13 @@ struct Scratch {
     acc: Vec<f32>,
     m: Vec<f32>,
     l: Vec<f32>,
+    /// Scores of up to four queries against one block, `[4][block_size]`.
     s: Vec<f32>,
+    p: Vec<f32>,
+    /// Four queries interleaved, `[head_dim][4]`.
+    qt: Vec<f32>,
+    /// (query, first slot, end slot) of the queries that see the current block.
+    vis: Vec<(usize, usize, usize)>,
 }
 
 thread_local! {
@@ -529,7 +580,9 @@ fn run_item_inner<E: KvElement, const FMA: bool>(ctx: &Ctx<'_, E>, it: &WorkItem
     resize(&mut sc.acc, nq * hd, 0.0);
     resize(&mut sc.m, nq, f32::NEG_INFINITY);
     resize(&mut sc.l, nq, 0.0);
-    resize(&mut sc.s, bs, 0.0);
+    resize(&mut sc.s, 4 * bs, 0.0);
+    resize(&mut sc.p, bs, 0.0);
+    resize(&mut sc.qt, 4 * hd, 0.0);
     let window = ctx.params.sliding_window.unwrap_or(usize::MAX);
     // Visible keys of the query at position p: p + 1 - window ..= p.
     let first_pos = s.start_pos + it.t0;
@@ -553,62 +606,80 @@ fn run_item_inner<E: KvElement, const FMA: bool>(ctx: &Ctx<'_, E>, it: &WorkItem
                 (&sc.k, &sc.v)
             }
         };
+        // The queries that see at least one key of this block, with their ranges.
+        sc.vis.clear();
         for t in 0..nt {
             let p = s.start_pos + it.t0 + t;
             let j0 = (p + 1).saturating_sub(window).max(block_start);
             let j1 = (p + 1).min(block_start + valid); // exclusive
-            if j0 >= j1 {
-                continue; // nothing visible in this block for this query
+            if j0 < j1 {
+                for hg in 0..group {
+                    sc.vis.push((t * group + hg, j0 - block_start, j1 - block_start));
+                }
             }
-            for hg in 0..group {
-                let qi = t * group + hg;
-                let qv = &sc.q[qi * hd..(qi + 1) * hd];
-                // Scores of all slots of the block, 16 lanes at a time with the lanes
-                // in registers (a fixed-width inner loop vectorizes; a short
-                // variable-length one would run scalar). Lane j sums over d in order
-                // with the same multiply-add as the scalar tail, so a key's score does
-                // not depend on which path or how many lanes computed it. Slots past
-                // `valid` hold finite stale or zero data and are never used.
-                let mut c0 = 0;
-                while c0 + 16 <= bs {
-                    let mut acc = [0f32; 16];
-                    for (d, qd) in qv.iter().enumerate() {
-                        let r = &kb[d * bs + c0..d * bs + c0 + 16];
+        }
+        // Four queries at a time: each key row is loaded once for all four, and
+        // the four dot products are independent chains (one chain alone would
+        // wait on the multiply-add latency). Each query's score still sums over
+        // d in order with the same multiply-add as the scalar tail, so a key's
+        // score does not depend on the path, the lanes, or the other queries.
+        // Slots past `valid` hold finite stale or zero data and are never used.
+        for quad in sc.vis.chunks(4) {
+            let pick = |k: usize| quad[k.min(quad.len() - 1)].0;
+            // The four queries interleaved, `[d][4]`: one load per d feeds all four.
+            for k in 0..4 {
+                let q = &sc.q[pick(k) * hd..(pick(k) + 1) * hd];
+                for (d, x) in q.iter().enumerate() {
+                    sc.qt[d * 4 + k] = *x;
+                }
+            }
+            let qt = &sc.qt[..hd * 4];
+            let kb = &kb[..hd * bs];
+            let mut c0 = 0;
+            while c0 + 16 <= bs {
+                let mut acc = [[0f32; 16]; 4];
+                for (qd, krow) in qt.chunks_exact(4).zip(kb.chunks_exact(bs)) {
+                    let r: &[f32; 16] = krow[c0..c0 + 16].try_into().expect("16 slots");
+                    for k in 0..4 {
                         for i in 0..16 {
-                            acc[i] = madd::<FMA>(*qd, r[i], acc[i]);
+                            acc[k][i] = madd::<FMA>(qd[k], r[i], acc[k][i]);
                         }
                     }
-                    sc.s[c0..c0 + 16].copy_from_slice(&acc);
-                    c0 += 16;
                 }
-                for j in c0..valid {
+                for (k, a) in acc.iter().enumerate() {
+                    sc.s[k * bs + c0..k * bs + c0 + 16].copy_from_slice(a);
+                }
+                c0 += 16;
+            }
+            for j in c0..valid {
+                for k in 0..4 {
                     let mut a = 0f32;
-                    for (d, qd) in qv.iter().enumerate() {
-                        a = madd::<FMA>(*qd, kb[d * bs + j], a);
+                    for (qd, krow) in qt.chunks_exact(4).zip(kb.chunks_exact(bs)) {
+                        a = madd::<FMA>(qd[k], krow[j], a);
                     }
-                    sc.s[j] = a;
+                    sc.s[k * bs + j] = a;
                 }
-                let mx = sc.s[j0 - block_start..j1 - block_start].iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
+            }
+            for (k, &(qi, lo, hi)) in quad.iter().enumerate() {
+                let scores = &sc.s[k * bs..(k + 1) * bs];
+                let mx = masked_max(scores, lo, hi);
                 let m_old = sc.m[qi];
                 let m_new = m_old.max(mx);
-                let acc = &mut sc.acc[qi * hd..(qi + 1) * hd];
-                let mut l = sc.l[qi];
-                let mut first = true;
-                let corr = if m_old == m_new { 1.0 } else { (m_old - m_new).exp() };
-                l *= corr;
-                for j in j0..j1 {
-                    let pj = (sc.s[j - block_start] - m_new).exp();
-                    l += pj;
-                    let o = (j - block_start) * hd;
-                    if first && corr != 1.0 {
-                        scale_axpy::<FMA>(acc, corr, pj, &vb[o..o + hd]);
-                    } else {
-                        axpy::<FMA>(acc, pj, &vb[o..o + hd]);
-                    }
-                    first = false;
+                // Online softmax: rescale what was accumulated so far by
+                // e^(m_old - m_new), add this block's e^(s_j - m_new)·v_j. The
+                // exponentials are computed for the whole block first (a loop
+                // that vectorizes; slots outside the visible range get 0).
+                let corr = if m_old == m_new { 1.0 } else { exp_nonpositive(m_old - m_new) };
+                let mut psum = [0f32; 16];
+                for (j, (pj, sj)) in sc.p[..bs].iter_mut().zip(scores).enumerate() {
+                    let e = exp_nonpositive(*sj - m_new);
+                    *pj = if j >= lo && j < hi { e } else { 0.0 };
+                    psum[j % 16] += *pj;
                 }
-                sc.l[qi] = l;
+                let probs = &sc.p[lo..hi];
+                sc.l[qi] = sc.l[qi] * corr + tree_sum(psum);
                 sc.m[qi] = m_new;
+                accumulate_pv::<FMA>(&mut sc.acc[qi * hd..(qi + 1) * hd], corr, probs, &vb[lo * hd..hi * hd]);
             }
         }
     }

@@ -272,3 +272,56 @@ fn bad_shapes_are_errors_not_panics() {
     ));
     assert!(w.matmul(&[], 0, &mut []).is_ok());
 }
+
+/// A stacked matrix computes exactly what its parts compute, row for row, on
+/// every path (the fused Q/K/V and gate/up projections rely on it).
+#[test]
+fn stacked_matrix_equals_its_parts() {
+    let mut rng = StdRng::seed_from_u64(23);
+    let cols = 64;
+    for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_0] {
+        let sizes = [32usize, 16, 21];
+        let parts: Vec<QuantMatrix> = sizes
+            .iter()
+            .map(|&rows| {
+                let b = random_ggml(ty, rows, cols, 0.02, &mut rng);
+                QuantMatrix::from_ggml_bytes(ty, rows, cols, &b).unwrap()
+            })
+            .collect();
+        let refs: Vec<&QuantMatrix> = parts.iter().collect();
+        let stacked = QuantMatrix::concat_rows(&refs).unwrap();
+        let total: usize = sizes.iter().sum();
+        assert_eq!(stacked.rows(), total);
+        for m in [1usize, 3, 7] {
+            let x = random_x(m, cols, &mut rng);
+            for path in KernelPath::ALL.into_iter().filter(|p| p.is_available()) {
+                let mut out = vec![0f32; m * total];
+                stacked.matmul_with(path, &x, m, &mut out).unwrap();
+                let mut at = 0;
+                for (p, &rows) in parts.iter().zip(&sizes) {
+                    let mut part = vec![0f32; m * rows];
+                    p.matmul_with(path, &x, m, &mut part).unwrap();
+                    for i in 0..m {
+                        assert_eq!(
+                            &out[i * total + at..i * total + at + rows],
+                            &part[i * rows..(i + 1) * rows],
+                            "{ty} {path:?} m={m}"
+                        );
+                    }
+                    at += rows;
+                }
+            }
+        }
+    }
+    // A partial tile may only come last; types and widths must agree.
+    let mut rng = StdRng::seed_from_u64(29);
+    let odd = QuantMatrix::from_ggml_bytes(GgmlType::Q4_1, 17, 64, &random_ggml(GgmlType::Q4_1, 17, 64, 0.02, &mut rng)).unwrap();
+    let full = QuantMatrix::from_ggml_bytes(GgmlType::Q4_1, 16, 64, &random_ggml(GgmlType::Q4_1, 16, 64, 0.02, &mut rng)).unwrap();
+    let wide = QuantMatrix::from_ggml_bytes(GgmlType::Q4_1, 16, 96, &random_ggml(GgmlType::Q4_1, 16, 96, 0.02, &mut rng)).unwrap();
+    let q8 = QuantMatrix::from_ggml_bytes(GgmlType::Q8_0, 16, 64, &random_ggml(GgmlType::Q8_0, 16, 64, 0.02, &mut rng)).unwrap();
+    assert!(QuantMatrix::concat_rows(&[&full, &odd]).is_ok());
+    assert!(matches!(QuantMatrix::concat_rows(&[&odd, &full]), Err(KernelError::Concat(_))));
+    assert!(matches!(QuantMatrix::concat_rows(&[&full, &wide]), Err(KernelError::Concat(_))));
+    assert!(matches!(QuantMatrix::concat_rows(&[&full, &q8]), Err(KernelError::Concat(_))));
+    assert!(matches!(QuantMatrix::concat_rows(&[]), Err(KernelError::NoRows)));
+}

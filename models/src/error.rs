@@ -43,4 +43,8 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// The compute device is missing, unsupported by this build, or failed
+    /// (no CUDA device, out of device memory, kernel compile or launch failure).
+    #[error("device: {0}")]
+    Device(String),
 }

@@ -112,7 +112,7 @@ pub fn generate(
     let is_stop = |t: u32| lm.info.eos_token_ids.contains(&t) || params.stop_token_ids.contains(&t);
 
     let seq = SeqId(0);
-    let mut cache = model.new_cache();
+    let mut cache = model.new_sequence_cache(prompt_ids.len() + max_tokens)?;
     let chunk = params.prefill_chunk.max(1);
 
     let t0 = Instant::now();
@@ -120,7 +120,7 @@ pub fn generate(
     for (i, c) in prompt_ids.chunks(chunk).enumerate() {
         let mut b = PackedBatch::new();
         b.push(seq, c, i * chunk)?;
-        logits = Some(model.forward(&b, &mut cache)?);
+        logits = Some(model.forward(&b, cache.as_mut())?);
     }
     let mut logits = logits.expect("non-empty prompt").i(0)?.to_vec1::<f32>()?;
     let prefill_secs = t0.elapsed().as_secs_f64();
@@ -159,7 +159,7 @@ pub fn generate(
         }
         let mut b = PackedBatch::new();
         b.push(seq, &[token], all.len() - 1)?;
-        logits = model.forward(&b, &mut cache)?.i(0)?.to_vec1::<f32>()?;
+        logits = model.forward(&b, cache.as_mut())?.i(0)?.to_vec1::<f32>()?;
         decode_steps += 1;
     };
     let decode_secs = t1.elapsed().as_secs_f64();

@@ -1,5 +1,12 @@
-//! Building blocks shared by the architectures: RMS normalization and rotary
-//! position embeddings over *packed* tokens.
+//! Building blocks shared by the architectures: RMS normalization, rotary
+//! position embeddings over *packed* tokens, and the SwiGLU gate.
+//!
+//! On CPU with f32 activations these run as plain loops on the calling thread
+//! rather than through candle's ops: at decode sizes (one row of 576 values)
+//! candle hands each op to its rayon pool, and waking a rayon worker costs more
+//! than the arithmetic — about 120 such hand-offs per token on a 30-layer
+//! model, competing for the same cores as the matmul kernels. Other devices
+//! and dtypes use candle's kernels; the tests hold both paths to each other.
 //!
 //! Packed tokens belong to different sequences at different positions, so the
 //! rotary tables are gathered per token (`[T, head_dim/2]`) rather than sliced
@@ -8,38 +15,132 @@
 
 use std::f32::consts::PI;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 
 use crate::config::{DecoderConfig, RopeScaling, RopeStyle};
 use crate::Result;
+
+/// Whether layers built now use the CPU loops of this module (on by default).
+/// They follow the kernel selection of [`crate::qlinear`]: with
+/// `SALUS_QMATMUL=candle` (or `set_salus_kernels_enabled(false)`) the model is
+/// built on candle's reference kernels and ops throughout, which the parity
+/// tests compare against candle-transformers' own models bit for bit.
+pub fn fast_ops_enabled() -> bool {
+    crate::qlinear::salus_kernels_enabled()
+}
+
+/// Runs `f` on `t`'s elements when `t` is a contiguous f32 tensor on the CPU.
+pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if t.dtype() != DType::F32 || !t.device().is_cpu() {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    match &*storage {
+        Storage::Cpu(cpu) => cpu.as_slice::<f32>().ok().map(|s| f(&s[start..end])),
+        _ => None,
+    }
+}
 
 /// Root-mean-square layer normalization.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     weight: Tensor,
+    /// The weight as f32 values when it lives on the CPU in f32 (fast path).
+    cpu_weight: Option<Vec<f32>>,
     eps: f32,
 }
 
 impl RmsNorm {
     pub fn new(weight: Tensor, eps: f64) -> Self {
+        let cpu_weight = if fast_ops_enabled() {
+            with_cpu_f32(&weight, <[f32]>::to_vec)
+        } else {
+            None
+        };
         RmsNorm {
             weight,
+            cpu_weight,
             eps: eps as f32,
         }
     }
 
     /// `x`: `[.., hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.is_contiguous() {
-            Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
-        } else {
-            Ok(candle_nn::ops::rms_norm(
-                &x.contiguous()?,
-                &self.weight,
-                self.eps,
-            )?)
+        if let Some(w) = &self.cpu_weight {
+            let dims = x.dims().to_vec();
+            if dims.last() == Some(&w.len()) {
+                if let Some(y) = with_cpu_f32(x, |xs| rms_norm_rows(xs, w, self.eps)) {
+                    return Ok(Tensor::from_vec(y, dims, &Device::Cpu)?);
+                }
+            }
+        }
+        let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+        Ok(candle_nn::ops::rms_norm(&x, &self.weight, self.eps)?)
+    }
+}
+
+/// `y = x / sqrt(mean(x²) + eps) · w`, row by row (rows of `w.len()` values).
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    for (xr, yr) in x.chunks_exact(w.len()).zip(y.chunks_exact_mut(w.len())) {
+        // Sixteen independent partial sums: vectorizes, and keeps rounding close
+        // to a pairwise sum.
+        let mut acc = [0f32; 16];
+        let chunks = xr.chunks_exact(16);
+        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+        for c in chunks {
+            for j in 0..16 {
+                acc[j] += c[j] * c[j];
+            }
+        }
+        let sum2 = acc.iter().sum::<f32>() + tail;
+        let scale = 1.0 / (sum2 / w.len() as f32 + eps).sqrt();
+        for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+            *o = v * scale * g;
         }
     }
+    y
+}
+
+/// SwiGLU: `gu` is `[.., 2·n]` (gate, then up); returns `silu(gate) · up`, `[.., n]`.
+/// `fast` selects the CPU loop (see [`fast_ops_enabled`]); candle's ops otherwise.
+pub fn silu_mul(gu: &Tensor, fast: bool) -> Result<Tensor> {
+    let mut dims = gu.dims().to_vec();
+    let two_n = *dims.last().unwrap_or(&0);
+    if two_n == 0 || two_n % 2 != 0 {
+        return Err(crate::ModelError::InvalidBatch(
+            "the gate/up projection has an odd width".into(),
+        ));
+    }
+    let n = two_n / 2;
+    *dims.last_mut().expect("non-empty dims") = n;
+    if !fast {
+        return silu_mul_candle(gu, n);
+    }
+    if let Some(y) = with_cpu_f32(gu, |v| {
+        let mut y = vec![0f32; v.len() / 2];
+        for (row, out) in v.chunks_exact(two_n).zip(y.chunks_exact_mut(n)) {
+            let (g, u) = row.split_at(n);
+            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                // silu(g) = g·σ(g), with e^(-|g|) so the exponential never overflows.
+                let e = salus_kernels::math::exp_nonpositive(-g.abs());
+                let sig = if g >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+                *o = g * sig * u;
+            }
+        }
+        y
+    }) {
+        return Ok(Tensor::from_vec(y, dims, &Device::Cpu)?);
+    }
+    silu_mul_candle(gu, n)
+}
+
+fn silu_mul_candle(gu: &Tensor, n: usize) -> Result<Tensor> {
+    let last = gu.rank() - 1;
+    let g = gu.narrow(last, 0, n)?;
+    let u = gu.narrow(last, n, n)?;
+    Ok((candle_nn::ops::silu(&g.contiguous()?)? * u)?)
 }
 
 /// Rotary position embedding with the model's frequencies, scaling and pairing style.
@@ -47,6 +148,8 @@ impl RmsNorm {
 pub struct RotaryEmbedding {
     inv_freq: Vec<f32>,
     style: RopeStyle,
+    /// CPU loop instead of candle's kernels (see [`fast_ops_enabled`]).
+    fast: bool,
 }
 
 impl RotaryEmbedding {
@@ -87,17 +190,18 @@ impl RotaryEmbedding {
         RotaryEmbedding {
             inv_freq,
             style: cfg.rope_style,
+            fast: fast_ops_enabled(),
         }
     }
 
-    /// The per-token tables `(cos, sin)`, each `[T, 1, head_dim/2]`, for `positions`.
-    /// Computed once per forward step and shared by all layers.
+    /// The per-token tables for `positions`, computed once per forward step
+    /// and shared by all layers.
     pub fn tables(
         &self,
         positions: &[u32],
         device: &Device,
         dtype: candle_core::DType,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<RopeTables> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -108,24 +212,90 @@ impl RotaryEmbedding {
                 sin.push(angle.sin());
             }
         }
+        if self.fast && device.is_cpu() && dtype == DType::F32 {
+            return Ok(RopeTables {
+                tensors: None,
+                cpu: Some((cos, sin)),
+            });
+        }
         let shape = (positions.len(), 1, half);
-        let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
-        Ok((cos, sin))
+        let cos_t = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
+        let sin_t = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
+        Ok(RopeTables {
+            tensors: Some((cos_t, sin_t)),
+            cpu: None,
+        })
     }
 
-    /// Rotates `x`: `[T, heads, head_dim]` (contiguous) using tables from [`Self::tables`].
-    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    /// Rotates `x`: `[T, heads, head_dim]` using tables from [`Self::tables`].
+    pub fn apply(&self, x: &Tensor, tables: &RopeTables) -> Result<Tensor> {
         let (t, h, d) = x.dims3()?;
+        if let Some((cos, sin)) = &tables.cpu {
+            let half = d / 2;
+            if cos.len() == t * half {
+                let style = self.style;
+                if let Some(y) = with_cpu_f32(x, |xs| rope_rows(xs, cos, sin, h, d, style)) {
+                    return Ok(Tensor::from_vec(y, (t, h, d), &Device::Cpu)?);
+                }
+            }
+        }
+        let (cos, sin) = match (&tables.tensors, &tables.cpu) {
+            (Some((c, s)), _) => (c.clone(), s.clone()),
+            (None, Some((c, s))) => {
+                let shape = (c.len() / (d / 2).max(1), 1, d / 2);
+                (
+                    Tensor::from_vec(c.clone(), shape, x.device())?.to_dtype(x.dtype())?,
+                    Tensor::from_vec(s.clone(), shape, x.device())?.to_dtype(x.dtype())?,
+                )
+            }
+            (None, None) => unreachable!("tables always hold one form"),
+        };
         // Each token is a batch entry of one position: candle's kernels then pick
         // table row b for batch entry b.
-        let x4 = x.reshape((t, h, 1, d))?;
+        let x4 = x.contiguous()?.reshape((t, h, 1, d))?;
         let y = match self.style {
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x4, cos, sin)?,
-            RopeStyle::HalfSplit => candle_nn::rotary_emb::rope(&x4, cos, sin)?,
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x4, &cos, &sin)?,
+            RopeStyle::HalfSplit => candle_nn::rotary_emb::rope(&x4, &cos, &sin)?,
         };
         Ok(y.reshape((t, h, d))?)
     }
+}
+
+/// Per-token rotary tables (`[T, head_dim/2]` cosines and sines): plain vectors
+/// on the CPU in f32, device tensors `[T, 1, head_dim/2]` otherwise.
+pub struct RopeTables {
+    tensors: Option<(Tensor, Tensor)>,
+    cpu: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// Rotates `[T, h, d]` rows; token `t` uses table row `t`.
+fn rope_rows(x: &[f32], cos: &[f32], sin: &[f32], h: usize, d: usize, style: RopeStyle) -> Vec<f32> {
+    let half = d / 2;
+    let mut y = vec![0f32; x.len()];
+    for (ti, (xt, yt)) in x.chunks_exact(h * d).zip(y.chunks_exact_mut(h * d)).enumerate() {
+        let c = &cos[ti * half..(ti + 1) * half];
+        let s = &sin[ti * half..(ti + 1) * half];
+        for (xh, yh) in xt.chunks_exact(d).zip(yt.chunks_exact_mut(d)) {
+            match style {
+                RopeStyle::Interleaved => {
+                    for i in 0..half {
+                        let (a, b) = (xh[2 * i], xh[2 * i + 1]);
+                        yh[2 * i] = a * c[i] - b * s[i];
+                        yh[2 * i + 1] = a * s[i] + b * c[i];
+                    }
+                }
+                RopeStyle::HalfSplit => {
+                    let (x1, x2) = xh.split_at(half);
+                    let (y1, y2) = yh.split_at_mut(half);
+                    for i in 0..half {
+                        y1[i] = x1[i] * c[i] - x2[i] * s[i];
+                        y2[i] = x1[i] * s[i] + x2[i] * c[i];
+                    }
+                }
+            }
+        }
+    }
+    y
 }
 
 #[cfg(test)]
@@ -144,11 +314,20 @@ mod tests {
                     .map(|i| 1.0 / 10000f32.powf(i as f32 / 4.0))
                     .collect(),
                 style,
+                fast: true,
             };
             let x = Tensor::randn(0f32, 1.0, (3, 2, 8), &dev).unwrap();
             let positions = [5u32, 6, 7];
-            let (cos, sin) = rope.tables(&positions, &dev, DType::F32).unwrap();
-            let y = rope.apply(&x, &cos, &sin).unwrap();
+            let tables = rope.tables(&positions, &dev, DType::F32).unwrap();
+            let (c, s) = tables.cpu.clone().expect("CPU f32 tables");
+            let cos = Tensor::from_vec(c, (3, 1, 4), &dev).unwrap();
+            let sin = Tensor::from_vec(s, (3, 1, 4), &dev).unwrap();
+            // The loop path and candle's kernels (the other devices' path) agree.
+            let y = rope.apply(&x, &tables).unwrap();
+            let via_candle = RopeTables { tensors: Some((cos.clone(), sin.clone())), cpu: None };
+            let y2 = rope.apply(&x, &via_candle).unwrap();
+            let d2 = (&y - &y2).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d2 < 1e-6, "{style:?}: loop vs candle {d2}");
             // Reference: [1, heads, seq, d] with a [seq, d/2] table.
             let xr = x
                 .transpose(0, 1)
@@ -173,6 +352,37 @@ mod tests {
                 .unwrap();
             assert!(diff < 1e-6, "{style:?}: {diff}");
         }
+    }
+
+    #[test]
+    fn rms_norm_and_swiglu_loops_match_candle() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(1f32, 0.1, 48, &dev).unwrap();
+        let x = Tensor::randn(0f32, 2.0, (5, 48), &dev).unwrap();
+        let norm = RmsNorm::new(w.clone(), 1e-5);
+        assert!(norm.cpu_weight.is_some());
+        let fast = norm.forward(&x).unwrap();
+        let reference = candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap();
+        let d = (&fast - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "rms norm {d}");
+
+        // Gates far into both tails, where a naive e^(-g) overflows.
+        let mut gv: Vec<f32> = Tensor::randn(0f32, 4.0, (3, 16), &dev).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        gv[0] = -120.0;
+        gv[1] = 120.0;
+        gv[2] = 0.0;
+        let g = Tensor::from_vec(gv, (3, 16), &dev).unwrap();
+        let u = Tensor::randn(0f32, 1.0, (3, 16), &dev).unwrap();
+        let gu = Tensor::cat(&[&g, &u], 1).unwrap();
+        let fast = silu_mul(&gu, true).unwrap();
+        let reference = (candle_nn::ops::silu(&g).unwrap() * &u).unwrap();
+        let slow = silu_mul(&gu, false).unwrap();
+        let d = (&slow - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "reference path is candle's");
+        let d = (&fast - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "swiglu {d}");
+        assert!(fast.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite()));
+        assert!(silu_mul(&Tensor::zeros((2, 3), DType::F32, &dev).unwrap(), true).is_err());
     }
 
     #[test]

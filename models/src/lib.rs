@@ -14,6 +14,7 @@ pub mod batch;
 pub mod chat;
 pub mod config;
 pub mod detok;
+pub mod device_check;
 pub mod error;
 pub mod generate;
 pub mod kv_cache;
@@ -23,6 +24,9 @@ pub mod llama;
 pub mod mistral;
 pub mod model;
 pub mod paged_cache;
+/// The paged KV cache's CUDA storage and attention (feature `cuda`).
+#[cfg(feature = "cuda")]
+pub mod paged_cache_cuda;
 pub mod phi;
 pub mod qlinear;
 pub mod qwen2;

@@ -101,3 +101,135 @@ impl Linear {
         }
     }
 }
+
+/// Several linear layers that read the same input (Q, K and V; gate and up),
+/// run as **one** matmul over their stacked weights when the weights allow it:
+/// the input is quantized once, the kernel pool is woken once, and the
+/// weights of all parts stream in a single pass. Otherwise the parts run one
+/// after the other; results are the same either way.
+#[derive(Debug, Clone)]
+pub struct StackedLinear {
+    /// `out_features` of each part, in order.
+    outs: Vec<usize>,
+    inner: Stacking,
+}
+
+#[derive(Debug, Clone)]
+enum Stacking {
+    One(Linear),
+    Many(Vec<Linear>),
+}
+
+impl StackedLinear {
+    /// Stacks `parts` (same `in_features`). Kernel-quantized parts of one block
+    /// type and dense parts of one dtype are merged; anything else stays apart.
+    pub fn new(parts: Vec<Linear>) -> Result<Self> {
+        let first = parts.first().ok_or_else(|| {
+            crate::ModelError::InvalidConfig("a stacked linear layer needs at least one part".into())
+        })?;
+        let in_features = first.in_features;
+        if parts.iter().any(|p| p.in_features != in_features) {
+            return Err(crate::ModelError::InvalidConfig(
+                "stacked linear layers must share their input width".into(),
+            ));
+        }
+        let outs: Vec<usize> = parts.iter().map(|p| p.out_features).collect();
+        let inner = match Self::merge(&parts)? {
+            Some(one) => Stacking::One(one),
+            None => Stacking::Many(parts),
+        };
+        Ok(StackedLinear { outs, inner })
+    }
+
+    fn merge(parts: &[Linear]) -> Result<Option<Linear>> {
+        if parts.len() < 2 {
+            return Ok(None);
+        }
+        let out_features: usize = parts.iter().map(|p| p.out_features).sum();
+        let in_features = parts[0].in_features;
+        let kind = if let Some(mats) = parts
+            .iter()
+            .map(|p| match &p.kind {
+                LinearKind::Kernel(crate::qlinear::QLinear::Salus(m)) => Some(m.as_ref()),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+        {
+            match salus_kernels::QuantMatrix::concat_rows(&mats) {
+                Ok(m) => LinearKind::Kernel(crate::qlinear::QLinear::Salus(Arc::new(m))),
+                Err(_) => return Ok(None),
+            }
+        } else if let Some(ws) = parts
+            .iter()
+            .map(|p| match &p.kind {
+                LinearKind::Dense(w) => Some(w),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+        {
+            if ws.iter().any(|w| w.dtype() != ws[0].dtype()) {
+                return Ok(None);
+            }
+            LinearKind::Dense(Tensor::cat(&ws, 0)?)
+        } else {
+            return Ok(None);
+        };
+        let bias = if parts.iter().any(|p| p.bias.is_some()) {
+            let mut bs = Vec::with_capacity(parts.len());
+            for p in parts {
+                bs.push(match &p.bias {
+                    Some(b) => b.clone(),
+                    None => {
+                        let like = parts.iter().find_map(|q| q.bias.as_ref()).expect("some bias");
+                        Tensor::zeros(p.out_features, like.dtype(), like.device())?
+                    }
+                });
+            }
+            Some(Tensor::cat(&bs, 0)?)
+        } else {
+            None
+        };
+        Ok(Some(Linear { kind, bias, in_features, out_features }))
+    }
+
+    /// Whether the parts run as one matmul.
+    pub fn is_merged(&self) -> bool {
+        matches!(self.inner, Stacking::One(_))
+    }
+
+    /// Number of weight parameters of all parts.
+    pub fn num_params(&self) -> usize {
+        match &self.inner {
+            Stacking::One(l) => l.num_params(),
+            Stacking::Many(ls) => ls.iter().map(Linear::num_params).sum(),
+        }
+    }
+
+    /// `x`: `[T, in]` → `[T, Σ out]`, the parts' outputs side by side.
+    pub fn forward_joined(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.inner {
+            Stacking::One(l) => l.forward(x),
+            Stacking::Many(ls) => {
+                let ys = ls.iter().map(|l| l.forward(x)).collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&ys, 1)?)
+            }
+        }
+    }
+
+    /// `x`: `[T, in]` → one contiguous `[T, out_i]` per part.
+    pub fn forward_split(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match &self.inner {
+            Stacking::One(l) => {
+                let y = l.forward(x)?;
+                let mut at = 0;
+                let mut outs = Vec::with_capacity(self.outs.len());
+                for &n in &self.outs {
+                    outs.push(y.narrow(1, at, n)?.contiguous()?);
+                    at += n;
+                }
+                Ok(outs)
+            }
+            Stacking::Many(ls) => ls.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+}

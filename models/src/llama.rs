@@ -16,8 +16,8 @@ use serde::Deserialize;
 use crate::batch::PackedBatch;
 use crate::config::{Architecture, DecoderConfig, RopeScaling, RopeStyle};
 use crate::kv_cache::KvCache;
-use crate::layers::{RmsNorm, RotaryEmbedding};
-use crate::linear::Linear;
+use crate::layers::{RmsNorm, RopeTables, RotaryEmbedding};
+use crate::linear::{Linear, StackedLinear};
 use crate::weights::{TensorName, Weights};
 use crate::{ModelError, Result};
 
@@ -258,9 +258,8 @@ pub fn config_from_gguf(
 }
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// Q, K and V, stacked (one matmul when the weights allow it).
+    qkv: StackedLinear,
     o: Linear,
     n_heads: usize,
     n_kv_heads: usize,
@@ -276,9 +275,11 @@ impl Attention {
         );
         let bias = |b: TensorName| if cfg.attention_bias { Some(b) } else { None };
         Ok(Attention {
-            q: w.linear(TensorName::Q(l), bias(TensorName::QBias(l)), q_out, h)?,
-            k: w.linear(TensorName::K(l), bias(TensorName::KBias(l)), kv_out, h)?,
-            v: w.linear(TensorName::V(l), bias(TensorName::VBias(l)), kv_out, h)?,
+            qkv: StackedLinear::new(vec![
+                w.linear(TensorName::Q(l), bias(TensorName::QBias(l)), q_out, h)?,
+                w.linear(TensorName::K(l), bias(TensorName::KBias(l)), kv_out, h)?,
+                w.linear(TensorName::V(l), bias(TensorName::VBias(l)), kv_out, h)?,
+            ])?,
             o: w.linear(TensorName::O(l), None, h, q_out)?,
             n_heads: cfg.num_heads,
             n_kv_heads: cfg.num_kv_heads,
@@ -294,44 +295,44 @@ impl Attention {
         cache: &mut dyn KvCache,
     ) -> Result<Tensor> {
         let t = x.dim(0)?;
-        let q = self
-            .q
-            .forward(x)?
-            .reshape((t, self.n_heads, self.head_dim))?;
-        let k = self
-            .k
-            .forward(x)?
-            .reshape((t, self.n_kv_heads, self.head_dim))?;
-        let v = self
-            .v
-            .forward(x)?
-            .reshape((t, self.n_kv_heads, self.head_dim))?;
-        let q = step.rope.apply(&q, &step.cos, &step.sin)?;
-        let k = step.rope.apply(&k, &step.cos, &step.sin)?;
+        let mut qkv = self.qkv.forward_split(x)?.into_iter();
+        let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
+            return Err(ModelError::InvalidConfig("Q/K/V projection lost a part".into()));
+        };
+        let q = q.reshape((t, self.n_heads, self.head_dim))?;
+        let k = k.reshape((t, self.n_kv_heads, self.head_dim))?;
+        let v = v.reshape((t, self.n_kv_heads, self.head_dim))?;
+        let q = step.rope.apply(&q, &step.tables)?;
+        let k = step.rope.apply(&k, &step.tables)?;
         let y = cache.attend(layer, step.batch.spans(), &q, &k, &v, step.sliding_window)?;
         self.o.forward(&y)
     }
 }
 
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    /// Gate and up, stacked: `[T, 2 * intermediate]`.
+    gate_up: StackedLinear,
     down: Linear,
+    /// SwiGLU as a CPU loop (see `layers::fast_ops_enabled`).
+    fast: bool,
 }
 
 impl Mlp {
     fn load(w: &Weights<'_>, cfg: &DecoderConfig, l: usize) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Mlp {
-            gate: w.linear(TensorName::Gate(l), None, i, h)?,
-            up: w.linear(TensorName::Up(l), None, i, h)?,
+            gate_up: StackedLinear::new(vec![
+                w.linear(TensorName::Gate(l), None, i, h)?,
+                w.linear(TensorName::Up(l), None, i, h)?,
+            ])?,
             down: w.linear(TensorName::Down(l), None, h, i)?,
+            fast: crate::layers::fast_ops_enabled(),
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(g * self.up.forward(x)?)?)
+        let gu = self.gate_up.forward_joined(x)?;
+        self.down.forward(&crate::layers::silu_mul(&gu, self.fast)?)
     }
 }
 
@@ -373,8 +374,7 @@ impl Block {
 struct Step<'a> {
     batch: &'a PackedBatch,
     rope: &'a RotaryEmbedding,
-    cos: Tensor,
-    sin: Tensor,
+    tables: RopeTables,
     sliding_window: Option<usize>,
 }
 
@@ -428,14 +428,13 @@ impl LlamaDecoder {
     pub fn forward(&self, batch: &PackedBatch, cache: &mut dyn KvCache) -> Result<Tensor> {
         let tokens = Tensor::new(batch.tokens(), &self.device)?;
         let mut x = self.embed.index_select(&tokens, 0)?;
-        let (cos, sin) = self
+        let tables = self
             .rope
             .tables(batch.positions(), &self.device, self.dtype)?;
         let step = Step {
             batch,
             rope: &self.rope,
-            cos,
-            sin,
+            tables,
             sliding_window: self.cfg.sliding_window,
         };
         for (l, block) in self.blocks.iter().enumerate() {

@@ -187,11 +187,38 @@ impl Model {
         self.decoder.config()
     }
 
+    /// Builds the network from any weight source for a given configuration
+    /// (e.g. [`Weights::synthetic`] for device-parity tests and benchmarks).
+    pub fn from_weights(w: &Weights<'_>, cfg: &DecoderConfig) -> Result<Model> {
+        Ok(Model { decoder: LlamaDecoder::load(w, cfg)? })
+    }
+
     pub fn device(&self) -> &Device {
         self.decoder.device()
     }
 
-    /// A contiguous KV cache sized for this model.
+    /// The KV cache single-stream generation uses: on CPU, the paged cache the
+    /// server's scheduler uses (same attention kernel, f32 storage, default
+    /// block size), sized for one sequence of up to `tokens` tokens; elsewhere
+    /// a contiguous cache.
+    pub fn new_sequence_cache(&self, tokens: usize) -> Result<Box<dyn KvCache>> {
+        let c = self.config();
+        if !self.device().is_cpu() {
+            return Ok(Box::new(self.new_cache()));
+        }
+        let block_size = crate::paged_cache::DEFAULT_BLOCK_SIZE;
+        let cfg = crate::paged_cache::PagedCacheConfig {
+            num_layers: c.num_layers,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            block_size,
+            num_blocks: tokens.clamp(1, c.max_context).div_ceil(block_size),
+            dtype: crate::paged_cache::KvDtype::F32,
+        };
+        Ok(Box::new(crate::paged_cache::PagedKvCache::new(cfg)?))
+    }
+
+    /// A contiguous KV cache sized for this model (the reference attention path).
     pub fn new_cache(&self) -> ContiguousKvCache {
         let c = self.config();
         ContiguousKvCache::new(

@@ -238,6 +238,20 @@ impl PagedCacheConfig {
         dtype: KvDtype,
         capacity: KvCapacity,
     ) -> Result<Self> {
+        Self::from_capacity_on(num_layers, num_kv_heads, head_dim, block_size, dtype, capacity, &Device::Cpu)
+    }
+
+    /// [`Self::from_capacity`] for a cache on `device`: a fraction of free
+    /// memory means free host memory on CPU and free device memory on CUDA.
+    pub fn from_capacity_on(
+        num_layers: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        block_size: usize,
+        dtype: KvDtype,
+        capacity: KvCapacity,
+        device: &Device,
+    ) -> Result<Self> {
         if block_size == 0 {
             return Err(ModelError::InvalidConfig("KV cache block_size must be > 0".into()));
         }
@@ -247,9 +261,13 @@ impl PagedCacheConfig {
                 if !(f > 0.0 && f <= 1.0) {
                     return Err(ModelError::InvalidConfig("KV cache fraction must be in (0, 1]".into()));
                 }
-                let avail = available_memory_bytes().ok_or_else(|| {
-                    ModelError::InvalidConfig("cannot read available memory from /proc/meminfo".into())
-                })?;
+                let avail = match device {
+                    #[cfg(feature = "cuda")]
+                    Device::Cuda(d) => crate::paged_cache_cuda::cuda_memory_info(d)?.0,
+                    _ => available_memory_bytes().ok_or_else(|| {
+                        ModelError::InvalidConfig("cannot read available memory from /proc/meminfo".into())
+                    })?,
+                };
                 (avail as f64 * f) as u64
             }
         };
@@ -297,6 +315,9 @@ pub struct PagedKvCache {
     pool: BlockPool,
     layers: Vec<LayerStore>,
     seqs: HashMap<SeqId, SeqEntry>,
+    /// Device storage when the cache lives on a CUDA device (then `layers` is empty).
+    #[cfg(feature = "cuda")]
+    cuda: Option<crate::paged_cache_cuda::CudaPagedStore>,
 }
 
 impl std::fmt::Debug for PagedKvCache {
@@ -319,7 +340,51 @@ impl PagedKvCache {
                 KvDtype::BF16 => LayerStore::BF16(vec![bf16::ZERO; n], vec![bf16::ZERO; n]),
             })
             .collect();
-        Ok(PagedKvCache { pool: BlockPool::new(cfg.num_blocks), cfg, layers, seqs: HashMap::new() })
+        Ok(PagedKvCache {
+            pool: BlockPool::new(cfg.num_blocks),
+            cfg,
+            layers,
+            seqs: HashMap::new(),
+            #[cfg(feature = "cuda")]
+            cuda: None,
+        })
+    }
+
+    /// Allocates the cache on `device`: host memory for the CPU, device memory
+    /// (and Salus' CUDA kernels) for a CUDA device.
+    pub fn new_on(cfg: PagedCacheConfig, device: &Device) -> Result<Self> {
+        match device {
+            Device::Cpu => Self::new(cfg),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => {
+                if cfg.block_size == 0 || cfg.num_kv_heads == 0 || cfg.head_dim == 0 || cfg.num_layers == 0 {
+                    return Err(ModelError::InvalidConfig("paged KV cache dimensions must be > 0".into()));
+                }
+                let store = crate::paged_cache_cuda::CudaPagedStore::new(&cfg.geometry(), cfg.num_layers, cfg.dtype, d)?;
+                Ok(PagedKvCache {
+                    pool: BlockPool::new(cfg.num_blocks),
+                    cfg,
+                    layers: Vec::new(),
+                    seqs: HashMap::new(),
+                    cuda: Some(store),
+                })
+            }
+            other => Err(ModelError::Device(format!(
+                "the paged KV cache does not support {other:?} in this build (CUDA needs the `cuda` feature)"
+            ))),
+        }
+    }
+
+    /// Whether the cache's storage is on a CUDA device.
+    pub fn is_cuda(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            self.cuda.is_some()
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            false
+        }
     }
 
     pub fn config(&self) -> &PagedCacheConfig {
@@ -407,8 +472,8 @@ impl KvCache for PagedKvCache {
         v: &Tensor,
         sliding_window: Option<usize>,
     ) -> Result<Tensor> {
-        if !matches!(q.device(), Device::Cpu) {
-            return Err(ModelError::InvalidBatch("the paged KV cache runs on CPU only".into()));
+        if q.device().is_cpu() == self.is_cuda() {
+            return Err(ModelError::InvalidBatch("q/k/v are not on the KV cache's device".into()));
         }
         if layer >= self.cfg.num_layers {
             return Err(ModelError::InvalidBatch(format!("layer {layer} out of range")));
@@ -455,6 +520,17 @@ impl KvCache for PagedKvCache {
                 start_pos: s.start_pos,
             })
             .collect();
+        #[cfg(feature = "cuda")]
+        if let Some(store) = self.cuda.as_mut() {
+            let out = store.attend(layer, &geom, &params, &chunks, q, k, v)?;
+            drop(chunks);
+            for s in spans {
+                if let Some(e) = self.seqs.get_mut(&s.seq) {
+                    e.lens[layer] = s.start_pos + s.len;
+                }
+            }
+            return Ok(out);
+        }
         let mut out = vec![0f32; total * n_heads * hd];
         let store = &mut self.layers[layer];
         with_f32(q, |q| {

@@ -20,8 +20,9 @@ static ENV_CHECKED: std::sync::Once = std::sync::Once::new();
 
 /// Whether [`crate::linear::Linear`] uses Salus' kernels for quantized weights
 /// loaded from now on. On by default; `SALUS_QMATMUL=candle` in the environment
-/// or [`set_salus_kernels_enabled`]`(false)` selects candle's `QMatMul` instead
-/// (the reference in the model parity test).
+/// or [`set_salus_kernels_enabled`]`(false)` selects candle's `QMatMul` instead,
+/// and candle's ops for normalization, rotary embedding and SwiGLU (see
+/// [`crate::layers::fast_ops_enabled`]): the reference in the parity tests.
 pub fn salus_kernels_enabled() -> bool {
     ENV_CHECKED.call_once(|| {
         if std::env::var("SALUS_QMATMUL")

@@ -132,13 +132,36 @@ impl<'a> GgufFile<'a> {
         &self.content.metadata
     }
 
+    /// Reads a tensor straight from the caller's bytes. On a GPU the upload reads
+    /// the (locked) source buffer directly, so no unlocked plaintext copy is made;
+    /// a misaligned tensor is staged through a buffer zeroized right after use.
     fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
-        self.content
-            .tensor(&mut Cursor::new(self.bytes), name, device)
-            .map_err(|e| ModelError::InvalidWeights {
-                file: self.file.clone(),
-                reason: format!("tensor {name}: {e}"),
-            })
+        let invalid = |reason: String| ModelError::InvalidWeights {
+            file: self.file.clone(),
+            reason: format!("tensor {name}: {reason}"),
+        };
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| invalid("missing".into()))?;
+        let dt = info.ggml_dtype;
+        let size = info.shape.elem_count() / dt.block_size() * dt.type_size();
+        // In range: checked by `GgufFile::parse`.
+        let start = self.content.tensor_data_offset as usize + info.offset as usize;
+        let raw = self
+            .bytes
+            .get(start..start + size)
+            .ok_or_else(|| invalid("data outside the file".into()))?;
+        let dims = info.shape.dims().to_vec();
+        // 16 bytes covers the alignment of every GGML block type.
+        let q = if (raw.as_ptr() as usize) % 16 == 0 {
+            candle_core::quantized::ggml_file::qtensor_from_ggml(dt, raw, dims, device)
+        } else {
+            let staged = zeroize::Zeroizing::new(raw.to_vec());
+            candle_core::quantized::ggml_file::qtensor_from_ggml(dt, &staged, dims, device)
+        };
+        q.map_err(|e| invalid(e.to_string()))
     }
 }
 
@@ -169,6 +192,18 @@ impl<'a> SafetensorsFiles<'a> {
 enum Format<'a> {
     Gguf(&'a GgufFile<'a>),
     Safetensors(&'a SafetensorsFiles<'a>),
+    Synthetic(SyntheticInit),
+}
+
+/// How [`Weights::synthetic`] draws random weights (for device-parity tests and
+/// throughput benchmarks; no file involved). Norm weights are ones, biases
+/// zeros, matrices uniform with variance `1 / in_features`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyntheticInit {
+    /// Drawn on the host from a seed: identical values on every device.
+    HostSeeded(u64),
+    /// Drawn on the device itself (fast: for benchmarks, where values do not matter).
+    OnDevice,
 }
 
 /// Role-based tensor loader used by the decoder's `load` functions.
@@ -210,6 +245,39 @@ impl<'a> Weights<'a> {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+    /// Random weights of any shape the decoder asks for (see [`SyntheticInit`]).
+    pub fn synthetic(init: SyntheticInit, device: &Device, dtype: DType) -> Weights<'static> {
+        Weights::new(Format::Synthetic(init), device, dtype)
+    }
+
+    fn synthetic_tensor(&self, init: SyntheticInit, t: TensorName, shape: &[usize]) -> Result<Tensor> {
+        use TensorName::*;
+        let n: usize = shape.iter().product();
+        let fan_in = *shape.last().unwrap_or(&1) as f64;
+        let tensor = match t {
+            FinalNorm | AttnNorm(_) | MlpNorm(_) => Tensor::ones(shape, self.dtype, &self.device)?,
+            QBias(_) | KBias(_) | VBias(_) => Tensor::zeros(shape, self.dtype, &self.device)?,
+            _ => match init {
+                SyntheticInit::OnDevice => {
+                    Tensor::randn(0f32, (1.0 / fan_in).sqrt() as f32, shape, &self.device)?.to_dtype(self.dtype)?
+                }
+                SyntheticInit::HostSeeded(seed) => {
+                    use rand::{Rng, SeedableRng};
+                    let mut h = seed ^ 0x9e37_79b9_7f4a_7c15;
+                    for b in t.hf().bytes() {
+                        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+                    }
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(h);
+                    let a = (3.0 / fan_in).sqrt() as f32;
+                    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-a..a)).collect();
+                    Tensor::from_vec(v, shape, &self.device)?.to_dtype(self.dtype)?
+                }
+            },
+        };
+        self.count(n);
+        Ok(tensor)
+    }
+
     pub fn is_gguf(&self) -> bool {
         matches!(self.format, Format::Gguf(_))
     }
@@ -234,7 +302,7 @@ impl<'a> Weights<'a> {
     fn name(&self, t: TensorName) -> String {
         match self.format {
             Format::Gguf(_) => t.gguf(),
-            Format::Safetensors(_) => t.hf(),
+            Format::Safetensors(_) | Format::Synthetic(_) => t.hf(),
         }
     }
 
@@ -243,6 +311,7 @@ impl<'a> Weights<'a> {
         match self.format {
             Format::Gguf(g) => g.content.tensor_infos.contains_key(&name),
             Format::Safetensors(s) => s.index.contains_key(&name),
+            Format::Synthetic(_) => true,
         }
     }
 
@@ -282,6 +351,7 @@ impl<'a> Weights<'a> {
     pub fn tensor(&self, t: TensorName, shape: &[usize]) -> Result<Tensor> {
         let name = self.name(t);
         let tensor = match self.format {
+            Format::Synthetic(init) => return self.synthetic_tensor(init, t, shape),
             Format::Gguf(g) => {
                 let q = self.gguf_qtensor(g, &name, shape)?;
                 q.dequantize(&self.device)?
@@ -294,11 +364,15 @@ impl<'a> Weights<'a> {
                 let (file, st) = &s.shards[i];
                 let view = st.get(&name)?;
                 Self::check_shape(&name, view.shape(), shape)?;
-                st.load(&name, &self.device)
-                    .map_err(|e| ModelError::InvalidWeights {
-                        file: file.clone(),
-                        reason: format!("tensor {name}: {e}"),
-                    })?
+                match staged_upload(&view, &self.device)? {
+                    Some(t) => t,
+                    None => st
+                        .load(&name, &self.device)
+                        .map_err(|e| ModelError::InvalidWeights {
+                            file: file.clone(),
+                            reason: format!("tensor {name}: {e}"),
+                        })?,
+                }
             }
         };
         self.count(tensor.elem_count());
@@ -325,7 +399,9 @@ impl<'a> Weights<'a> {
                 self.note_quant(&q);
                 Linear::quantized(Arc::new(q), bias, self.dtype)
             }
-            Format::Safetensors(_) => Linear::dense(self.tensor(w, &[out_f, in_f])?, bias),
+            Format::Safetensors(_) | Format::Synthetic(_) => {
+                Linear::dense(self.tensor(w, &[out_f, in_f])?, bias)
+            }
         }
     }
 
@@ -360,7 +436,7 @@ impl<'a> Weights<'a> {
                 };
                 Ok((embed, head))
             }
-            Format::Safetensors(_) => {
+            Format::Safetensors(_) | Format::Synthetic(_) => {
                 let embed = self.tensor(TensorName::Embed, &[vocab, hidden])?;
                 let head = if use_head {
                     self.linear(TensorName::LmHead, None, vocab, hidden)?
@@ -380,9 +456,40 @@ impl<'a> Weights<'a> {
                 let (_, v) = st.tensors().into_iter().next()?;
                 Some(format!("{:?}", v.dtype()))
             }
-            Format::Gguf(_) => None,
+            Format::Gguf(_) | Format::Synthetic(_) => None,
         }
     }
+}
+
+/// Uploads a misaligned f32/f16/bf16 safetensors tensor to a GPU through an f32
+/// staging buffer that is zeroized right after the copy (candle would otherwise
+/// stage it in an ordinary heap buffer freed without wiping). `None`: load it
+/// the normal way (CPU device, aligned data or another dtype).
+fn staged_upload(view: &safetensors::tensor::TensorView<'_>, device: &Device) -> Result<Option<Tensor>> {
+    use safetensors::Dtype;
+    let data = view.data();
+    let (width, dtype) = match view.dtype() {
+        Dtype::F32 => (4, DType::F32),
+        Dtype::F16 => (2, DType::F16),
+        Dtype::BF16 => (2, DType::BF16),
+        _ => return Ok(None),
+    };
+    if device.is_cpu() || (data.as_ptr() as usize) % width == 0 {
+        return Ok(None);
+    }
+    let staged: zeroize::Zeroizing<Vec<f32>> = zeroize::Zeroizing::new(match dtype {
+        DType::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        DType::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect(),
+        _ => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect(),
+    });
+    let t = Tensor::from_slice(staged.as_slice(), view.shape(), device)?.to_dtype(dtype)?;
+    Ok(Some(t))
 }
 
 /// Walks the GGUF header checking every length and count against the bytes that

@@ -26,8 +26,54 @@ pub enum ServedModelError {
     Model(#[from] salus_models::ModelError),
     #[error("chat template file {path}: {reason}")]
     Template { path: String, reason: String },
-    #[error("model.device '{0}' is not supported by this build (use \"cpu\")")]
+    #[error("model.device '{0}' is not a device (use \"cpu\" or \"cuda:N\")")]
     Device(String),
+    #[error("model.device '{0}': this build has no CUDA support (build with `--features cuda`, or use \"cpu\")")]
+    CudaNotBuilt(String),
+    #[error("model.device '{device}': no usable CUDA device ({reason})")]
+    CudaUnavailable { device: String, reason: String },
+}
+
+/// Parses and opens `model.device`: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
+/// Fails with one line when the build lacks CUDA or the device cannot be opened.
+pub fn open_device(spec: &str) -> Result<candle_core::Device, ServedModelError> {
+    let spec = spec.trim();
+    if spec == "cpu" {
+        return Ok(candle_core::Device::Cpu);
+    }
+    let ordinal = match spec.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| ServedModelError::Device(spec.chars().take(32).collect()))?,
+        None => return Err(ServedModelError::Device(spec.chars().take(32).collect())),
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(ServedModelError::CudaNotBuilt(spec.to_string()));
+    }
+    // The driver library may report a missing device by panicking in a binding;
+    // turn that into the same one-line error.
+    let opened = std::panic::catch_unwind(|| candle_core::Device::new_cuda(ordinal));
+    let unavailable = |reason: String| ServedModelError::CudaUnavailable {
+        device: spec.to_string(),
+        reason: reason.lines().next().unwrap_or("unknown error").chars().take(200).collect(),
+    };
+    match opened {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => Err(unavailable(e.to_string())),
+        Err(_) => Err(unavailable("the CUDA driver library failed to initialise".into())),
+    }
+}
+
+/// Compute dtype of activations and dense weights on a device: f32 on CPU
+/// (our kernels' native type), bf16 on CUDA (tensor cores, half the memory traffic).
+pub fn compute_dtype(device: &candle_core::Device) -> candle_core::DType {
+    if device.is_cpu() {
+        candle_core::DType::F32
+    } else {
+        candle_core::DType::BF16
+    }
 }
 
 /// Everything loaded for serving.
@@ -47,10 +93,7 @@ impl ServedModel {
             Some(k) => Some(k.parse().map_err(|e: crate::secret::SecretError| ServedModelError::Kek(e.to_string()))?),
             None => None,
         };
-        let device = match cfg.device.as_str() {
-            "cpu" => candle_core::Device::Cpu,
-            other => return Err(ServedModelError::Device(other.to_string())),
-        };
+        let device = open_device(&cfg.device)?;
         let template_override = match &cfg.chat_template {
             Some(p) => Some(
                 std::fs::read_to_string(p)
@@ -59,9 +102,19 @@ impl ServedModel {
             None => None,
         };
         let loaded = crate::seal::load_model(path, kek.as_ref(), cfg.allow_plaintext_weights)?;
-        let opts = LoadOptions { device, chat_template_override: template_override, ..Default::default() };
+        let dtype = compute_dtype(&device);
+        let opts = LoadOptions { device, dtype, chat_template_override: template_override, ..Default::default() };
         let lm = salus_models::load(&loaded.source, &opts)?;
-        Ok(ServedModel { lm: Arc::new(lm), fingerprint: loaded.fingerprint, sealed: loaded.sealed })
+        // Uploads to a GPU are finished before the engine's thread (another CUDA
+        // stream) reads the weights, and before the host copy is released below.
+        lm.model.device().synchronize().map_err(salus_models::ModelError::from)?;
+        let crate::seal::LoadedWeights { source, fingerprint, sealed } = loaded;
+        // The network now holds its own copy of the weights (on a GPU: in device
+        // memory, uploaded straight from the locked buffers). Dropping the source
+        // releases the last handles to the decrypted host buffers, which zeroize
+        // and unlock themselves on drop.
+        drop(source);
+        Ok(ServedModel { lm: Arc::new(lm), fingerprint, sealed })
     }
 
     /// The default model id: the file name without its extension(s).
@@ -130,5 +183,26 @@ impl PromptCodec for ModelCodec {
     }
     fn token_text(&self, id: u32) -> Phi<String> {
         Phi::new(self.lm.tokenizer.decode(&[id], false).unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+
+    #[test]
+    fn open_device_parses_and_refuses_cleanly() {
+        assert!(matches!(open_device("cpu"), Ok(candle_core::Device::Cpu)));
+        assert!(matches!(open_device("gpu0"), Err(ServedModelError::Device(_))));
+        assert!(matches!(open_device("cuda:x"), Err(ServedModelError::Device(_))));
+        assert!(matches!(open_device("cuda0"), Err(ServedModelError::Device(_))));
+        assert_eq!(compute_dtype(&candle_core::Device::Cpu), candle_core::DType::F32);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let e = open_device("cuda:0").unwrap_err();
+            assert!(matches!(e, ServedModelError::CudaNotBuilt(_)));
+            let msg = e.to_string();
+            assert!(msg.contains("--features cuda") && msg.lines().count() == 1, "{msg}");
+        }
     }
 }

@@ -2,11 +2,25 @@
 //!
 //! `create` prints the new key — once — alone on standard output (so scripts can
 //! capture it); everything else goes to standard error.
+//!
+//! Every change is an `admin.key_created` / `admin.key_revoked` audit event
+//! (key id, principal, kind, roles, times; never key material). When an audit
+//! trail is configured (`[audit]` in `--config`, or `--audit-dir`/`--audit-key`):
+//! * if no server holds it, this command records the events itself (in a short
+//!   session bracketed by `server.started`/`server.stopped` with
+//!   `detail.session = "salus keys"`) before the store is written;
+//! * if a running server holds it, the store is written and that server records
+//!   the events when it reloads the store (it checks the file every second);
+//! * if it cannot be opened for any other reason, nothing is changed (fail closed).
+//!
+//! Without a configured trail the change is made and a note says it is not audited.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use salus_server::audit::admin::{key_store_events, local_operator};
+use salus_server::audit::{AuditConfig, AuditError, AuditLog};
 use salus_server::auth::store::{format_time, parse_expiry, OffsetDateTime};
 use salus_server::auth::{KeyStore, PrincipalKind, Role};
 use salus_server::config::Config;
@@ -19,6 +33,12 @@ pub struct KeysArgs {
     /// The key store file (overrides the config).
     #[arg(long, global = true)]
     api_keys: Option<PathBuf>,
+    /// Audit trail directory (overrides audit.dir of the config).
+    #[arg(long, global = true)]
+    audit_dir: Option<PathBuf>,
+    /// Audit master key source, file:PATH / env:NAME / cmd:PROGRAM (overrides audit.key).
+    #[arg(long, global = true)]
+    audit_key: Option<String>,
     #[command(subcommand)]
     command: KeysCommand,
 }
@@ -49,16 +69,71 @@ enum KeysCommand {
     },
 }
 
-fn store_path(args: &KeysArgs) -> anyhow::Result<PathBuf> {
+/// The key store path and, if one is configured, the audit trail.
+fn settings(args: &KeysArgs) -> anyhow::Result<(PathBuf, Option<AuditConfig>)> {
+    let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
     if let Some(p) = &args.api_keys {
-        return Ok(p.clone());
+        config.auth.api_keys = p.clone();
     }
-    let config = Config::load(args.config.as_deref(), std::env::vars())?;
-    Ok(config.auth.api_keys)
+    if let Some(d) = &args.audit_dir {
+        config.audit.dir = d.clone();
+    }
+    if let Some(k) = &args.audit_key {
+        config.audit.key = Some(k.clone());
+    }
+    let audit = match config.audit.key {
+        Some(_) => Some(config.audit.to_audit_config()?),
+        None => None,
+    };
+    Ok((config.auth.api_keys, audit))
+}
+
+/// Writes the changed store, recording the change in the audit trail as the
+/// module documentation describes.
+fn save_audited(
+    path: &Path,
+    old: &KeyStore,
+    new: &KeyStore,
+    audit: Option<AuditConfig>,
+    operation: &'static str,
+) -> anyhow::Result<()> {
+    let Some(cfg) = audit else {
+        new.save(path).with_context(|| "saving the key store")?;
+        eprintln!("note: no audit trail configured (--audit-dir/--audit-key or [audit] in --config): this change is not audited");
+        return Ok(());
+    };
+    let dir = cfg.dir.clone();
+    match AuditLog::open_tool(cfg, "salus keys") {
+        Ok(log) => {
+            let actor = local_operator("salus-keys");
+            let recorded: anyhow::Result<()> = key_store_events(old, new, &actor, operation)
+                .into_iter()
+                .try_for_each(|ev| log.record_blocking(ev).map(drop).map_err(Into::into));
+            let closed = log.close();
+            recorded.with_context(|| {
+                format!("recording the change in the audit trail {}; key store unchanged", dir.display())
+            })?;
+            closed.with_context(|| format!("closing the audit trail {}", dir.display()))?;
+            new.save(path).with_context(|| "saving the key store (the change is already in the audit trail)")?;
+            eprintln!("recorded in the audit trail {}", dir.display());
+        }
+        Err(AuditError::Locked(_)) => {
+            new.save(path).with_context(|| "saving the key store")?;
+            eprintln!(
+                "the audit trail {} is held by a running server: it records this change when it reloads the key store (within a second)",
+                dir.display()
+            );
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e))
+                .with_context(|| format!("opening the audit trail {}; key store unchanged", dir.display()))
+        }
+    }
+    Ok(())
 }
 
 pub fn run(args: KeysArgs) -> anyhow::Result<()> {
-    let path = store_path(&args)?;
+    let (path, audit) = settings(&args)?;
     let now = OffsetDateTime::now_utc();
     match args.command {
         KeysCommand::Create { principal, kind, roles, expires } => {
@@ -66,8 +141,9 @@ pub fn run(args: KeysArgs) -> anyhow::Result<()> {
             let roles = roles.iter().map(|r| Role::parse(r)).collect::<Result<Vec<_>, _>>()?;
             let expires = expires.map(|e| parse_expiry(&e, now)).transpose()?;
             let mut store = KeyStore::load(&path)?;
+            let old = store.clone();
             let new = store.create(&principal, kind, &roles, expires, now)?;
-            store.save(&path).with_context(|| "saving the key store")?;
+            save_audited(&path, &old, &store, audit, "keys.create")?;
             eprintln!(
                 "created key {} for {} {} (roles: {}; expires: {}) in {}",
                 new.record.id,
@@ -104,8 +180,11 @@ pub fn run(args: KeysArgs) -> anyhow::Result<()> {
         }
         KeysCommand::Revoke { id } => {
             let mut store = KeyStore::load(&path)?;
+            let old = store.clone();
             let revoked = store.revoke(&id, now)?;
-            store.save(&path).with_context(|| "saving the key store")?;
+            if !revoked.is_empty() {
+                save_audited(&path, &old, &store, audit, "keys.revoke")?;
+            }
             if revoked.is_empty() {
                 eprintln!("nothing to do: the matching keys were already revoked");
             }

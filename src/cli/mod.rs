@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod audit;
 mod generate;
+mod health;
 mod keys;
 mod model;
 mod tokenize;
@@ -30,6 +31,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Print the token ids of stdin as a JSON array.
     Tokenize(tokenize::TokenizeArgs),
+    /// Probe a running server's /health endpoint (exit 0 when healthy; container HEALTHCHECK).
+    Health(health::HealthArgs),
 }
 
 pub fn run() -> std::process::ExitCode {
@@ -41,6 +44,7 @@ pub fn run() -> std::process::ExitCode {
         Command::Audit(args) => audit::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Tokenize(args) => tokenize::run(args),
+        Command::Health(args) => health::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

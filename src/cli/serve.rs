@@ -59,6 +59,9 @@ pub struct ServeArgs {
     /// Directory for --dev files (certificate, key store). Default: ~/.local/share/salus/dev.
     #[arg(long)]
     dev_dir: Option<PathBuf>,
+    /// Compute device (model.device): `cpu` or `cuda:N` (CUDA needs a `--features cuda` build).
+    #[arg(long)]
+    device: Option<String>,
     /// Generation engine: `batching` (continuous batching, default) or `serial`
     /// (one request at a time; a simple reference for debugging).
     #[arg(long, default_value = "batching", value_parser = ["batching", "serial"])]
@@ -118,6 +121,9 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<(Config, Option<PathBuf>)> {
     }
     if let Some(v) = &args.model {
         c.model.path = Some(v.clone());
+    }
+    if let Some(v) = &args.device {
+        c.model.device = v.clone();
     }
     if let Some(v) = &args.tls_cert {
         c.tls.cert = Some(v.clone());
@@ -212,6 +218,9 @@ fn run_with_audit(
         dev_key = Some(new.secret);
     }
     let keys = Arc::new(KeyStoreHandle::open(config.auth.api_keys.clone())?);
+    // `salus keys` cannot write to the trail while we hold it: we record what
+    // changes in the key store when we reload it.
+    keys.record_changes_in(audit.clone());
 
     // The model.
     let model_path = config.model.path.clone().context("model.path is not set (use --model PATH)")?;
@@ -256,6 +265,7 @@ fn run_with_audit(
         audit.clone(),
     );
 
+    let at_exit = (model_id.clone(), served.fingerprint.clone(), keys.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
@@ -288,6 +298,18 @@ fn run_with_audit(
     })?;
     // Anything still running (requests past the drain timeout) is dropped with the runtime.
     runtime.shutdown_timeout(Duration::from_secs(1));
+    // A key-store change made since the last check is still recorded.
+    let (model_id, fingerprint, keys) = at_exit;
+    keys.refresh();
+    audit
+        .record_blocking(
+            AuditEvent::new(EventKind::AdminModelUnloaded)
+                .principal(local_operator())
+                .operation("serve.shutdown")
+                .model(model_id.clone(), fingerprint)
+                .target(model_id),
+        )
+        .context("recording admin.model_unloaded in the audit trail")?;
     Ok(())
 }
 
@@ -304,18 +326,39 @@ async fn handle_signals(
         tracing::error!("cannot install signal handlers");
         return;
     };
+    // Key-store changes are noticed (and audited) within a second even when idle.
+    let mut key_check = tokio::time::interval(Duration::from_secs(1));
+    key_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = key_check.tick() => keys.refresh(),
             _ = hup.recv() => {
+                let mut tls_state = "not_configured";
                 if let Some(t) = &tls {
                     match t.reload() {
-                        Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
-                        Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the current certificate"),
+                        Ok(()) => {
+                            tls_state = "reloaded";
+                            tracing::info!("SIGHUP: TLS certificate and key reloaded")
+                        }
+                        Err(e) => {
+                            tls_state = "failed";
+                            tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the current certificate")
+                        }
                     }
                 }
-                match keys.reload() {
-                    Ok(()) => tracing::info!("SIGHUP: API keys reloaded"),
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: API key reload failed; keeping the current keys"),
+                let keys_state = match keys.reload() {
+                    Ok(()) => {
+                        tracing::info!("SIGHUP: API keys reloaded");
+                        "reloaded"
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "SIGHUP: API key reload failed; keeping the current keys");
+                        "failed"
+                    }
+                };
+                let ev = salus_server::audit::admin::config_reloaded(local_operator(), tls_state, keys_state);
+                if let Err(e) = state.audit().record(ev).await {
+                    tracing::error!(error = %e, "audit: admin.config_reloaded not recorded");
                 }
             }
             _ = term.recv() => break,

@@ -203,6 +203,46 @@ impl QuantMatrix {
         })
     }
 
+    /// Stacks matrices of the same type and width into one `[Σ rows, cols]`
+    /// matrix, so projections that read the same input (Q, K and V; gate and
+    /// up) run as one kernel call: one activation quantization, one hand-off
+    /// to the pool, and the weights of all parts streamed in a single pass.
+    /// Every part but the last must have a multiple of 16 rows (whole tiles).
+    pub fn concat_rows(parts: &[&QuantMatrix]) -> Result<QuantMatrix, KernelError> {
+        let first = parts.first().ok_or(KernelError::NoRows)?;
+        for (i, p) in parts.iter().enumerate() {
+            if p.dtype != first.dtype || p.cols != first.cols {
+                return Err(KernelError::Concat("parts differ in block type or width"));
+            }
+            if p.layout.f16_scales != first.layout.f16_scales {
+                return Err(KernelError::Concat("parts differ in scale format"));
+            }
+            if i + 1 < parts.len() && p.rows % TILE_ROWS != 0 {
+                return Err(KernelError::Concat("a part before the last has a partial tile"));
+            }
+        }
+        let tiles: usize = parts.iter().map(|p| p.tiles).sum();
+        let rows: usize = parts.iter().map(|p| p.rows).sum();
+        let layout = first.layout;
+        let mut buf = AlignedBuf::zeroed(tiles * layout.tile_bytes);
+        let mut at = 0;
+        for p in parts {
+            let src = p.buf.as_slice();
+            // SAFETY: `buf` holds `tiles * tile_bytes` bytes and the parts'
+            // buffers sum to exactly that; `at + src.len()` never exceeds it.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), buf.as_mut_ptr().add(at), src.len()) };
+            at += src.len();
+        }
+        Ok(QuantMatrix {
+            dtype: first.dtype,
+            rows,
+            cols: first.cols,
+            tiles,
+            layout,
+            buf,
+        })
+    }
+
     pub fn dtype(&self) -> GgmlType {
         self.dtype
     }

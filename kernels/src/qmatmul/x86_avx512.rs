@@ -8,8 +8,9 @@ use core::arch::x86_64::*;
 const NIB4: u8 = 0;
 const U8: u8 = 1;
 const I8: u8 = 2;
-/// Activation rows per register tile.
-const MR: usize = 6;
+/// Activation rows per register tile (one integer and one float accumulator
+/// each, plus the weight vectors: fits the 32 vector registers).
+const MR: usize = 8;
 
 /// Computes tile `t` for all activation rows.
 ///
@@ -32,7 +33,9 @@ pub(crate) unsafe fn tile(a: &TileArgs<'_>, tile: &[u8], t: usize) {
                     3 => rows::<3, { $kind }, { $g }, { $f16 }>(a, tile, t, i0),
                     4 => rows::<4, { $kind }, { $g }, { $f16 }>(a, tile, t, i0),
                     5 => rows::<5, { $kind }, { $g }, { $f16 }>(a, tile, t, i0),
-                    _ => rows::<6, { $kind }, { $g }, { $f16 }>(a, tile, t, i0),
+                    6 => rows::<6, { $kind }, { $g }, { $f16 }>(a, tile, t, i0),
+                    7 => rows::<7, { $kind }, { $g }, { $f16 }>(a, tile, t, i0),
+                    _ => rows::<8, { $kind }, { $g }, { $f16 }>(a, tile, t, i0),
                 }
             };
         }
@@ -87,8 +90,9 @@ unsafe fn rows<const N: usize, const KIND: u8, const G: usize, const F16: bool>(
     let mut facc = [_mm512_setzero_ps(); N];
     for g in 0..ng {
         let gp = wp.add(g * l.group_bytes);
+        // One integer accumulator per row: fewer registers (so eight rows fit)
+        // and no per-group add of two partial sums.
         let mut ia = [_mm512_setzero_si512(); N];
-        let mut ib = [_mm512_setzero_si512(); N];
         if KIND == NIB4 {
             for s in 0..4 {
                 let v = _mm512_loadu_si512(gp.add(64 * s) as *const _);
@@ -97,7 +101,7 @@ unsafe fn rows<const N: usize, const KIND: u8, const G: usize, const F16: bool>(
                 for r in 0..N {
                     let xp = xq[r].add(g * 32 + 8 * s);
                     ia[r] = _mm512_dpbusd_epi32(ia[r], lo, bcast4(xp));
-                    ib[r] = _mm512_dpbusd_epi32(ib[r], hi, bcast4(xp.add(4)));
+                    ia[r] = _mm512_dpbusd_epi32(ia[r], hi, bcast4(xp.add(4)));
                 }
             }
         } else {
@@ -109,11 +113,7 @@ unsafe fn rows<const N: usize, const KIND: u8, const G: usize, const F16: bool>(
                 }
                 for r in 0..N {
                     let x = bcast4(xq[r].add(g * G + 4 * s));
-                    if s % 2 == 0 {
-                        ia[r] = _mm512_dpbusd_epi32(ia[r], v, x);
-                    } else {
-                        ib[r] = _mm512_dpbusd_epi32(ib[r], v, x);
-                    }
+                    ia[r] = _mm512_dpbusd_epi32(ia[r], v, x);
                 }
             }
         }
@@ -126,7 +126,7 @@ unsafe fn rows<const N: usize, const KIND: u8, const G: usize, const F16: bool>(
         };
         for r in 0..N {
             let ai = r * ng + g;
-            let mut isum = _mm512_add_epi32(ia[r], ib[r]);
+            let mut isum = ia[r];
             if KIND == I8 {
                 isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(128 * *xqs.add(ai)));
             }

@@ -388,6 +388,9 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
+    /// The record the writer stores for `ev` (the writer serializes the
+    /// equivalent [`RecordView`] without building this).
+    #[cfg(test)]
     pub(crate) fn from_event(
         ev: AuditEvent,
         seq: u64,
@@ -419,6 +422,85 @@ impl AuditRecord {
             completion_hmac: ev.completion_hmac.map(|h| h.0),
             target: ev.target,
             detail: ev.detail,
+        }
+    }
+}
+
+/// The writer's zero-copy view of a record: serializes to exactly the JSON of
+/// the [`AuditRecord`] that [`AuditRecord::from_event`] would build (same field
+/// names, order and omissions; `tests::record_view_matches_record`), without
+/// copying the event's strings.
+#[derive(Serialize)]
+pub(crate) struct RecordView<'a> {
+    v: u16,
+    seq: u64,
+    time: &'a str,
+    event_id: &'a str,
+    prev_hash: &'a str,
+    kind: &'static str,
+    instance: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    principal: Option<&'a AuditPrincipal>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_addr: Option<SocketAddr>,
+    action: AuditAction,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    operation: Option<&'static str>,
+    outcome: Outcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome_reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<&'a ModelRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens: Option<TokenCounts>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    params: Option<&'a InferenceParams>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_hmac: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    completion_hmac: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a serde_json::Map<String, serde_json::Value>>,
+}
+
+impl<'a> RecordView<'a> {
+    pub(crate) fn new(
+        ev: &'a AuditEvent,
+        seq: u64,
+        time: &'a str,
+        event_id: &'a str,
+        prev_hash_hex: &'a str,
+        instance: &'a str,
+    ) -> Self {
+        RecordView {
+            v: RECORD_VERSION,
+            seq,
+            time,
+            event_id,
+            prev_hash: prev_hash_hex,
+            kind: ev.kind.as_str(),
+            instance,
+            request_id: ev.request_id.as_deref(),
+            principal: ev.principal.as_ref(),
+            source_addr: ev.source_addr,
+            action: ev.action,
+            operation: ev.operation,
+            outcome: ev.outcome,
+            outcome_reason: ev.outcome_reason,
+            model: ev.model.as_ref(),
+            tokens: ev.tokens,
+            latency_us: ev.latency.map(|d| d.as_micros().min(u64::MAX as u128) as u64),
+            params: ev.params.as_ref(),
+            prompt_hmac: ev.prompt_hmac.as_ref().map(|h| h.0.as_str()),
+            completion_hmac: ev.completion_hmac.as_ref().map(|h| h.0.as_str()),
+            target: ev.target.as_deref(),
+            detail: ev.detail.as_ref(),
         }
     }
 }

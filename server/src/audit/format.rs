@@ -3,10 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
-use hmac::{Hmac, Mac};
-use sha2::{Digest, Sha256};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use ring::digest::{Context as Sha256Ctx, SHA256};
 use subtle::ConstantTimeEq;
 
 use super::event::TextHmac;
@@ -25,21 +23,32 @@ const TAG_LEN: usize = 16;
 const RECORD_AAD: &[u8] = b"salus-audit-record/v1";
 
 /// The keys of one trail, all derived from the master key.
+///
+/// SHA-256, HMAC and AES-256-GCM on the per-record path use `ring` (assembly
+/// with AES-NI/PCLMUL/AVX): about twice as fast as the portable
+/// implementations on CPUs without SHA extensions, which is most of the
+/// writer's per-record cost. `ring` keeps derived key schedules (HMAC pad
+/// states, AES round keys) that it does not zeroize on drop; the raw keys
+/// ([`SecretKey`]) are zeroized, and these schedules live only as long as the
+/// log (or the open segment).
 pub struct AuditKeys {
     enc: SecretKey,
-    header: SecretKey,
-    hmac: SecretKey,
+    header: ring::hmac::Key,
+    hmac: ring::hmac::Key,
     signing: ed25519_dalek::SigningKey,
     key_id: String,
 }
+
+/// The AES-256-GCM key of one segment.
+pub(crate) type SegmentCipher = LessSafeKey;
 
 impl AuditKeys {
     pub fn from_master(master: &SecretKey) -> Self {
         let seed = master.derive("audit-signing");
         AuditKeys {
             enc: master.derive("audit-enc"),
-            header: master.derive("audit-header"),
-            hmac: master.derive("audit-hmac"),
+            header: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, master.derive("audit-header").expose()),
+            hmac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, master.derive("audit-hmac").expose()),
             signing: ed25519_dalek::SigningKey::from_bytes(seed.expose()),
             key_id: master.key_id(),
         }
@@ -58,47 +67,55 @@ impl AuditKeys {
 
     /// The same HMAC of raw bytes, in hex (for `salus audit hash`).
     pub fn hmac_hex(&self, text: &[u8]) -> String {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.hmac.expose()).expect("any key length");
-        mac.update(text);
-        hex::encode(mac.finalize().into_bytes())
+        let tag = ring::hmac::sign(&self.hmac, text);
+        let mut out = [0u8; 64];
+        hex_into(tag.as_ref(), &mut out);
+        String::from_utf8(out.to_vec()).expect("hex is ASCII")
     }
 
     pub(crate) fn signing_key(&self) -> &ed25519_dalek::SigningKey {
         &self.signing
     }
 
-    pub(crate) fn segment_cipher(&self, index: u64, salt: &[u8; 16]) -> Aes256Gcm {
+    pub(crate) fn segment_cipher(&self, index: u64, salt: &[u8; 16]) -> SegmentCipher {
         let k = self.enc.derive(&format!("segment/{index}/{}", hex::encode(salt)));
-        Aes256Gcm::new_from_slice(k.expose()).expect("32-byte key")
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, k.expose()).expect("32-byte key"))
     }
 
     fn header_mac(&self, body: &[u8]) -> [u8; 32] {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.header.expose()).expect("any key length");
-        mac.update(body);
-        mac.finalize().into_bytes().into()
+        ring::hmac::sign(&self.header, body).as_ref().try_into().expect("HMAC-SHA256 is 32 bytes")
+    }
+}
+
+/// Lower-case hex of `bytes` into `out` (`out.len() == 2 * bytes.len()`), no allocation.
+pub(crate) fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in bytes.iter().enumerate() {
+        out[2 * i] = DIGITS[(b >> 4) as usize];
+        out[2 * i + 1] = DIGITS[(b & 15) as usize];
     }
 }
 
 /// RFC 6962 leaf hash of a record: the record's chain hash.
 pub(crate) fn leaf_hash(record: &[u8]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update([0u8]);
+    let mut h = Sha256Ctx::new(&SHA256);
+    h.update(&[0u8]);
     h.update(record);
-    h.finalize().into()
+    h.finish().as_ref().try_into().expect("SHA-256 is 32 bytes")
 }
 
 fn node_hash(l: &[u8; 32], r: &[u8; 32]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update([1u8]);
+    let mut h = Sha256Ctx::new(&SHA256);
+    h.update(&[1u8]);
     h.update(l);
     h.update(r);
-    h.finalize().into()
+    h.finish().as_ref().try_into().expect("SHA-256 is 32 bytes")
 }
 
 /// RFC 6962 Merkle tree hash over leaf hashes (SHA-256 of "" when empty).
 pub(crate) fn merkle_root(leaves: &[[u8; 32]]) -> [u8; 32] {
     match leaves.len() {
-        0 => Sha256::digest(b"").into(),
+        0 => ring::digest::digest(&SHA256, b"").as_ref().try_into().expect("SHA-256 is 32 bytes"),
         1 => leaves[0],
         n => {
             let k = 1usize << (usize::BITS - 1 - (n - 1).leading_zeros()); // largest power of two < n
@@ -231,17 +248,31 @@ fn record_aad(index: u64, seq: u64) -> [u8; 37] {
     aad
 }
 
-/// Appends one encrypted record frame to `out`.
-pub(crate) fn encode_frame(cipher: &Aes256Gcm, index: u64, seq: u64, record: &[u8], out: &mut Vec<u8>) {
+/// Starts a frame at the end of `out`: reserves its header and returns where
+/// it starts. The caller appends the record's plaintext, then calls [`seal_frame`].
+pub(crate) fn begin_frame(out: &mut Vec<u8>) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
+    start
+}
+
+/// Encrypts, in place, the record appended after the frame header at `start`,
+/// appends the tag and fills in the header (`len | seq | nonce`).
+pub(crate) fn seal_frame(cipher: &SegmentCipher, index: u64, seq: u64, out: &mut Vec<u8>, start: usize) {
     let nonce: [u8; 12] = random_bytes();
     let aad = record_aad(index, seq);
-    let ct = cipher
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: record, aad: &aad })
+    let tag = cipher
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&aad),
+            &mut out[start + FRAME_HEADER_LEN..],
+        )
         .expect("AES-GCM encryption of a bounded buffer cannot fail");
-    out.extend_from_slice(&(ct.len() as u32).to_le_bytes());
-    out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(&ct);
+    out.extend_from_slice(tag.as_ref());
+    let ct_len = (out.len() - start - FRAME_HEADER_LEN) as u32;
+    out[start..start + 4].copy_from_slice(&ct_len.to_le_bytes());
+    out[start + 4..start + 12].copy_from_slice(&seq.to_le_bytes());
+    out[start + 12..start + 24].copy_from_slice(&nonce);
 }
 
 /// Result of reading one frame at the start of `buf`.
@@ -256,7 +287,7 @@ pub(crate) enum Frame {
     BadAuth { seq: u64, len: usize },
 }
 
-pub(crate) fn decode_frame(cipher: &Aes256Gcm, index: u64, buf: &[u8]) -> Frame {
+pub(crate) fn decode_frame(cipher: &SegmentCipher, index: u64, buf: &[u8]) -> Frame {
     if buf.len() < FRAME_HEADER_LEN {
         return Frame::Incomplete;
     }
@@ -270,8 +301,14 @@ pub(crate) fn decode_frame(cipher: &Aes256Gcm, index: u64, buf: &[u8]) -> Frame 
     }
     let seq = u64::from_le_bytes(buf[4..12].try_into().unwrap());
     let aad = record_aad(index, seq);
-    match cipher.decrypt(Nonce::from_slice(&buf[12..24]), Payload { msg: &buf[24..len], aad: &aad }) {
-        Ok(record) => Frame::Ok { seq, record, len },
+    let nonce = Nonce::try_assume_unique_for_key(&buf[12..24]).expect("12-byte nonce");
+    let mut record = buf[24..len].to_vec();
+    match cipher.open_in_place(nonce, Aad::from(&aad), &mut record) {
+        Ok(plain) => {
+            let n = plain.len();
+            record.truncate(n);
+            Frame::Ok { seq, record, len }
+        }
         Err(_) => Frame::BadAuth { seq, len },
     }
 }
@@ -353,12 +390,17 @@ pub(crate) fn encode_sealed(keys: &AuditKeys, mut header: SealedHeader, records:
     header.key_id = key_id_bytes(keys);
     let hb = header.encode();
     let cipher = keys.segment_cipher(header.index, &header.salt);
-    let ct = cipher
-        .encrypt(Nonce::from_slice(&header.nonce), Payload { msg: &compressed, aad: &hb })
-        .expect("AES-GCM encryption of a bounded buffer cannot fail");
-    let mut out = Vec::with_capacity(SEALED_HEADER_LEN + ct.len());
+    let mut out = Vec::with_capacity(SEALED_HEADER_LEN + compressed.len() + TAG_LEN);
     out.extend_from_slice(&hb);
-    out.extend_from_slice(&ct);
+    out.extend_from_slice(&compressed);
+    let tag = cipher
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(header.nonce),
+            Aad::from(&hb),
+            &mut out[SEALED_HEADER_LEN..],
+        )
+        .expect("AES-GCM encryption of a bounded buffer cannot fail");
+    out.extend_from_slice(tag.as_ref());
     out
 }
 
@@ -370,12 +412,16 @@ pub(crate) fn decode_sealed(keys: &AuditKeys, bytes: &[u8]) -> Result<(SealedHea
         return Err(format!("written with key id {}, not {}", String::from_utf8_lossy(&header.key_id), keys.key_id()));
     }
     let cipher = keys.segment_cipher(header.index, &header.salt);
-    let compressed = cipher
-        .decrypt(
-            Nonce::from_slice(&header.nonce),
-            Payload { msg: &bytes[SEALED_HEADER_LEN..], aad: &bytes[..SEALED_HEADER_LEN] },
+    let mut compressed = bytes[SEALED_HEADER_LEN..].to_vec();
+    let plain_len = cipher
+        .open_in_place(
+            Nonce::assume_unique_for_key(header.nonce),
+            Aad::from(&bytes[..SEALED_HEADER_LEN]),
+            &mut compressed,
         )
-        .map_err(|_| "authentication failed (modified or truncated sealed segment)".to_string())?;
+        .map_err(|_| "authentication failed (modified or truncated sealed segment)".to_string())?
+        .len();
+    compressed.truncate(plain_len);
     let limit = (header.count as usize).saturating_mul(MAX_FRAME + 4).min(1 << 34);
     let body =
         zstd::bulk::decompress(&compressed, limit.max(1 << 20)).map_err(|e| format!("decompression failed: {e}"))?;

@@ -11,9 +11,11 @@
 //!   text itself has no way into an [`AuditEvent`]. An auditor holding the key
 //!   can still check whether a given text was sent (`salus audit hash`).
 //! * **it is durable before anything happens**: [`AuditLog::record`] returns only
-//!   after the record is written and `fdatasync`ed. A dedicated writer thread
-//!   batches concurrent records into one write + one sync (group commit), so
-//!   durability costs one sync per batch, not per record.
+//!   after the record is written and `fdatasync`ed. Concurrent records are
+//!   committed together, one `pwrite` + one `fdatasync` per batch (group
+//!   commit), in a two-stage pipeline: a writer thread encodes the next batch
+//!   while a commit thread waits for the disk to make the current one durable
+//!   (see `writer.rs`, `sync.rs` and `docs/audit-trail.md` for measurements).
 //! * **it fails closed**: a write or sync error is returned to every caller in the
 //!   batch as [`AuditError`], and [`AuditLog::is_healthy`] turns false (the
 //!   server's `/ready` uses it) until a write succeeds again. The server answers
@@ -45,8 +47,12 @@
 //! ```
 //!
 //! [`AuditLog`] is an `Arc` handle: clone it into every request handler.
-//! [`AuditLog::record_blocking`] is the same for non-async callers.
-//! [`AuditLog::close`] writes `server.stopped` and a final checkpoint.
+//! [`AuditLog::record_blocking`] is the same for non-async callers;
+//! [`AuditLog::record_nowait`] queues without waiting (key-store reloads on the
+//! request path). [`AuditLog::close`] writes `server.stopped` and a final
+//! checkpoint. [`AuditLog::open_tool`] opens a short session for a CLI tool
+//! (`salus keys` when no server holds the trail). [`admin`] builds the
+//! `admin.key_*` events from key-store differences.
 //! Offline readers: [`verify_trail`], [`read_trail`], [`fhir::export_bundle`].
 //!
 //! # On-disk format (version 1)
@@ -94,12 +100,14 @@
 //! records an `audit.purged` event (with the segment's last seq and hash, which
 //! lets `verify` accept the missing prefix) before deleting the file.
 
+pub mod admin;
 mod checkpoint;
 mod event;
 pub mod fhir;
 mod format;
 mod reader;
 mod segment;
+mod sync;
 mod writer;
 
 #[cfg(test)]

@@ -4,8 +4,8 @@
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::Arc;
 
-use aes_gcm::Aes256Gcm;
 use serde_json::json;
 
 use super::event::AuditRecord;
@@ -16,10 +16,10 @@ use super::AuditError;
 
 /// The segment being appended to.
 pub(super) struct OpenSegment {
-    pub(super) file: File,
+    pub(super) file: Arc<File>,
     pub(super) index: u64,
     pub(super) created_ms: i64,
-    pub(super) cipher: Aes256Gcm,
+    pub(super) cipher: SegmentCipher,
     /// Bytes known durable; anything after is garbage from a failed write.
     pub(super) len: u64,
     pub(super) dirty: bool,
@@ -40,7 +40,7 @@ impl OpenSegment {
         file.sync_all()?;
         sync_dir(dir)?;
         Ok(OpenSegment {
-            file,
+            file: Arc::new(file),
             index,
             created_ms: header.created_ms,
             cipher: keys.segment_cipher(index, &header.salt),
@@ -111,7 +111,7 @@ pub(super) fn reopen_log(
         }
     }
     let seg = OpenSegment {
-        file,
+        file: Arc::new(file),
         index,
         created_ms: header.created_ms,
         cipher,

@@ -561,6 +561,151 @@ fn fhir_export_maps_inference_to_execute_with_agent_and_entities() {
     assert_eq!(ev["entity"][1]["what"]["identifier"]["value"], recs[1].prompt_hmac.as_deref().unwrap());
 }
 
+#[test]
+fn record_view_matches_record() {
+    let keys = AuditKeys::from_master(&SecretKey::generate());
+    let ev = AuditEvent::new(EventKind::InferenceCompleted)
+        .request_id("req-\"quoted\"")
+        .principal(AuditPrincipal::new("alice@example.org", "api_key", ["clinician", "auditor"]))
+        .source_addr("[2001:db8::7]:443".parse().unwrap())
+        .operation("chat.completions")
+        .outcome_reason("stop")
+        .model("smollm2-135m", "sha256:00ff")
+        .tokens(12, 34)
+        .latency(Duration::from_micros(1234))
+        .params(InferenceParams { temperature: Some(0.25), stop_sequences: Some(2), ..Default::default() })
+        .prompt_hmac(keys.text_hmac(&Phi::new(String::from("p"))))
+        .completion_hmac(keys.text_hmac(&Phi::new(String::from("c"))))
+        .target("t")
+        .detail(serde_json::json!({ "a": 1, "b": [true, null] }));
+    let prev = [0xabu8; 32];
+    let prev_hex = hex::encode(prev);
+    let view = super::event::RecordView::new(&ev, 42, "2026-01-01T00:00:00Z", "id-1", &prev_hex, "host");
+    let view_json = serde_json::to_vec(&view).unwrap();
+    let rec = AuditRecord::from_event(ev, 42, "2026-01-01T00:00:00Z".into(), "id-1".into(), &prev, "host");
+    assert_eq!(String::from_utf8(view_json.clone()).unwrap(), serde_json::to_string(&rec).unwrap());
+    assert_eq!(serde_json::from_slice::<AuditRecord>(&view_json).unwrap(), rec);
+}
+
+#[test]
+fn hmacs_are_hmac_sha256_under_the_derived_key() {
+    use hmac::{Hmac, Mac};
+    let master = SecretKey::generate();
+    let keys = AuditKeys::from_master(&master);
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(master.derive("audit-hmac").expose()).unwrap();
+    mac.update(SECRET_TEXT.as_bytes());
+    assert_eq!(keys.hmac_hex(SECRET_TEXT.as_bytes()), hex::encode(mac.finalize().into_bytes()));
+}
+
+#[test]
+fn failure_in_the_pipeline_fails_what_was_encoded_on_top_and_keeps_every_ack() {
+    let t = Trail::new();
+    let log = t.open(256 << 10);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let results = rt.block_on(async {
+        let tasks: Vec<_> = (0..64u32)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    for j in 0..40 {
+                        if i == 0 && j % 10 == 5 {
+                            log.inject_write_failures(1);
+                        }
+                        out.push(log.record(inference(&log, i * 100 + j)).await);
+                    }
+                    out
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        all
+    });
+    let ok: Vec<RecordReceipt> = results.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
+    let failed = results.len() - ok.len();
+    assert!(failed > 0, "injected failures must fail some records");
+    log.close().unwrap();
+    let rep = t.verify().unwrap();
+    let recs = t.records();
+    assert_eq!(rep.records as usize, ok.len() + 2, "only acknowledged records (and server.*) are in the trail");
+    for r in &ok {
+        let rec = &recs[(r.seq - 1) as usize];
+        assert_eq!((&rec.event_id, &rec.time), (&r.event_id, &r.time));
+        assert_eq!(hex::encode(super::format::leaf_hash(&serde_json::to_vec(rec).unwrap())), r.hash);
+    }
+}
+
+#[test]
+fn key_store_reloads_record_created_and_revoked_keys_before_they_are_used() {
+    use crate::auth::store::{OffsetDateTime, PrincipalKind, Role};
+    use crate::auth::{KeyStore, KeyStoreHandle};
+    let t = Trail::new();
+    let store_path = t._tmp.path().join("api-keys.json");
+    let now = OffsetDateTime::now_utc();
+    let mut store = KeyStore::default();
+    let first = store.create("alice", PrincipalKind::Human, &[Role::Inference], None, now).unwrap();
+    store.save(&store_path).unwrap();
+    let log = t.open(1 << 20);
+    let handle = KeyStoreHandle::open(store_path.clone()).unwrap();
+    handle.record_changes_in(log.clone());
+    // As `salus keys create` does while the server runs: a new key in the file.
+    let new = store.create("bob", PrincipalKind::Service, &[Role::Metrics], None, now).unwrap();
+    store.save(&store_path).unwrap();
+    handle.refresh();
+    // The event was queued before the new store was installed: a request made
+    // with the new key is recorded after it.
+    assert!(handle.authenticate(&new.secret, now).is_ok());
+    log.record_blocking(inference(&log, 1)).unwrap();
+    store.revoke("alice", now).unwrap();
+    store.save(&store_path).unwrap();
+    handle.reload().unwrap(); // SIGHUP
+    handle.refresh(); // nothing changed since: nothing recorded
+    assert!(handle.authenticate(&first.secret, now).is_err());
+    log.close().unwrap();
+    t.verify().unwrap();
+    let recs = t.records();
+    let admin: Vec<(&str, &str, &str)> = recs
+        .iter()
+        .filter(|r| r.kind.starts_with("admin."))
+        .map(|r| (r.kind.as_str(), r.target.as_deref().unwrap(), r.operation.as_deref().unwrap()))
+        .collect();
+    assert_eq!(
+        admin,
+        vec![
+            ("admin.key_created", new.record.id.as_str(), "keys.reload_file_changed"),
+            ("admin.key_revoked", first.record.id.as_str(), "keys.reload_sighup"),
+        ]
+    );
+    let created = recs.iter().position(|r| r.kind == "admin.key_created").unwrap();
+    let used = recs.iter().position(|r| r.request_id.as_deref() == Some("req-1")).unwrap();
+    assert!(created < used);
+    let d = recs[created].detail.as_ref().unwrap();
+    assert_eq!((d["key_principal"].as_str(), d["key_principal_kind"].as_str()), (Some("bob"), Some("service")));
+    let all = serde_json::to_string(&recs).unwrap();
+    for k in [&first, &new] {
+        assert!(!all.contains(&k.record.hash) && !all.contains(&k.secret[9..]), "key material in the trail");
+    }
+}
+
+#[test]
+fn tool_sessions_are_marked_and_record_nowait_is_durable_by_close() {
+    let t = Trail::new();
+    let log = AuditLog::open_tool(t.config(1 << 20), "salus keys").unwrap();
+    log.record_nowait(AuditEvent::new(EventKind::AdminConfigReloaded).target("x")).unwrap();
+    log.close().unwrap();
+    let recs = t.records();
+    let kinds: Vec<&str> = recs.iter().map(|r| r.kind.as_str()).collect();
+    assert_eq!(kinds, ["server.started", "admin.config_reloaded", "server.stopped"]);
+    assert_eq!(recs[0].detail.as_ref().unwrap()["session"], "salus keys");
+    assert_eq!(recs[2].detail.as_ref().unwrap()["session"], "salus keys");
+    // A plain open afterwards sees a clean shutdown.
+    t.open(1 << 20).close().unwrap();
+    assert!(!t.records().iter().any(|r| r.kind == "audit.recovered"));
+}
+
 #[allow(dead_code)]
 fn _assert_send_sync(_: &Path) {
     fn is<T: Send + Sync + Clone>() {}

@@ -6,7 +6,10 @@
 //! unauthenticated path to the model cannot compile.
 //!
 //! The server re-reads the key store when its file changes (checked at most once
-//! a second), so `salus keys revoke` takes effect on a running server.
+//! a second), so `salus keys revoke` takes effect on a running server. With an
+//! audit trail attached ([`KeyStoreHandle::record_changes_in`]) each reload
+//! records `admin.key_created` / `admin.key_revoked` for what changed
+//! ([`crate::audit::admin::key_store_events`]) before the new keys are used.
 
 pub mod store;
 
@@ -64,6 +67,7 @@ pub struct KeyStoreHandle {
     path: Option<PathBuf>,
     store: RwLock<Arc<KeyStore>>,
     check: Mutex<(Instant, Option<(SystemTime, u64)>)>,
+    audit: std::sync::OnceLock<crate::audit::AuditLog>,
 }
 
 impl KeyStoreHandle {
@@ -75,32 +79,75 @@ impl KeyStoreHandle {
             path: Some(path),
             store: RwLock::new(Arc::new(store)),
             check: Mutex::new((Instant::now(), stamp)),
+            audit: std::sync::OnceLock::new(),
         })
     }
 
     /// A fixed in-memory store (tests).
     pub fn fixed(store: KeyStore) -> Self {
-        KeyStoreHandle { path: None, store: RwLock::new(Arc::new(store)), check: Mutex::new((Instant::now(), None)) }
+        KeyStoreHandle {
+            path: None,
+            store: RwLock::new(Arc::new(store)),
+            check: Mutex::new((Instant::now(), None)),
+            audit: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// From now on, every reload that changes the store records
+    /// `admin.key_created` / `admin.key_revoked` in `log` (queued before the
+    /// new store is used, so they precede any request made with a new key).
+    pub fn record_changes_in(&self, log: crate::audit::AuditLog) {
+        let _ = self.audit.set(log);
     }
 
     /// Re-reads the file now (SIGHUP). Keeps the old store if the new one is invalid.
     pub fn reload(&self) -> Result<(), KeyStoreError> {
         let Some(path) = &self.path else { return Ok(()) };
+        let mut check = self.check.lock().unwrap_or_else(|e| e.into_inner());
+        let stamp = file_stamp(path);
         let store = KeyStore::load(path)?;
-        *self.store.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(store);
+        self.install(store, "keys.reload_sighup");
+        *check = (Instant::now(), stamp);
         Ok(())
     }
 
+    /// Checks the file for changes now and reloads it if it changed: what a
+    /// request does anyway (at most once a second), for a periodic timer and
+    /// for shutdown, so that changes are noticed (and recorded) on an idle
+    /// server too.
+    pub fn refresh(&self) {
+        self.check_file(true);
+    }
+
+    /// Replaces the store, first queueing the audit events for the difference.
+    fn install(&self, new: KeyStore, operation: &'static str) {
+        if let Some(log) = self.audit.get() {
+            let old = self.store.read().unwrap_or_else(|e| e.into_inner()).clone();
+            let actor = crate::audit::AuditPrincipal::new("key-store-file", "local", Vec::<String>::new());
+            for ev in crate::audit::admin::key_store_events(&old, &new, &actor, operation) {
+                if let Err(e) = log.record_nowait(ev) {
+                    tracing::error!(error = %e, "audit: key store change not recorded");
+                }
+            }
+        }
+        *self.store.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+    }
+
     fn current(&self) -> Arc<KeyStore> {
+        self.check_file(false);
+        self.store.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn check_file(&self, force: bool) {
         if let Some(path) = &self.path {
             let mut check = self.check.lock().unwrap_or_else(|e| e.into_inner());
-            if check.0.elapsed() >= Duration::from_secs(1) {
+            if force || check.0.elapsed() >= Duration::from_secs(1) {
                 check.0 = Instant::now();
                 let stamp = file_stamp(path);
                 if stamp != check.1 {
                     match KeyStore::load(path) {
                         Ok(s) => {
-                            *self.store.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(s);
+                            self.install(s, "keys.reload_file_changed");
                             check.1 = stamp;
                         }
                         Err(e) => tracing::error!(error = %e, "key store reload failed; keeping the previous keys"),
@@ -108,7 +155,6 @@ impl KeyStoreHandle {
                 }
             }
         }
-        self.store.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Verifies a presented key.

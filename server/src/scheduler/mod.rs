@@ -169,15 +169,19 @@ impl ContinuousBatchingEngine {
     pub fn start(lm: Arc<LoadedModel>, cfg: SchedulerConfig) -> Result<Self, SchedulerError> {
         cfg.validate()?;
         let mc = lm.model.config();
-        let cache_cfg = PagedCacheConfig::from_capacity(
+        // On a GPU the cache lives in device memory and a fraction means a
+        // fraction of the device memory left free after loading the weights.
+        let device = lm.model.device();
+        let cache_cfg = PagedCacheConfig::from_capacity_on(
             mc.num_layers,
             mc.num_kv_heads,
             mc.head_dim,
             cfg.block_size,
             cfg.kv_dtype.into(),
             cfg.capacity(),
+            device,
         )?;
-        let cache = PagedKvCache::new(cache_cfg)?;
+        let cache = PagedKvCache::new_on(cache_cfg, device)?;
         let capacity_tokens = cache_cfg.capacity_tokens();
         let context_length = lm.info.context_length.min(mc.max_context);
         let shared = Arc::new(Shared::default());

@@ -1,0 +1,201 @@
+//! The paged KV cache on a CUDA device: block storage in device memory and
+//! attention through Salus' NVRTC kernels (`salus_kernels::cuda`).
+//!
+//! [`crate::paged_cache::PagedKvCache`] keeps one attention path: it validates
+//! the spans, reserves blocks and builds the per-sequence chunks, then hands
+//! them to the CPU kernel or to [`CudaPagedStore::attend`] depending on where
+//! the cache lives. Block bookkeeping (pool, tables, lengths) stays on the host.
+//!
+//! Per step, the block tables and slot mapping are uploaded once, as one small
+//! int32 buffer (a [`PagedPlan`]); every layer of the step reuses it, because
+//! the plan is rebuilt on the host (cheap) and only re-uploaded when it differs
+//! from the previous layer's.
+
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, CudaStorage, DType, Device, Storage, Tensor};
+use half::{bf16, f16};
+use salus_kernels::cuda::{CudaKernelError, DevicePlan, PagedKernels};
+use salus_kernels::paged_attention::{AttentionParams, KvDtype, PagedGeometry, SeqChunk};
+use salus_kernels::paged_plan::PagedPlan;
+
+use crate::{ModelError, Result};
+
+fn cuda_err(e: CudaKernelError) -> ModelError {
+    match e {
+        CudaKernelError::Shape(m) => ModelError::InvalidBatch(m),
+        other => ModelError::Device(other.to_string()),
+    }
+}
+
+/// One layer's K and V blocks in device memory.
+enum CudaLayer {
+    F32(CudaSlice<f32>, CudaSlice<f32>),
+    F16(CudaSlice<f16>, CudaSlice<f16>),
+    BF16(CudaSlice<bf16>, CudaSlice<bf16>),
+}
+
+/// Device storage and kernels of a paged cache on one CUDA device.
+pub struct CudaPagedStore {
+    device: CudaDevice,
+    kernels: Arc<PagedKernels>,
+    layers: Vec<CudaLayer>,
+    /// The last uploaded plan (reused by the following layers of a step).
+    plan: Option<(PagedPlan, DevicePlan)>,
+}
+
+/// Free and total memory of a CUDA device, in bytes.
+pub fn cuda_memory_info(device: &CudaDevice) -> Result<(u64, u64)> {
+    let stream = device.cuda_stream();
+    let (free, total) = salus_kernels::cuda::mem_info(stream.context()).map_err(cuda_err)?;
+    Ok((free as u64, total as u64))
+}
+
+impl CudaPagedStore {
+    /// Allocates `num_layers` zeroed K and V caches of `geom` on `device` and
+    /// compiles (or fetches) the kernels for its head dimension.
+    pub(crate) fn new(
+        geom: &PagedGeometry,
+        num_layers: usize,
+        dtype: KvDtype,
+        device: &CudaDevice,
+    ) -> Result<Self> {
+        let stream = device.cuda_stream();
+        let kernels = PagedKernels::get(&stream, geom.head_dim).map_err(cuda_err)?;
+        let n = geom.cache_elems();
+        let oom = |e| {
+            ModelError::Device(format!(
+                "allocating the KV cache ({n} elements per layer): {e}"
+            ))
+        };
+        let mut layers = Vec::with_capacity(num_layers);
+        for _ in 0..num_layers {
+            layers.push(match dtype {
+                KvDtype::F32 => CudaLayer::F32(
+                    stream.alloc_zeros(n).map_err(oom)?,
+                    stream.alloc_zeros(n).map_err(oom)?,
+                ),
+                KvDtype::F16 => CudaLayer::F16(
+                    stream.alloc_zeros(n).map_err(oom)?,
+                    stream.alloc_zeros(n).map_err(oom)?,
+                ),
+                KvDtype::BF16 => CudaLayer::BF16(
+                    stream.alloc_zeros(n).map_err(oom)?,
+                    stream.alloc_zeros(n).map_err(oom)?,
+                ),
+            });
+        }
+        Ok(CudaPagedStore {
+            device: device.clone(),
+            kernels,
+            layers,
+            plan: None,
+        })
+    }
+
+    fn device_plan(
+        &mut self,
+        geom: &PagedGeometry,
+        rows: usize,
+        chunks: &[SeqChunk<'_>],
+        window: Option<usize>,
+    ) -> Result<()> {
+        let plan = PagedPlan::build(geom, rows, chunks, window)
+            .map_err(|e| ModelError::InvalidBatch(e.to_string()))?;
+        if self.plan.as_ref().is_some_and(|(p, _)| *p == plan) {
+            return Ok(());
+        }
+        let dev = DevicePlan::upload(&self.device.cuda_stream(), &plan).map_err(cuda_err)?;
+        self.plan = Some((plan, dev));
+        Ok(())
+    }
+
+    /// Writes the new K/V of `chunks` into `layer` and returns the attention
+    /// output `[rows, num_heads * head_dim]` in `q`'s dtype. The chunks have
+    /// been checked by the caller (positions, blocks reserved).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attend(
+        &mut self,
+        layer: usize,
+        geom: &PagedGeometry,
+        params: &AttentionParams,
+        chunks: &[SeqChunk<'_>],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        match q.device() {
+            Device::Cuda(d) if d.id() == self.device.id() => {}
+            _ => {
+                return Err(ModelError::InvalidBatch(
+                    "q/k/v are not on the KV cache's CUDA device".into(),
+                ))
+            }
+        }
+        let (rows, n_heads, hd) = q.dims3()?;
+        self.device_plan(geom, rows, chunks, params.sliding_window)?;
+        let Some((_, plan)) = self.plan.as_ref() else {
+            return Err(ModelError::InvalidBatch("no plan".into()));
+        };
+        let stream = self.device.cuda_stream();
+        let kernels = self.kernels.clone();
+        let mut out = stream
+            .alloc_zeros::<f32>(rows * n_heads * hd)
+            .map_err(|e| ModelError::Device(format!("allocating the attention output: {e}")))?;
+        let q32 = q.to_dtype(DType::F32)?.contiguous()?;
+        let cache = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| ModelError::InvalidBatch(format!("layer {layer} out of range")))?;
+        macro_rules! run {
+            ($kc:expr, $vc:expr, $ty:ty, $dt:expr) => {{
+                let kt = k.to_dtype($dt)?.contiguous()?;
+                let vt = v.to_dtype($dt)?.contiguous()?;
+                with_view::<$ty, _>(&kt, |kv| {
+                    with_view::<$ty, _>(&vt, |vv| {
+                        kernels
+                            .write_kv(&stream, geom, plan, kv, vv, $kc, $vc)
+                            .map_err(cuda_err)
+                    })
+                })?;
+                with_view::<f32, _>(&q32, |qv| {
+                    kernels
+                        .attention(&stream, geom, params, plan, qv, &*$kc, &*$vc, &mut out)
+                        .map_err(cuda_err)
+                })?;
+            }};
+        }
+        match cache {
+            CudaLayer::F32(kc, vc) => run!(kc, vc, f32, DType::F32),
+            CudaLayer::F16(kc, vc) => run!(kc, vc, f16, DType::F16),
+            CudaLayer::BF16(kc, vc) => run!(kc, vc, bf16, DType::BF16),
+        }
+        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, self.device.clone()));
+        let out = Tensor::from_storage(storage, (rows, n_heads * hd), BackpropOp::none(), false);
+        if q.dtype() == DType::F32 {
+            Ok(out)
+        } else {
+            Ok(out.to_dtype(q.dtype())?)
+        }
+    }
+}
+
+/// Runs `f` over the device memory of a contiguous CUDA tensor of element type `T`.
+fn with_view<T: CudaDType + DeviceRepr, R>(
+    t: &Tensor,
+    f: impl FnOnce(&CudaView<'_, T>) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        return Err(ModelError::InvalidBatch("expected a CUDA tensor".into()));
+    };
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| ModelError::InvalidBatch("expected a contiguous tensor".into()))?;
+    let slice = cs.as_cuda_slice::<T>()?;
+    let view = slice.slice(a..b);
+    f(&view)
+}
