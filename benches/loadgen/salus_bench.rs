@@ -14,6 +14,8 @@
 
 #[path = "report.rs"]
 mod bench_report;
+#[path = "../../src/tls_client.rs"]
+mod tls_client;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bench_report::{summarize, Sample};
+use tls_client::{client_config, ServerTrust};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -178,64 +181,11 @@ fn build_agent(args: &Args) -> Result<ureq::Agent> {
 }
 
 fn tls_config(args: &Args) -> Result<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?;
     if args.insecure {
         eprintln!("salus-bench: --insecure: server certificates are not verified");
-        return Ok(builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-            .with_no_client_auth());
+        return client_config(ServerTrust::Unverified);
     }
-    let path = args.cacert.as_ref().context("no --cacert")?;
-    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut &pem[..]) {
-        let cert = cert.with_context(|| format!("{}: invalid PEM", path.display()))?;
-        roots.add(cert).with_context(|| format!("{}: invalid certificate", path.display()))?;
-    }
-    if roots.is_empty() {
-        bail!("{} holds no certificate", path.display());
-    }
-    Ok(builder.with_root_certificates(roots).with_no_client_auth())
-}
-
-/// Accepts any certificate but still checks handshake signatures (for `--insecure`).
-#[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    client_config(ServerTrust::CaFile(args.cacert.as_ref().context("no --cacert")?))
 }
 
 /// Sends one request and measures it. Any transport error, non-2xx status or

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
 
 #[derive(Args)]
@@ -59,77 +59,11 @@ fn is_loopback_url(url: &str) -> bool {
 }
 
 fn tls_config(args: &HealthArgs) -> anyhow::Result<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?;
-    let Some(path) = &args.cacert else {
-        if !is_loopback_url(&args.url) {
-            bail!("--cacert is required for a non-loopback URL");
-        }
-        return Ok(builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(LoopbackNoVerify(provider)))
-            .with_no_client_auth());
-    };
-    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut &pem[..]) {
-        let cert = cert.with_context(|| format!("{}: invalid PEM", path.display()))?;
-        roots
-            .add(cert)
-            .with_context(|| format!("{}: invalid certificate", path.display()))?;
-    }
-    if roots.is_empty() {
-        bail!("{} holds no certificate", path.display());
-    }
-    Ok(builder.with_root_certificates(roots).with_no_client_auth())
-}
-
-/// Accepts the loopback server's certificate unverified, still checking
-/// handshake signatures.
-#[derive(Debug)]
-struct LoopbackNoVerify(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for LoopbackNoVerify {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+    use crate::tls_client::{client_config, ServerTrust};
+    match &args.cacert {
+        Some(path) => client_config(ServerTrust::CaFile(path)),
+        None if is_loopback_url(&args.url) => client_config(ServerTrust::Unverified),
+        None => bail!("--cacert is required for a non-loopback URL"),
     }
 }
 
