@@ -213,24 +213,18 @@ impl RotaryEmbedding {
             }
         }
         if self.fast && device.is_cpu() && dtype == DType::F32 {
-            return Ok(RopeTables {
-                tensors: None,
-                cpu: Some((cos, sin)),
-            });
+            return Ok(RopeTables::Cpu { cos, sin });
         }
         let shape = (positions.len(), 1, half);
         let cos_t = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
         let sin_t = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
-        Ok(RopeTables {
-            tensors: Some((cos_t, sin_t)),
-            cpu: None,
-        })
+        Ok(RopeTables::Tensors { cos: cos_t, sin: sin_t })
     }
 
     /// Rotates `x`: `[T, heads, head_dim]` using tables from [`Self::tables`].
     pub fn apply(&self, x: &Tensor, tables: &RopeTables) -> Result<Tensor> {
         let (t, h, d) = x.dims3()?;
-        if let Some((cos, sin)) = &tables.cpu {
+        if let RopeTables::Cpu { cos, sin } = tables {
             let half = d / 2;
             if cos.len() == t * half {
                 let style = self.style;
@@ -239,16 +233,17 @@ impl RotaryEmbedding {
                 }
             }
         }
-        let (cos, sin) = match (&tables.tensors, &tables.cpu) {
-            (Some((c, s)), _) => (c.clone(), s.clone()),
-            (None, Some((c, s))) => {
-                let shape = (c.len() / (d / 2).max(1), 1, d / 2);
+        let (cos, sin) = match tables {
+            RopeTables::Tensors { cos, sin } => (cos.clone(), sin.clone()),
+            // CPU tables with an input the loop does not take (not f32 or not
+            // contiguous on the CPU): candle's kernels on the same values.
+            RopeTables::Cpu { cos, sin } => {
+                let shape = (cos.len() / (d / 2).max(1), 1, d / 2);
                 (
-                    Tensor::from_vec(c.clone(), shape, x.device())?.to_dtype(x.dtype())?,
-                    Tensor::from_vec(s.clone(), shape, x.device())?.to_dtype(x.dtype())?,
+                    Tensor::from_vec(cos.clone(), shape, x.device())?.to_dtype(x.dtype())?,
+                    Tensor::from_vec(sin.clone(), shape, x.device())?.to_dtype(x.dtype())?,
                 )
             }
-            (None, None) => unreachable!("tables always hold one form"),
         };
         // Each token is a batch entry of one position: candle's kernels then pick
         // table row b for batch entry b.
@@ -263,9 +258,9 @@ impl RotaryEmbedding {
 
 /// Per-token rotary tables (`[T, head_dim/2]` cosines and sines): plain vectors
 /// on the CPU in f32, device tensors `[T, 1, head_dim/2]` otherwise.
-pub struct RopeTables {
-    tensors: Option<(Tensor, Tensor)>,
-    cpu: Option<(Vec<f32>, Vec<f32>)>,
+pub enum RopeTables {
+    Cpu { cos: Vec<f32>, sin: Vec<f32> },
+    Tensors { cos: Tensor, sin: Tensor },
 }
 
 /// Rotates `[T, h, d]` rows; token `t` uses table row `t`.
@@ -319,12 +314,13 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (3, 2, 8), &dev).unwrap();
             let positions = [5u32, 6, 7];
             let tables = rope.tables(&positions, &dev, DType::F32).unwrap();
-            let (c, s) = tables.cpu.clone().expect("CPU f32 tables");
+            let RopeTables::Cpu { cos: c, sin: s } = &tables else { panic!("CPU f32 tables") };
+            let (c, s) = (c.clone(), s.clone());
             let cos = Tensor::from_vec(c, (3, 1, 4), &dev).unwrap();
             let sin = Tensor::from_vec(s, (3, 1, 4), &dev).unwrap();
             // The loop path and candle's kernels (the other devices' path) agree.
             let y = rope.apply(&x, &tables).unwrap();
-            let via_candle = RopeTables { tensors: Some((cos.clone(), sin.clone())), cpu: None };
+            let via_candle = RopeTables::Tensors { cos: cos.clone(), sin: sin.clone() };
             let y2 = rope.apply(&x, &via_candle).unwrap();
             let d2 = (&y - &y2).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d2 < 1e-6, "{style:?}: loop vs candle {d2}");
