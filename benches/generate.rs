@@ -7,25 +7,17 @@
 //! location `scripts/fetch-model.sh` caches it at). Sizes: `SALUS_BENCH_PROMPT`,
 //! `SALUS_BENCH_DECODE`.
 
+// The default model's location and greedy choice, shared with the model tests.
+#[path = "../models/tests/common/default_model.rs"]
+mod default_model;
+
 use std::io::Cursor;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{Device, IndexOp, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
+use default_model::{argmax, default_model_if_present};
 use salus_models::{load, LoadOptions, ModelSource, PackedBatch, SeqId};
-
-fn model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("SALUS_MODEL") {
-        return PathBuf::from(p);
-    }
-    let dir = std::env::var("SALUS_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/salus/models")
-        });
-    dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")
-}
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -34,64 +26,50 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 struct Speed {
     prompt_tps: f64,
     decode_tps: f64,
     tokens: Vec<u32>,
 }
 
+/// Times a prefill of `prompt` (one step) and `n_decode` greedy steps through
+/// `forward(tokens, start_pos)`, which returns the last position's logits.
+fn timed_greedy(
+    prompt: &[u32],
+    n_decode: usize,
+    mut forward: impl FnMut(&[u32], usize) -> Vec<f32>,
+) -> Speed {
+    let t0 = Instant::now();
+    let logits = forward(prompt, 0);
+    let prompt_secs = t0.elapsed().as_secs_f64();
+    let mut tok = argmax(&logits);
+    let mut tokens = vec![tok];
+    let t1 = Instant::now();
+    for i in 0..n_decode {
+        tok = argmax(&forward(&[tok], prompt.len() + i));
+        tokens.push(tok);
+    }
+    let decode_secs = t1.elapsed().as_secs_f64();
+    Speed {
+        prompt_tps: prompt.len() as f64 / prompt_secs,
+        decode_tps: n_decode as f64 / decode_secs,
+        tokens,
+    }
+}
+
 fn bench_salus(source: &ModelSource, prompt: &[u32], decode: usize) -> Speed {
     let lm = load(source, &LoadOptions::default()).expect("load model");
-    let run = |n_prompt: usize, n_decode: usize| -> Speed {
+    let run = |prompt: &[u32], n_decode: usize| -> Speed {
         let mut cache = lm.model.new_cache();
-        let mut b = PackedBatch::new();
-        b.push(SeqId(0), &prompt[..n_prompt], 0).unwrap();
-        let t0 = Instant::now();
-        let logits = lm
-            .model
-            .forward(&b, &mut cache)
-            .unwrap()
-            .i(0)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let prompt_secs = t0.elapsed().as_secs_f64();
-        let mut tok = argmax(&logits);
-        let mut tokens = vec![tok];
-        let t1 = Instant::now();
-        for i in 0..n_decode {
+        timed_greedy(prompt, n_decode, |tokens, start_pos| {
             let mut b = PackedBatch::new();
-            b.push(SeqId(0), &[tok], n_prompt + i).unwrap();
-            let logits = lm
-                .model
-                .forward(&b, &mut cache)
-                .unwrap()
-                .i(0)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            tok = argmax(&logits);
-            tokens.push(tok);
-        }
-        let decode_secs = t1.elapsed().as_secs_f64();
-        Speed {
-            prompt_tps: n_prompt as f64 / prompt_secs,
-            decode_tps: n_decode as f64 / decode_secs,
-            tokens,
-        }
+            b.push(SeqId(0), tokens, start_pos).unwrap();
+            let logits = lm.model.forward(&b, &mut cache).unwrap();
+            logits.i(0).unwrap().to_vec1::<f32>().unwrap()
+        })
     };
-    run(16, 8); // warm-up
-    run(prompt.len(), decode)
+    run(&prompt[..16], 8); // warm-up
+    run(prompt, decode)
 }
 
 fn bench_candle(bytes: &[u8], prompt: &[u32], decode: usize) -> Speed {
@@ -101,57 +79,23 @@ fn bench_candle(bytes: &[u8], prompt: &[u32], decode: usize) -> Speed {
         let content = candle_core::quantized::gguf_file::Content::read(&mut cur).expect("gguf");
         ModelWeights::from_gguf(content, &mut cur, &dev).expect("candle quantized_llama")
     };
-    let run = |n_prompt: usize, n_decode: usize| -> Speed {
+    let run = |prompt: &[u32], n_decode: usize| -> Speed {
         let mut m = load();
-        let input = Tensor::new(&prompt[..n_prompt], &dev)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let t0 = Instant::now();
-        let logits = m
-            .forward(&input, 0)
-            .unwrap()
-            .i(0)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let prompt_secs = t0.elapsed().as_secs_f64();
-        let mut tok = argmax(&logits);
-        let mut tokens = vec![tok];
-        let t1 = Instant::now();
-        for i in 0..n_decode {
-            let input = Tensor::new(&[[tok]], &dev).unwrap();
-            let logits = m
-                .forward(&input, n_prompt + i)
-                .unwrap()
-                .i(0)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            tok = argmax(&logits);
-            tokens.push(tok);
-        }
-        let decode_secs = t1.elapsed().as_secs_f64();
-        Speed {
-            prompt_tps: n_prompt as f64 / prompt_secs,
-            decode_tps: n_decode as f64 / decode_secs,
-            tokens,
-        }
+        timed_greedy(prompt, n_decode, |tokens, start_pos| {
+            let input = Tensor::new(tokens, &dev).unwrap().unsqueeze(0).unwrap();
+            let logits = m.forward(&input, start_pos).unwrap();
+            logits.i(0).unwrap().to_vec1::<f32>().unwrap()
+        })
     };
-    run(16, 8); // warm-up
-    run(prompt.len(), decode)
+    run(&prompt[..16], 8); // warm-up
+    run(prompt, decode)
 }
 
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing special.
-    let path = model_path();
-    if !path.exists() {
-        eprintln!(
-            "generate bench: model {} not found; run scripts/fetch-model.sh or set SALUS_MODEL",
-            path.display()
-        );
+    let Some(path) = default_model_if_present() else {
         return;
-    }
+    };
     let n_prompt = env_usize("SALUS_BENCH_PROMPT", 128);
     let n_decode = env_usize("SALUS_BENCH_DECODE", 128);
     let source = ModelSource::read_plaintext(&path).expect("read model");

@@ -38,9 +38,10 @@ struct Args {
     /// Bearer token; also read from SALUS_API_KEY.
     #[arg(long, env = "SALUS_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// Model name sent in the request.
-    #[arg(long, default_value = "default")]
-    model: String,
+    /// Model name sent in the request (default: the first model the server's
+    /// `GET {base_url}/models` lists).
+    #[arg(long)]
+    model: Option<String>,
     /// Concurrency levels, comma separated.
     #[arg(long, default_value = "1,4,8,16", value_delimiter = ',')]
     concurrency: Vec<usize>,
@@ -111,12 +112,16 @@ fn run() -> Result<()> {
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} requests  {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => first_model(&agent, &args.base_url, args.api_key.as_deref())?,
+    };
     let bodies: Arc<Vec<String>> = Arc::new(
         prompts
             .iter()
             .map(|p| {
                 let mut b = serde_json::json!({
-                    "model": args.model,
+                    "model": model,
                     "messages": [{"role": "user", "content": p}],
                     "max_tokens": args.max_tokens,
                     "temperature": args.temperature,
@@ -129,6 +134,9 @@ fn run() -> Result<()> {
             })
             .collect(),
     );
+    // One request before the sweep: a server that refuses every request (wrong
+    // key, model or URL) is reported with its answer instead of a table of errors.
+    probe(&agent, &url, args.api_key.as_deref(), &bodies[0])?;
     let mut summaries = Vec::new();
     let mut offset = 0;
     for (&c, &n) in args.concurrency.iter().zip(&per_level) {
@@ -167,6 +175,54 @@ fn run() -> Result<()> {
         .with_context(|| format!("writing {}", args.out_svg.display()))?;
     eprintln!("wrote {} and {}", args.out_json.display(), args.out_svg.display());
     Ok(())
+}
+
+/// The first model id of `GET {base}/models`.
+fn first_model(agent: &ureq::Agent, base: &str, key: Option<&str>) -> Result<String> {
+    let url = format!("{}/models", base.trim_end_matches('/'));
+    let mut req = agent.get(&url);
+    if let Some(k) = key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    let v: serde_json::Value = req
+        .call()
+        .map_err(describe)
+        .with_context(|| format!("listing models at {url} (or pass --model)"))?
+        .into_json()
+        .with_context(|| format!("{url} did not answer JSON (pass --model)"))?;
+    v["data"][0]["id"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("{url} lists no model (pass --model)"))
+}
+
+/// Sends `body` once (not streamed, `max_tokens` 1) and fails with the server's
+/// answer if it is not a success.
+fn probe(agent: &ureq::Agent, url: &str, key: Option<&str>, body: &str) -> Result<()> {
+    let mut v: serde_json::Value = serde_json::from_str(body)?;
+    v["max_tokens"] = 1.into();
+    v["stream"] = false.into();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("stream_options");
+    }
+    let mut req = agent.post(url).set("Content-Type", "application/json");
+    if let Some(k) = key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    req.send_string(&v.to_string()).map_err(describe).with_context(|| format!("first request to {url}"))?;
+    Ok(())
+}
+
+/// A transport error, or an HTTP status with the server's error code.
+fn describe(e: ureq::Error) -> anyhow::Error {
+    match e {
+        ureq::Error::Status(code, resp) => {
+            let body: serde_json::Value = resp.into_json().unwrap_or_default();
+            let what = body["error"]["code"].as_str().or(body["error"]["type"].as_str()).unwrap_or("").to_string();
+            anyhow::anyhow!("HTTP {code} {what}")
+        }
+        ureq::Error::Transport(t) => anyhow::anyhow!("{t}"),
+    }
 }
 
 fn build_agent(args: &Args) -> Result<ureq::Agent> {

@@ -421,28 +421,54 @@ fn run_dispatch<E: KvElement>(path: SimdPath, ctx: &Ctx<'_, E>, it: &WorkItem) {
     SCRATCH.with(|cell| {
         let mut guard = cell.borrow_mut();
         let sc = &mut *guard;
-        match path {
+        // The common shapes get instances with the block size and head dimension
+        // as constants: the per-block loops then compile to straight vector
+        // code (same operations in the same order, so the same results).
+        let shape = match (ctx.geom.block_size, ctx.geom.head_dim) {
+            (16, 64) => Shape::Bs16Hd64,
+            (16, 128) => Shape::Bs16Hd128,
+            _ => Shape::Any,
+        };
+        match (path, shape) {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `detect` verified at runtime that the CPU supports avx512f and fma.
-            SimdPath::Avx512 => unsafe { run_avx512(ctx, it, sc) },
+            // SAFETY (this arm and the next two): `detect` verified at runtime
+            // that the CPU supports avx512f and fma.
+            (SimdPath::Avx512, Shape::Bs16Hd64) => unsafe { run_avx512::<E, 16, 64>(ctx, it, sc) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `detect` verified at runtime that the CPU supports avx2 and fma.
-            SimdPath::Avx2 => unsafe { run_avx2(ctx, it, sc) },
-            SimdPath::Portable => run_item_inner::<E, false>(ctx, it, sc),
+            (SimdPath::Avx512, Shape::Bs16Hd128) => unsafe { run_avx512::<E, 16, 128>(ctx, it, sc) },
+            #[cfg(target_arch = "x86_64")]
+            (SimdPath::Avx512, Shape::Any) => unsafe { run_avx512::<E, 0, 0>(ctx, it, sc) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY (this arm and the next two): `detect` verified at runtime
+            // that the CPU supports avx2 and fma.
+            (SimdPath::Avx2, Shape::Bs16Hd64) => unsafe { run_avx2::<E, 16, 64>(ctx, it, sc) },
+            #[cfg(target_arch = "x86_64")]
+            (SimdPath::Avx2, Shape::Bs16Hd128) => unsafe { run_avx2::<E, 16, 128>(ctx, it, sc) },
+            #[cfg(target_arch = "x86_64")]
+            (SimdPath::Avx2, Shape::Any) => unsafe { run_avx2::<E, 0, 0>(ctx, it, sc) },
+            (SimdPath::Portable, _) => run_item_inner::<E, false, 0, 0>(ctx, it, sc),
         }
     })
 }
 
+/// Block size and head dimension pairs with their own compiled instance.
+#[derive(Clone, Copy)]
+enum Shape {
+    Bs16Hd64,
+    Bs16Hd128,
+    Any,
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn run_avx512<E: KvElement>(ctx: &Ctx<'_, E>, it: &WorkItem, sc: &mut Scratch) {
-    run_item_inner::<E, true>(ctx, it, sc)
+unsafe fn run_avx512<E: KvElement, const BS: usize, const HD: usize>(ctx: &Ctx<'_, E>, it: &WorkItem, sc: &mut Scratch) {
+    run_item_inner::<E, true, BS, HD>(ctx, it, sc)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn run_avx2<E: KvElement>(ctx: &Ctx<'_, E>, it: &WorkItem, sc: &mut Scratch) {
-    run_item_inner::<E, true>(ctx, it, sc)
+unsafe fn run_avx2<E: KvElement, const BS: usize, const HD: usize>(ctx: &Ctx<'_, E>, it: &WorkItem, sc: &mut Scratch) {
+    run_item_inner::<E, true, BS, HD>(ctx, it, sc)
 }
 
 /// `a * b + c`, fused when the caller was compiled with FMA.
@@ -459,16 +485,20 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// slots masked out: fixed-width lanes, so it vectorizes.
 #[inline(always)]
 fn masked_max(s: &[f32], lo: usize, hi: usize) -> f32 {
+    // `a > b ? a : b` rather than `f32::max`: the same result here (NaN never
+    // wins, the lanes never hold NaN) but one vector instruction.
     let mut lanes = [f32::NEG_INFINITY; 16];
     for (j, x) in s.iter().enumerate() {
         let v = if j >= lo && j < hi { *x } else { f32::NEG_INFINITY };
-        lanes[j % 16] = lanes[j % 16].max(v);
+        let l = &mut lanes[j % 16];
+        *l = if v > *l { v } else { *l };
     }
     let mut w = 16;
     while w > 1 {
         w /= 2;
         for i in 0..w {
-            lanes[i] = lanes[i].max(lanes[i + w]);
+            let (a, b) = (lanes[i], lanes[i + w]);
+            lanes[i] = if b > a { b } else { a };
         }
     }
     lanes[0]
@@ -540,10 +570,13 @@ struct Scratch {
     /// Scores of up to four queries against one block, `[4][block_size]`.
     s: Vec<f32>,
     p: Vec<f32>,
-    /// Four queries interleaved, `[head_dim][4]`.
+    /// Each quad of visible queries interleaved, `[quad][head_dim][4]`.
     qt: Vec<f32>,
     /// (query, first slot, end slot) of the queries that see the current block.
     vis: Vec<(usize, usize, usize)>,
+    /// The queries `qt` holds, in order: it is rebuilt only when the set of
+    /// visible queries changes (for a decode token, never within an item).
+    qt_for: Vec<usize>,
 }
 
 thread_local! {
@@ -556,9 +589,16 @@ fn resize(v: &mut Vec<f32>, n: usize, val: f32) {
 }
 
 #[inline(always)]
-fn run_item_inner<E: KvElement, const FMA: bool>(ctx: &Ctx<'_, E>, it: &WorkItem, sc: &mut Scratch) {
+/// One work item. `BS` / `HD`: the block size / head dimension when known at
+/// compile time (the caller checked they equal the geometry's), else 0.
+fn run_item_inner<E: KvElement, const FMA: bool, const BS: usize, const HD: usize>(
+    ctx: &Ctx<'_, E>,
+    it: &WorkItem,
+    sc: &mut Scratch,
+) {
     let geom = &ctx.geom;
-    let (hd, bs) = (geom.head_dim, geom.block_size);
+    let hd = if HD > 0 { HD } else { geom.head_dim };
+    let bs = if BS > 0 { BS } else { geom.block_size };
     let group = ctx.params.num_heads / geom.num_kv_heads;
     let s = &ctx.seqs[it.seq];
     let nt = it.t1 - it.t0;
@@ -582,7 +622,7 @@ fn run_item_inner<E: KvElement, const FMA: bool>(ctx: &Ctx<'_, E>, it: &WorkItem
     resize(&mut sc.l, nq, 0.0);
     resize(&mut sc.s, 4 * bs, 0.0);
     resize(&mut sc.p, bs, 0.0);
-    resize(&mut sc.qt, 4 * hd, 0.0);
+    sc.qt_for.clear();
     let window = ctx.params.sliding_window.unwrap_or(usize::MAX);
     // Visible keys of the query at position p: p + 1 - window ..= p.
     let first_pos = s.start_pos + it.t0;
@@ -599,8 +639,12 @@ fn run_item_inner<E: KvElement, const FMA: bool>(ctx: &Ctx<'_, E>, it: &WorkItem
         let (kb, vb): (&[f32], &[f32]) = match (E::as_f32(kb_src), E::as_f32(vb_src)) {
             (Some(k), Some(v)) => (k, v),
             _ => {
-                resize(&mut sc.k, run, 0.0);
-                resize(&mut sc.v, run, 0.0);
+                // Grow only: every slot read below is written first (K whole,
+                // V up to `valid`), so the buffers need no clearing per block.
+                if sc.k.len() < run {
+                    sc.k.resize(run, 0.0);
+                    sc.v.resize(run, 0.0);
+                }
                 E::load(kb_src, &mut sc.k[..run]);
                 E::load(&vb_src[..valid * hd], &mut sc.v[..valid * hd]);
                 (&sc.k, &sc.v)
@@ -624,16 +668,24 @@ fn run_item_inner<E: KvElement, const FMA: bool>(ctx: &Ctx<'_, E>, it: &WorkItem
         // d in order with the same multiply-add as the scalar tail, so a key's
         // score does not depend on the path, the lanes, or the other queries.
         // Slots past `valid` hold finite stale or zero data and are never used.
-        for quad in sc.vis.chunks(4) {
-            let pick = |k: usize| quad[k.min(quad.len() - 1)].0;
-            // The four queries interleaved, `[d][4]`: one load per d feeds all four.
-            for k in 0..4 {
-                let q = &sc.q[pick(k) * hd..(pick(k) + 1) * hd];
-                for (d, x) in q.iter().enumerate() {
-                    sc.qt[d * 4 + k] = *x;
+        // Each quad's queries interleaved, `[d][4]`: one load per d feeds all four.
+        if sc.vis.len() != sc.qt_for.len() || sc.vis.iter().zip(&sc.qt_for).any(|(v, q)| v.0 != *q) {
+            sc.qt_for.clear();
+            sc.qt_for.extend(sc.vis.iter().map(|v| v.0));
+            resize(&mut sc.qt, sc.vis.len().div_ceil(4) * 4 * hd, 0.0);
+            for (qn, quad) in sc.vis.chunks(4).enumerate() {
+                let pick = |k: usize| quad[k.min(quad.len() - 1)].0;
+                let qt = &mut sc.qt[qn * 4 * hd..(qn + 1) * 4 * hd];
+                for k in 0..4 {
+                    let q = &sc.q[pick(k) * hd..(pick(k) + 1) * hd];
+                    for (d, x) in q.iter().enumerate() {
+                        qt[d * 4 + k] = *x;
+                    }
                 }
             }
-            let qt = &sc.qt[..hd * 4];
+        }
+        for (qn, quad) in sc.vis.chunks(4).enumerate() {
+            let qt = &sc.qt[qn * 4 * hd..(qn + 1) * 4 * hd];
             let kb = &kb[..hd * bs];
             let mut c0 = 0;
             while c0 + 16 <= bs {

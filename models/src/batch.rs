@@ -73,6 +73,37 @@ impl PackedBatch {
     }
 }
 
+/// The span checks a KV cache (and `Model::forward`) makes before it touches
+/// anything: every span continues its sequence exactly where the cache ends
+/// (`start_pos == cached_len(seq)`), ends within `max_len` positions when a
+/// limit is given, and lies inside the `packed_tokens` tokens of the step.
+/// Errors name sequence ids, positions and counts, never token ids or text.
+pub fn check_spans(
+    spans: &[SeqSpan],
+    packed_tokens: usize,
+    max_len: Option<usize>,
+    cached_len: impl Fn(SeqId) -> usize,
+) -> Result<()> {
+    for s in spans {
+        let have = cached_len(s.seq);
+        if s.start_pos != have {
+            return Err(ModelError::InvalidBatch(format!(
+                "sequence {} starts at position {} but {} tokens are cached",
+                s.seq.0, s.start_pos, have
+            )));
+        }
+        if let Some(limit) = max_len {
+            if s.start_pos + s.len > limit {
+                return Err(ModelError::ContextOverflow { needed: s.start_pos + s.len, limit });
+            }
+        }
+        if s.offset + s.len > packed_tokens {
+            return Err(ModelError::InvalidBatch("spans exceed the packed tokens".into()));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +118,27 @@ mod tests {
         assert_eq!(b.spans()[1], SeqSpan { seq: SeqId(2), offset: 3, len: 1, start_pos: 12 });
         assert!(b.push(SeqId(1), &[1], 3).is_err());
         assert!(b.push(SeqId(3), &[], 0).is_err());
+    }
+
+    #[test]
+    fn check_spans_names_the_problem() {
+        let mut b = PackedBatch::new();
+        b.push(SeqId(1), &[5, 6, 7], 4).unwrap();
+        b.push(SeqId(2), &[9], 0).unwrap();
+        let cached = |s: SeqId| if s == SeqId(1) { 4 } else { 0 };
+        assert!(check_spans(b.spans(), b.num_tokens(), Some(8), cached).is_ok());
+        assert!(check_spans(b.spans(), b.num_tokens(), None, cached).is_ok());
+        // A gap (or a repeat) against the cache.
+        let e = check_spans(b.spans(), b.num_tokens(), None, |_| 4).unwrap_err();
+        assert!(matches!(e, ModelError::InvalidBatch(_)), "{e}");
+        assert!(e.to_string().contains("sequence 2 starts at position 0 but 4"), "{e}");
+        // Past the context limit.
+        assert!(matches!(
+            check_spans(b.spans(), b.num_tokens(), Some(6), cached),
+            Err(ModelError::ContextOverflow { needed: 7, limit: 6 })
+        ));
+        // More span than packed tokens.
+        let e = check_spans(b.spans(), 3, None, cached).unwrap_err();
+        assert!(e.to_string().contains("spans exceed the packed tokens"), "{e}");
     }
 }

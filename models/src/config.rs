@@ -1,10 +1,14 @@
 //! The validated decoder configuration shared by every Llama-family architecture.
 //!
 //! Each architecture file (`llama.rs`, `mistral.rs`, `qwen2.rs`) parses its raw
-//! Hugging Face `config.json` or GGUF metadata and maps it onto [`DecoderConfig`];
+//! Hugging Face `config.json` or GGUF metadata and maps it onto [`DecoderConfig`]
+//! (the `config.json` fields all of them read alike live here, in
+//! [`HfDecoderFields`], so the mapping of those is written once);
 //! [`DecoderConfig::validate`] then checks the invariants the decoder relies on
 //! (head counts divide, head_dim is even, ids fit the vocabulary), so the forward
 //! pass never has to.
+
+use serde::Deserialize;
 
 use crate::{ModelError, Result};
 
@@ -64,6 +68,81 @@ pub enum RopeScaling {
         high_freq_factor: f32,
         original_max_position_embeddings: usize,
     },
+}
+
+/// `eos_token_id` in HF configs: one id or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum EosTokenIds {
+    Single(u32),
+    Multiple(Vec<u32>),
+}
+
+impl EosTokenIds {
+    pub fn into_vec(self) -> Vec<u32> {
+        match self {
+            EosTokenIds::Single(id) => vec![id],
+            EosTokenIds::Multiple(ids) => ids,
+        }
+    }
+}
+
+/// The Hugging Face `config.json` fields every Llama-family architecture reads
+/// the same way; each raw config flattens them in (`#[serde(flatten)]`). What
+/// differs stays with the architecture: `rope_theta` and
+/// `max_position_embeddings` (their defaults differ), `head_dim` (Qwen2 always
+/// derives it), rope scaling, biases and sliding windows.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfDecoderFields {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<EosTokenIds>,
+}
+
+impl HfDecoderFields {
+    /// The (not yet validated) decoder config of these fields in the plain
+    /// Hugging Face layout: half-split rope without scaling, no projection
+    /// biases, full attention. `head_dim` defaults to `hidden / heads`. The
+    /// architecture overrides what differs, then calls [`DecoderConfig::validate`].
+    pub fn decoder_config(
+        self,
+        architecture: Architecture,
+        head_dim: Option<usize>,
+        rope_theta: f32,
+        max_context: usize,
+    ) -> DecoderConfig {
+        DecoderConfig {
+            architecture,
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            head_dim: head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta,
+            rope_scaling: RopeScaling::None,
+            rope_style: RopeStyle::HalfSplit,
+            max_context,
+            tie_embeddings: self.tie_word_embeddings,
+            attention_bias: false,
+            sliding_window: None,
+            bos_token_id: self.bos_token_id,
+            eos_token_ids: self
+                .eos_token_id
+                .map(EosTokenIds::into_vec)
+                .unwrap_or_default(),
+        }
+    }
 }
 
 /// A decoder configuration that passed [`DecoderConfig::validate`].
@@ -241,6 +320,62 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("num_hidden_layers"), "{e}");
+    }
+
+    /// The shared fields map alike for every architecture; what differs stays
+    /// with it (Qwen2 derives head_dim and has its own rope_theta default and
+    /// biases; Mistral keeps its window; Qwen2 only with use_sliding_window).
+    #[test]
+    fn hf_configs_share_the_common_mapping() {
+        let base = r#""vocab_size":100,"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+            "max_position_embeddings":128,"rms_norm_eps":1e-5,"head_dim":32,
+            "sliding_window":8,"bos_token_id":1,"eos_token_id":[2,3]"#;
+        let json = |extra: &str| format!("{{{base}{extra}}}");
+        let llama: crate::llama::LlamaConfig = serde_json::from_str(&json("")).unwrap();
+        let llama = llama.into_config().unwrap();
+        assert_eq!(
+            llama,
+            DecoderConfig {
+                head_dim: 32,
+                eos_token_ids: vec![2, 3],
+                ..cfg()
+            }
+        );
+        let mistral: crate::mistral::MistralConfig = serde_json::from_str(&json("")).unwrap();
+        assert_eq!(
+            mistral.into_config().unwrap(),
+            DecoderConfig {
+                architecture: Architecture::Mistral,
+                sliding_window: Some(8),
+                ..llama.clone()
+            }
+        );
+        let qwen2 = |extra: &str| {
+            serde_json::from_str::<crate::qwen2::Qwen2Config>(&json(extra))
+                .unwrap()
+                .into_config()
+                .unwrap()
+        };
+        let want = DecoderConfig {
+            architecture: Architecture::Qwen2,
+            head_dim: 16,
+            rope_theta: 1_000_000.0,
+            attention_bias: true,
+            ..llama
+        };
+        assert_eq!(qwen2(""), want);
+        assert_eq!(
+            qwen2(r#","use_sliding_window":true"#),
+            DecoderConfig {
+                sliding_window: Some(8),
+                ..want
+            }
+        );
+        let e = serde_json::from_str::<crate::mistral::MistralConfig>(r#"{"hidden_size":64}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing field"), "{e}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::batch::{SeqId, SeqSpan};
+use crate::batch::{check_spans, SeqId, SeqSpan};
 use crate::{ModelError, Result};
 
 /// Storage of past keys/values plus attention over them.
@@ -91,35 +91,16 @@ impl ContiguousKvCache {
         self.seqs.len()
     }
 
-    fn check_spans(&self, layer: usize, spans: &[SeqSpan], total: usize) -> Result<()> {
+    /// The layer exists and every span fits the cache (see [`check_spans`]).
+    fn check_step(&self, layer: usize, spans: &[SeqSpan], total: usize) -> Result<()> {
         if layer >= self.num_layers {
             return Err(ModelError::InvalidBatch(format!(
                 "layer {layer} out of range"
             )));
         }
-        let mut end = 0;
-        for s in spans {
-            let have = self.seqs.get(&s.seq).map_or(0, |l| l[layer].len);
-            if s.start_pos != have {
-                return Err(ModelError::InvalidBatch(format!(
-                    "sequence {} starts at position {} but {} tokens are cached",
-                    s.seq.0, s.start_pos, have
-                )));
-            }
-            if s.start_pos + s.len > self.max_len {
-                return Err(ModelError::ContextOverflow {
-                    needed: s.start_pos + s.len,
-                    limit: self.max_len,
-                });
-            }
-            end = end.max(s.offset + s.len);
-        }
-        if end > total {
-            return Err(ModelError::InvalidBatch(
-                "spans exceed the packed tokens".into(),
-            ));
-        }
-        Ok(())
+        check_spans(spans, total, Some(self.max_len), |seq| {
+            self.seqs.get(&seq).map_or(0, |l| l[layer].len)
+        })
     }
 
     /// Makes room for `extra` more tokens in `kv`, doubling the capacity.
@@ -157,7 +138,7 @@ impl KvCache for ContiguousKvCache {
         sliding_window: Option<usize>,
     ) -> Result<Tensor> {
         let (total, n_heads, head_dim) = q.dims3()?;
-        self.check_spans(layer, spans, total)?;
+        self.check_step(layer, spans, total)?;
         let k = k.to_dtype(self.dtype)?;
         let v = v.to_dtype(self.dtype)?;
         let mut outs = Vec::with_capacity(spans.len());

@@ -14,29 +14,14 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::batch::PackedBatch;
-use crate::config::{Architecture, DecoderConfig, RopeScaling, RopeStyle};
+use crate::config::{Architecture, DecoderConfig, HfDecoderFields, RopeScaling, RopeStyle};
 use crate::kv_cache::KvCache;
 use crate::layers::{RmsNorm, RopeTables, RotaryEmbedding};
 use crate::linear::{Linear, StackedLinear};
 use crate::weights::{TensorName, Weights};
 use crate::{ModelError, Result};
 
-/// `eos_token_id` in HF configs: one id or a list.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum EosTokenIds {
-    Single(u32),
-    Multiple(Vec<u32>),
-}
-
-impl EosTokenIds {
-    pub fn into_vec(self) -> Vec<u32> {
-        match self {
-            EosTokenIds::Single(id) => vec![id],
-            EosTokenIds::Multiple(ids) => ids,
-        }
-    }
-}
+pub use crate::config::EosTokenIds;
 
 /// `rope_scaling` in HF configs (`rope_type` or the older `type` key).
 #[derive(Debug, Clone, Deserialize)]
@@ -89,57 +74,33 @@ fn default_max_positions() -> usize {
 /// Llama's Hugging Face `config.json`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct LlamaConfig {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: Option<usize>,
+    #[serde(flatten)]
+    pub common: HfDecoderFields,
     pub head_dim: Option<usize>,
-    pub rms_norm_eps: f64,
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f32,
     pub rope_scaling: Option<RawRopeScaling>,
     #[serde(default = "default_max_positions")]
     pub max_position_embeddings: usize,
     #[serde(default)]
-    pub tie_word_embeddings: bool,
-    #[serde(default)]
     pub attention_bias: bool,
-    pub bos_token_id: Option<u32>,
-    pub eos_token_id: Option<EosTokenIds>,
 }
 
 impl LlamaConfig {
     pub fn into_config(self) -> Result<DecoderConfig> {
-        let head_dim = self
-            .head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
+        let rope_scaling = match &self.rope_scaling {
+            Some(r) => r.to_scaling()?,
+            None => RopeScaling::None,
+        };
         DecoderConfig {
-            architecture: Architecture::Llama,
-            vocab_size: self.vocab_size,
-            hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_layers: self.num_hidden_layers,
-            num_heads: self.num_attention_heads,
-            num_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
-            head_dim,
-            rms_norm_eps: self.rms_norm_eps,
-            rope_theta: self.rope_theta,
-            rope_scaling: match &self.rope_scaling {
-                Some(r) => r.to_scaling()?,
-                None => RopeScaling::None,
-            },
-            rope_style: RopeStyle::HalfSplit,
-            max_context: self.max_position_embeddings,
-            tie_embeddings: self.tie_word_embeddings,
+            rope_scaling,
             attention_bias: self.attention_bias,
-            sliding_window: None,
-            bos_token_id: self.bos_token_id,
-            eos_token_ids: self
-                .eos_token_id
-                .map(EosTokenIds::into_vec)
-                .unwrap_or_default(),
+            ..self.common.decoder_config(
+                Architecture::Llama,
+                self.head_dim,
+                self.rope_theta,
+                self.max_position_embeddings,
+            )
         }
         .validate()
     }

@@ -8,7 +8,7 @@
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
-use crate::batch::PackedBatch;
+use crate::batch::{check_spans, PackedBatch};
 use crate::chat::ChatTemplate;
 use crate::config::{Architecture, DecoderConfig};
 use crate::kv_cache::{ContiguousKvCache, KvCache};
@@ -242,21 +242,12 @@ impl Model {
             return Err(ModelError::InvalidBatch("empty batch".into()));
         }
         let cfg = self.config();
-        for s in batch.spans() {
-            let cached = cache.seq_len(s.seq);
-            if s.start_pos != cached {
-                return Err(ModelError::InvalidBatch(format!(
-                    "sequence {} starts at position {} but {} tokens are cached",
-                    s.seq.0, s.start_pos, cached
-                )));
-            }
-            if s.start_pos + s.len > cfg.max_context {
-                return Err(ModelError::ContextOverflow {
-                    needed: s.start_pos + s.len,
-                    limit: cfg.max_context,
-                });
-            }
-        }
+        check_spans(
+            batch.spans(),
+            batch.num_tokens(),
+            Some(cfg.max_context),
+            |seq| cache.seq_len(seq),
+        )?;
         if let Some(&t) = batch
             .tokens()
             .iter()

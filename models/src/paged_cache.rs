@@ -22,7 +22,7 @@ use salus_kernels::paged_attention::{self, AttentionParams, KvElement, PagedGeom
 
 pub use salus_kernels::paged_attention::KvDtype;
 
-use crate::batch::{SeqId, SeqSpan};
+use crate::batch::{check_spans, SeqId, SeqSpan};
 use crate::kv_cache::KvCache;
 use crate::{ModelError, Result};
 
@@ -485,18 +485,7 @@ impl KvCache for PagedKvCache {
             return Err(ModelError::InvalidBatch("q/k/v shapes do not match the cache".into()));
         }
         // Check every span before touching anything.
-        for s in spans {
-            let have = self.seqs.get(&s.seq).map_or(0, |e| e.lens[layer]);
-            if s.start_pos != have {
-                return Err(ModelError::InvalidBatch(format!(
-                    "sequence {} starts at position {} but {} tokens are cached",
-                    s.seq.0, s.start_pos, have
-                )));
-            }
-            if s.offset + s.len > total {
-                return Err(ModelError::InvalidBatch("spans exceed the packed tokens".into()));
-            }
-        }
+        check_spans(spans, total, None, |seq| self.seqs.get(&seq).map_or(0, |e| e.lens[layer]))?;
         // Blocks are normally reserved by the scheduler; standalone callers get
         // them allocated here.
         for s in spans {

@@ -2,58 +2,21 @@
 //! is deterministic and sensible. Skipped (with a message) when the model file is
 //! absent; CI fetches it with scripts/fetch-model.sh.
 
-use std::path::PathBuf;
+mod common;
 
-use salus_models::chat::{ChatMessage, Role};
+use common::{chat_ids, load_default_model};
 use salus_models::sampling::SamplingParams;
-use salus_models::{
-    generate, load, FinishReason, GenerateParams, LoadOptions, LoadedModel, ModelError,
-    ModelSource, Phi,
-};
-
-fn model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("SALUS_MODEL") {
-        return PathBuf::from(p);
-    }
-    let dir = std::env::var("SALUS_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/salus/models")
-        });
-    dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
-fn default_model() -> Option<LoadedModel> {
-    let path = model_path();
-    if !path.exists() {
-        eprintln!(
-            "SKIPPED: default model not found at {} (run scripts/fetch-model.sh)",
-            path.display()
-        );
-        return None;
-    }
-    let source = ModelSource::read_plaintext(&path).expect("read model");
-    Some(load(&source, &LoadOptions::default()).expect("load default model"))
-}
+use salus_models::{generate, FinishReason, GenerateParams, ModelError, Phi};
 
 /// With the template's default system prompt this tiny model answers some
 /// phrasings of this question in French; this one reliably gets an English answer.
 const QUESTION: &str = "Name the capital of France.";
 
-fn chat_ids(lm: &LoadedModel, question: &str) -> Vec<u32> {
-    let template = lm
-        .chat_template
-        .as_ref()
-        .expect("SmolLM2 ships a chat template");
-    let text = template
-        .render(&[ChatMessage::new(Role::User, question)], true)
-        .unwrap();
-    lm.tokenizer.encode(text.expose(), false).unwrap()
-}
-
 #[test]
 fn greedy_chat_is_deterministic_and_sensible() {
-    let Some(lm) = default_model() else { return };
+    let Some(lm) = load_default_model() else {
+        return;
+    };
     assert_eq!(lm.info.architecture.as_str(), "llama");
     assert_eq!(lm.info.vocab_size, 49152);
     assert!(
@@ -134,7 +97,9 @@ fn greedy_chat_is_deterministic_and_sensible() {
 
 #[test]
 fn empty_prompt_is_rejected() {
-    let Some(lm) = default_model() else { return };
+    let Some(lm) = load_default_model() else {
+        return;
+    };
     let e = generate(&lm, &[], &GenerateParams::default(), |_| {}).unwrap_err();
     assert!(matches!(e, ModelError::InvalidPrompt(_)), "{e}");
 }

@@ -52,6 +52,26 @@ fn var_builder(tensors: &std::collections::BTreeMap<String, Tensor>) -> VarBuild
     VarBuilder::from_tensors(map, DType::F32, &Device::Cpu)
 }
 
+/// A reference implementation's logits, like [`ours`]: `forward(input, start_pos)`
+/// runs the `[1, n]` token tensor through the reference and returns its logits.
+fn reference_logits(
+    prompt: &[u32],
+    steps: &[u32],
+    mut forward: impl FnMut(&Tensor, usize) -> Tensor,
+) -> Vec<Tensor> {
+    let input = |ids: &[u32]| {
+        Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+    };
+    let mut want = vec![forward(&input(prompt), 0)];
+    for (i, &t) in steps.iter().enumerate() {
+        want.push(forward(&input(&[t]), prompt.len() + i));
+    }
+    want
+}
+
 fn load(src: &ModelSource) -> Model {
     Model::load_weights(src, &LoadOptions::default()).unwrap().0
 }
@@ -72,27 +92,9 @@ fn llama_safetensors_matches_candle_llama() {
     let cfg = cfg.into_config(false);
     let r = reference::Llama::load(var_builder(&tensors), &cfg).unwrap();
     let mut cache = reference::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
-    let mut want = vec![r
-        .forward(
-            &Tensor::new(prompt.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap(),
-            0,
-            &mut cache,
-        )
-        .unwrap()
-        .i(0)
-        .unwrap()];
-    for (i, &t) in steps.iter().enumerate() {
-        let x = Tensor::new(&[[t]], &Device::Cpu).unwrap();
-        want.push(
-            r.forward(&x, prompt.len() + i, &mut cache)
-                .unwrap()
-                .i(0)
-                .unwrap(),
-        );
-    }
+    let want = reference_logits(&prompt, &steps, |x, pos| {
+        r.forward(x, pos, &mut cache).unwrap().i(0).unwrap()
+    });
     compare("llama", &ours(&model, &prompt, &steps), &want);
 }
 
@@ -133,26 +135,9 @@ fn qwen2_safetensors_matches_candle_qwen2() {
 
     let cfg: reference::Config = serde_json::from_str(&json).unwrap();
     let mut r = reference::ModelForCausalLM::new(&cfg, var_builder(&tensors)).unwrap();
-    let mut want = vec![r
-        .forward(
-            &Tensor::new(prompt.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap(),
-            0,
-        )
-        .unwrap()
-        .flatten_all()
-        .unwrap()];
-    for (i, &t) in steps.iter().enumerate() {
-        let x = Tensor::new(&[[t]], &Device::Cpu).unwrap();
-        want.push(
-            r.forward(&x, prompt.len() + i)
-                .unwrap()
-                .flatten_all()
-                .unwrap(),
-        );
-    }
+    let want = reference_logits(&prompt, &steps, |x, pos| {
+        r.forward(x, pos).unwrap().flatten_all().unwrap()
+    });
     compare("qwen2", &ours(&model, &prompt, &steps), &want);
 }
 
@@ -176,26 +161,9 @@ fn mistral_safetensors_matches_candle_mistral() {
 
     let cfg: reference::Config = serde_json::from_str(&json).unwrap();
     let mut r = reference::Model::new(&cfg, var_builder(&tensors)).unwrap();
-    let mut want = vec![r
-        .forward(
-            &Tensor::new(prompt.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap(),
-            0,
-        )
-        .unwrap()
-        .flatten_all()
-        .unwrap()];
-    for (i, &t) in steps.iter().enumerate() {
-        let x = Tensor::new(&[[t]], &Device::Cpu).unwrap();
-        want.push(
-            r.forward(&x, prompt.len() + i)
-                .unwrap()
-                .flatten_all()
-                .unwrap(),
-        );
-    }
+    let want = reference_logits(&prompt, &steps, |x, pos| {
+        r.forward(x, pos).unwrap().flatten_all().unwrap()
+    });
     compare("mistral", &ours(&model, &prompt, &steps), &want);
 }
 
@@ -261,20 +229,8 @@ fn gguf_matches_candle_quantized_llama() {
     let mut cur = Cursor::new(bytes.as_slice());
     let content = candle_core::quantized::gguf_file::Content::read(&mut cur).unwrap();
     let mut r = reference::ModelWeights::from_gguf(content, &mut cur, &Device::Cpu).unwrap();
-    let mut want = vec![r
-        .forward(
-            &Tensor::new(prompt.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap(),
-            0,
-        )
-        .unwrap()
-        .i(0)
-        .unwrap()];
-    for (i, &t) in steps.iter().enumerate() {
-        let x = Tensor::new(&[[t]], &Device::Cpu).unwrap();
-        want.push(r.forward(&x, prompt.len() + i).unwrap().i(0).unwrap());
-    }
+    let want = reference_logits(&prompt, &steps, |x, pos| {
+        r.forward(x, pos).unwrap().i(0).unwrap()
+    });
     compare("gguf llama", &ours(&model, &prompt, &steps), &want);
 }

@@ -16,10 +16,11 @@
 //! choices must be identical. Skipped, with a message, when the
 //! model file is absent.
 
-use std::path::PathBuf;
+mod common;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::IndexOp;
+use common::default_model::{argmax, default_model_if_present};
 use salus_models::qlinear::set_salus_kernels_enabled;
 use salus_models::{
     KvCache, LoadOptions, Model, ModelSource, PackedBatch, SeqId, Tokenizer, WeightBytes,
@@ -27,23 +28,6 @@ use salus_models::{
 
 const LOGIT_TOL: f32 = 2.5;
 const STEPS: usize = 32;
-
-fn model_path() -> Option<PathBuf> {
-    let path = match std::env::var_os("SALUS_DEFAULT_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME")?)
-            .join(".cache/salus/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!(
-            "skipping: default model not found at {} (run scripts/fetch-model.sh)",
-            path.display()
-        );
-        None
-    }
-}
 
 fn load(bytes: &[u8], salus: bool) -> Model {
     set_salus_kernels_enabled(salus);
@@ -95,19 +79,11 @@ fn decode(model: &Model, prompt: &[u32], forced: Option<&[u32]>) -> (Vec<u32>, V
     (toks, all)
 }
 
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 #[test]
 fn greedy_output_matches_candle_reference_kernels() {
-    let Some(path) = model_path() else { return };
+    let Some(path) = default_model_if_present() else {
+        return;
+    };
     let bytes = std::fs::read(&path).unwrap();
     let md = Content::read(&mut std::io::Cursor::new(&bytes))
         .unwrap()

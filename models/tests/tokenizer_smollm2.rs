@@ -2,33 +2,18 @@
 //! ids produced by an independent implementation (scripts/gen-tokenizer-fixtures.py).
 //! Skipped, with a message, when the model file is not present.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use common::default_model::default_model_if_present;
 use salus_models::{ChatMessage, ChatTemplate, ModelSource, Role, StreamDecoder, Tokenizer};
 
 const FIXTURE: &str = include_str!("fixtures/smollm2_tokenizer_ids.json");
 
-fn model_path() -> Option<PathBuf> {
-    let path = match std::env::var_os("SALUS_DEFAULT_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME")?)
-            .join(".cache/salus/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!(
-            "skipping: default model not found at {} (run scripts/fetch-model.sh)",
-            path.display()
-        );
-        None
-    }
-}
-
 fn metadata() -> Option<HashMap<String, Value>> {
-    let path = model_path()?;
+    let path = default_model_if_present()?;
     let mut f = std::fs::File::open(path).expect("open model");
     Some(Content::read(&mut f).expect("read GGUF header").metadata)
 }

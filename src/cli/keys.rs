@@ -8,7 +8,10 @@
 //! trail is configured (`[audit]` in `--config`, or `--audit-dir`/`--audit-key`):
 //! * if no server holds it, this command records the events itself (in a short
 //!   session bracketed by `server.started`/`server.stopped` with
-//!   `detail.session = "salus keys"`) before the store is written;
+//!   `detail.session = "salus keys"`) before the store is written, and then
+//!   advances the trail's key baseline (`keys.recorded`); a change the baseline
+//!   lacks (made while a server ran that was killed before it noticed) is
+//!   recorded first, as `keys.startup_reconcile`;
 //! * if a running server holds it, the store is written and that server records
 //!   the events when it reloads the store (it checks the file every second);
 //! * if it cannot be opened for any other reason, nothing is changed (fail closed).
@@ -20,7 +23,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use salus_server::audit::admin::{key_store_events, local_operator};
-use salus_server::audit::{AuditConfig, AuditError, AuditLog};
+use salus_server::audit::{key_baseline, AuditConfig, AuditError, AuditLog};
 use salus_server::auth::store::{format_time, parse_expiry, OffsetDateTime};
 use salus_server::auth::{KeyStore, PrincipalKind, Role};
 use salus_server::config::Config;
@@ -105,16 +108,40 @@ fn save_audited(
     let dir = cfg.dir.clone();
     match AuditLog::open_tool(cfg, "salus keys") {
         Ok(log) => {
-            let actor = local_operator("salus-keys");
-            let recorded: anyhow::Result<()> = key_store_events(old, new, &actor, operation)
-                .into_iter()
-                .try_for_each(|ev| log.record_blocking(ev).map(drop).map_err(Into::into));
+            // Order, all while we hold the trail (its LOCK, so no server can
+            // start and reconcile in between):
+            // 1. record what the store holds that the baseline lacks, durably;
+            // 2. record this change, durably;
+            // 3. save the store;
+            // 4. write the baseline for the new store;
+            // then close. A crash after 2 leaves a recorded change that was not
+            // made (the store is unchanged); after 3 the baseline is old and the
+            // next start records the change again. A duplicate at worst, never
+            // a change missing from the trail.
+            let result = (|| -> anyhow::Result<()> {
+                let in_trail =
+                    || format!("recording the change in the audit trail {}; key store unchanged", dir.display());
+                key_baseline::reconcile(&log, old).with_context(in_trail)?;
+                let actor = local_operator("salus-keys");
+                key_store_events(old, new, &actor, operation)
+                    .into_iter()
+                    .try_for_each(|ev| log.record_blocking(ev).map(drop))
+                    .with_context(in_trail)?;
+                new.save(path).with_context(|| "saving the key store (the change is already in the audit trail)")?;
+                if let Err(e) = key_baseline::note_recorded(&log, new) {
+                    // The change is recorded and made; only a duplicate record
+                    // at the next start follows.
+                    eprintln!("warning: {e}: the next server start records this change again");
+                }
+                Ok(())
+            })();
             let closed = log.close();
-            recorded.with_context(|| {
-                format!("recording the change in the audit trail {}; key store unchanged", dir.display())
-            })?;
-            closed.with_context(|| format!("closing the audit trail {}", dir.display()))?;
-            new.save(path).with_context(|| "saving the key store (the change is already in the audit trail)")?;
+            result?;
+            if let Err(e) = closed {
+                // The change is recorded and made (and a new key must still be
+                // shown); the next open of the trail records the unclean end.
+                eprintln!("warning: closing the audit trail {}: {e}", dir.display());
+            }
             eprintln!("recorded in the audit trail {}", dir.display());
         }
         Err(AuditError::Locked(_)) => {

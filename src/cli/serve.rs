@@ -11,7 +11,9 @@
 //! in `<dev-dir>/audit` under a key generated once into `<dev-dir>/audit.key`
 //! (inspect it with `salus audit query --dir <dev-dir>/audit --key file:<dev-dir>/audit.key`).
 //! The log is opened before anything is served (`server.started`), records
-//! `admin.key_created` for the development key and `admin.model_loaded`, and is
+//! what the key store holds that the trail's key baseline (`keys.recorded`)
+//! does not (`keys.startup_reconcile`), `admin.key_created` for the development
+//! key and `admin.model_loaded`, and is
 //! closed (`server.stopped`, final checkpoint) after the listener has drained.
 
 use std::path::{Path, PathBuf};
@@ -21,7 +23,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use salus_server::app::{app, metrics_app};
-use salus_server::audit::{AuditEvent, AuditLog, AuditPrincipal, EventKind};
+use salus_server::audit::{key_baseline, AuditEvent, AuditLog, AuditPrincipal, EventKind};
 use salus_server::auth::store::{parse_expiry, OffsetDateTime};
 use salus_server::auth::{KeyStore, KeyStoreHandle, PrincipalKind, Role};
 use salus_server::config::{valid_model_id, Config};
@@ -199,6 +201,10 @@ fn run_with_audit(
     if args.dev {
         let now = OffsetDateTime::now_utc();
         let mut store = KeyStore::load(&config.auth.api_keys)?;
+        // First the trail learns the store as it is (what the baseline lacks),
+        // so that below the development key is recorded once, as serve.dev_key.
+        key_baseline::reconcile(&audit, &store)
+            .context("recording key-store changes the audit trail had missed (keys.startup_reconcile)")?;
         let new = store.create(
             "dev",
             PrincipalKind::Human,
@@ -215,12 +221,22 @@ fn run_with_audit(
                     .target(new.record.id.clone()),
             )
             .context("recording admin.key_created in the audit trail")?;
+        // The key's creation is durable: the baseline may include it.
+        key_baseline::note_recorded(&audit, &store).context("writing the audit trail's key baseline")?;
         dev_key = Some(new.secret);
     }
     let keys = Arc::new(KeyStoreHandle::open(config.auth.api_keys.clone())?);
     // `salus keys` cannot write to the trail while we hold it: we record what
     // changes in the key store when we reload it.
     keys.record_changes_in(audit.clone());
+    // What changed while no one was recording (the last server was killed
+    // before it noticed a change) is recorded now, before any key is used.
+    let missed = keys
+        .reconcile_with_trail()
+        .context("recording key-store changes the audit trail had missed (keys.startup_reconcile)")?;
+    if missed > 0 {
+        tracing::info!(events = missed, "audit: recorded key-store changes the trail did not hold yet");
+    }
 
     // The model.
     let model_path = config.model.path.clone().context("model.path is not set (use --model PATH)")?;

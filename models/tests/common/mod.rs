@@ -1,13 +1,39 @@
 //! Helpers shared by the model tests: tiny random-weight models written to
-//! in-memory safetensors / GGUF bytes, and logit comparison.
+//! in-memory safetensors / GGUF bytes, logit comparison, and finding and
+//! loading the default model.
 #![allow(dead_code)]
+
+pub mod default_model;
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use salus_models::{ModelSource, WeightBytes};
+use salus_models::chat::{ChatMessage, Role};
+use salus_models::{load, LoadOptions, LoadedModel, ModelSource, WeightBytes};
+
+use default_model::default_model_if_present;
+
+/// The default model loaded whole (network, tokenizer, chat template), or
+/// `None`, with a skip message, when its file is absent.
+pub fn load_default_model() -> Option<LoadedModel> {
+    let path = default_model_if_present()?;
+    let source = ModelSource::read_plaintext(&path).expect("read model");
+    Some(load(&source, &LoadOptions::default()).expect("load default model"))
+}
+
+/// `question` as one user turn in the model's own chat template, tokenized.
+pub fn chat_ids(lm: &LoadedModel, question: &str) -> Vec<u32> {
+    let template = lm
+        .chat_template
+        .as_ref()
+        .expect("SmolLM2 ships a chat template");
+    let text = template
+        .render(&[ChatMessage::new(Role::User, question)], true)
+        .unwrap();
+    lm.tokenizer.encode(text.expose(), false).unwrap()
+}
 
 pub const VOCAB: usize = 96;
 pub const HIDDEN: usize = 64;

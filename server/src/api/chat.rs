@@ -28,12 +28,15 @@ fn prompt_error(e: PromptError, param: &'static str, request_id: &str) -> ApiErr
     }
 }
 
-fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
-    if model == state.model().id {
-        Ok(())
-    } else {
-        Err(ApiError::ModelNotFound)
+/// The request names the served model, and the server is ready to serve it.
+fn check_servable(state: &AppState, model: &str) -> Result<(), ApiError> {
+    if model != state.model().id {
+        return Err(ApiError::ModelNotFound);
     }
+    if !state.is_ready() {
+        return Err(ApiError::NotReady);
+    }
+    Ok(())
 }
 
 /// `system_fingerprint`: identifies the exact weights served.
@@ -83,38 +86,146 @@ fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-struct ChatChunks {
+/// Which endpoint a response belongs to: decides `object` and the shape of a choice.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Chat,
+    Completion,
+}
+
+/// One part of one choice, as a streamed chunk carries it or as the whole.
+enum ChoicePart<'a> {
+    /// The chat role delta sent before any token (streaming).
+    Preamble,
+    /// New text and its logprobs (streaming).
+    Delta(&'a str, &'a [TokenLogprob]),
+    /// The end of the choice (streaming).
+    Finish(FinishReason),
+    /// The complete choice (non-streaming).
+    Whole(&'a ChoiceOutput),
+}
+
+/// Builds every JSON body of one request, streamed (as the [`ChunkFormat`]) or
+/// not ([`Self::whole`]): the envelope, the choices and the usage.
+struct ResponseBuilder {
     state: AppState,
+    endpoint: Endpoint,
     id: String,
     created: u64,
     fingerprint: String,
     logprobs: bool,
 }
 
-impl ChatChunks {
-    fn chunk(&self, choices: Value) -> Value {
+impl ResponseBuilder {
+    fn new(state: &AppState, ctx: &RequestContext, endpoint: Endpoint, logprobs: bool) -> Self {
+        let prefix = match endpoint {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completion => "cmpl",
+        };
+        ResponseBuilder {
+            state: state.clone(),
+            endpoint,
+            id: format!("{prefix}-{}", ctx.request_id()),
+            created: generate::unix_now(),
+            fingerprint: system_fingerprint(state),
+            logprobs,
+        }
+    }
+
+    fn envelope(&self, object: &str, choices: Value) -> Value {
         json!({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "id": self.id, "object": object, "created": self.created,
             "model": self.state.model().id, "system_fingerprint": self.fingerprint, "choices": choices,
         })
     }
+
+    /// A streamed chunk.
+    fn chunk(&self, choices: Value) -> Value {
+        let object = match self.endpoint {
+            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Completion => "text_completion",
+        };
+        self.envelope(object, choices)
+    }
+
+    fn choice(&self, index: usize, part: ChoicePart<'_>) -> Value {
+        let (text, logprobs, finish) = match &part {
+            ChoicePart::Preamble => ("", None, None),
+            ChoicePart::Delta(text, lps) => (*text, Some(*lps), None),
+            ChoicePart::Finish(reason) => ("", None, Some(*reason)),
+            ChoicePart::Whole(c) => {
+                (c.text.expose().as_str(), Some(c.logprobs.as_slice()), Some(c.finish.unwrap_or(FinishReason::Stop)))
+            }
+        };
+        let logprobs = match logprobs {
+            Some(lps) if self.logprobs => match self.endpoint {
+                Endpoint::Chat => chat_logprobs(&self.state, lps),
+                Endpoint::Completion => completion_logprobs(&self.state, lps, 0),
+            },
+            _ => Value::Null,
+        };
+        let finish_reason = finish.map_or(Value::Null, |r| Value::from(r.as_str()));
+        if let Endpoint::Completion = self.endpoint {
+            return json!({"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason});
+        }
+        let (key, message) = match part {
+            ChoicePart::Preamble => ("delta", json!({"role": "assistant", "content": "", "refusal": null})),
+            ChoicePart::Delta(..) => ("delta", json!({"content": text})),
+            ChoicePart::Finish(_) => ("delta", json!({})),
+            ChoicePart::Whole(_) => ("message", json!({"role": "assistant", "content": text, "refusal": null})),
+        };
+        let mut choice = serde_json::Map::new();
+        choice.insert("index".into(), index.into());
+        choice.insert(key.into(), message);
+        choice.insert("logprobs".into(), logprobs);
+        choice.insert("finish_reason".into(), finish_reason);
+        Value::Object(choice)
+    }
+
+    /// The non-streaming response: every choice complete, plus usage.
+    fn whole(&self, outputs: &[ChoiceOutput], prompt_tokens: usize) -> Value {
+        let completion: usize = outputs.iter().map(|c| c.completion_tokens).sum();
+        let choices: Vec<Value> =
+            outputs.iter().enumerate().map(|(i, c)| self.choice(i, ChoicePart::Whole(c))).collect();
+        let object = match self.endpoint {
+            Endpoint::Chat => "chat.completion",
+            Endpoint::Completion => "text_completion",
+        };
+        let mut v = self.envelope(object, Value::Array(choices));
+        v["usage"] = usage(prompt_tokens, completion);
+        v
+    }
+
+    /// Streams the submitted generation, or waits for it and answers at once.
+    async fn respond(
+        self,
+        state: AppState,
+        ctx: Arc<RequestContext>,
+        sub: generate::Submitted,
+        stream: bool,
+        include_usage: bool,
+    ) -> Result<Response, ApiError> {
+        if stream {
+            return Ok(generate::stream_response(state, ctx, sub, self, include_usage));
+        }
+        let prompt_tokens = sub.prompt_tokens;
+        let outputs = generate::collect(&state, &ctx, sub).await?;
+        Ok(Json(self.whole(&outputs, prompt_tokens)).into_response())
+    }
 }
 
-impl ChunkFormat for ChatChunks {
+impl ChunkFormat for ResponseBuilder {
     fn preamble(&self, choice: usize) -> Option<Value> {
-        Some(self.chunk(json!([{
-            "index": choice, "delta": {"role": "assistant", "content": "", "refusal": null},
-            "logprobs": null, "finish_reason": null,
-        }])))
+        match self.endpoint {
+            Endpoint::Chat => Some(self.chunk(json!([self.choice(choice, ChoicePart::Preamble)]))),
+            Endpoint::Completion => None,
+        }
     }
     fn delta(&self, choice: usize, text: &Phi<String>, logprobs: &[TokenLogprob]) -> Value {
-        let lp = if self.logprobs { chat_logprobs(&self.state, logprobs) } else { Value::Null };
-        self.chunk(
-            json!([{"index": choice, "delta": {"content": text.expose()}, "logprobs": lp, "finish_reason": null}]),
-        )
+        self.chunk(json!([self.choice(choice, ChoicePart::Delta(text.expose(), logprobs))]))
     }
     fn finish(&self, choice: usize, reason: FinishReason) -> Value {
-        self.chunk(json!([{"index": choice, "delta": {}, "logprobs": null, "finish_reason": reason.as_str()}]))
+        self.chunk(json!([self.choice(choice, ChoicePart::Finish(reason))]))
     }
     fn usage(&self, prompt: usize, completion: usize) -> Value {
         let mut v = self.chunk(json!([]));
@@ -133,10 +244,7 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     principal.require(Role::Inference)?;
     let req = ValidatedChatRequest::parse(body, state.limits())?;
-    check_model(&state, &req.model)?;
-    if !state.is_ready() {
-        return Err(ApiError::NotReady);
-    }
+    check_servable(&state, &req.model)?;
     let prompt = state.codec().encode_chat(&req.messages).map_err(|e| prompt_error(e, "messages", ctx.request_id()))?;
     drop(req.messages);
     let plan = generate::plan(&state, &ctx, vec![prompt.ids], &req.params)?;
@@ -150,68 +258,8 @@ pub async fn chat_completions(
     let audit = InferenceAudit::start(&state, &ctx, subject).await?;
     drop(prompt.text);
     let sub = plan.submit(&state, &ctx, audit).await?;
-    let id = format!("chatcmpl-{}", ctx.request_id());
-    let created = generate::unix_now();
-    let fingerprint = system_fingerprint(&state);
-    if req.params.stream {
-        let format = ChatChunks { state: state.clone(), id, created, fingerprint, logprobs: req.params.logprobs };
-        return Ok(generate::stream_response(state, ctx, sub, format, req.params.include_usage));
-    }
-    let prompt_tokens = sub.prompt_tokens;
-    let outputs = generate::collect(&state, &ctx, sub).await?;
-    let completion: usize = outputs.iter().map(|c| c.completion_tokens).sum();
-    let choices: Vec<Value> = outputs
-        .iter()
-        .enumerate()
-        .map(|(i, c): (usize, &ChoiceOutput)| {
-            json!({
-                "index": i,
-                "message": {"role": "assistant", "content": c.text.expose(), "refusal": null},
-                "logprobs": if req.params.logprobs { chat_logprobs(&state, &c.logprobs) } else { Value::Null },
-                "finish_reason": c.finish.unwrap_or(FinishReason::Stop).as_str(),
-            })
-        })
-        .collect();
-    Ok(Json(json!({
-        "id": id, "object": "chat.completion", "created": created, "model": state.model().id,
-        "system_fingerprint": fingerprint, "choices": choices, "usage": usage(prompt_tokens, completion),
-    }))
-    .into_response())
-}
-
-struct CompletionChunks {
-    state: AppState,
-    id: String,
-    created: u64,
-    fingerprint: String,
-    logprobs: bool,
-}
-
-impl CompletionChunks {
-    fn chunk(&self, choices: Value) -> Value {
-        json!({
-            "id": self.id, "object": "text_completion", "created": self.created,
-            "model": self.state.model().id, "system_fingerprint": self.fingerprint, "choices": choices,
-        })
-    }
-}
-
-impl ChunkFormat for CompletionChunks {
-    fn preamble(&self, _choice: usize) -> Option<Value> {
-        None
-    }
-    fn delta(&self, choice: usize, text: &Phi<String>, logprobs: &[TokenLogprob]) -> Value {
-        let lp = if self.logprobs { completion_logprobs(&self.state, logprobs, 0) } else { Value::Null };
-        self.chunk(json!([{"text": text.expose(), "index": choice, "logprobs": lp, "finish_reason": null}]))
-    }
-    fn finish(&self, choice: usize, reason: FinishReason) -> Value {
-        self.chunk(json!([{"text": "", "index": choice, "logprobs": null, "finish_reason": reason.as_str()}]))
-    }
-    fn usage(&self, prompt: usize, completion: usize) -> Value {
-        let mut v = self.chunk(json!([]));
-        v["usage"] = usage(prompt, completion);
-        v
-    }
+    let builder = ResponseBuilder::new(&state, &ctx, Endpoint::Chat, req.params.logprobs);
+    builder.respond(state, ctx, sub, req.params.stream, req.params.include_usage).await
 }
 
 /// `POST /v1/completions`.
@@ -224,10 +272,7 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     principal.require(Role::Inference)?;
     let req = ValidatedCompletionRequest::parse(body, state.limits())?;
-    check_model(&state, &req.model)?;
-    if !state.is_ready() {
-        return Err(ApiError::NotReady);
-    }
+    check_servable(&state, &req.model)?;
     let mut prompts = Vec::with_capacity(req.prompts.len());
     for p in &req.prompts {
         prompts.push(state.codec().encode_text(p).map_err(|e| prompt_error(e, "prompt", ctx.request_id()))?);
@@ -249,30 +294,6 @@ pub async fn completions(
     let audit = InferenceAudit::start(&state, &ctx, subject).await?;
     drop(canonical);
     let sub = plan.submit(&state, &ctx, audit).await?;
-    let id = format!("cmpl-{}", ctx.request_id());
-    let created = generate::unix_now();
-    let fingerprint = system_fingerprint(&state);
-    if req.params.stream {
-        let format = CompletionChunks { state: state.clone(), id, created, fingerprint, logprobs: req.params.logprobs };
-        return Ok(generate::stream_response(state, ctx, sub, format, req.params.include_usage));
-    }
-    let prompt_tokens = sub.prompt_tokens;
-    let outputs = generate::collect(&state, &ctx, sub).await?;
-    let completion: usize = outputs.iter().map(|c| c.completion_tokens).sum();
-    let choices: Vec<Value> = outputs
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            json!({
-                "text": c.text.expose(), "index": i,
-                "logprobs": if req.params.logprobs { completion_logprobs(&state, &c.logprobs, 0) } else { Value::Null },
-                "finish_reason": c.finish.unwrap_or(FinishReason::Stop).as_str(),
-            })
-        })
-        .collect();
-    Ok(Json(json!({
-        "id": id, "object": "text_completion", "created": created, "model": state.model().id,
-        "system_fingerprint": fingerprint, "choices": choices, "usage": usage(prompt_tokens, completion),
-    }))
-    .into_response())
+    let builder = ResponseBuilder::new(&state, &ctx, Endpoint::Completion, req.params.logprobs);
+    builder.respond(state, ctx, sub, req.params.stream, req.params.include_usage).await
 }

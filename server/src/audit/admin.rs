@@ -5,7 +5,9 @@
 //! the trail then; instead the server records the change when it reloads the
 //! store (it notices a changed file within a second, and on SIGHUP), by diffing
 //! the store it had against the one it loads. When no server holds the trail,
-//! `salus keys` records the change itself. Either way the events are built
+//! `salus keys` records the change itself. A change nobody recorded (a server
+//! killed before it noticed) is recorded at the next start from the trail's
+//! key baseline ([`super::key_baseline`]). Either way the events are built
 //! here, from key ids, principal ids, kinds, roles and times: never a key or a
 //! key hash.
 

@@ -35,6 +35,8 @@ pub struct AuditKeys {
     enc: SecretKey,
     header: ring::hmac::Key,
     hmac: ring::hmac::Key,
+    /// Authenticates `keys.recorded` (see `key_baseline.rs`).
+    baseline: ring::hmac::Key,
     signing: ed25519_dalek::SigningKey,
     key_id: String,
 }
@@ -49,6 +51,7 @@ impl AuditKeys {
             enc: master.derive("audit-enc"),
             header: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, master.derive("audit-header").expose()),
             hmac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, master.derive("audit-hmac").expose()),
+            baseline: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, master.derive("audit-keys-recorded").expose()),
             signing: ed25519_dalek::SigningKey::from_bytes(seed.expose()),
             key_id: master.key_id(),
         }
@@ -71,6 +74,12 @@ impl AuditKeys {
         let mut out = [0u8; 64];
         hex_into(tag.as_ref(), &mut out);
         String::from_utf8(out.to_vec()).expect("hex is ASCII")
+    }
+
+    /// `HMAC-SHA256(audit-keys-recorded key, body)`: authenticates the key-store
+    /// baseline file, so that it cannot be edited to hide a key.
+    pub(crate) fn baseline_mac(&self, body: &[u8]) -> [u8; 32] {
+        ring::hmac::sign(&self.baseline, body).as_ref().try_into().expect("HMAC-SHA256 is 32 bytes")
     }
 
     pub(crate) fn signing_key(&self) -> &ed25519_dalek::SigningKey {

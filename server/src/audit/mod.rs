@@ -48,11 +48,14 @@
 //!
 //! [`AuditLog`] is an `Arc` handle: clone it into every request handler.
 //! [`AuditLog::record_blocking`] is the same for non-async callers;
-//! [`AuditLog::record_nowait`] queues without waiting (key-store reloads on the
-//! request path). [`AuditLog::close`] writes `server.stopped` and a final
-//! checkpoint. [`AuditLog::open_tool`] opens a short session for a CLI tool
-//! (`salus keys` when no server holds the trail). [`admin`] builds the
-//! `admin.key_*` events from key-store differences.
+//! [`AuditLog::record_nowait`] queues without waiting. [`AuditLog::close`]
+//! writes `server.stopped` and a final checkpoint. [`AuditLog::open_tool`]
+//! opens a short session for a CLI tool (`salus keys` when no server holds
+//! the trail). [`admin`] builds the
+//! `admin.key_*` events from key-store differences; [`key_baseline`] keeps
+//! `keys.recorded`, the key set the trail has recorded, so that a change made
+//! while no one was recording (a server killed before it noticed) is recorded
+//! at the next start.
 //! Offline readers: [`verify_trail`], [`read_trail`], [`fhir::export_bundle`].
 //!
 //! # On-disk format (version 1)
@@ -82,6 +85,8 @@
 //!   optional checkpoint directory receives `checkpoint-<last_seq>.json` files,
 //!   never overwritten (suits a WORM mount).
 //! * `LOCK` — held (`flock`) by the one process writing the trail.
+//! * `keys.recorded` — the API key ids (and revocations) the trail has recorded,
+//!   authenticated with an HMAC (see [`key_baseline`]).
 //!
 //! A *record* is the UTF-8 JSON of an [`AuditRecord`]. Its hash is the RFC 6962
 //! leaf hash `SHA-256(0x00 | record bytes)`; each record's `prev_hash` is the
@@ -91,7 +96,7 @@
 //! Keys: one master key ([`KeySource`]); derived with [`SecretKey::derive`]:
 //! `audit-enc` (per-segment data keys `audit-enc` → `segment/<index>/<salt>`),
 //! `audit-header`, `audit-hmac` (prompt/completion HMACs), `audit-signing`
-//! (Ed25519 seed for checkpoints).
+//! (Ed25519 seed for checkpoints), `audit-keys-recorded` (MAC of `keys.recorded`).
 //!
 //! A segment is sealed (by a background thread) when it reaches
 //! `segment_max_bytes` or `segment_max_age`; the writer first starts the next
@@ -105,6 +110,7 @@ mod checkpoint;
 mod event;
 pub mod fhir;
 mod format;
+pub mod key_baseline;
 mod reader;
 mod segment;
 mod sync;

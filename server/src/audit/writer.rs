@@ -179,9 +179,9 @@ impl AuditLog {
     }
 
     /// Queues an event without waiting for it to be durable; a failure is
-    /// logged. For notices that must not block the caller (a key-store reload
-    /// noticed on the request path). Records stay in queue order: anything
-    /// recorded after this call is committed after this event.
+    /// logged. For notices that must not block the caller. Records stay in
+    /// queue order: anything recorded after this call is committed after this
+    /// event.
     pub fn record_nowait(&self, event: AuditEvent) -> Result<(), AuditError> {
         let kind = event.kind;
         self.submit(event, Reply::Detached(kind))
@@ -220,6 +220,11 @@ impl AuditLog {
 
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// The trail's derived keys (for `key_baseline`'s MAC).
+    pub(super) fn audit_keys(&self) -> &AuditKeys {
+        &self.inner.keys
     }
 
     /// Writes `server.stopped` and a final checkpoint, then stops the writer.

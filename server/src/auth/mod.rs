@@ -9,11 +9,16 @@
 //! a second), so `salus keys revoke` takes effect on a running server. With an
 //! audit trail attached ([`KeyStoreHandle::record_changes_in`]) each reload
 //! records `admin.key_created` / `admin.key_revoked` for what changed
-//! ([`crate::audit::admin::key_store_events`]) before the new keys are used.
+//! ([`crate::audit::admin::key_store_events`]) durably before the new keys are
+//! used. [`KeyStoreHandle::reconcile_with_trail`] (at server start) records
+//! what changed while no one was recording, and from then on every recorded
+//! reload also advances the trail's key baseline
+//! ([`crate::audit::key_baseline`]).
 
 pub mod store;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -68,36 +73,70 @@ pub struct KeyStoreHandle {
     store: RwLock<Arc<KeyStore>>,
     check: Mutex<(Instant, Option<(SystemTime, u64)>)>,
     audit: std::sync::OnceLock<crate::audit::AuditLog>,
+    /// The store whose keys the trail has recorded: reload diffs start here,
+    /// so changes whose events could not be recorded are tried again.
+    recorded: Mutex<Arc<KeyStore>>,
+    /// Set once [`KeyStoreHandle::reconcile_with_trail`] succeeded: recorded
+    /// reloads then rewrite the trail's key baseline.
+    keep_baseline: AtomicBool,
 }
 
 impl KeyStoreHandle {
     /// Loads the store at `path`.
     pub fn open(path: PathBuf) -> Result<Self, KeyStoreError> {
-        let store = KeyStore::load(&path)?;
+        // Stamp first: a change between the two is then reloaded (and recorded) later.
         let stamp = file_stamp(&path);
+        let store = Arc::new(KeyStore::load(&path)?);
         Ok(KeyStoreHandle {
             path: Some(path),
-            store: RwLock::new(Arc::new(store)),
+            store: RwLock::new(store.clone()),
             check: Mutex::new((Instant::now(), stamp)),
             audit: std::sync::OnceLock::new(),
+            recorded: Mutex::new(store),
+            keep_baseline: AtomicBool::new(false),
         })
     }
 
     /// A fixed in-memory store (tests).
     pub fn fixed(store: KeyStore) -> Self {
+        let store = Arc::new(store);
         KeyStoreHandle {
             path: None,
-            store: RwLock::new(Arc::new(store)),
+            store: RwLock::new(store.clone()),
             check: Mutex::new((Instant::now(), None)),
             audit: std::sync::OnceLock::new(),
+            recorded: Mutex::new(store),
+            keep_baseline: AtomicBool::new(false),
         }
     }
 
     /// From now on, every reload that changes the store records
-    /// `admin.key_created` / `admin.key_revoked` in `log` (queued before the
+    /// `admin.key_created` / `admin.key_revoked` in `log` (durable before the
     /// new store is used, so they precede any request made with a new key).
     pub fn record_changes_in(&self, log: crate::audit::AuditLog) {
         let _ = self.audit.set(log);
+    }
+
+    /// At server start, after [`KeyStoreHandle::record_changes_in`]: records
+    /// what the loaded store holds that the trail's key baseline does not
+    /// (operation `keys.startup_reconcile`; e.g. a change made while the last
+    /// server ran, which was killed before it noticed), writes the baseline, and
+    /// keeps it up to date on every recorded reload from then on. Returns the
+    /// number of events recorded. An error means the trail cannot be written:
+    /// the server must not start.
+    pub fn reconcile_with_trail(&self) -> Result<usize, crate::audit::AuditError> {
+        let Some(log) = self.audit.get() else {
+            return Err(crate::audit::AuditError::Config(
+                "the key store has no audit trail attached (record_changes_in)".into(),
+            ));
+        };
+        // No reload may run in between: it diffs from `recorded`.
+        let _check = self.check.lock().unwrap_or_else(|e| e.into_inner());
+        let store = self.store.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let n = crate::audit::key_baseline::reconcile(log, &store)?;
+        *self.recorded.lock().unwrap_or_else(|e| e.into_inner()) = store;
+        self.keep_baseline.store(true, Ordering::Release);
+        Ok(n)
     }
 
     /// Re-reads the file now (SIGHUP). Keeps the old store if the new one is invalid.
@@ -119,18 +158,40 @@ impl KeyStoreHandle {
         self.check_file(true);
     }
 
-    /// Replaces the store, first queueing the audit events for the difference.
+    /// Replaces the store, first recording (durably) the audit events for the
+    /// difference from the last recorded store, then advancing the baseline.
+    ///
+    /// Called with `check` locked, possibly on an async executor thread (from
+    /// a request's authentication). `record_blocking` waits only for the
+    /// audit writer's own OS threads (writer + committer, `writer.rs` /
+    /// `sync.rs`), never for a tokio task, so blocking here cannot deadlock
+    /// the writer; it costs one group commit (about one `fdatasync`) and
+    /// happens only when the key-store file changed.
+    ///
+    /// If an event cannot be recorded the new store is still installed (a
+    /// revocation must take effect), but neither the recorded store nor the
+    /// baseline advances: the next reload and the next start record the
+    /// change again (a duplicate at worst, never a missing event).
     fn install(&self, new: KeyStore, operation: &'static str) {
+        let new = Arc::new(new);
         if let Some(log) = self.audit.get() {
-            let old = self.store.read().unwrap_or_else(|e| e.into_inner()).clone();
-            let actor = crate::audit::AuditPrincipal::new("key-store-file", "local", Vec::<String>::new());
-            for ev in crate::audit::admin::key_store_events(&old, &new, &actor, operation) {
-                if let Err(e) = log.record_nowait(ev) {
-                    tracing::error!(error = %e, "audit: key store change not recorded");
+            let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+            let actor = crate::audit::key_baseline::key_store_file_actor();
+            let events = crate::audit::admin::key_store_events(&recorded, &new, &actor, operation);
+            let durable = events.into_iter().try_for_each(|ev| log.record_blocking(ev).map(drop));
+            match durable {
+                Ok(()) => {
+                    *recorded = new.clone();
+                    if self.keep_baseline.load(Ordering::Acquire) {
+                        if let Err(e) = crate::audit::key_baseline::note_recorded(log, &new) {
+                            tracing::error!(error = %e, "audit: key baseline not updated (recorded again at start)");
+                        }
+                    }
                 }
+                Err(e) => tracing::error!(error = %e, "audit: key store change not recorded"),
             }
         }
-        *self.store.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        *self.store.write().unwrap_or_else(|e| e.into_inner()) = new;
     }
 
     fn current(&self) -> Arc<KeyStore> {
