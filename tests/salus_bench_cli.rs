@@ -17,7 +17,8 @@ fn serve(conn: TcpStream, hits: &AtomicUsize, fail_every: usize) {
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
             return;
         }
-        assert!(line.starts_with("POST /v1/chat/completions "), "unexpected request line");
+        let list_models = line.starts_with("GET /v1/models ");
+        assert!(list_models || line.starts_with("POST /v1/chat/completions "), "unexpected request line");
         loop {
             line.clear();
             reader.read_line(&mut line).unwrap();
@@ -28,11 +29,19 @@ fn serve(conn: TcpStream, hits: &AtomicUsize, fail_every: usize) {
                 len = v.trim().parse().unwrap();
             }
         }
+        if list_models {
+            let list = r#"{"object":"list","data":[{"id":"scripted","object":"model"},{"id":"other","object":"model"}]}"#;
+            let mut w = conn.try_clone().unwrap();
+            write!(w, "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{list}", list.len())
+                .unwrap();
+            continue;
+        }
         let mut body = vec![0; len];
         reader.read_exact(&mut body).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["stream"], true);
         assert_eq!(v["max_tokens"], 7);
+        assert_eq!(v["model"], "scripted");
         let n = hits.fetch_add(1, Ordering::SeqCst) + 1;
         let mut w = conn.try_clone().unwrap();
         if fail_every > 0 && n % fail_every == 0 {
@@ -71,6 +80,8 @@ fn salus_bench_reports_every_level_against_a_loopback_server() {
         .args([
             "--base-url",
             &format!("http://{addr}/v1"),
+            "--model",
+            "scripted",
             "--concurrency",
             "1,2",
             "--requests",
@@ -115,4 +126,31 @@ fn salus_bench_rejects_bad_arguments() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("prompt file"));
+}
+
+/// Without `--model`, the model id is the first one `GET /v1/models` lists
+/// (the scripted server asserts it receives `scripted`).
+#[test]
+fn salus_bench_uses_the_first_listed_model() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let h = h.clone();
+            std::thread::spawn(move || serve(conn.unwrap(), &h, 0));
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_salus-bench"))
+        .args(["--base-url", &format!("http://{addr}/v1"), "--concurrency", "1", "--requests", "2", "--max-tokens", "7"])
+        .args(["--quiet", "--out-json"])
+        .arg(dir.path().join("r.json"))
+        .arg("--out-svg")
+        .arg(dir.path().join("r.svg"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "salus-bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
 }

@@ -134,9 +134,6 @@ fn run() -> Result<()> {
             })
             .collect(),
     );
-    // One request before the sweep: a server that refuses every request (wrong
-    // key, model or URL) is reported with its answer instead of a table of errors.
-    probe(&agent, &url, args.api_key.as_deref(), &bodies[0])?;
     let mut summaries = Vec::new();
     let mut offset = 0;
     for (&c, &n) in args.concurrency.iter().zip(&per_level) {
@@ -194,23 +191,6 @@ fn first_model(agent: &ureq::Agent, base: &str, key: Option<&str>) -> Result<Str
         .as_str()
         .map(str::to_string)
         .with_context(|| format!("{url} lists no model (pass --model)"))
-}
-
-/// Sends `body` once (not streamed, `max_tokens` 1) and fails with the server's
-/// answer if it is not a success.
-fn probe(agent: &ureq::Agent, url: &str, key: Option<&str>, body: &str) -> Result<()> {
-    let mut v: serde_json::Value = serde_json::from_str(body)?;
-    v["max_tokens"] = 1.into();
-    v["stream"] = false.into();
-    if let Some(o) = v.as_object_mut() {
-        o.remove("stream_options");
-    }
-    let mut req = agent.post(url).set("Content-Type", "application/json");
-    if let Some(k) = key {
-        req = req.set("Authorization", &format!("Bearer {k}"));
-    }
-    req.send_string(&v.to_string()).map_err(describe).with_context(|| format!("first request to {url}"))?;
-    Ok(())
 }
 
 /// A transport error, or an HTTP status with the server's error code.

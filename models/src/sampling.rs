@@ -153,8 +153,11 @@ impl SamplingParams {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub token: u32,
-    /// Log-probability of `token` under the processed logits (see the module docs).
-    pub logprob: f32,
+    /// Log-probability of `token` under the processed logits (see the module
+    /// docs); computed only when log-probabilities were requested
+    /// ([`SamplingParams::top_logprobs`] is `Some`), as it costs a pass of
+    /// exponentials over the whole vocabulary.
+    pub logprob: Option<f32>,
     /// The `top_logprobs` most likely tokens with their log-probabilities, most
     /// likely first (ties → lower id first); empty when not requested.
     pub top_logprobs: Vec<(u32, f32)>,
@@ -242,26 +245,26 @@ impl Sampler {
         self.process(logits, context, prompt_len);
         let v = &self.logits;
 
-        // Log-softmax normalizer of the processed logits.
-        let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = max_of(v);
         if !max.is_finite() {
             return Err(ModelError::InvalidSampling {
                 param: "logits",
                 reason: "no finite logit (all tokens banned or the model produced NaN/inf)".into(),
             });
         }
-        let sum = sum_exp(v, max);
-        let log_z = max + sum.ln();
-
         let token = if self.params.temperature == 0.0 {
-            argmax(v)
+            first_index_of(v, max)
         } else {
             self.draw(max)
         };
-        let logprob = self.logits[token as usize] - log_z;
-        let top_logprobs = match self.params.top_logprobs {
-            Some(n) if n > 0 => self.top_n(n, log_z),
-            _ => Vec::new(),
+        // Log-softmax normalizer of the processed logits, only when asked for.
+        let (logprob, top_logprobs) = match self.params.top_logprobs {
+            Some(n) => {
+                let log_z = max + sum_exp(&self.logits, max).ln();
+                let top = if n > 0 { self.top_n(n, log_z) } else { Vec::new() };
+                (Some(self.logits[token as usize] - log_z), top)
+            }
+            None => (None, Vec::new()),
         };
         Ok(Sampled {
             token,
@@ -427,7 +430,30 @@ fn sum_exp(v: &[f32], max: f32) -> f32 {
     acc.iter().sum::<f32>() + rest
 }
 
+/// The largest value (`-inf` for an empty slice). The inputs hold no NaN
+/// ([`Sampler::process`] maps NaN to `-inf`); sixteen running maxima with
+/// `a > b ? a : b` let the loop run in vector registers.
+fn max_of(v: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = v.chunks_exact(16);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for (l, &x) in lanes.iter_mut().zip(ch) {
+            *l = if x > *l { x } else { *l };
+        }
+    }
+    let m = rest.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    lanes.iter().fold(m, |m, &x| if x > m { x } else { m })
+}
+
+/// Index of the first element equal to `max` (the greedy token: ties → lowest
+/// index, as [`argmax`]); 0 if there is none.
+fn first_index_of(v: &[f32], max: f32) -> u32 {
+    v.iter().position(|&x| x == max).unwrap_or(0) as u32
+}
+
 /// Index of the largest value; ties → lowest index; NaN never wins.
+#[cfg(test)]
 fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
     let mut best_v = f32::NEG_INFINITY;
@@ -523,6 +549,36 @@ mod tests {
         };
         assert_eq!(run(42), run(42));
         assert_ne!(run(42), run(43));
+    }
+
+    /// The greedy path (vector max, then the first index holding it) picks what
+    /// the plain argmax picks: ties → lowest id, NaN never, `-inf` only if all
+    /// are; and no log-probability is computed unless asked for.
+    #[test]
+    fn greedy_token_equals_the_plain_argmax() {
+        let mut seed = 0x2545_F491u32;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        for case in 0..300 {
+            let n = 1 + (next() as usize % 1000);
+            // Few distinct values, so ties are common.
+            let mut l: Vec<f32> = (0..n).map(|_| (next() % 7) as f32 - 3.0).collect();
+            match case % 4 {
+                0 => l[next() as usize % n] = f32::NAN,
+                1 => l.iter_mut().take(n / 2).for_each(|x| *x = f32::NEG_INFINITY),
+                2 => l[n - 1] = 3.0,
+                _ => {}
+            }
+            let mut s = Sampler::new(params(|p| p.temperature = 0.0), n).unwrap();
+            let out = s.sample(&l, &[], 0).unwrap();
+            let clean: Vec<f32> = l.iter().map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x }).collect();
+            assert_eq!(out.token, argmax(&clean), "case {case}");
+            assert_eq!(out.logprob, None);
+        }
     }
 
     #[test]
@@ -705,6 +761,7 @@ mod tests {
         )
         .unwrap();
         let out = s.sample(&l, &[], 0).unwrap();
+        let logprob = out.logprob.expect("requested");
         let max = 5.0f32;
         // Reference normalizer in f64 (a running f32 sum of 1000 terms drifts by ~1e-5).
         let z = (l
@@ -714,13 +771,13 @@ mod tests {
             .ln()
             + max as f64) as f32;
         assert!(
-            (out.logprob - (5.0 - z)).abs() < 5e-6,
+            (logprob - (5.0 - z)).abs() < 5e-6,
             "{} vs {}",
-            out.logprob,
+            logprob,
             5.0 - z
         );
         assert_eq!(out.top_logprobs.len(), 5);
-        assert_eq!(out.top_logprobs[0], (3, out.logprob));
+        assert_eq!(out.top_logprobs[0], (3, logprob));
         assert_eq!(out.top_logprobs[1].0, 1);
         assert_eq!(out.top_logprobs[2].0, 7);
         // Ties among the -2.0 tokens resolve to the lowest ids.
@@ -744,7 +801,7 @@ mod tests {
         .unwrap();
         let hot = s.sample(&small, &[], 0).unwrap();
         assert_eq!(hot.token, 19);
-        assert!((hot.logprob - out.top_logprobs[0].1).abs() < 1e-6);
+        assert!((hot.logprob.unwrap() - out.top_logprobs[0].1).abs() < 1e-6);
     }
 
     #[test]

@@ -147,7 +147,6 @@ fn run_job(lm: &LoadedModel, job: &Job, next_seq: &mut u64, counters: &Counters)
         *next_seq += 1;
         let mut params = req.sampling.clone();
         params.seed = params.seed.map(|s| s.wrapping_add(choice as u64));
-        let want_logprobs = params.top_logprobs.is_some();
         let mut sampler = Sampler::new(params, vocab)?;
         let mut logits = None;
         for (i, c) in prompt.chunks(PREFILL_CHUNK).enumerate() {
@@ -186,10 +185,9 @@ fn run_job(lm: &LoadedModel, job: &Job, next_seq: &mut u64, counters: &Counters)
             }
             generated += 1;
             all.push(s.token);
-            let lp = if want_logprobs {
-                vec![TokenLogprob { token_id: s.token, logprob: s.logprob, top: s.top_logprobs }]
-            } else {
-                Vec::new()
+            let lp = match s.logprob {
+                Some(logprob) => vec![TokenLogprob { token_id: s.token, logprob, top: s.top_logprobs }],
+                None => Vec::new(),
             };
             let piece = detok.push(&lm.tokenizer, s.token)?;
             let step = stops.push(&piece);

@@ -44,7 +44,6 @@ struct SeqCtx {
     stops: StopMatcher,
     generated: usize,
     max_tokens: usize,
-    want_logprobs: bool,
 }
 
 struct Worker {
@@ -118,7 +117,6 @@ impl Worker {
         for choice in 0..n {
             let mut params = request.sampling.clone();
             params.seed = params.seed.map(|s| s.wrapping_add(choice as u64));
-            let want_logprobs = params.top_logprobs.is_some();
             match Sampler::new(params, vocab) {
                 Ok(sampler) => ctxs.push(SeqCtx {
                     request: rid,
@@ -128,7 +126,6 @@ impl Worker {
                     stops: StopMatcher::new(request.stop_strings.clone()),
                     generated: 0,
                     max_tokens,
-                    want_logprobs,
                 }),
                 Err(e) => {
                     tracing::error!(request_id = %state.id.0, error = %e, "invalid sampling parameters reached the engine");
@@ -274,10 +271,9 @@ impl Worker {
             Some(FinishReason::Stop)
         } else {
             ctx.generated += 1;
-            let lp = if ctx.want_logprobs {
-                vec![TokenLogprob { token_id: sampled.token, logprob: sampled.logprob, top: sampled.top_logprobs }]
-            } else {
-                Vec::new()
+            let lp = match sampled.logprob {
+                Some(logprob) => vec![TokenLogprob { token_id: sampled.token, logprob, top: sampled.top_logprobs }],
+                None => Vec::new(),
             };
             let piece = match ctx.detok.push(&lm.tokenizer, sampled.token) {
                 Ok(p) => p,
