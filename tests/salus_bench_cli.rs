@@ -62,8 +62,9 @@ fn serve(conn: TcpStream, hits: &AtomicUsize, fail_every: usize) {
     }
 }
 
-#[test]
-fn salus_bench_reports_every_level_against_a_loopback_server() {
+/// Starts [`serve`] on a loopback port; returns its address and the count of
+/// chat requests it answered or failed.
+fn scripted_server(fail_every: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
@@ -71,9 +72,15 @@ fn salus_bench_reports_every_level_against_a_loopback_server() {
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let h = h.clone();
-            std::thread::spawn(move || serve(conn.unwrap(), &h, 4));
+            std::thread::spawn(move || serve(conn.unwrap(), &h, fail_every));
         }
     });
+    (addr, hits)
+}
+
+#[test]
+fn salus_bench_reports_every_level_against_a_loopback_server() {
+    let (addr, hits) = scripted_server(4);
     let dir = tempfile::tempdir().unwrap();
     let (json, svg) = (dir.path().join("r.json"), dir.path().join("r.svg"));
     let out = Command::new(env!("CARGO_BIN_EXE_salus-bench"))
@@ -132,16 +139,7 @@ fn salus_bench_rejects_bad_arguments() {
 /// (the scripted server asserts it receives `scripted`).
 #[test]
 fn salus_bench_uses_the_first_listed_model() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let h = h.clone();
-            std::thread::spawn(move || serve(conn.unwrap(), &h, 0));
-        }
-    });
+    let (addr, hits) = scripted_server(0);
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_salus-bench"))
         .args(["--base-url", &format!("http://{addr}/v1"), "--concurrency", "1", "--requests", "2", "--max-tokens", "7"])
