@@ -431,20 +431,22 @@ fn run_dispatch<E: KvElement>(path: SimdPath, ctx: &Ctx<'_, E>, it: &WorkItem) {
         };
         match (path, shape) {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY (this arm and the next two): `detect` verified at runtime
-            // that the CPU supports avx512f and fma.
+            // SAFETY: `detect` verified at runtime that the CPU supports avx512f and fma.
             (SimdPath::Avx512, Shape::Bs16Hd64) => unsafe { run_avx512::<E, 16, 64>(ctx, it, sc) },
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above (avx512f and fma verified by `detect`).
             (SimdPath::Avx512, Shape::Bs16Hd128) => unsafe { run_avx512::<E, 16, 128>(ctx, it, sc) },
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above (avx512f and fma verified by `detect`).
             (SimdPath::Avx512, Shape::Any) => unsafe { run_avx512::<E, 0, 0>(ctx, it, sc) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY (this arm and the next two): `detect` verified at runtime
-            // that the CPU supports avx2 and fma.
+            // SAFETY: `detect` verified at runtime that the CPU supports avx2 and fma.
             (SimdPath::Avx2, Shape::Bs16Hd64) => unsafe { run_avx2::<E, 16, 64>(ctx, it, sc) },
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above (avx2 and fma verified by `detect`).
             (SimdPath::Avx2, Shape::Bs16Hd128) => unsafe { run_avx2::<E, 16, 128>(ctx, it, sc) },
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above (avx2 and fma verified by `detect`).
             (SimdPath::Avx2, Shape::Any) => unsafe { run_avx2::<E, 0, 0>(ctx, it, sc) },
             (SimdPath::Portable, _) => run_item_inner::<E, false, 0, 0>(ctx, it, sc),
         }
