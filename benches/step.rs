@@ -5,14 +5,17 @@
 //! token are made of: aggregate decode tok/s at concurrency B is at most
 //! B / step time, and a request's first token waits for the prefills ahead of it.
 //!
-//! Run: `cargo bench --bench step`. Environment: `SALUS_MODEL` (model path),
+//! Run: `cargo bench --bench step`. Environment: `SALUS_MODEL` (model path; see
+//! `models/tests/common/default_model.rs` for where else it looks),
 //! `SALUS_BENCH_BATCHES` (default `1,4,8,16`), `SALUS_BENCH_CTX` (cached tokens
 //! per sequence, default 200), `SALUS_BENCH_STEPS` (decode steps timed, 32),
 //! `SALUS_BENCH_KV` (dtypes, default `f32,f16,bf16`), `SALUS_BENCH_PROMPT`
 //! (prefill length, default 256).
 
-use std::path::PathBuf;
 use std::time::Instant;
+
+#[path = "../models/tests/common/default_model.rs"]
+mod default_model;
 
 use salus_models::paged_cache::{BlockManager, KvDtype, PagedCacheConfig, PagedKvCache};
 use salus_models::{load, LoadOptions, ModelSource, PackedBatch, SeqId};
@@ -30,24 +33,15 @@ fn env_list(name: &str, default: &str) -> Vec<String> {
         .collect()
 }
 
-fn model_path() -> PathBuf {
-    std::env::var("SALUS_MODEL").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_default())
-            .join(".cache/salus/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    })
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
 fn main() {
-    let path = model_path();
-    if !path.exists() {
-        eprintln!("step bench: model {} not found; run scripts/fetch-model.sh or set SALUS_MODEL", path.display());
+    let Some(path) = default_model::default_model_if_present() else {
         return;
-    }
+    };
     let batches: Vec<usize> =
         env_list("SALUS_BENCH_BATCHES", "1,4,8,16").iter().filter_map(|s| s.parse().ok()).collect();
     let ctx = env_usize("SALUS_BENCH_CTX", 200).max(1);

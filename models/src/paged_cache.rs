@@ -229,20 +229,9 @@ impl PagedCacheConfig {
         2 * (num_layers * num_kv_heads * head_dim * block_size * dtype.size_in_bytes()) as u64
     }
 
-    /// Sizes the pool from a capacity budget. Fails when not even one block fits.
-    pub fn from_capacity(
-        num_layers: usize,
-        num_kv_heads: usize,
-        head_dim: usize,
-        block_size: usize,
-        dtype: KvDtype,
-        capacity: KvCapacity,
-    ) -> Result<Self> {
-        Self::from_capacity_on(num_layers, num_kv_heads, head_dim, block_size, dtype, capacity, &Device::Cpu)
-    }
-
-    /// [`Self::from_capacity`] for a cache on `device`: a fraction of free
-    /// memory means free host memory on CPU and free device memory on CUDA.
+    /// Sizes the pool from a capacity budget for a cache on `device` (a
+    /// fraction of free memory means free host memory on CPU and free device
+    /// memory on CUDA). Fails when not even one block fits.
     pub fn from_capacity_on(
         num_layers: usize,
         num_kv_heads: usize,
@@ -589,11 +578,11 @@ mod tests {
     fn paged_capacity_sizes_the_pool() {
         let per = PagedCacheConfig::bytes_per_block(2, 2, 8, 4, KvDtype::F16);
         assert_eq!(per, 2 * 2 * 2 * 8 * 4 * 2);
-        let c = PagedCacheConfig::from_capacity(2, 2, 8, 4, KvDtype::F16, KvCapacity::Bytes(per * 10 + 7)).unwrap();
+        let c = PagedCacheConfig::from_capacity_on(2, 2, 8, 4, KvDtype::F16, KvCapacity::Bytes(per * 10 + 7), &Device::Cpu).unwrap();
         assert_eq!(c.num_blocks, 10);
         assert_eq!(c.capacity_tokens(), 40);
-        assert!(PagedCacheConfig::from_capacity(2, 2, 8, 4, KvDtype::F16, KvCapacity::Bytes(per - 1)).is_err());
-        assert!(PagedCacheConfig::from_capacity(2, 2, 8, 4, KvDtype::F16, KvCapacity::FractionOfFree(1.5)).is_err());
+        assert!(PagedCacheConfig::from_capacity_on(2, 2, 8, 4, KvDtype::F16, KvCapacity::Bytes(per - 1), &Device::Cpu).is_err());
+        assert!(PagedCacheConfig::from_capacity_on(2, 2, 8, 4, KvDtype::F16, KvCapacity::FractionOfFree(1.5), &Device::Cpu).is_err());
     }
 
     #[test]

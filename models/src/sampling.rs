@@ -447,23 +447,9 @@ fn max_of(v: &[f32]) -> f32 {
 }
 
 /// Index of the first element equal to `max` (the greedy token: ties → lowest
-/// index, as [`argmax`]); 0 if there is none.
+/// index, as a plain argmax loop); 0 if there is none.
 fn first_index_of(v: &[f32], max: f32) -> u32 {
     v.iter().position(|&x| x == max).unwrap_or(0) as u32
-}
-
-/// Index of the largest value; ties → lowest index; NaN never wins.
-#[cfg(test)]
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &x) in v.iter().enumerate() {
-        if x > best_v {
-            best_v = x;
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Ordering "better first": higher value, then lower token id.

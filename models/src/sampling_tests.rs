@@ -348,3 +348,17 @@ fn bad_logits_are_errors_not_panics() {
     let mut s = Sampler::new(params(|p| p.repetition_penalty = 1.5), 10).unwrap();
     assert!(s.sample(&[0.0; 10], &[99], 0).is_ok());
 }
+
+/// The plain argmax loop, the oracle for the greedy path: index of the largest
+/// value; ties → lowest index; NaN never wins.
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &x) in v.iter().enumerate() {
+        if x > best_v {
+            best_v = x;
+            best = i;
+        }
+    }
+    best as u32
+}
