@@ -75,7 +75,7 @@ fn main() {
             })
             .collect();
         let samples: Vec<Sample> = threads.into_iter().flat_map(|t| t.join().expect("bench thread")).collect();
-        let s = summarize(c, &samples, start.elapsed());
+        let s = summarize(c, &samples, 0, start.elapsed());
         let st = engine.stats();
         eprintln!("level {c}: done ({} preemptions so far, {} steps)", st.preemptions_total, st.steps_total);
         summaries.push(s);

@@ -22,6 +22,8 @@ pub struct Sample {
 #[derive(Debug, Clone)]
 pub struct LevelSummary {
     pub concurrency: usize,
+    /// Leading requests left out of the latency percentiles.
+    pub warmup: usize,
     pub requests: usize,
     pub errors: usize,
     pub wall_s: f64,
@@ -48,15 +50,20 @@ fn ms_sorted(it: impl Iterator<Item = Duration>) -> Vec<f64> {
     v
 }
 
-pub fn summarize(concurrency: usize, samples: &[Sample], wall: Duration) -> LevelSummary {
+/// Summarizes one level. `samples` are in the order the requests started; the
+/// first `warmup` count towards throughput and errors but not towards the
+/// latency percentiles (they describe the start-up burst, not steady state).
+pub fn summarize(concurrency: usize, samples: &[Sample], warmup: usize, wall: Duration) -> LevelSummary {
     let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
     let wall_s = wall.as_secs_f64().max(1e-9);
     let output_tokens: usize = ok.iter().map(|s| s.output_tokens).sum();
-    let ttft = ms_sorted(ok.iter().filter_map(|s| s.ttft));
-    let itl = ms_sorted(ok.iter().flat_map(|s| s.itl.iter().copied()));
-    let e2e = ms_sorted(ok.iter().map(|s| s.e2e));
+    let measured: Vec<&Sample> = samples.iter().skip(warmup).filter(|s| s.ok).collect();
+    let ttft = ms_sorted(measured.iter().filter_map(|s| s.ttft));
+    let itl = ms_sorted(measured.iter().flat_map(|s| s.itl.iter().copied()));
+    let e2e = ms_sorted(measured.iter().map(|s| s.e2e));
     LevelSummary {
         concurrency,
+        warmup: warmup.min(samples.len()),
         requests: samples.len(),
         errors: samples.len() - ok.len(),
         wall_s,
@@ -85,6 +92,7 @@ pub fn to_json(target: &str, max_tokens: usize, stream: bool, levels: &[LevelSum
         "levels": levels.iter().map(|l| serde_json::json!({
             "concurrency": l.concurrency,
             "requests": l.requests,
+            "warmup_requests": l.warmup,
             "errors": l.errors,
             "wall_s": num(l.wall_s),
             "output_tokens": l.output_tokens,
@@ -270,4 +278,36 @@ pub fn synthetic_prompts() -> Vec<String> {
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(ttft_ms: u64, tokens: usize) -> Sample {
+        Sample {
+            ok: true,
+            ttft: Some(Duration::from_millis(ttft_ms)),
+            itl: vec![Duration::from_millis(ttft_ms / 10)],
+            e2e: Duration::from_millis(ttft_ms * 2),
+            output_tokens: tokens,
+        }
+    }
+
+    /// Warm-up requests count towards throughput but not towards latency.
+    #[test]
+    fn warmup_requests_are_left_out_of_latency_only() {
+        let samples = vec![sample(900, 10), sample(800, 10), sample(20, 10), sample(30, 10), sample(40, 10)];
+        let all = summarize(2, &samples, 0, Duration::from_secs(1));
+        let steady = summarize(2, &samples, 2, Duration::from_secs(1));
+        assert_eq!(all.ttft_ms[1], 900.0);
+        assert_eq!(steady.ttft_ms, [30.0, 40.0, 40.0]);
+        assert_eq!(steady.itl_ms[1], 4.0);
+        assert_eq!(steady.e2e_ms[0], 60.0);
+        assert_eq!((steady.output_tokens, steady.requests, steady.warmup), (50, 5, 2));
+        assert_eq!(steady.output_tok_per_s, all.output_tok_per_s);
+        // More warm-up than requests: no latency, no panic.
+        let none = summarize(2, &samples, 9, Duration::from_secs(1));
+        assert!(none.ttft_ms[0].is_nan() && none.warmup == 5);
+    }
 }

@@ -48,6 +48,11 @@ struct Args {
     /// Requests per level (default: 2 × concurrency, at least 4).
     #[arg(long)]
     requests: Option<usize>,
+    /// Extra requests that open each level and are left out of the latency
+    /// percentiles (they still count for throughput), so TTFT and latency describe steady state
+    /// rather than the burst of `concurrency` requests that opens each level.
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
     /// max_tokens of every request.
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
@@ -106,7 +111,9 @@ fn run() -> Result<()> {
     let url = format!("{}/chat/completions", args.base_url.trim_end_matches('/'));
     let agent = build_agent(&args)?;
     let stream = !args.no_stream;
-    let per_level: Vec<usize> = args.concurrency.iter().map(|&c| args.requests.unwrap_or((2 * c).max(4))).collect();
+    // Warm-up requests come on top of the measured ones.
+    let per_level: Vec<usize> =
+        args.concurrency.iter().map(|&c| args.requests.unwrap_or((2 * c).max(4)) + args.warmup).collect();
     let pb = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(per_level.iter().sum::<usize>() as u64) };
     pb.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} requests  {msg}")
@@ -152,18 +159,23 @@ fn run() -> Result<()> {
                             break out;
                         }
                         let body = &bodies[(offset + i) % bodies.len()];
-                        out.push(one_request(&agent, &url, key.as_deref(), body, stream));
+                        out.push((i, one_request(&agent, &url, key.as_deref(), body, stream)));
                         pb.inc(1);
                     }
                 })
             })
             .collect();
-        let samples: Vec<Sample> = threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect();
-        summaries.push(summarize(c, &samples, start.elapsed()));
+        let mut started: Vec<(usize, Sample)> = threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect();
+        started.sort_by_key(|(i, _)| *i);
+        let samples: Vec<Sample> = started.into_iter().map(|(_, s)| s).collect();
+        summaries.push(summarize(c, &samples, args.warmup, start.elapsed()));
         offset += n;
     }
     pb.finish_and_clear();
     println!("{url}  max_tokens {}  stream {stream}", args.max_tokens);
+    if args.warmup > 0 {
+        println!("latency percentiles leave out the first {} requests of each level", args.warmup);
+    }
     print!("{}", bench_report::table(&summaries));
     let json = bench_report::to_json(&url, args.max_tokens, stream, &summaries);
     std::fs::write(&args.out_json, serde_json::to_string_pretty(&json)?)

@@ -560,6 +560,25 @@ fn pv_lanes<const FMA: bool, const W: usize>(acc: &mut [f32], c0: usize, corr: f
     acc[c0..c0 + W].copy_from_slice(&a);
 }
 
+/// Hints the CPU to bring `data` into cache (no effect on results).
+#[inline(always)]
+fn prefetch<E>(data: &[E]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let p = data.as_ptr() as *const i8;
+        let bytes = std::mem::size_of_val(data);
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: a prefetch never faults and has no architectural effect;
+            // the address is inside `data` anyway.
+            unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.add(off)) };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
 /// Per-thread scratch, reused across calls so the hot path does not allocate.
 #[derive(Default)]
 struct Scratch {
@@ -635,6 +654,14 @@ fn run_item_inner<E: KvElement, const FMA: bool, const BS: usize, const HD: usiz
         let base = (phys * geom.num_kv_heads + it.kv_head) * run;
         let kb_src = &ctx.k_cache[base..base + run];
         let vb_src = &ctx.v_cache[base..base + run];
+        if b < last_pos / bs {
+            // The next block is elsewhere in memory (paged): ask for its K and V
+            // now, so the loads overlap this block's arithmetic instead of
+            // stalling at its start.
+            let next = (s.block_table[b + 1] as usize * geom.num_kv_heads + it.kv_head) * run;
+            prefetch(&ctx.k_cache[next..next + run]);
+            prefetch(&ctx.v_cache[next..next + run]);
+        }
         let block_start = b * bs;
         // Slots of this block that exist for the latest query.
         let valid = (last_pos + 1 - block_start).min(bs);

@@ -58,7 +58,10 @@ pub struct SchedulerConfig {
     pub kv_cache_bytes: Option<u64>,
     /// KV cache size as a fraction (0, 1] of the memory available at start.
     pub kv_cache_fraction: Option<f64>,
-    /// KV storage type; attention always accumulates in f32. Default f32.
+    /// KV storage type; attention always accumulates in f32. Default bf16: the
+    /// type the supported model families are trained and usually served in,
+    /// half the memory of f32 (twice the sequences per byte), and a faster
+    /// decode step once attention is a large part of it (many long sequences).
     pub kv_dtype: KvDtypeConfig,
     /// Most tokens (decode + prefill) per forward step. Default 512.
     pub max_batch_tokens: usize,
@@ -69,6 +72,10 @@ pub struct SchedulerConfig {
     pub max_waiting: usize,
     /// Most prompt tokens of one sequence per step (chunked prefill). Default 256.
     pub prefill_chunk: usize,
+    /// Most prompt tokens of all sequences together per step. Default:
+    /// [`DEFAULT_CPU_MAX_PREFILL_TOKENS`] on a CPU, `max_batch_tokens` on a GPU
+    /// (see the policy's module doc for why).
+    pub max_prefill_tokens: Option<usize>,
     /// Retry-After sent with `QueueFull`, in seconds. Default 1.
     pub retry_after_secs: u64,
 }
@@ -79,15 +86,21 @@ impl Default for SchedulerConfig {
             block_size: salus_models::paged_cache::DEFAULT_BLOCK_SIZE,
             kv_cache_bytes: None,
             kv_cache_fraction: None,
-            kv_dtype: KvDtypeConfig::F32,
+            kv_dtype: KvDtypeConfig::Bf16,
             max_batch_tokens: 512,
             max_running_seqs: 64,
             max_waiting: 256,
             prefill_chunk: 256,
+            max_prefill_tokens: None,
             retry_after_secs: 1,
         }
     }
 }
+
+/// Prompt tokens per step on a CPU when `max_prefill_tokens` is not set: a CPU
+/// step is compute-bound from a few dozen rows on, so larger steps gain little
+/// throughput and make every prompt in them wait for the slowest.
+pub const DEFAULT_CPU_MAX_PREFILL_TOKENS: usize = 64;
 
 /// Default KV cache size when none is configured.
 pub const DEFAULT_KV_CACHE_BYTES: u64 = 1 << 30;
@@ -109,6 +122,9 @@ impl SchedulerConfig {
         }
         if self.max_batch_tokens == 0 || self.max_running_seqs == 0 || self.prefill_chunk == 0 {
             return bad("scheduler.max_batch_tokens, max_running_seqs and prefill_chunk must be > 0");
+        }
+        if self.max_prefill_tokens == Some(0) {
+            return bad("scheduler.max_prefill_tokens must be > 0");
         }
         if self.max_running_seqs > self.max_batch_tokens {
             return bad("scheduler.max_running_seqs must not exceed max_batch_tokens (every running sequence decodes each step)");
@@ -194,6 +210,11 @@ impl ContinuousBatchingEngine {
             max_batch_tokens: cfg.max_batch_tokens,
             max_running_seqs: cfg.max_running_seqs,
             prefill_chunk: cfg.prefill_chunk,
+            max_prefill_tokens: cfg.max_prefill_tokens.unwrap_or(if device.is_cpu() {
+                DEFAULT_CPU_MAX_PREFILL_TOKENS
+            } else {
+                cfg.max_batch_tokens
+            }),
         };
         let w_shared = shared.clone();
         std::thread::Builder::new()
@@ -205,6 +226,7 @@ impl ContinuousBatchingEngine {
             block_size = cache_cfg.block_size,
             kv_dtype = cache_cfg.dtype.as_str(),
             capacity_tokens,
+            max_prefill_tokens = limits.max_prefill_tokens,
             "continuous batching engine started"
         );
         Ok(ContinuousBatchingEngine {
@@ -273,8 +295,10 @@ mod tests {
         assert_eq!(c.block_size, 16);
         assert!(c.validate().is_ok());
         let c: SchedulerConfig =
-            toml::from_str("kv_dtype = \"bf16\"\nkv_cache_fraction = 0.5\nblock_size = 32").unwrap();
-        assert_eq!(KvDtype::from(c.kv_dtype), KvDtype::BF16);
+            toml::from_str("kv_dtype = \"f32\"\nkv_cache_fraction = 0.5\nblock_size = 32").unwrap();
+        assert_eq!(KvDtype::from(c.kv_dtype), KvDtype::F32);
+        assert_eq!(KvDtype::from(SchedulerConfig::default().kv_dtype), KvDtype::BF16);
+        assert!(SchedulerConfig { max_prefill_tokens: Some(0), ..Default::default() }.validate().is_err());
         assert_eq!(c.capacity(), KvCapacity::FractionOfFree(0.5));
         let both = SchedulerConfig { kv_cache_bytes: Some(1), kv_cache_fraction: Some(0.1), ..Default::default() };
         assert!(both.validate().is_err());

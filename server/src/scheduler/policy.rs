@@ -17,6 +17,16 @@
 //!    no starvation) while there is budget, a running slot, and free blocks for
 //!    all their pending tokens. Nothing is admitted in a step that preempted.
 //!
+//! All prompt tokens of a step (rules 2 and 3 together) also stay within
+//! `max_prefill_tokens`. Where a step's cost grows with its tokens (a CPU is
+//! compute-bound from a few dozen rows on), packing many prompts into one step
+//! only makes every one of them wait for the last: with a small cap a burst of
+//! arrivals is prefilled oldest first, a few prompts per step, so the first
+//! answers start early and the streams stay staggered instead of moving in
+//! lock-step waves (which would make every later arrival wait for a whole wave's
+//! prefill). A GPU, where a step's cost hardly depends on its size, wants the
+//! cap as large as the batch.
+//!
 //! Any sequence whose tokens fit the whole cache alone eventually runs: the
 //! oldest running sequence is never preempted while a younger one holds blocks.
 
@@ -34,6 +44,8 @@ pub struct PolicyLimits {
     pub max_running_seqs: usize,
     /// Most prompt tokens of one sequence per step.
     pub prefill_chunk: usize,
+    /// Most prompt tokens of all sequences together per step.
+    pub max_prefill_tokens: usize,
 }
 
 #[derive(Debug)]
@@ -95,6 +107,7 @@ impl<B: BlockManager> Policy<B> {
             max_batch_tokens: limits.max_batch_tokens.max(1),
             max_running_seqs: limits.max_running_seqs.max(1),
             prefill_chunk: limits.prefill_chunk.max(1),
+            max_prefill_tokens: limits.max_prefill_tokens.max(1),
         };
         Policy { limits, blocks, seqs: HashMap::new(), waiting: VecDeque::new(), running: Vec::new(), preemptions: 0 }
     }
@@ -216,8 +229,9 @@ impl<B: BlockManager> Policy<B> {
         }
 
         // 2. Prefill chunks of running sequences (blocks reserved at admission).
+        let mut prefill_budget = self.limits.max_prefill_tokens;
         for &id in &self.running {
-            if budget == 0 {
+            if budget == 0 || prefill_budget == 0 {
                 break;
             }
             let s = &self.seqs[&id];
@@ -226,14 +240,15 @@ impl<B: BlockManager> Policy<B> {
             if pending <= 1 {
                 continue;
             }
-            let len = pending.min(self.limits.prefill_chunk).min(budget);
+            let len = pending.min(self.limits.prefill_chunk).min(budget).min(prefill_budget);
             plan.seqs.push(ScheduledSeq { seq: id, start_pos: s.computed, len, samples: s.computed + len == total });
             budget -= len;
+            prefill_budget -= len;
         }
 
         // 3. Admission in queue order.
         if plan.preempted.is_empty() {
-            while budget > 0 && self.running.len() < self.limits.max_running_seqs {
+            while budget > 0 && prefill_budget > 0 && self.running.len() < self.limits.max_running_seqs {
                 let Some(&id) = self.waiting.front() else { break };
                 let total = self.seqs[&id].tokens.expose().len();
                 let blocks_needed = total.div_ceil(self.blocks.block_size());
@@ -248,9 +263,10 @@ impl<B: BlockManager> Policy<B> {
                     s.fresh = false;
                     plan.admitted.push(id);
                 }
-                let len = total.min(self.limits.prefill_chunk).min(budget);
+                let len = total.min(self.limits.prefill_chunk).min(budget).min(prefill_budget);
                 plan.seqs.push(ScheduledSeq { seq: id, start_pos: 0, len, samples: len == total });
                 budget -= len;
+                prefill_budget -= len;
             }
         }
         plan

@@ -7,8 +7,16 @@ use salus_models::SeqId;
 
 use super::*;
 
+/// Limits with no separate cap on a step's prompt tokens (the batch budget is the cap).
 fn limits(max_batch_tokens: usize, max_running_seqs: usize, prefill_chunk: usize) -> PolicyLimits {
-    PolicyLimits { max_batch_tokens, max_running_seqs, prefill_chunk }
+    PolicyLimits { max_batch_tokens, max_running_seqs, prefill_chunk, max_prefill_tokens: max_batch_tokens }
+}
+
+/// Prompt tokens of a plan: every chunk except the single-token decodes. (A
+/// prompt's last chunk of exactly one token looks like a decode and is not
+/// counted, so the check can be one token per sequence looser than the cap.)
+fn prompt_tokens(plan: &StepPlan) -> usize {
+    plan.seqs.iter().filter(|s| s.len > 1 || !s.samples || s.start_pos == 0).map(|s| s.len).sum()
 }
 
 /// What a slot of the simulated KV store holds: (sequence, incarnation, position, token).
@@ -34,6 +42,7 @@ impl Sim {
         let bs = self.policy.blocks().block_size();
         let limits = self.policy.limits;
         assert!(plan.num_tokens() <= limits.max_batch_tokens, "budget exceeded");
+        assert!(prompt_tokens(&plan) <= limits.max_prefill_tokens, "prefill budget exceeded");
         assert!(self.policy.num_running() <= limits.max_running_seqs);
         let mut seen = std::collections::HashSet::new();
         for s in &plan.seqs {
@@ -92,7 +101,12 @@ fn scheduler_randomized_policy_never_leaks_or_shares_blocks() {
         let mut rng = StdRng::seed_from_u64(seed);
         let (blocks, bs) = (24, 4); // 96 tokens in all
         let mut sim = Sim {
-            policy: Policy::new(limits(40, 6, 16), PoolBlockManager::new(blocks, bs)),
+            // Prompt tokens capped below the batch budget (seeds alternate), so
+            // the cap's bookkeeping runs through preemption and cancellation too.
+            policy: Policy::new(
+                PolicyLimits { max_prefill_tokens: if seed % 2 == 0 { 12 } else { 40 }, ..limits(40, 6, 16) },
+                PoolBlockManager::new(blocks, bs),
+            ),
             store: vec![None; blocks * bs],
             incarnation: HashMap::new(),
             max_new: HashMap::new(),
@@ -215,4 +229,55 @@ fn scheduler_admits_in_arrival_order_without_overtaking() {
     p.remove(SeqId(1));
     let plan = p.schedule();
     assert_eq!(plan.admitted, vec![SeqId(2), SeqId(3)]);
+}
+
+/// Regression test for TTFT waves: eight prompts arriving together used to be
+/// prefilled in one step, so all eight waited for the slowest, then decoded and
+/// finished in lock-step, and the next eight arrived together again. With a cap
+/// on a step's prompt tokens they are prefilled oldest first, a cap's worth per
+/// step, and their first tokens come in arrival order on successive steps.
+#[test]
+fn scheduler_prefills_a_burst_oldest_first_within_the_step_prompt_cap() {
+    let mut p = Policy::new(
+        PolicyLimits { max_prefill_tokens: 20, ..limits(512, 16, 256) },
+        PoolBlockManager::new(200, 4),
+    );
+    for i in 0..8u64 {
+        p.add(SeqId(i), (0..10).collect());
+    }
+    let mut first_token_step = vec![None; 8];
+    for step in 0..8 {
+        let plan = p.schedule();
+        assert!(prompt_tokens(&plan) <= 20, "step {step}: prompt tokens over the cap");
+        // Every sequence already prefilled decodes in this step too.
+        let decodes = plan.seqs.iter().filter(|s| s.len == 1 && s.start_pos >= 10).count();
+        assert_eq!(decodes, first_token_step.iter().filter(|f| f.is_some()).count(), "step {step}");
+        p.complete(&plan);
+        for s in plan.seqs.iter().filter(|s| s.samples) {
+            p.append_token(s.seq, 1);
+            let f = &mut first_token_step[s.seq.0 as usize];
+            if f.is_none() {
+                *f = Some(step);
+            }
+        }
+    }
+    // Two 10-token prompts per step, in arrival order.
+    assert_eq!(first_token_step, vec![Some(0), Some(0), Some(1), Some(1), Some(2), Some(2), Some(3), Some(3)]);
+}
+
+#[test]
+fn scheduler_splits_a_prompt_longer_than_the_step_prompt_cap() {
+    let mut p = Policy::new(PolicyLimits { max_prefill_tokens: 16, ..limits(512, 16, 256) }, PoolBlockManager::new(50, 4));
+    p.add(SeqId(1), (0..40).collect());
+    let mut chunks = Vec::new();
+    loop {
+        let plan = p.schedule();
+        assert_eq!(plan.seqs.len(), 1);
+        chunks.push((plan.seqs[0].start_pos, plan.seqs[0].len, plan.seqs[0].samples));
+        p.complete(&plan);
+        if plan.seqs[0].samples {
+            break;
+        }
+    }
+    assert_eq!(chunks, vec![(0, 16, false), (16, 16, false), (32, 8, true)]);
 }
