@@ -10,6 +10,7 @@
 //! `unsafe` is confined to this crate (SIMD intrinsics, the pool's scoped job
 //! hand-off); every public API is safe and validates its inputs.
 
+pub mod activation;
 pub mod error;
 pub mod math;
 pub mod paged_attention;

@@ -180,8 +180,16 @@ fn paged_attention_matches_reference_bf16() {
 
 /// A token's output must not depend on how the sequence was chunked or what
 /// else shares the call: prefill in one chunk == token-by-token decode, bitwise.
+/// (A prefill mixes queries with different visible slots, which take the
+/// per-query value path; a decode token's queries share the joint one.)
 #[test]
 fn paged_attention_is_independent_of_chunking() {
+    chunking_case::<f32>();
+    chunking_case::<bf16>();
+    chunking_case::<f16>();
+}
+
+fn chunking_case<E: KvElement>() {
     let mut rng = StdRng::seed_from_u64(5);
     let (nh, nkv, hd, bs, n) = (6, 2, 64, 4, 37);
     let geom = PagedGeometry { num_blocks: 12, block_size: bs, num_kv_heads: nkv, head_dim: hd };
@@ -190,21 +198,21 @@ fn paged_attention_is_independent_of_chunking() {
     let v = rand_vec(&mut rng, n * nkv * hd);
     let q = rand_vec(&mut rng, n * nh * hd);
     let params = AttentionParams { num_heads: nh, scale: 0.125, sliding_window: Some(9) };
-    let mut kc = vec![0f32; geom.cache_elems()];
-    let mut vc = vec![0f32; geom.cache_elems()];
+    let mut kc = vec![E::default(); geom.cache_elems()];
+    let mut vc = vec![E::default(); geom.cache_elems()];
     let whole = [SeqChunk { block_table: &table, row: 0, len: n, start_pos: 0 }];
     write_kv(&geom, &mut kc, &mut vc, &k, &v, &whole).unwrap();
     let mut out_whole = vec![0f32; n * nh * hd];
     paged_attention(&geom, &params, &q, &kc, &vc, &whole, &mut out_whole).unwrap();
-    let mut kc2 = vec![0f32; geom.cache_elems()];
-    let mut vc2 = vec![0f32; geom.cache_elems()];
+    let mut kc2 = vec![E::default(); geom.cache_elems()];
+    let mut vc2 = vec![E::default(); geom.cache_elems()];
     let (rk, rq) = (nkv * hd, nh * hd);
     for t in 0..n {
         let one = [SeqChunk { block_table: &table, row: 0, len: 1, start_pos: t }];
         write_kv(&geom, &mut kc2, &mut vc2, &k[t * rk..(t + 1) * rk], &v[t * rk..(t + 1) * rk], &one).unwrap();
         let mut o = vec![0f32; rq];
         paged_attention(&geom, &params, &q[t * rq..(t + 1) * rq], &kc2, &vc2, &one, &mut o).unwrap();
-        assert_eq!(&o[..], &out_whole[t * rq..(t + 1) * rq], "token {t}");
+        assert_eq!(&o[..], &out_whole[t * rq..(t + 1) * rq], "{:?} token {t}", E::DTYPE);
     }
 }
 

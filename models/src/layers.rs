@@ -1,7 +1,8 @@
 //! Building blocks shared by the architectures: RMS normalization, rotary
 //! position embeddings over *packed* tokens, and the SwiGLU gate.
 //!
-//! On CPU with f32 activations these run as plain loops on the calling thread
+//! On CPU with f32 activations these run as plain loops (the SwiGLU gate in
+//! `salus_kernels::activation`, vectorized and split over the kernels' pool)
 //! rather than through candle's ops: at decode sizes (one row of 576 values)
 //! candle hands each op to its rayon pool, and waking a rayon worker costs more
 //! than the arithmetic — about 120 such hand-offs per token on a 30-layer
@@ -119,16 +120,9 @@ pub fn silu_mul(gu: &Tensor, fast: bool) -> Result<Tensor> {
         return silu_mul_candle(gu, n);
     }
     if let Some(y) = with_cpu_f32(gu, |v| {
+        // SIMD and split over the kernels' pool (see `salus_kernels::activation`).
         let mut y = vec![0f32; v.len() / 2];
-        for (row, out) in v.chunks_exact(two_n).zip(y.chunks_exact_mut(n)) {
-            let (g, u) = row.split_at(n);
-            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-                // silu(g) = g·σ(g), with e^(-|g|) so the exponential never overflows.
-                let e = salus_kernels::math::exp_nonpositive(-g.abs());
-                let sig = if g >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
-                *o = g * sig * u;
-            }
-        }
+        salus_kernels::activation::silu_mul(v, n, &mut y);
         y
     }) {
         return Ok(Tensor::from_vec(y, dims, &Device::Cpu)?);
