@@ -99,15 +99,9 @@ mod tests {
     /// mid-row) equals the plain per-element loop bit for bit.
     #[test]
     fn silu_mul_matches_the_plain_loop_on_every_split() {
-        let mut seed = 0x2545_F491u32;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            (seed as f32 / u32::MAX as f32 - 0.5) * 24.0
-        };
+        let mut rng = crate::test_rng::XorShift32(0x2545_F491);
         for (rows, n) in [(1usize, 7usize), (3, 1536), (8, 1536), (5, 1000), (16, 4864)] {
-            let mut gu: Vec<f32> = (0..rows * 2 * n).map(|_| next()).collect();
+            let mut gu: Vec<f32> = (0..rows * 2 * n).map(|_| rng.centered(24.0)).collect();
             gu[0] = f32::NAN;
             gu[1] = -0.0;
             if gu.len() > 3 {

@@ -17,6 +17,8 @@ pub mod paged_attention;
 pub mod paged_plan;
 pub mod pool;
 pub mod qmatmul;
+#[cfg(test)]
+mod test_rng;
 
 /// CUDA paged-attention kernels (NVRTC), behind the `cuda` feature.
 #[cfg(feature = "cuda")]

@@ -296,17 +296,11 @@ mod tests {
     /// scales of the plain loop, including zeros, infinities' neighbours and NaN.
     #[test]
     fn fixed_size_quantizer_equals_the_plain_loop() {
-        let mut seed = 0x9E37_79B9u32;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            seed
-        };
+        let mut rng = crate::test_rng::XorShift32(0x9E37_79B9);
         for group in [16usize, 32] {
             for case in 0..200 {
                 let n = group * 4;
-                let mut x: Vec<f32> = (0..n).map(|_| (next() as f32 / u32::MAX as f32 - 0.5) * 8.0).collect();
+                let mut x: Vec<f32> = (0..n).map(|_| rng.centered(8.0)).collect();
                 match case % 5 {
                     0 => x[..group].iter_mut().for_each(|v| *v = 0.0),
                     1 => x[3] = f32::NAN,
