@@ -22,7 +22,7 @@ const TASK: usize = 2048;
 /// When `gu.len() != 2 · out.len()` or `out.len()` is not a multiple of `n`
 /// (the caller checks shapes first).
 pub fn silu_mul(gu: &[f32], n: usize, out: &mut [f32]) {
-    assert!(n > 0 && out.len() % n == 0 && gu.len() == 2 * out.len(), "silu_mul: shape mismatch");
+    assert!(n > 0 && out.len().is_multiple_of(n) && gu.len() == 2 * out.len(), "silu_mul: shape mismatch");
     let total = out.len();
     let ptr = SendPtr(out.as_mut_ptr());
     let span = move |lo: usize, hi: usize| {
