@@ -4,12 +4,12 @@
 //! x86-64, so a plain loop in `salus-models` runs 4 lanes wide on one thread
 //! while the other core waits at the next matmul. With a batch of 8 decode rows
 //! that was about 5 % of a step. Here the same arithmetic is compiled for
-//! AVX-512 / AVX2 (picked at run time) and split over the kernels' pool. Rust
+//! AVX-512 / AVX2 (the quantized matmul's path, picked at run time) and split over the kernels' pool. Rust
 //! never fuses or reorders float operations, so every path gives bitwise the
 //! same result as the portable one.
 
 use crate::math::exp_nonpositive;
-use crate::qmatmul::SendPtr;
+use crate::qmatmul::{KernelPath, SendPtr};
 
 /// Below this many outputs the gate runs on the calling thread.
 const PARALLEL_MIN: usize = 4096;
@@ -38,20 +38,19 @@ pub fn silu_mul(gu: &[f32], n: usize, out: &mut [f32]) {
     }
 }
 
-/// Outputs `first..first + out.len()` (flat indices into the `[rows, n]` output).
+/// Outputs `first..first + out.len()` (flat indices into the `[rows, n]` output),
+/// on the SIMD level of the quantized matmul's path (so `SALUS_KERNEL_PATH`
+/// selects both).
 fn dispatch(gu: &[f32], n: usize, first: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports avx512f (checked just above).
-            return unsafe { span_avx512(gu, n, first, out) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports avx2 and fma (checked just above).
-            return unsafe { span_avx2(gu, n, first, out) };
-        }
+    match KernelPath::best() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `best` only returns a path this CPU supports (avx512f among its features).
+        KernelPath::Avx512Vnni => unsafe { span_avx512(gu, n, first, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above (avx2 and fma).
+        KernelPath::Avx2 => unsafe { span_avx2(gu, n, first, out) },
+        _ => span_body(gu, n, first, out),
     }
-    span_body(gu, n, first, out)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -179,9 +179,8 @@ fn paged_attention_matches_reference_bf16() {
 }
 
 /// A token's output must not depend on how the sequence was chunked or what
-/// else shares the call: prefill in one chunk == token-by-token decode, bitwise.
-/// (A prefill mixes queries with different visible slots, which take the
-/// per-query value path; a decode token's queries share the joint one.)
+/// else shares the call: prefill in one chunk == token-by-token decode, bitwise,
+/// for every cache storage type.
 #[test]
 fn paged_attention_is_independent_of_chunking() {
     chunking_case::<f32>();

@@ -229,9 +229,10 @@ impl<B: BlockManager> Policy<B> {
         }
 
         // 2. Prefill chunks of running sequences (blocks reserved at admission).
-        let mut prefill_budget = self.limits.max_prefill_tokens;
+        // From here on every token is a prompt token: one budget covers both limits.
+        let mut prefill_budget = self.limits.max_prefill_tokens.min(budget);
         for &id in &self.running {
-            if budget == 0 || prefill_budget == 0 {
+            if prefill_budget == 0 {
                 break;
             }
             let s = &self.seqs[&id];
@@ -240,15 +241,14 @@ impl<B: BlockManager> Policy<B> {
             if pending <= 1 {
                 continue;
             }
-            let len = pending.min(self.limits.prefill_chunk).min(budget).min(prefill_budget);
+            let len = pending.min(self.limits.prefill_chunk).min(prefill_budget);
             plan.seqs.push(ScheduledSeq { seq: id, start_pos: s.computed, len, samples: s.computed + len == total });
-            budget -= len;
             prefill_budget -= len;
         }
 
         // 3. Admission in queue order.
         if plan.preempted.is_empty() {
-            while budget > 0 && prefill_budget > 0 && self.running.len() < self.limits.max_running_seqs {
+            while prefill_budget > 0 && self.running.len() < self.limits.max_running_seqs {
                 let Some(&id) = self.waiting.front() else { break };
                 let total = self.seqs[&id].tokens.expose().len();
                 let blocks_needed = total.div_ceil(self.blocks.block_size());
@@ -263,9 +263,8 @@ impl<B: BlockManager> Policy<B> {
                     s.fresh = false;
                     plan.admitted.push(id);
                 }
-                let len = total.min(self.limits.prefill_chunk).min(budget).min(prefill_budget);
+                let len = total.min(self.limits.prefill_chunk).min(prefill_budget);
                 plan.seqs.push(ScheduledSeq { seq: id, start_pos: 0, len, samples: len == total });
-                budget -= len;
                 prefill_budget -= len;
             }
         }
