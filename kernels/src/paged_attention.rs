@@ -40,6 +40,9 @@ use half::{bf16, f16};
 
 use crate::math::exp_nonpositive;
 
+#[cfg(target_arch = "x86_64")]
+mod decode_avx512;
+
 /// Query tokens of one sequence handled by one work item.
 pub const QUERY_CHUNK: usize = 16;
 
@@ -317,6 +320,22 @@ pub fn paged_attention<E: KvElement>(
     seqs: &[SeqChunk<'_>],
     out: &mut [f32],
 ) -> Result<(), PagedAttentionError> {
+    paged_attention_impl(geom, params, q, k_cache, v_cache, seqs, out, true)
+}
+
+/// [`paged_attention`]; `fast_decode: false` keeps decode tokens on the
+/// generic item too (tests compare the two).
+#[allow(clippy::too_many_arguments)]
+fn paged_attention_impl<E: KvElement>(
+    geom: &PagedGeometry,
+    params: &AttentionParams,
+    q: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
+    seqs: &[SeqChunk<'_>],
+    out: &mut [f32],
+    fast_decode: bool,
+) -> Result<(), PagedAttentionError> {
     let hd = geom.head_dim;
     if params.num_heads == 0 || params.num_heads % geom.num_kv_heads != 0 {
         return Err(shape_err(format!(
@@ -350,7 +369,8 @@ pub fn paged_attention<E: KvElement>(
             }
         }
     }
-    let ctx = Ctx { geom: *geom, params: *params, q, k_cache, v_cache, seqs, out: SendPtr(out.as_mut_ptr()) };
+    let ctx =
+        Ctx { geom: *geom, params: *params, q, k_cache, v_cache, seqs, out: SendPtr(out.as_mut_ptr()), fast_decode };
     let path = SimdPath::detect();
     // Small calls (a handful of short decodes) are cheaper than a fork-join.
     if items.len() == 1 || work * hd * params.num_heads / geom.num_kv_heads < 32 * 1024 {
@@ -388,6 +408,8 @@ struct Ctx<'a, E> {
     v_cache: &'a [E],
     seqs: &'a [SeqChunk<'a>],
     out: SendPtr,
+    /// Decode tokens may take [`decode_avx512`] where it applies.
+    fast_decode: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -429,6 +451,19 @@ fn run_dispatch<E: KvElement>(path: SimdPath, ctx: &Ctx<'_, E>, it: &WorkItem) {
             (16, 128) => Shape::Bs16Hd128,
             _ => Shape::Any,
         };
+        #[cfg(target_arch = "x86_64")]
+        if path == SimdPath::Avx512
+            && ctx.fast_decode
+            && decode_avx512::handles(ctx.geom.block_size, ctx.geom.head_dim, it.t1 - it.t0)
+        {
+            // SAFETY: `detect` verified avx512f and fma; the call was validated
+            // and `handles` checked the item's shape, head dimension included.
+            match ctx.geom.head_dim {
+                64 => unsafe { decode_avx512::item::<E, 64>(ctx, it, sc) },
+                _ => unsafe { decode_avx512::item::<E, 128>(ctx, it, sc) },
+            }
+            return;
+        }
         match (path, shape) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `detect` verified at runtime that the CPU supports avx512f and fma.
@@ -504,6 +539,30 @@ fn masked_max(s: &[f32], lo: usize, hi: usize) -> f32 {
         }
     }
     lanes[0]
+}
+
+/// One block of the online softmax of one query: from the block's `scores`
+/// (visible slots `lo..hi`) updates the running max `m` and sum `l`, writes
+/// `e^(s_j - m)` into `p` (0 outside `lo..hi`) and returns the factor
+/// `e^(m_old - m_new)` that rescales what was accumulated so far. Every path
+/// calls this one function, so they agree bit for bit.
+#[inline(always)]
+fn softmax_block(scores: &[f32], lo: usize, hi: usize, m: &mut f32, l: &mut f32, p: &mut [f32]) -> f32 {
+    let mx = masked_max(scores, lo, hi);
+    let m_old = *m;
+    let m_new = m_old.max(mx);
+    // The exponentials are computed for the whole block (a loop that
+    // vectorizes; slots outside the visible range get 0).
+    let corr = if m_old == m_new { 1.0 } else { exp_nonpositive(m_old - m_new) };
+    let mut psum = [0f32; 16];
+    for (j, (pj, sj)) in p.iter_mut().zip(scores).enumerate() {
+        let e = exp_nonpositive(*sj - m_new);
+        *pj = if j >= lo && j < hi { e } else { 0.0 };
+        psum[j % 16] += *pj;
+    }
+    *l = *l * corr + tree_sum(psum);
+    *m = m_new;
+    corr
 }
 
 /// Sum of 16 lanes by halving (a fixed order, so results are reproducible).
@@ -593,6 +652,8 @@ struct Scratch {
     p: Vec<f32>,
     /// Each quad of visible queries interleaved, `[quad][head_dim][4]`.
     qt: Vec<f32>,
+    /// Per-query rescale factors of the current block (decode path).
+    corr: Vec<f32>,
     /// (query, first slot, end slot) of the queries that see the current block.
     vis: Vec<(usize, usize, usize)>,
     /// The queries `qt` holds, in order: it is rebuilt only when the set of
@@ -743,23 +804,8 @@ fn run_item_inner<E: KvElement, const FMA: bool, const BS: usize, const HD: usiz
             }
             for (k, &(qi, lo, hi)) in quad.iter().enumerate() {
                 let scores = &sc.s[k * bs..(k + 1) * bs];
-                let mx = masked_max(scores, lo, hi);
-                let m_old = sc.m[qi];
-                let m_new = m_old.max(mx);
-                // Online softmax: rescale what was accumulated so far by
-                // e^(m_old - m_new), add this block's e^(s_j - m_new)·v_j. The
-                // exponentials are computed for the whole block first (a loop
-                // that vectorizes; slots outside the visible range get 0).
-                let corr = if m_old == m_new { 1.0 } else { exp_nonpositive(m_old - m_new) };
-                let mut psum = [0f32; 16];
-                for (j, (pj, sj)) in sc.p[..bs].iter_mut().zip(scores).enumerate() {
-                    let e = exp_nonpositive(*sj - m_new);
-                    *pj = if j >= lo && j < hi { e } else { 0.0 };
-                    psum[j % 16] += *pj;
-                }
+                let corr = softmax_block(scores, lo, hi, &mut sc.m[qi], &mut sc.l[qi], &mut sc.p[..bs]);
                 let probs = &sc.p[lo..hi];
-                sc.l[qi] = sc.l[qi] * corr + tree_sum(psum);
-                sc.m[qi] = m_new;
                 accumulate_pv::<FMA>(&mut sc.acc[qi * hd..(qi + 1) * hd], corr, probs, &vb[lo * hd..hi * hd]);
             }
         }

@@ -181,22 +181,28 @@ fn paged_attention_matches_reference_bf16() {
 /// A token's output must not depend on how the sequence was chunked or what
 /// else shares the call: prefill in one chunk == token-by-token decode, bitwise,
 /// for every cache storage type.
+/// With blocks of 16 and head dimensions 64/128 the decode tokens take the
+/// AVX-512 decode item (where the CPU has it), the prefill the generic one.
 #[test]
 fn paged_attention_is_independent_of_chunking() {
-    chunking_case::<f32>();
-    chunking_case::<bf16>();
-    chunking_case::<f16>();
+    for (nh, nkv, hd, bs, n, window) in
+        [(6, 2, 64, 4, 37, Some(9)), (9, 3, 64, 16, 83, None), (8, 2, 128, 16, 70, Some(33)), (5, 1, 64, 16, 40, None)]
+    {
+        chunking_case::<f32>(nh, nkv, hd, bs, n, window);
+        chunking_case::<bf16>(nh, nkv, hd, bs, n, window);
+        chunking_case::<f16>(nh, nkv, hd, bs, n, window);
+    }
 }
 
-fn chunking_case<E: KvElement>() {
+fn chunking_case<E: KvElement>(nh: usize, nkv: usize, hd: usize, bs: usize, n: usize, window: Option<usize>) {
     let mut rng = StdRng::seed_from_u64(5);
-    let (nh, nkv, hd, bs, n) = (6, 2, 64, 4, 37);
-    let geom = PagedGeometry { num_blocks: 12, block_size: bs, num_kv_heads: nkv, head_dim: hd };
-    let table: Vec<u32> = (0..10).rev().collect();
+    let nblocks = n.div_ceil(bs);
+    let geom = PagedGeometry { num_blocks: nblocks + 2, block_size: bs, num_kv_heads: nkv, head_dim: hd };
+    let table: Vec<u32> = (0..nblocks as u32).rev().collect();
     let k = rand_vec(&mut rng, n * nkv * hd);
     let v = rand_vec(&mut rng, n * nkv * hd);
     let q = rand_vec(&mut rng, n * nh * hd);
-    let params = AttentionParams { num_heads: nh, scale: 0.125, sliding_window: Some(9) };
+    let params = AttentionParams { num_heads: nh, scale: 1.0 / (hd as f32).sqrt(), sliding_window: window };
     let mut kc = vec![E::default(); geom.cache_elems()];
     let mut vc = vec![E::default(); geom.cache_elems()];
     let whole = [SeqChunk { block_table: &table, row: 0, len: n, start_pos: 0 }];
@@ -211,8 +217,71 @@ fn chunking_case<E: KvElement>() {
         write_kv(&geom, &mut kc2, &mut vc2, &k[t * rk..(t + 1) * rk], &v[t * rk..(t + 1) * rk], &one).unwrap();
         let mut o = vec![0f32; rq];
         paged_attention(&geom, &params, &q[t * rq..(t + 1) * rq], &kc2, &vc2, &one, &mut o).unwrap();
-        assert_eq!(&o[..], &out_whole[t * rq..(t + 1) * rq], "{:?} token {t}", E::DTYPE);
+        assert_eq!(&o[..], &out_whole[t * rq..(t + 1) * rq], "{:?} nh {nh} hd {hd} bs {bs} token {t}", E::DTYPE);
     }
+}
+
+/// Regression guard for the AVX-512 decode item: a packed call of decode
+/// tokens (many sequences, GQA groups of 1 to 7, windows, lengths around the
+/// block and four-block boundaries) gives bitwise the generic item's output.
+#[test]
+fn decode_fast_path_equals_the_generic_item_bitwise() {
+    for (nh, nkv, hd, window) in [
+        (9, 3, 64, None),
+        (9, 3, 64, Some(20)),
+        (4, 1, 64, None),
+        (8, 8, 64, Some(1)),
+        (14, 2, 64, None),
+        (8, 2, 128, None),
+        (12, 2, 128, Some(50)),
+    ] {
+        fast_vs_generic::<f32>(nh, nkv, hd, window);
+        fast_vs_generic::<bf16>(nh, nkv, hd, window);
+        fast_vs_generic::<f16>(nh, nkv, hd, window);
+    }
+}
+
+fn fast_vs_generic<E: KvElement>(nh: usize, nkv: usize, hd: usize, window: Option<usize>) {
+    let mut rng = StdRng::seed_from_u64(nh as u64 * 1000 + hd as u64);
+    let lens = [1usize, 15, 16, 17, 63, 64, 65, 100, 129, 200];
+    let bs = 16;
+    let nblocks: usize = lens.iter().map(|l| l.div_ceil(bs)).sum();
+    let geom = PagedGeometry { num_blocks: nblocks, block_size: bs, num_kv_heads: nkv, head_dim: hd };
+    let mut ids: Vec<u32> = (0..nblocks as u32).collect();
+    ids.shuffle(&mut rng);
+    let mut tables = Vec::new();
+    let mut next = 0;
+    for l in lens {
+        tables.push(ids[next..next + l.div_ceil(bs)].to_vec());
+        next += l.div_ceil(bs);
+    }
+    let mut kc = vec![E::default(); geom.cache_elems()];
+    let mut vc = vec![E::default(); geom.cache_elems()];
+    // Stale, large data in unused slots must not leak into any result.
+    for (i, (a, b)) in kc.iter_mut().zip(vc.iter_mut()).enumerate() {
+        *a = E::from_f32(1000.0 + i as f32);
+        *b = E::from_f32(-3000.0);
+    }
+    let row_kv = nkv * hd;
+    for (s, &l) in lens.iter().enumerate() {
+        let (k, v) = (rand_vec(&mut rng, l * row_kv), rand_vec(&mut rng, l * row_kv));
+        let whole = [SeqChunk { block_table: &tables[s], row: 0, len: l, start_pos: 0 }];
+        write_kv(&geom, &mut kc, &mut vc, &k, &v, &whole).unwrap();
+    }
+    let chunks: Vec<SeqChunk> = lens
+        .iter()
+        .enumerate()
+        .map(|(s, &l)| SeqChunk { block_table: &tables[s], row: s, len: 1, start_pos: l - 1 })
+        .collect();
+    let q: Vec<f32> = rand_vec(&mut rng, lens.len() * nh * hd).iter().map(|x| x * 4.0).collect();
+    let params = AttentionParams { num_heads: nh, scale: 1.0 / (hd as f32).sqrt(), sliding_window: window };
+    let mut fast = vec![f32::NAN; q.len()];
+    let mut generic = vec![f32::NAN; q.len()];
+    paged_attention_impl(&geom, &params, &q, &kc, &vc, &chunks, &mut fast, true).unwrap();
+    paged_attention_impl(&geom, &params, &q, &kc, &vc, &chunks, &mut generic, false).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&fast), bits(&generic), "{:?} nh {nh} nkv {nkv} hd {hd} window {window:?}", E::DTYPE);
+    assert!(fast.iter().all(|x| x.is_finite() && x.abs() <= 1.0));
 }
 
 #[test]

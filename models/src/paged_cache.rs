@@ -322,13 +322,20 @@ impl PagedKvCache {
             return Err(ModelError::InvalidConfig("paged KV cache dimensions must be > 0".into()));
         }
         let n = cfg.geometry().cache_elems();
+        // Zeroed, lazily mapped and huge-page advised (see `salus_kernels::memory`).
+        fn zeroed<E: KvElement>(n: usize) -> Result<Vec<E>> {
+            salus_kernels::memory::zeroed_kv(n)
+                .ok_or_else(|| ModelError::InvalidConfig("paged KV cache exceeds the address space".into()))
+        }
         let layers = (0..cfg.num_layers)
-            .map(|_| match cfg.dtype {
-                KvDtype::F32 => LayerStore::F32(vec![0.0; n], vec![0.0; n]),
-                KvDtype::F16 => LayerStore::F16(vec![f16::ZERO; n], vec![f16::ZERO; n]),
-                KvDtype::BF16 => LayerStore::BF16(vec![bf16::ZERO; n], vec![bf16::ZERO; n]),
+            .map(|_| {
+                Ok(match cfg.dtype {
+                    KvDtype::F32 => LayerStore::F32(zeroed(n)?, zeroed(n)?),
+                    KvDtype::F16 => LayerStore::F16(zeroed(n)?, zeroed(n)?),
+                    KvDtype::BF16 => LayerStore::BF16(zeroed(n)?, zeroed(n)?),
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         Ok(PagedKvCache {
             pool: BlockPool::new(cfg.num_blocks),
             cfg,

@@ -69,6 +69,8 @@ struct AlignedBuf {
 impl AlignedBuf {
     fn zeroed(len: usize) -> AlignedBuf {
         let raw = vec![0u8; len + 64];
+        // Weights stream every step: fewer TLB misses (see `crate::memory`).
+        crate::memory::advise_huge_pages(&raw);
         let off = raw.as_ptr().align_offset(64).min(64);
         AlignedBuf { raw, off, len }
     }

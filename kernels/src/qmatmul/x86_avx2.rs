@@ -88,6 +88,9 @@ unsafe fn rows<const N: usize, const KIND: u8, const G: usize, const F16: bool>(
         let mut facc = [_mm256_setzero_ps(); N];
         for g in 0..ng {
             let gp = wp.add(g * l.group_bytes);
+            if i0 == 0 && h == 0 {
+                super::prefetch_weights(gp.wrapping_add(super::WEIGHT_PREFETCH_AHEAD), l.group_bytes);
+            }
             let mut ia = [_mm256_setzero_si256(); N];
             if KIND == NIB4 {
                 for s in 0..4 {

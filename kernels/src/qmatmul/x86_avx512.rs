@@ -90,6 +90,9 @@ unsafe fn rows<const N: usize, const KIND: u8, const G: usize, const F16: bool>(
     let mut facc = [_mm512_setzero_ps(); N];
     for g in 0..ng {
         let gp = wp.add(g * l.group_bytes);
+        if i0 == 0 {
+            super::prefetch_weights(gp.wrapping_add(super::WEIGHT_PREFETCH_AHEAD), l.group_bytes);
+        }
         // One integer accumulator per row: fewer registers (so eight rows fit)
         // and no per-group add of two partial sums.
         let mut ia = [_mm512_setzero_si512(); N];
@@ -141,5 +144,50 @@ unsafe fn rows<const N: usize, const KIND: u8, const G: usize, const F16: bool>(
         let mut lanes = [0f32; TILE_ROWS];
         _mm512_storeu_ps(lanes.as_mut_ptr(), *f);
         a.store(i0 + r, t, &lanes);
+    }
+}
+
+/// Activation quantization for groups of 32 (see `super::quantize_groups`):
+/// the same integers and scales, bit for bit, two vectors per group.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW; `x.len()` must be a multiple of 32 and
+/// `q`, `d`, `s`, `qsum` must hold `x.len()` / `x.len() / 32` elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn quantize_g32(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], qsum: &mut [i32]) {
+    let ng = x.len() / 32;
+    assert!(x.len() == ng * 32 && q.len() >= ng * 32 && d.len() >= ng && s.len() >= ng && qsum.len() >= ng);
+    let abs_mask = _mm512_set1_epi32(0x7FFF_FFFF);
+    let lo = _mm512_set1_ps(-127.0);
+    let hi = _mm512_set1_ps(127.0);
+    for g in 0..ng {
+        let xp = x.as_ptr().add(g * 32);
+        let x0 = _mm512_loadu_ps(xp);
+        let x1 = _mm512_loadu_ps(xp.add(16));
+        // |x| with NaN as 0: the scalar max ignores NaN (`f32::max`).
+        let a0 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x0), abs_mask));
+        let a1 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x1), abs_mask));
+        let a0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(a0, a0), a0);
+        let a1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(a1, a1), a1);
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+        let dd = amax / 127.0;
+        let id = if dd != 0.0 { 1.0 / dd } else { 0.0 };
+        let idv = _mm512_set1_ps(id);
+        let quant = |v: __m512| {
+            let t = _mm512_mul_ps(v, idv);
+            let t = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(t, t), t);
+            let t = _mm512_min_ps(_mm512_max_ps(t, lo), hi);
+            // Round half to even, as the scalar 1.5·2^23 trick.
+            _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t)
+        };
+        let i0 = quant(x0);
+        let i1 = quant(x1);
+        let qp = q.as_mut_ptr().add(g * 32);
+        _mm_storeu_si128(qp as *mut __m128i, _mm512_cvtsepi32_epi8(i0));
+        _mm_storeu_si128(qp.add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(i1));
+        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+        d[g] = dd;
+        qsum[g] = sum;
+        s[g] = dd * sum as f32;
     }
 }
