@@ -33,7 +33,12 @@
 //! The inner loops (scores across a block's slots, scaled accumulation over
 //! `chunks_exact(16)`) are plain element-wise multiply-adds compiled three times: for
 //! AVX-512, for AVX2+FMA and portable. The best version is picked at runtime
-//! (`is_x86_feature_detected!`) once per call.
+//! (`is_x86_feature_detected!`) once per call. Decode tokens (one query per
+//! sequence, the batched steady state) with blocks of 16 and head dimension
+//! 64/128 take an explicit AVX-512 item (`decode_avx512`) that keeps many
+//! independent FMA chains in flight and widens f16/bf16 in registers; it
+//! computes every element with the same operations in the same order, so its
+//! output is bitwise the generic item's (tested).
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
