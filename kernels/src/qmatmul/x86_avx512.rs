@@ -151,7 +151,7 @@ unsafe fn rows<const N: usize, const KIND: u8, const G: usize, const F16: bool>(
 /// the same integers and scales, bit for bit, two vectors per group.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F/BW; `x.len()` must be a multiple of 32 and
+/// The CPU must support AVX-512 F/BW/VL; `x.len()` must be a multiple of 32 and
 /// `q`, `d`, `s`, `qsum` must hold `x.len()` / `x.len() / 32` elements.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn quantize_g32(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], qsum: &mut [i32]) {
