@@ -40,131 +40,20 @@
 //! computes every element with the same operations in the same order, so its
 //! output is bitwise the generic item's (tested).
 
-use half::slice::HalfFloatSliceExt;
-use half::{bf16, f16};
 
 use crate::math::exp_nonpositive;
 
 #[cfg(target_arch = "x86_64")]
 mod decode_avx512;
+mod element;
+
+pub use element::{KvDtype, KvElement};
 
 /// Query tokens of one sequence handled by one work item.
 pub const QUERY_CHUNK: usize = 16;
 
 /// Largest supported head dimension.
 pub const MAX_HEAD_DIM: usize = 512;
-
-/// Storage type of the KV cache. Arithmetic is always f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KvDtype {
-    F32,
-    F16,
-    BF16,
-}
-
-impl KvDtype {
-    /// Bytes per stored element.
-    pub fn size_in_bytes(self) -> usize {
-        match self {
-            KvDtype::F32 => 4,
-            KvDtype::F16 | KvDtype::BF16 => 2,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KvDtype::F32 => "f32",
-            KvDtype::F16 => "f16",
-            KvDtype::BF16 => "bf16",
-        }
-    }
-}
-
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for f32 {}
-    impl Sealed for half::f16 {}
-    impl Sealed for half::bf16 {}
-}
-
-/// An element type the KV cache can be stored in (f32, f16, bf16).
-pub trait KvElement: sealed::Sealed + Copy + Default + Send + Sync + 'static {
-    const DTYPE: KvDtype;
-    /// Converts one value.
-    fn from_f32(x: f32) -> Self;
-    /// Converts `src` into `dst` (same length).
-    fn store(src: &[f32], dst: &mut [Self]);
-    /// Converts `src` into `dst` (same length).
-    fn load(src: &[Self], dst: &mut [f32]);
-    /// The slice itself when the storage type already is f32 (no conversion).
-    fn as_f32(src: &[Self]) -> Option<&[f32]>;
-}
-
-impl KvElement for f32 {
-    const DTYPE: KvDtype = KvDtype::F32;
-    #[inline(always)]
-    fn from_f32(x: f32) -> f32 {
-        x
-    }
-    #[inline(always)]
-    fn store(src: &[f32], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
-    }
-    #[inline(always)]
-    fn load(src: &[f32], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
-    }
-    #[inline(always)]
-    fn as_f32(src: &[f32]) -> Option<&[f32]> {
-        Some(src)
-    }
-}
-
-impl KvElement for f16 {
-    const DTYPE: KvDtype = KvDtype::F16;
-    #[inline(always)]
-    fn from_f32(x: f32) -> f16 {
-        f16::from_f32(x)
-    }
-    #[inline(always)]
-    fn store(src: &[f32], dst: &mut [f16]) {
-        // `half` picks F16C at runtime when the CPU has it.
-        dst.convert_from_f32_slice(src);
-    }
-    #[inline(always)]
-    fn load(src: &[f16], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst);
-    }
-    #[inline(always)]
-    fn as_f32(_: &[f16]) -> Option<&[f32]> {
-        None
-    }
-}
-
-impl KvElement for bf16 {
-    const DTYPE: KvDtype = KvDtype::BF16;
-    #[inline(always)]
-    fn from_f32(x: f32) -> bf16 {
-        bf16::from_f32(x)
-    }
-    #[inline(always)]
-    fn store(src: &[f32], dst: &mut [bf16]) {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = bf16::from_f32(*s);
-        }
-    }
-    #[inline(always)]
-    fn load(src: &[bf16], dst: &mut [f32]) {
-        // bf16 is the upper half of an f32: a shift, which vectorizes.
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = f32::from_bits((s.to_bits() as u32) << 16);
-        }
-    }
-    #[inline(always)]
-    fn as_f32(_: &[bf16]) -> Option<&[f32]> {
-        None
-    }
-}
 
 /// Shape of a paged KV cache (one layer's K or V slice).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -690,20 +579,8 @@ fn run_item_inner<E: KvElement, const FMA: bool, const BS: usize, const HD: usiz
     let s = &ctx.seqs[it.seq];
     let nt = it.t1 - it.t0;
     let nq = nt * group;
-    let q_row = ctx.params.num_heads * hd;
 
-    // Scaled queries of this item, [t][h_in_group][d].
-    resize(&mut sc.q, nq * hd, 0.0);
-    for t in 0..nt {
-        for hg in 0..group {
-            let h = it.kv_head * group + hg;
-            let src = (s.row + it.t0 + t) * q_row + h * hd;
-            let dst = (t * group + hg) * hd;
-            for (d, x) in sc.q[dst..dst + hd].iter_mut().zip(&ctx.q[src..src + hd]) {
-                *d = *x * ctx.params.scale;
-            }
-        }
-    }
+    load_scaled_queries(ctx, it, hd, &mut sc.q);
     resize(&mut sc.acc, nq * hd, 0.0);
     resize(&mut sc.m, nq, f32::NEG_INFINITY);
     resize(&mut sc.l, nq, 0.0);
@@ -815,19 +692,48 @@ fn run_item_inner<E: KvElement, const FMA: bool, const BS: usize, const HD: usiz
             }
         }
     }
+    write_outputs(ctx, it, hd, &sc.acc, &sc.l);
+}
+
+/// The item's queries scaled by `params.scale`, `[t][h_in_group][d]`, into `q`.
+#[inline(always)]
+fn load_scaled_queries<E: KvElement>(ctx: &Ctx<'_, E>, it: &WorkItem, hd: usize, q: &mut Vec<f32>) {
+    let group = ctx.params.num_heads / ctx.geom.num_kv_heads;
+    let s = &ctx.seqs[it.seq];
+    let q_row = ctx.params.num_heads * hd;
+    let nt = it.t1 - it.t0;
+    resize(q, nt * group * hd, 0.0);
     for t in 0..nt {
+        for hg in 0..group {
+            let h = it.kv_head * group + hg;
+            let src = (s.row + it.t0 + t) * q_row + h * hd;
+            let dst = (t * group + hg) * hd;
+            for (d, x) in q[dst..dst + hd].iter_mut().zip(&ctx.q[src..src + hd]) {
+                *d = *x * ctx.params.scale;
+            }
+        }
+    }
+}
+
+/// Writes the item's normalized outputs `acc / l` (same `[t][h_in_group]`
+/// order as the queries) into `out`.
+#[inline(always)]
+fn write_outputs<E: KvElement>(ctx: &Ctx<'_, E>, it: &WorkItem, hd: usize, acc: &[f32], l: &[f32]) {
+    let group = ctx.params.num_heads / ctx.geom.num_kv_heads;
+    let s = &ctx.seqs[it.seq];
+    for t in 0..it.t1 - it.t0 {
         let row = s.row + it.t0 + t;
         for hg in 0..group {
             let qi = t * group + hg;
             let h = it.kv_head * group + hg;
-            let inv = 1.0 / sc.l[qi];
+            let inv = 1.0 / l[qi];
             // SAFETY: `out` has `rows * num_heads * head_dim` elements (checked by
             // `paged_attention`), `row < rows` and `h < num_heads` (validated), and no
             // other work item writes this (row, head): items partition rows by
             // sequence and query chunk and heads by KV-head group.
             let dst =
                 unsafe { std::slice::from_raw_parts_mut(ctx.out.0.add((row * ctx.params.num_heads + h) * hd), hd) };
-            for (d, a) in dst.iter_mut().zip(&sc.acc[qi * hd..(qi + 1) * hd]) {
+            for (d, a) in dst.iter_mut().zip(&acc[qi * hd..(qi + 1) * hd]) {
                 *d = *a * inv;
             }
         }

@@ -1,6 +1,7 @@
 //! Tests of the CPU paged-attention kernel (a child module of `paged_attention`).
 
 use super::*;
+use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};

@@ -20,7 +20,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{prefetch, softmax_block, Ctx, KvDtype, KvElement, Scratch, WorkItem};
+use super::{load_scaled_queries, prefetch, softmax_block, write_outputs, Ctx, KvDtype, KvElement, Scratch, WorkItem};
 
 /// Blocks scored together.
 const NB: usize = 4;
@@ -60,17 +60,10 @@ pub(super) unsafe fn item<E: KvElement, const HD: usize>(ctx: &Ctx<'_, E>, it: &
     let group = ctx.params.num_heads / geom.num_kv_heads;
     let s = &ctx.seqs[it.seq];
     let pos = s.start_pos + it.t0;
-    let q_row = ctx.params.num_heads * HD;
     let run = BS * HD;
 
-    // Scaled queries of the group, [h_in_group][d] (as the generic path).
-    super::resize(&mut sc.q, group * HD, 0.0);
-    for hg in 0..group {
-        let src = (s.row + it.t0) * q_row + (it.kv_head * group + hg) * HD;
-        for (d, x) in sc.q[hg * HD..(hg + 1) * HD].iter_mut().zip(&ctx.q[src..src + HD]) {
-            *d = *x * ctx.params.scale;
-        }
-    }
+    // Scaled queries of the group, [h_in_group][d] (one token).
+    load_scaled_queries(ctx, it, HD, &mut sc.q);
     super::resize(&mut sc.acc, group * HD, 0.0);
     super::resize(&mut sc.m, group, f32::NEG_INFINITY);
     super::resize(&mut sc.l, group, 0.0);
@@ -137,18 +130,7 @@ pub(super) unsafe fn item<E: KvElement, const HD: usize>(ctx: &Ctx<'_, E>, it: &
         b0 += NB;
     }
 
-    for hg in 0..group {
-        let h = it.kv_head * group + hg;
-        let inv = 1.0 / sc.l[hg];
-        let row = s.row + it.t0;
-        // SAFETY: as in the generic path: `out` has `rows * num_heads * head_dim`
-        // elements, `row < rows` and `h < num_heads` (validated), and only this
-        // item writes this (row, head).
-        let dst = unsafe { std::slice::from_raw_parts_mut(ctx.out.0.add((row * ctx.params.num_heads + h) * HD), HD) };
-        for (d, a) in dst.iter_mut().zip(&sc.acc[hg * HD..(hg + 1) * HD]) {
-            *d = *a * inv;
-        }
-    }
+    write_outputs(ctx, it, HD, &sc.acc, &sc.l);
 }
 
 /// Scores of queries `h0..h0 + Q` against the four blocks at `bases`.
