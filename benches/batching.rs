@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bench_report::{summarize, synthetic_prompts, Sample};
+use salus_models::paged_cache::PrefixScope;
 use salus_models::{LoadOptions, ModelSource, Phi, SamplingParams, WeightBytes};
 use salus_server::engine::{Engine, GenerationEvent, GenerationRequest, RequestId};
 use salus_server::scheduler::{ContinuousBatchingEngine, SchedulerConfig};
@@ -105,6 +106,7 @@ fn one(engine: &ContinuousBatchingEngine, prompt: &[u32], i: usize, max_tokens: 
         sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
         stop_strings: Vec::new(),
         deadline: None,
+        prefix_scope: PrefixScope::new("bench"),
     };
     let t0 = Instant::now();
     let mut h = match engine.submit(req) {

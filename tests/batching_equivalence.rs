@@ -1,11 +1,14 @@
 //! Continuous batching does not change results: greedy outputs of 16 concurrent
 //! requests with different prompt lengths equal their outputs when each runs
-//! alone through the same engine (same kernels, same paged cache), on the
-//! default model. Skips (with a message) when the model file is absent.
+//! alone (same kernels, same paged cache), on the default model. Neither does
+//! the prefix cache: the alone runs compute every prompt token, the batched
+//! runs share the prompts' common blocks (cold, then warm cache). Skips (with a
+//! message) when the model file is absent.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use salus_models::paged_cache::PrefixScope;
 use salus_models::{LoadOptions, ModelSource, Phi, SamplingParams, WeightBytes};
 use salus_server::engine::{Engine, FinishReason, GenerationEvent, GenerationHandle, GenerationRequest, RequestId};
 use salus_server::scheduler::{ContinuousBatchingEngine, SchedulerConfig};
@@ -30,6 +33,7 @@ fn request(i: usize, prompt: Vec<u32>) -> GenerationRequest {
         sampling: SamplingParams { temperature: 0.0, top_logprobs: Some(0), ..SamplingParams::default() },
         stop_strings: Vec::new(),
         deadline: None,
+        prefix_scope: PrefixScope::new("test"),
     }
 }
 
@@ -83,27 +87,46 @@ fn batched_greedy_outputs_equal_outputs_alone() {
         prefill_chunk: 32,
         ..Default::default()
     };
+    let uncached = ContinuousBatchingEngine::start(lm.clone(), SchedulerConfig { prefix_cache: false, ..cfg.clone() })
+        .unwrap();
     let engine = ContinuousBatchingEngine::start(lm.clone(), cfg).unwrap();
 
     let alone: Vec<(Vec<u32>, FinishReason)> =
-        prompts.iter().enumerate().map(|(i, p)| collect(engine.submit(request(i, p.clone())).unwrap())).collect();
-    let handles: Vec<GenerationHandle> =
-        prompts.iter().enumerate().map(|(i, p)| engine.submit(request(100 + i, p.clone())).unwrap()).collect();
-    let batched: Vec<(Vec<u32>, FinishReason)> = handles.into_iter().map(collect).collect();
-
-    // The worker publishes stats after the step that sent the last event.
-    let t0 = std::time::Instant::now();
-    let mut stats = engine.stats();
-    while stats.kv_blocks_used != 0 && t0.elapsed() < std::time::Duration::from_secs(5) {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-        stats = engine.stats();
-    }
+        prompts.iter().enumerate().map(|(i, p)| collect(uncached.submit(request(i, p.clone())).unwrap())).collect();
+    assert_eq!(uncached.stats().prefix_cache_hit_tokens_total, 0);
     assert!(alone.iter().filter(|(ids, _)| ids.len() >= 4).count() >= 12, "the model should answer most prompts");
     // Not vacuous: the requests produce different outputs.
     assert!(alone.iter().any(|a| a.0 != alone[0].0));
-    for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
-        assert_eq!(a, b, "request {i} (prompt of {} tokens) differs when batched", prompts[i].len());
+
+    let mut hits_before = 0;
+    for (round, cache) in ["cold", "warm"].into_iter().enumerate() {
+        let handles: Vec<GenerationHandle> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| engine.submit(request(100 * (round + 1) + i, p.clone())).unwrap())
+            .collect();
+        let batched: Vec<(Vec<u32>, FinishReason)> = handles.into_iter().map(collect).collect();
+        // The worker publishes stats after the step that sent the last event.
+        let t0 = std::time::Instant::now();
+        let mut stats = engine.stats();
+        while stats.kv_blocks_used != 0 && t0.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            stats = engine.stats();
+        }
+        for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+            assert_eq!(a, b, "request {i} (prompt of {} tokens) differs when batched, {cache} prefix cache", prompts[i].len());
+        }
+        assert_eq!(stats.kv_blocks_used, 0, "all blocks are freed after the requests finish");
+        assert!(stats.kv_blocks_cached > 0, "finished prompts stay cached");
+        assert!(stats.steps_total > 0);
+        let hits = stats.prefix_cache_hit_tokens_total - hits_before;
+        hits_before = stats.prefix_cache_hit_tokens_total;
+        if round == 1 {
+            // The cold round cached every prompt block: now each prompt attaches
+            // all its whole blocks before its last token.
+            let bs = SchedulerConfig::default().block_size;
+            let expected: usize = prompts.iter().map(|p| (p.len() - 1) / bs * bs).sum();
+            assert_eq!(hits as usize, expected, "warm cache hit tokens");
+        }
     }
-    assert_eq!(stats.kv_blocks_used, 0, "all blocks are freed after the requests finish");
-    assert!(stats.steps_total > 0);
 }

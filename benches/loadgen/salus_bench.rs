@@ -62,6 +62,12 @@ struct Args {
     /// File with one prompt per line (default: built-in synthetic clinical notes).
     #[arg(long)]
     prompts: Option<PathBuf>,
+    /// Send the prompts verbatim. By default each request's message starts with
+    /// a tag unique to the run and the request (`[<run>-<n>] `), so a server's
+    /// prefix cache can reuse only what all requests share (the chat
+    /// template's system prompt), not a whole prompt the set repeats.
+    #[arg(long)]
+    verbatim: bool,
     /// Ask for non-streamed responses (TTFT then equals end-to-end latency).
     #[arg(long)]
     no_stream: bool,
@@ -123,24 +129,19 @@ fn run() -> Result<()> {
         Some(m) => m.clone(),
         None => first_model(&agent, &args.base_url, args.api_key.as_deref())?,
     };
-    let bodies: Arc<Vec<String>> = Arc::new(
-        prompts
-            .iter()
-            .map(|p| {
-                let mut b = serde_json::json!({
-                    "model": model,
-                    "messages": [{"role": "user", "content": p}],
-                    "max_tokens": args.max_tokens,
-                    "temperature": args.temperature,
-                    "stream": stream,
-                });
-                if stream {
-                    b["stream_options"] = serde_json::json!({"include_usage": true});
-                }
-                b.to_string()
-            })
-            .collect(),
-    );
+    let run_tag = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() % 100_000)
+        * 100
+        + u64::from(std::process::id() % 100);
+    let bodies = Arc::new(Bodies {
+        prompts,
+        model,
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        stream,
+        tag: (!args.verbatim).then_some(run_tag),
+    });
     let mut summaries = Vec::new();
     let mut offset = 0;
     for (&c, &n) in args.concurrency.iter().zip(&per_level) {
@@ -158,8 +159,8 @@ fn run() -> Result<()> {
                         if i >= n {
                             break out;
                         }
-                        let body = &bodies[(offset + i) % bodies.len()];
-                        out.push((i, one_request(&agent, &url, key.as_deref(), body, stream)));
+                        let body = bodies.body(offset + i);
+                        out.push((i, one_request(&agent, &url, key.as_deref(), &body, stream)));
                         pb.inc(1);
                     }
                 })
@@ -184,6 +185,39 @@ fn run() -> Result<()> {
         .with_context(|| format!("writing {}", args.out_svg.display()))?;
     eprintln!("wrote {} and {}", args.out_json.display(), args.out_svg.display());
     Ok(())
+}
+
+/// Request bodies: prompt `n % len` for the `n`-th request of the run.
+struct Bodies {
+    prompts: Vec<String>,
+    model: String,
+    max_tokens: usize,
+    temperature: f32,
+    stream: bool,
+    /// Run id for the unique tag; None sends prompts verbatim.
+    tag: Option<u64>,
+}
+
+impl Bodies {
+    fn body(&self, n: usize) -> String {
+        let prompt = &self.prompts[n % self.prompts.len()];
+        let content = match self.tag {
+            // The request number first: requests then share no token after the template's.
+            Some(run) => format!("[{n}-{run}] {prompt}"),
+            None => prompt.clone(),
+        };
+        let mut b = serde_json::json!({
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "stream": self.stream,
+        });
+        if self.stream {
+            b["stream_options"] = serde_json::json!({"include_usage": true});
+        }
+        b.to_string()
+    }
 }
 
 /// The first model id of `GET {base}/models`.

@@ -11,6 +11,7 @@
 //! into process memory and passed in without plaintext ever touching the disk.
 
 pub mod batch;
+pub mod block_pool;
 pub mod chat;
 pub mod config;
 pub mod detok;

@@ -12,9 +12,12 @@
 //! request can never leak cache memory. [`PagedKvCache`] owns the allocations of
 //! the sequences it holds and implements [`BlockManager`], the interface the
 //! scheduler uses to reserve and release blocks.
+//!
+//! Prefix caching (optional, see [`crate::block_pool`]): fully computed blocks
+//! are registered under their exact token prefix and later sequences of the
+//! same [`PrefixScope`] attach them instead of recomputing them.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Storage, Tensor};
 use half::{bf16, f16};
@@ -22,116 +25,14 @@ use salus_kernels::paged_attention::{self, AttentionParams, KvElement, PagedGeom
 
 pub use salus_kernels::paged_attention::KvDtype;
 
+pub use crate::block_pool::{BlockPool, PrefixScope, SeqBlocks};
+
 use crate::batch::{check_spans, SeqId, SeqSpan};
 use crate::kv_cache::KvCache;
 use crate::{ModelError, Result};
 
 /// Default tokens per block.
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
-
-struct PoolInner {
-    free: Mutex<Vec<u32>>,
-    total: usize,
-}
-
-/// A pool of `total` block ids with an O(1) free list. Cloning shares the pool.
-#[derive(Clone)]
-pub struct BlockPool(Arc<PoolInner>);
-
-impl std::fmt::Debug for BlockPool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlockPool").field("total", &self.total_blocks()).field("free", &self.free_blocks()).finish()
-    }
-}
-
-impl BlockPool {
-    pub fn new(total_blocks: usize) -> Self {
-        // Reverse so that low ids are handed out first (easier to read in tests).
-        let free: Vec<u32> = (0..total_blocks as u32).rev().collect();
-        BlockPool(Arc::new(PoolInner { free: Mutex::new(free), total: total_blocks }))
-    }
-
-    fn free_list(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
-        // The free list is always consistent (pushes/pops only), so a poisoned
-        // lock is still usable.
-        self.0.free.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn total_blocks(&self) -> usize {
-        self.0.total
-    }
-
-    pub fn free_blocks(&self) -> usize {
-        self.free_list().len()
-    }
-
-    pub fn used_blocks(&self) -> usize {
-        self.total_blocks() - self.free_blocks()
-    }
-
-    /// An allocation holding no blocks yet.
-    pub fn empty_allocation(&self) -> SeqBlocks {
-        SeqBlocks { pool: self.clone(), blocks: Vec::new() }
-    }
-
-    /// Allocates `n` blocks, all or nothing.
-    pub fn allocate(&self, n: usize) -> Option<SeqBlocks> {
-        let mut a = self.empty_allocation();
-        a.grow(n).then_some(a)
-    }
-}
-
-/// Blocks held by one sequence, in position order. Returned to the pool on drop.
-pub struct SeqBlocks {
-    pool: BlockPool,
-    blocks: Vec<u32>,
-}
-
-impl std::fmt::Debug for SeqBlocks {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SeqBlocks").field("blocks", &self.blocks.len()).finish()
-    }
-}
-
-impl SeqBlocks {
-    /// The block table: physical block ids in position order.
-    pub fn blocks(&self) -> &[u32] {
-        &self.blocks
-    }
-
-    pub fn len(&self) -> usize {
-        self.blocks.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.blocks.is_empty()
-    }
-
-    /// Adds `n` blocks, all or nothing. Returns false when the pool has fewer free.
-    pub fn grow(&mut self, n: usize) -> bool {
-        let mut free = self.pool.free_list();
-        if free.len() < n {
-            return false;
-        }
-        let at = free.len() - n;
-        self.blocks.extend(free.drain(at..).rev());
-        true
-    }
-
-    /// Grows the allocation to hold at least `tokens` tokens of `block_size`-token blocks.
-    pub fn ensure_tokens(&mut self, tokens: usize, block_size: usize) -> bool {
-        let need = tokens.div_ceil(block_size);
-        need <= self.blocks.len() || self.grow(need - self.blocks.len())
-    }
-}
-
-impl Drop for SeqBlocks {
-    fn drop(&mut self) {
-        if !self.blocks.is_empty() {
-            self.pool.free_list().extend(self.blocks.drain(..));
-        }
-    }
-}
 
 /// What the scheduler needs from a block-based KV cache: admission by free
 /// blocks, reservation ahead of a step, release on finish or preemption.
@@ -146,6 +47,22 @@ pub trait BlockManager {
     fn release(&mut self, seq: SeqId);
     /// `seq`'s block table (empty if unknown).
     fn block_table(&self, seq: SeqId) -> &[u32];
+    /// Blocks registered in the prefix cache (0 without one).
+    fn cached_blocks(&self) -> usize {
+        0
+    }
+    /// Starts `seq`, which holds no blocks, from the longest run of whole
+    /// blocks of `tokens` cached in `scope`: their K/V count as computed.
+    /// Returns the number of tokens covered (0 without a prefix cache).
+    fn attach_cached_prefix(&mut self, seq: SeqId, scope: &PrefixScope, tokens: &[u32]) -> usize {
+        let _ = (seq, scope, tokens);
+        0
+    }
+    /// Offers `seq`'s whole blocks among `computed` (tokens whose K/V are
+    /// cached for every layer) to the prefix cache.
+    fn register_computed(&mut self, seq: SeqId, computed: &[u32]) {
+        let _ = (seq, computed);
+    }
 }
 
 /// A [`BlockManager`] over a bare pool, with no storage: for policy tests and
@@ -160,6 +77,10 @@ pub struct PoolBlockManager {
 impl PoolBlockManager {
     pub fn new(total_blocks: usize, block_size: usize) -> Self {
         PoolBlockManager { pool: BlockPool::new(total_blocks), block_size, seqs: HashMap::new() }
+    }
+    /// A manager whose pool has a prefix cache.
+    pub fn with_prefix_cache(total_blocks: usize, block_size: usize) -> Self {
+        PoolBlockManager { pool: BlockPool::with_prefix_cache(total_blocks), block_size, seqs: HashMap::new() }
     }
     pub fn pool(&self) -> &BlockPool {
         &self.pool
@@ -186,6 +107,19 @@ impl BlockManager for PoolBlockManager {
     }
     fn block_table(&self, seq: SeqId) -> &[u32] {
         self.seqs.get(&seq).map_or(&[], |b| b.blocks())
+    }
+    fn cached_blocks(&self) -> usize {
+        self.pool.cached_blocks()
+    }
+    fn attach_cached_prefix(&mut self, seq: SeqId, scope: &PrefixScope, tokens: &[u32]) -> usize {
+        let (pool, bs) = (&self.pool, self.block_size);
+        self.seqs.entry(seq).or_insert_with(|| pool.empty_allocation()).attach_cached_prefix(scope, tokens, bs)
+    }
+    fn register_computed(&mut self, seq: SeqId, computed: &[u32]) {
+        let bs = self.block_size;
+        if let Some(b) = self.seqs.get_mut(&seq) {
+            b.register_computed(computed, bs);
+        }
     }
 }
 
@@ -371,6 +305,16 @@ impl PagedKvCache {
         }
     }
 
+    /// Turns the prefix cache on (see [`crate::block_pool`]). Call before any
+    /// sequence holds blocks; a no-op afterwards.
+    pub fn with_prefix_cache(mut self, on: bool) -> Self {
+        if self.seqs.is_empty() && on != self.pool.has_prefix_cache() {
+            let n = self.cfg.num_blocks;
+            self.pool = if on { BlockPool::with_prefix_cache(n) } else { BlockPool::new(n) };
+        }
+        self
+    }
+
     /// Whether the cache's storage is on a CUDA device.
     pub fn is_cuda(&self) -> bool {
         #[cfg(feature = "cuda")]
@@ -421,6 +365,27 @@ impl BlockManager for PagedKvCache {
     }
     fn block_table(&self, seq: SeqId) -> &[u32] {
         self.seqs.get(&seq).map_or(&[], |e| e.blocks.blocks())
+    }
+    fn cached_blocks(&self) -> usize {
+        self.pool.cached_blocks()
+    }
+    fn attach_cached_prefix(&mut self, seq: SeqId, scope: &PrefixScope, tokens: &[u32]) -> usize {
+        let bs = self.cfg.block_size;
+        let e = self.entry(seq);
+        if e.lens.iter().any(|&l| l != 0) {
+            return 0;
+        }
+        let covered = e.blocks.attach_cached_prefix(scope, tokens, bs);
+        e.lens.fill(covered);
+        covered
+    }
+    fn register_computed(&mut self, seq: SeqId, computed: &[u32]) {
+        let bs = self.cfg.block_size;
+        if let Some(e) = self.seqs.get_mut(&seq) {
+            // Only what every layer has written may be shared.
+            let done = e.lens.iter().copied().min().unwrap_or(0).min(computed.len());
+            e.blocks.register_computed(&computed[..done], bs);
+        }
     }
 }
 

@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, IndexOp};
 use common::*;
-use salus_models::paged_cache::{BlockManager, KvDtype, PagedCacheConfig, PagedKvCache};
+use salus_models::paged_cache::{BlockManager, KvDtype, PagedCacheConfig, PagedKvCache, PrefixScope};
 use salus_models::{ContiguousKvCache, KvCache, LoadOptions, Model, ModelSource, PackedBatch, SeqId, WeightBytes};
 
 fn paged(model: &Model, block_size: usize, num_blocks: usize, dtype: KvDtype) -> PagedKvCache {
@@ -98,4 +98,49 @@ fn paged_cache_matches_contiguous_qwen2_sliding_window() {
     let model = Model::load_weights(&src, &LoadOptions::default()).unwrap().0;
     check(&model, 2, KvDtype::F32, 1e-4);
     check(&model, 3, KvDtype::F32, 1e-4);
+}
+
+/// A sequence that attaches cached prefix blocks gets bitwise the logits it
+/// would get computing its whole prompt, in prefill and in the decode after it;
+/// another scope attaches nothing.
+#[test]
+fn paged_prefix_cache_reuse_is_bitwise_equal_to_recomputing() {
+    let src = ModelSource::from_gguf_bytes("tiny.gguf", WeightBytes::from_vec(gguf_bytes("llama", 31)));
+    let model = Model::load_weights(&src, &LoadOptions::default()).unwrap().0;
+    let bs = 4;
+    let a = tokens(1, 13);
+    let mut b: Vec<u32> = a[..9].to_vec();
+    b.extend(tokens(2, 5));
+    let scope = PrefixScope::new("alice");
+
+    let mut cached = paged(&model, bs, 64, KvDtype::BF16).with_prefix_cache(true);
+    let mut batch = PackedBatch::new();
+    batch.push(SeqId(1), &a, 0).unwrap();
+    assert_eq!(cached.attach_cached_prefix(SeqId(1), &scope, &a[..a.len() - 1]), 0, "nothing cached yet");
+    model.forward(&batch, &mut cached).unwrap();
+    cached.register_computed(SeqId(1), &a);
+    assert_eq!(cached.cached_blocks(), 3);
+    cached.remove(SeqId(1));
+
+    assert_eq!(cached.attach_cached_prefix(SeqId(9), &PrefixScope::new("bob"), &b[..b.len() - 1]), 0);
+    cached.release(SeqId(9));
+    // b shares a's first 9 tokens: two whole blocks.
+    let hit = cached.attach_cached_prefix(SeqId(2), &scope, &b[..b.len() - 1]);
+    assert_eq!(hit, 8);
+    assert_eq!(cached.seq_len(SeqId(2)), 8);
+
+    let mut fresh = paged(&model, bs, 64, KvDtype::BF16);
+    let mut full = PackedBatch::new();
+    full.push(SeqId(2), &b, 0).unwrap();
+    let want = model.forward(&full, &mut fresh).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut rest = PackedBatch::new();
+    rest.push(SeqId(2), &b[hit..], hit).unwrap();
+    let got = model.forward(&rest, &mut cached).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(got, want, "prefill after a cached prefix");
+
+    let mut decode = PackedBatch::new();
+    decode.push(SeqId(2), &[7], b.len()).unwrap();
+    let want = model.forward(&decode, &mut fresh).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let got = model.forward(&decode, &mut cached).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(got, want, "decode after a cached prefix");
 }

@@ -188,6 +188,19 @@ impl Metrics {
         gauge(&mut out, "salus_kv_cache_blocks_total", "KV cache blocks in total.", engine.kv_blocks_total as u64);
         gauge(
             &mut out,
+            "salus_kv_cache_blocks_cached",
+            "KV cache blocks registered in the prefix cache (held or reusable).",
+            engine.kv_blocks_cached as u64,
+        );
+        counter(
+            &mut out,
+            "salus_prefix_cache_hit_tokens_total",
+            "Prompt tokens reused from the prefix cache instead of being computed.",
+            "",
+            engine.prefix_cache_hit_tokens_total,
+        );
+        gauge(
+            &mut out,
             "salus_last_batch_sequences",
             "Sequences in the last forward step.",
             engine.last_batch_seqs as u64,

@@ -247,7 +247,7 @@ pub async fn chat_completions(
     check_servable(&state, &req.model)?;
     let prompt = state.codec().encode_chat(&req.messages).map_err(|e| prompt_error(e, "messages", ctx.request_id()))?;
     drop(req.messages);
-    let plan = generate::plan(&state, &ctx, vec![prompt.ids], &req.params)?;
+    let plan = generate::plan(&state, &ctx, &principal, vec![prompt.ids], &req.params)?;
     let subject = InferenceSubject {
         principal: &principal,
         source,
@@ -283,7 +283,7 @@ pub async fn completions(
         canonical.expose_mut().push_str(p.expose());
     }
     drop(req.prompts);
-    let plan = generate::plan(&state, &ctx, prompts, &req.params)?;
+    let plan = generate::plan(&state, &ctx, &principal, prompts, &req.params)?;
     let subject = InferenceSubject {
         principal: &principal,
         source,

@@ -18,11 +18,13 @@ use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::stream::{BoxStream, StreamExt};
+use salus_models::paged_cache::PrefixScope;
 use salus_models::Phi;
 
 use super::error::ApiError;
 use super::inference_audit::InferenceAudit;
 use super::types::GenerationParams;
+use crate::auth::AuthenticatedPrincipal;
 use crate::engine::{FinishReason, GenerationEvent, GenerationHandle, GenerationRequest, RequestId, TokenLogprob};
 use crate::state::{AppState, RequestContext};
 
@@ -77,6 +79,7 @@ fn handle_stream(handle: GenerationHandle, offset: usize) -> BoxStream<'static, 
 pub fn plan(
     state: &AppState,
     ctx: &RequestContext,
+    principal: &AuthenticatedPrincipal,
     prompts: Vec<Phi<Vec<u32>>>,
     params: &GenerationParams,
 ) -> Result<Plan, ApiError> {
@@ -117,6 +120,7 @@ pub fn plan(
     let deadline = Some(started + Duration::from_secs(limits.request_timeout_secs));
     let choices = plans.len() * params.n;
     let mut requests = Vec::with_capacity(plans.len());
+    let prefix_scope = PrefixScope::new(principal.id());
     for (i, (prompt_tokens, max_tokens)) in plans.into_iter().enumerate() {
         let mut sampling = params.sampling.clone();
         // Distinct prompts of one request get distinct seeds (choices get seed + i in the engine).
@@ -131,6 +135,7 @@ pub fn plan(
             sampling,
             stop_strings: params.stop.clone(),
             deadline,
+            prefix_scope: prefix_scope.clone(),
         });
     }
     Ok(Plan { requests, choices, prompt_tokens: prompt_total, started })

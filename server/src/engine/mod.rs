@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use salus_models::paged_cache::PrefixScope;
 use salus_models::sampling::SamplingParams;
 use salus_models::Phi;
 
@@ -58,6 +59,10 @@ pub struct GenerationRequest {
     pub stop_strings: Vec<Phi<String>>,
     /// When to give up (the request is cancelled at this instant).
     pub deadline: Option<Instant>,
+    /// Requests share cached prompt blocks only within one scope: the HTTP
+    /// layer uses the authenticated principal, so callers never share (or can
+    /// time) each other's prompts.
+    pub prefix_scope: PrefixScope,
 }
 
 /// Log-probability information for one generated token.
@@ -146,6 +151,10 @@ pub struct EngineStats {
     pub kv_blocks_used: usize,
     pub kv_blocks_total: usize,
     pub preemptions_total: u64,
+    /// Blocks registered in the prefix cache (held or idle).
+    pub kv_blocks_cached: usize,
+    /// Prompt tokens taken from the prefix cache instead of being computed.
+    pub prefix_cache_hit_tokens_total: u64,
     pub steps_total: u64,
     pub last_batch_seqs: usize,
     pub last_batch_tokens: usize,

@@ -78,6 +78,13 @@ pub struct SchedulerConfig {
     pub max_prefill_tokens: Option<usize>,
     /// Retry-After sent with `QueueFull`, in seconds. Default 1.
     pub retry_after_secs: u64,
+    /// Reuse the K/V of prompt blocks a caller has sent before (the chat
+    /// template's system prompt, fixed instructions, earlier turns) instead of
+    /// recomputing them. Shared only between requests of the same principal,
+    /// never across callers. Cached blocks are held in process memory until
+    /// evicted (least recently used first, only when the cache needs room).
+    /// Default true.
+    pub prefix_cache: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -93,6 +100,7 @@ impl Default for SchedulerConfig {
             prefill_chunk: 256,
             max_prefill_tokens: None,
             retry_after_secs: 1,
+            prefix_cache: true,
         }
     }
 }
@@ -197,7 +205,7 @@ impl ContinuousBatchingEngine {
             cfg.capacity(),
             device,
         )?;
-        let cache = PagedKvCache::new_on(cache_cfg, device)?;
+        let cache = PagedKvCache::new_on(cache_cfg, device)?.with_prefix_cache(cfg.prefix_cache);
         let capacity_tokens = cache_cfg.capacity_tokens();
         let context_length = lm.info.context_length.min(mc.max_context);
         let shared = Arc::new(Shared::default());
@@ -227,6 +235,7 @@ impl ContinuousBatchingEngine {
             kv_dtype = cache_cfg.dtype.as_str(),
             capacity_tokens,
             max_prefill_tokens = limits.max_prefill_tokens,
+            prefix_cache = cfg.prefix_cache,
             "continuous batching engine started"
         );
         Ok(ContinuousBatchingEngine {

@@ -29,10 +29,16 @@
 //!
 //! Any sequence whose tokens fit the whole cache alone eventually runs: the
 //! oldest running sequence is never preempted while a younger one holds blocks.
+//!
+//! Prefix caching: at admission a sequence first attaches the whole blocks of
+//! its tokens that its scope has cached (all but the last token, whose logits
+//! must be computed), and starts its prefill after them; after each step the
+//! sequences offer their newly completed blocks to the cache. Cached blocks no
+//! sequence holds count as free, so admission and preemption are unchanged.
 
 use std::collections::{HashMap, VecDeque};
 
-use salus_models::paged_cache::BlockManager;
+use salus_models::paged_cache::{BlockManager, PrefixScope};
 use salus_models::{PackedBatch, Phi, SeqId};
 
 /// Limits of one step.
@@ -53,6 +59,8 @@ struct SeqState {
     /// Prompt followed by generated tokens. PHI.
     tokens: Phi<Vec<u32>>,
     prompt_len: usize,
+    /// Whose cached prefixes this sequence may share.
+    scope: PrefixScope,
     /// Tokens whose K/V are in the cache.
     computed: usize,
     running: bool,
@@ -99,6 +107,8 @@ pub struct Policy<B: BlockManager> {
     /// Admission order, oldest first.
     running: Vec<SeqId>,
     preemptions: u64,
+    /// Tokens admitted sequences did not compute because their blocks were cached.
+    prefix_hit_tokens: u64,
 }
 
 impl<B: BlockManager> Policy<B> {
@@ -109,7 +119,7 @@ impl<B: BlockManager> Policy<B> {
             prefill_chunk: limits.prefill_chunk.max(1),
             max_prefill_tokens: limits.max_prefill_tokens.max(1),
         };
-        Policy { limits, blocks, seqs: HashMap::new(), waiting: VecDeque::new(), running: Vec::new(), preemptions: 0 }
+        Policy { limits, blocks, seqs: HashMap::new(), waiting: VecDeque::new(), running: Vec::new(), preemptions: 0, prefix_hit_tokens: 0 }
     }
 
     pub fn blocks(&self) -> &B {
@@ -126,11 +136,12 @@ impl<B: BlockManager> Policy<B> {
 
     /// Queues a new sequence at the back. `prompt` must be non-empty and, with
     /// everything it may generate, fit [`Self::capacity_tokens`] (checked by the caller).
-    pub fn add(&mut self, seq: SeqId, prompt: Vec<u32>) {
+    pub fn add(&mut self, seq: SeqId, scope: PrefixScope, prompt: Vec<u32>) {
         debug_assert!(!prompt.is_empty());
         let prompt_len = prompt.len();
-        self.seqs
-            .insert(seq, SeqState { tokens: Phi::new(prompt), prompt_len, computed: 0, running: false, fresh: true });
+        let state =
+            SeqState { tokens: Phi::new(prompt), prompt_len, scope, computed: 0, running: false, fresh: true };
+        self.seqs.insert(seq, state);
         self.waiting.push_back(seq);
     }
 
@@ -175,6 +186,10 @@ impl<B: BlockManager> Policy<B> {
     }
     pub fn preemptions(&self) -> u64 {
         self.preemptions
+    }
+    /// Tokens taken from the prefix cache instead of being computed, in all.
+    pub fn prefix_hit_tokens(&self) -> u64 {
+        self.prefix_hit_tokens
     }
     pub fn is_idle(&self) -> bool {
         self.seqs.is_empty()
@@ -250,21 +265,26 @@ impl<B: BlockManager> Policy<B> {
         if plan.preempted.is_empty() {
             while prefill_budget > 0 && self.running.len() < self.limits.max_running_seqs {
                 let Some(&id) = self.waiting.front() else { break };
-                let total = self.seqs[&id].tokens.expose().len();
-                let blocks_needed = total.div_ceil(self.blocks.block_size());
-                if blocks_needed > self.blocks.free_blocks() || !self.blocks.reserve(id, total) {
+                let s = &self.seqs[&id];
+                let tokens = s.tokens.expose();
+                let total = tokens.len();
+                let cached = self.blocks.attach_cached_prefix(id, &s.scope, &tokens[..total - 1]);
+                if !self.blocks.reserve(id, total) {
+                    self.blocks.release(id);
                     break;
                 }
                 self.waiting.pop_front();
                 self.running.push(id);
+                self.prefix_hit_tokens += cached as u64;
                 let s = self.seqs.get_mut(&id).expect("waiting sequence is known");
                 s.running = true;
+                s.computed = cached;
                 if s.fresh {
                     s.fresh = false;
                     plan.admitted.push(id);
                 }
-                let len = total.min(self.limits.prefill_chunk).min(prefill_budget);
-                plan.seqs.push(ScheduledSeq { seq: id, start_pos: 0, len, samples: len == total });
+                let len = (total - cached).min(self.limits.prefill_chunk).min(prefill_budget);
+                plan.seqs.push(ScheduledSeq { seq: id, start_pos: cached, len, samples: cached + len == total });
                 prefill_budget -= len;
             }
         }
@@ -281,13 +301,15 @@ impl<B: BlockManager> Policy<B> {
         Ok(b)
     }
 
-    /// Records that the plan's tokens are now cached. Call after a successful
-    /// forward step, before [`Self::append_token`] / [`Self::remove`].
+    /// Records that the plan's tokens are now cached (and offers newly
+    /// completed blocks to the prefix cache). Call after a successful forward
+    /// step, before [`Self::append_token`] / [`Self::remove`].
     pub fn complete(&mut self, plan: &StepPlan) {
         for p in &plan.seqs {
             if let Some(s) = self.seqs.get_mut(&p.seq) {
                 if s.running && s.computed == p.start_pos {
                     s.computed += p.len;
+                    self.blocks.register_computed(p.seq, &s.tokens.expose()[..s.computed]);
                 }
             }
         }

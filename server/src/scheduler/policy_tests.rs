@@ -2,7 +2,7 @@ use std::collections::HashMap;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use salus_models::paged_cache::{BlockManager, PoolBlockManager};
+use salus_models::paged_cache::{BlockManager, PoolBlockManager, PrefixScope};
 use salus_models::SeqId;
 
 use super::*;
@@ -19,12 +19,25 @@ fn prompt_tokens(plan: &StepPlan) -> usize {
     plan.seqs.iter().filter(|s| s.len > 1 || !s.samples || s.start_pos == 0).map(|s| s.len).sum()
 }
 
-/// What a slot of the simulated KV store holds: (sequence, incarnation, position, token).
-type Slot = Option<(SeqId, u32, usize, u32)>;
+fn scope() -> PrefixScope {
+    PrefixScope::new("p")
+}
+
+/// What a slot of the simulated KV store holds: who wrote it (sequence,
+/// incarnation) and what it stands for (scope, the tokens up to and including
+/// its position: K/V depend on exactly those).
+#[derive(Debug, Clone, PartialEq)]
+struct Slot {
+    writer: (SeqId, u32),
+    scope: PrefixScope,
+    prefix: Vec<u32>,
+}
 
 struct Sim {
     policy: Policy<PoolBlockManager>,
-    store: Vec<Slot>,
+    /// Whether the block manager has a prefix cache (blocks may then be shared).
+    prefix_cache: bool,
+    store: Vec<Option<Slot>>,
     incarnation: HashMap<SeqId, u32>,
     max_new: HashMap<SeqId, usize>,
     generated: HashMap<SeqId, usize>,
@@ -33,7 +46,8 @@ struct Sim {
 impl Sim {
     /// Runs one step: "writes" each scheduled token into its slot through the
     /// block table and "reads" the whole visible history, checking every slot
-    /// belongs to this sequence's current incarnation at the right position.
+    /// holds this sequence's scope and token prefix at that position and, with
+    /// no prefix cache, was written by this sequence's current incarnation.
     fn step(&mut self, rng: &mut StdRng) -> (StepPlan, Vec<SeqId>) {
         let plan = self.policy.schedule();
         for p in &plan.preempted {
@@ -44,6 +58,13 @@ impl Sim {
         assert!(plan.num_tokens() <= limits.max_batch_tokens, "budget exceeded");
         assert!(prompt_tokens(&plan) <= limits.max_prefill_tokens, "prefill budget exceeded");
         assert!(self.policy.num_running() <= limits.max_running_seqs);
+        // Holders of each block among live sequences.
+        let mut holders: HashMap<u32, Vec<SeqId>> = HashMap::new();
+        for id in self.max_new.keys() {
+            for b in self.policy.blocks().block_table(*id) {
+                holders.entry(*b).or_default().push(*id);
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         for s in &plan.seqs {
             assert!(seen.insert(s.seq), "sequence twice in a step");
@@ -52,25 +73,36 @@ impl Sim {
             let tokens = self.policy.tokens(s.seq).to_vec();
             assert!(table.len() * bs >= s.start_pos + s.len, "blocks not reserved");
             let inc = self.incarnation[&s.seq];
+            let sc = self.policy.seqs[&s.seq].scope.clone();
             for pos in s.start_pos..s.start_pos + s.len {
-                let slot = table[pos / bs] as usize * bs + pos % bs;
-                self.store[slot] = Some((s.seq, inc, pos, tokens[pos]));
+                let block = table[pos / bs];
+                assert_eq!(holders[&block], vec![s.seq], "sequence {:?} writes a shared block", s.seq);
+                let slot = block as usize * bs + pos % bs;
+                self.store[slot] =
+                    Some(Slot { writer: (s.seq, inc), scope: sc.clone(), prefix: tokens[..=pos].to_vec() });
             }
             for pos in 0..s.start_pos + s.len {
                 let slot = table[pos / bs] as usize * bs + pos % bs;
-                assert_eq!(
-                    self.store[slot],
-                    Some((s.seq, inc, pos, tokens[pos])),
-                    "sequence {:?} reads a foreign or stale slot",
+                let held = self.store[slot].as_ref().unwrap_or_else(|| panic!("{:?} reads an unwritten slot", s.seq));
+                assert!(
+                    held.scope == sc && held.prefix == tokens[..=pos],
+                    "sequence {:?} reads a foreign or stale slot at {pos}",
                     s.seq
                 );
+                if !self.prefix_cache {
+                    assert_eq!(held.writer, (s.seq, inc), "{:?} reads a slot it did not write", s.seq);
+                }
             }
         }
-        // Block tables of different live sequences never share a block.
-        let mut owner = HashMap::new();
-        for id in self.max_new.keys() {
-            for b in self.policy.blocks().block_table(*id) {
-                assert!(owner.insert(*b, *id).is_none(), "block {b} held by two sequences");
+        // A block in two live tables is a whole, computed block at the same
+        // place in both (only the prefix cache shares, and only those).
+        for (b, ids) in holders.iter().filter(|(_, ids)| ids.len() > 1) {
+            assert!(self.prefix_cache, "block {b} held by two sequences");
+            let place = |id: &SeqId| self.policy.blocks().block_table(*id).iter().position(|x| x == b).unwrap();
+            let i = place(&ids[0]);
+            for id in ids {
+                assert_eq!(place(id), i, "block {b} at different places");
+                assert!(self.policy.seqs[id].computed >= (i + 1) * bs, "shared block {b} is not fully computed");
             }
         }
         self.policy.complete(&plan);
@@ -97,16 +129,24 @@ impl Sim {
 /// a block it does not own, admission respects arrival order.
 #[test]
 fn scheduler_randomized_policy_never_leaks_or_shares_blocks() {
-    for seed in 0..4u64 {
+    let scopes = [PrefixScope::new("a"), PrefixScope::new("b")];
+    for seed in 0..8u64 {
         let mut rng = StdRng::seed_from_u64(seed);
         let (blocks, bs) = (24, 4); // 96 tokens in all
+        // Half the seeds with a prefix cache: blocks are then shared, and the
+        // same checks hold (no write to a shared block, every read sees the K/V
+        // of exactly this scope's token prefix, blocks return to the pool).
+        let prefix_cache = seed >= 4;
+        let manager =
+            if prefix_cache { PoolBlockManager::with_prefix_cache(blocks, bs) } else { PoolBlockManager::new(blocks, bs) };
         let mut sim = Sim {
             // Prompt tokens capped below the batch budget (seeds alternate), so
             // the cap's bookkeeping runs through preemption and cancellation too.
             policy: Policy::new(
                 PolicyLimits { max_prefill_tokens: if seed % 2 == 0 { 12 } else { 40 }, ..limits(40, 6, 16) },
-                PoolBlockManager::new(blocks, bs),
+                manager,
             ),
+            prefix_cache,
             store: vec![None; blocks * bs],
             incarnation: HashMap::new(),
             max_new: HashMap::new(),
@@ -124,7 +164,12 @@ fn scheduler_randomized_policy_never_leaks_or_shares_blocks() {
                 let max_new = rng.random_range(1..=(96 - prompt_len).min(40));
                 let id = SeqId(next);
                 next += 1;
-                sim.policy.add(id, (0..prompt_len as u32).collect());
+                // A common opening of random length, then tokens of its own.
+                let common = rng.random_range(0..=prompt_len);
+                let prompt: Vec<u32> =
+                    (0..prompt_len).map(|i| if i < common { i as u32 } else { rng.random_range(0..4) }).collect();
+                let sc = scopes[rng.random_range(0..scopes.len())].clone();
+                sim.policy.add(id, sc, prompt);
                 sim.incarnation.insert(id, 0);
                 sim.max_new.insert(id, max_new);
                 sim.generated.insert(id, 0);
@@ -141,13 +186,19 @@ fn scheduler_randomized_policy_never_leaks_or_shares_blocks() {
             admitted_order.extend(plan.admitted.iter().map(|s| s.0));
             completed += finished.len();
             let used = blocks - sim.policy.blocks().free_blocks();
-            let held: usize = sim.max_new.keys().map(|id| sim.policy.blocks().block_table(*id).len()).sum();
-            assert_eq!(used, held, "seed {seed}: blocks leaked");
+            let held: std::collections::HashSet<u32> =
+                sim.max_new.keys().flat_map(|id| sim.policy.blocks().block_table(*id).to_vec()).collect();
+            assert_eq!(used, held.len(), "seed {seed}: blocks leaked");
         }
         assert_eq!(completed + cancelled, arrived, "seed {seed}");
         assert!(completed > arrived / 2, "seed {seed}: most requests should complete");
         assert_eq!(sim.policy.blocks().free_blocks(), blocks, "seed {seed}: blocks used must return to 0");
         assert!(sim.policy.preemptions() > 0, "seed {seed}: the tiny cache must force preemption");
+        if prefix_cache {
+            assert!(sim.policy.prefix_hit_tokens() > 0, "seed {seed}: common prompt openings must hit the cache");
+        } else {
+            assert_eq!(sim.policy.prefix_hit_tokens(), 0);
+        }
         let mut sorted = admitted_order.clone();
         sorted.sort();
         assert_eq!(admitted_order, sorted, "seed {seed}: admission out of arrival order");
@@ -157,12 +208,12 @@ fn scheduler_randomized_policy_never_leaks_or_shares_blocks() {
 #[test]
 fn scheduler_decodes_are_not_stalled_by_a_long_prefill() {
     let mut p = Policy::new(limits(8, 4, 8), PoolBlockManager::new(100, 4));
-    p.add(SeqId(1), vec![1, 2, 3]);
+    p.add(SeqId(1), scope(), vec![1, 2, 3]);
     let plan = p.schedule();
     assert_eq!(plan.seqs, vec![ScheduledSeq { seq: SeqId(1), start_pos: 0, len: 3, samples: true }]);
     p.complete(&plan);
     p.append_token(SeqId(1), 9);
-    p.add(SeqId(2), (0..30).collect());
+    p.add(SeqId(2), scope(), (0..30).collect());
     // Every step: seq 1 decodes, seq 2 prefills in chunks within the budget.
     let mut prefilled = 0;
     for _ in 0..5 {
@@ -189,8 +240,8 @@ fn scheduler_decodes_are_not_stalled_by_a_long_prefill() {
 fn scheduler_preempts_the_youngest_and_recomputes_it_later() {
     // 4 blocks of 2 tokens: two sequences of 3 tokens fit, growth forces preemption.
     let mut p = Policy::new(limits(64, 8, 64), PoolBlockManager::new(4, 2));
-    p.add(SeqId(1), vec![1, 2, 3]);
-    p.add(SeqId(2), vec![4, 5, 6]);
+    p.add(SeqId(1), scope(), vec![1, 2, 3]);
+    p.add(SeqId(2), scope(), vec![4, 5, 6]);
     let plan = p.schedule();
     assert_eq!(plan.seqs.len(), 2);
     p.complete(&plan);
@@ -220,9 +271,9 @@ fn scheduler_preempts_the_youngest_and_recomputes_it_later() {
 #[test]
 fn scheduler_admits_in_arrival_order_without_overtaking() {
     let mut p = Policy::new(limits(64, 8, 64), PoolBlockManager::new(4, 4));
-    p.add(SeqId(1), (0..10).collect()); // 3 blocks
-    p.add(SeqId(2), (0..8).collect()); // 2 blocks: does not fit now
-    p.add(SeqId(3), (0..2).collect()); // 1 block: would fit, but must not overtake 2
+    p.add(SeqId(1), scope(), (0..10).collect()); // 3 blocks
+    p.add(SeqId(2), scope(), (0..8).collect()); // 2 blocks: does not fit now
+    p.add(SeqId(3), scope(), (0..2).collect()); // 1 block: would fit, but must not overtake 2
     let plan = p.schedule();
     assert_eq!(plan.admitted, vec![SeqId(1)]);
     assert_eq!(p.num_fresh_waiting(), 2);
@@ -243,7 +294,7 @@ fn scheduler_prefills_a_burst_oldest_first_within_the_step_prompt_cap() {
         PoolBlockManager::new(200, 4),
     );
     for i in 0..8u64 {
-        p.add(SeqId(i), (0..10).collect());
+        p.add(SeqId(i), scope(), (0..10).collect());
     }
     let mut first_token_step = vec![None; 8];
     for step in 0..8 {
@@ -268,7 +319,7 @@ fn scheduler_prefills_a_burst_oldest_first_within_the_step_prompt_cap() {
 #[test]
 fn scheduler_splits_a_prompt_longer_than_the_step_prompt_cap() {
     let mut p = Policy::new(PolicyLimits { max_prefill_tokens: 16, ..limits(512, 16, 256) }, PoolBlockManager::new(50, 4));
-    p.add(SeqId(1), (0..40).collect());
+    p.add(SeqId(1), scope(), (0..40).collect());
     let mut chunks = Vec::new();
     loop {
         let plan = p.schedule();

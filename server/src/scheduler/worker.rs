@@ -147,7 +147,7 @@ impl Worker {
         for c in ctxs {
             let seq = SeqId(self.next_seq);
             self.next_seq += 1;
-            self.policy.add(seq, prompt.clone());
+            self.policy.add(seq, request.prefix_scope.clone(), prompt.clone());
             self.seqs.insert(seq, c);
             state.seqs.push(seq);
         }
@@ -190,6 +190,8 @@ impl Worker {
             s.kv_blocks_total = cache.total_blocks();
             s.kv_blocks_used = cache.total_blocks() - cache.free_blocks();
             s.preemptions_total = self.policy.preemptions();
+            s.kv_blocks_cached = cache.cached_blocks();
+            s.prefix_cache_hit_tokens_total = self.policy.prefix_hit_tokens();
             s.steps_total = self.steps;
             s.last_batch_seqs = plan.seqs.len();
             s.last_batch_tokens = plan.num_tokens();
