@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
+use salus_models::paged_cache::PrefixScope;
 use salus_models::Phi;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
@@ -39,6 +40,8 @@ struct ScriptedEngine {
     /// When set, every audit write fails from the moment a request is submitted
     /// (the completion record cannot be written).
     break_audit_on_submit: Mutex<Option<AuditLog>>,
+    /// The prefix-cache scope of every request, in order.
+    scopes: Mutex<Vec<PrefixScope>>,
 }
 
 impl Engine for ScriptedEngine {
@@ -47,6 +50,7 @@ impl Engine for ScriptedEngine {
             return Err(EngineError::QueueFull { retry_after: Duration::from_secs(3) });
         }
         self.seen.lock().unwrap().push((r.prompt_tokens.expose().len(), r.n, r.sampling.seed, r.max_tokens));
+        self.scopes.lock().unwrap().push(r.prefix_scope.clone());
         if let Some(log) = &*self.break_audit_on_submit.lock().unwrap() {
             log.inject_write_failures(1_000_000);
         }
@@ -122,6 +126,10 @@ struct Fixture {
     audit_dir: tempfile::TempDir,
     engine: Arc<ScriptedEngine>,
     inference: String,
+    /// A second key of the same principal as `inference`.
+    inference_rotated: String,
+    /// Another principal with the inference role.
+    other_inference: String,
     metrics_only: String,
     revoked: String,
     expired: String,
@@ -131,6 +139,8 @@ fn fixture() -> Fixture {
     let now = OffsetDateTime::now_utc();
     let mut store = KeyStore::default();
     let inference = store.create("alice", PrincipalKind::Human, &[Role::Inference], None, now).unwrap();
+    let inference_rotated = store.create("alice", PrincipalKind::Human, &[Role::Inference], None, now).unwrap();
+    let other_inference = store.create("dave", PrincipalKind::Service, &[Role::Inference], None, now).unwrap();
     let metrics_only = store.create("prom", PrincipalKind::Service, &[Role::Metrics], None, now).unwrap();
     let revoked = store.create("bob", PrincipalKind::Human, &[Role::Inference], None, now).unwrap();
     store.revoke(&revoked.record.id, now).unwrap();
@@ -162,6 +172,8 @@ fn fixture() -> Fixture {
         audit_dir,
         engine,
         inference: inference.secret.to_string(),
+        inference_rotated: inference_rotated.secret.to_string(),
+        other_inference: other_inference.secret.to_string(),
         metrics_only: metrics_only.secret.to_string(),
         revoked: revoked.secret.to_string(),
         expired: expired.secret.to_string(),
@@ -222,6 +234,27 @@ async fn auth_missing_bad_revoked_expired_and_wrong_role() {
     assert_eq!(send(&f.state, "GET", "/ready", None, None).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(send(&f.state, "GET", "/ready", Some(&f.inference), None).await.0, StatusCode::OK);
     assert!(f.engine.seen.lock().unwrap().is_empty(), "no request may reach the engine");
+}
+
+/// The prefix cache is scoped by principal: two keys of one principal share a
+/// scope, another principal never does (it could otherwise time the first
+/// one's prompts through a faster first token).
+#[tokio::test]
+async fn prefix_cache_scope_is_the_principal_not_the_key() {
+    let f = fixture();
+    for key in [&f.inference, &f.inference_rotated, &f.other_inference] {
+        let (status, _, _) = send(&f.state, "POST", "/v1/chat/completions", Some(key), Some(&chat_body(json!({})))).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (status, _, _) =
+        send(&f.state, "POST", "/v1/completions", Some(&f.other_inference), Some(br#"{"model":"test-model","prompt":["a","b"]}"#))
+            .await;
+    assert_eq!(status, StatusCode::OK);
+    let scopes = f.engine.scopes.lock().unwrap().clone();
+    assert_eq!(scopes.len(), 5);
+    assert_eq!(scopes[0], scopes[1], "keys of one principal share its cache");
+    assert_ne!(scopes[0], scopes[2], "principals never share a cache");
+    assert_eq!(scopes[2..], [scopes[2].clone(), scopes[2].clone(), scopes[2].clone()]);
 }
 
 #[tokio::test]
