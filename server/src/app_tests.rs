@@ -76,7 +76,10 @@ impl Engine for ScriptedEngine {
                 }
             }
             let reason = if k < words.len() { FinishReason::Length } else { FinishReason::Stop };
-            let _ = tx.send(GenerationEvent::Finished { choice, reason, completion_tokens: k });
+            // Every choice reports one prompt token from the prefix cache; the
+            // API must count it once per prompt, not per choice.
+            let cached_prompt_tokens = 1;
+            let _ = tx.send(GenerationEvent::Finished { choice, reason, completion_tokens: k, cached_prompt_tokens });
         }
         Ok(GenerationHandle::new(rx, cancel))
     }
@@ -274,7 +277,12 @@ async fn chat_completion_non_streaming_shape_and_usage() {
     let prompt_len = "user".len() + "hi".len();
     assert_eq!(
         v["usage"],
-        json!({"prompt_tokens": prompt_len, "completion_tokens": 4, "total_tokens": prompt_len + 4})
+        json!({
+            "prompt_tokens": prompt_len,
+            "completion_tokens": 4,
+            "total_tokens": prompt_len + 4,
+            "prompt_tokens_details": {"cached_tokens": 1},
+        })
     );
     assert_eq!(f.engine.seen.lock().unwrap()[0], (prompt_len, 2, Some(7), 5));
     // max_tokens=1 → finish_reason length.
@@ -309,6 +317,7 @@ async fn chat_streaming_sse_matches_openai() {
     assert_eq!(chunks[3]["choices"][0]["delta"], json!({}));
     assert_eq!(chunks[4]["choices"], json!([]));
     assert_eq!(chunks[4]["usage"]["completion_tokens"], 2);
+    assert_eq!(chunks[4]["usage"]["prompt_tokens_details"]["cached_tokens"], 1);
     // Without include_usage: no usage key, no usage chunk.
     let body = chat_body(json!({"stream": true}));
     let (_, _, text) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
@@ -327,6 +336,7 @@ async fn completions_string_and_array_prompts() {
     assert_eq!(v["choices"][3]["index"], 3);
     assert_eq!(v["choices"][2]["text"], "Hello world");
     assert_eq!(v["usage"]["prompt_tokens"], 5);
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 2, "once per prompt, not per choice");
     let seen = f.engine.seen.lock().unwrap().clone();
     assert_eq!(seen.iter().map(|s| s.2).collect::<Vec<_>>(), vec![Some(1), Some(3)], "distinct seeds per prompt");
     let body = serde_json::to_vec(&json!({"model": "test-model", "prompt": "ab", "stream": true})).unwrap();

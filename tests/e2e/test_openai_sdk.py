@@ -169,6 +169,23 @@ def check_disconnect_cancels():
     assert time.time() - t < 30, f"next request waited {time.time() - t:.1f}s"
 
 
+def check_prefix_cache():
+    # A prompt of several 16-token blocks, new to this server: the second send
+    # reuses every whole block before its last token, and the answer is the same.
+    msg = [{"role": "user", "content": "List three common causes of chest pain in adults, with one "
+            "distinguishing feature of each, in plain words for a patient leaflet."}]
+    kw = dict(model=MODEL, messages=msg, max_tokens=24, temperature=0)
+    first = C.chat.completions.create(**kw)
+    second = C.chat.completions.create(**kw)
+    p = second.usage.prompt_tokens
+    assert p >= 48, p
+    assert second.usage.prompt_tokens_details.cached_tokens == (p - 1) // 16 * 16, second.usage
+    assert first.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens_details.cached_tokens
+    assert first.choices[0].message.content == second.choices[0].message.content
+    hits = [l for l in metrics_text().splitlines() if l.startswith("salus_prefix_cache_hit_tokens_total ")]
+    assert hits and int(hits[0].split()[1]) >= (p - 1) // 16 * 16, hits
+
+
 def check_metrics():
     text = metrics_text()
     assert 'salus_requests_total{route="/v1/chat/completions",status="200"}' in text
@@ -189,7 +206,7 @@ def check_tls_versions():
 
 
 CHECKS = [check_non_streaming, check_streaming_with_usage, check_n2, check_stop, check_seed_reproducible,
-          check_completions, check_models, check_errors, check_disconnect_cancels, check_metrics,
+          check_completions, check_models, check_errors, check_disconnect_cancels, check_prefix_cache, check_metrics,
           check_tls_versions]
 
 

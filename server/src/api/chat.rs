@@ -82,8 +82,14 @@ fn completion_logprobs(state: &AppState, lps: &[TokenLogprob], start_offset: usi
     json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// OpenAI's usage object; `cached` of the prompt tokens came from the prefix cache.
+fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
 }
 
 /// Which endpoint a response belongs to: decides `object` and the shape of a choice.
@@ -185,6 +191,7 @@ impl ResponseBuilder {
     /// The non-streaming response: every choice complete, plus usage.
     fn whole(&self, outputs: &[ChoiceOutput], prompt_tokens: usize) -> Value {
         let completion: usize = outputs.iter().map(|c| c.completion_tokens).sum();
+        let cached: usize = outputs.iter().map(|c| c.cached_prompt_tokens).sum();
         let choices: Vec<Value> =
             outputs.iter().enumerate().map(|(i, c)| self.choice(i, ChoicePart::Whole(c))).collect();
         let object = match self.endpoint {
@@ -192,7 +199,7 @@ impl ResponseBuilder {
             Endpoint::Completion => "text_completion",
         };
         let mut v = self.envelope(object, Value::Array(choices));
-        v["usage"] = usage(prompt_tokens, completion);
+        v["usage"] = usage(prompt_tokens, completion, cached);
         v
     }
 
@@ -227,9 +234,9 @@ impl ChunkFormat for ResponseBuilder {
     fn finish(&self, choice: usize, reason: FinishReason) -> Value {
         self.chunk(json!([self.choice(choice, ChoicePart::Finish(reason))]))
     }
-    fn usage(&self, prompt: usize, completion: usize) -> Value {
+    fn usage(&self, prompt: usize, completion: usize, cached: usize) -> Value {
         let mut v = self.chunk(json!([]));
-        v["usage"] = usage(prompt, completion);
+        v["usage"] = usage(prompt, completion, cached);
         v
     }
 }

@@ -35,6 +35,9 @@ pub struct ChoiceOutput {
     pub logprobs: Vec<TokenLogprob>,
     pub finish: Option<FinishReason>,
     pub completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache, counted on the first choice
+    /// of each prompt only (the choices of one prompt share it).
+    pub cached_prompt_tokens: usize,
 }
 
 /// An event of the merged stream: choice index across all prompts.
@@ -64,8 +67,11 @@ fn handle_stream(handle: GenerationHandle, offset: usize) -> BoxStream<'static, 
             GenerationEvent::Delta { choice, text, logprobs } => {
                 (choice + offset, GenerationEvent::Delta { choice: choice + offset, text, logprobs })
             }
-            GenerationEvent::Finished { choice, reason, completion_tokens } => {
-                (choice + offset, GenerationEvent::Finished { choice: choice + offset, reason, completion_tokens })
+            GenerationEvent::Finished { choice, reason, completion_tokens, cached_prompt_tokens } => {
+                // A prompt's cached tokens count once: on its first choice.
+                let cached_prompt_tokens = if choice == 0 { cached_prompt_tokens } else { 0 };
+                let ev = GenerationEvent::Finished { choice: choice + offset, reason, completion_tokens, cached_prompt_tokens };
+                (choice + offset, ev)
             }
             failed @ GenerationEvent::Failed { .. } => (offset, failed),
         };
@@ -225,7 +231,7 @@ pub async fn collect(
                 c.text.expose_mut().push_str(text.expose());
                 c.logprobs.extend(logprobs);
             }
-            GenerationEvent::Finished { reason, completion_tokens, .. } => {
+            GenerationEvent::Finished { reason, completion_tokens, cached_prompt_tokens, .. } => {
                 let Some(c) = out.get_mut(idx) else {
                     sub.audit.failed("internal_error", sub.prompt_tokens, completed_tokens(&out)).await;
                     return Err(internal());
@@ -233,6 +239,7 @@ pub async fn collect(
                 if c.finish.is_none() {
                     c.finish = Some(reason);
                     c.completion_tokens = completion_tokens;
+                    c.cached_prompt_tokens = cached_prompt_tokens;
                     remaining -= 1;
                 }
             }
@@ -269,8 +276,9 @@ pub trait ChunkFormat: Send + 'static {
     fn delta(&self, choice: usize, text: &Phi<String>, logprobs: &[TokenLogprob]) -> serde_json::Value;
     /// The chunk carrying `finish_reason`.
     fn finish(&self, choice: usize, reason: FinishReason) -> serde_json::Value;
-    /// The usage chunk (`choices: []`).
-    fn usage(&self, prompt: usize, completion: usize) -> serde_json::Value;
+    /// The usage chunk (`choices: []`); `cached` of the `prompt` tokens came
+    /// from the prefix cache.
+    fn usage(&self, prompt: usize, completion: usize, cached: usize) -> serde_json::Value;
 }
 
 fn sse_data(v: &serde_json::Value) -> Bytes {
@@ -308,6 +316,7 @@ pub fn stream_response(
         let mut timing = Timing::new(sub.started);
         let mut remaining = sub.choices;
         let mut completion = 0usize;
+        let mut cached = 0usize;
         let mut failed: Option<&'static str> = None;
         // Every choice's text, for the completion HMAC (PHI, in memory only).
         let mut texts: Vec<Phi<String>> = (0..sub.choices).map(|_| Phi::new(String::new())).collect();
@@ -335,9 +344,10 @@ pub fn stream_response(
                     }
                     format.delta(choice, &text, &logprobs)
                 }
-                GenerationEvent::Finished { reason, completion_tokens, .. } => {
+                GenerationEvent::Finished { reason, completion_tokens, cached_prompt_tokens, .. } => {
                     remaining -= 1;
                     completion += completion_tokens;
+                    cached += cached_prompt_tokens;
                     format.finish(idx, reason)
                 }
                 GenerationEvent::Failed { error } => {
@@ -376,7 +386,7 @@ pub fn stream_response(
             let _ = tx.send(Ok(sse_data(&err.body()))).await;
             return;
         }
-        if include_usage && tx.send(Ok(sse_data(&format.usage(sub.prompt_tokens, completion)))).await.is_err() {
+        if include_usage && tx.send(Ok(sse_data(&format.usage(sub.prompt_tokens, completion, cached)))).await.is_err() {
             return;
         }
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;

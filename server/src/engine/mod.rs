@@ -85,8 +85,10 @@ pub enum GenerationEvent {
         /// One entry per token this delta covers, when logprobs were requested.
         logprobs: Vec<TokenLogprob>,
     },
-    /// `choice` finished; `completion_tokens` counts its generated tokens.
-    Finished { choice: usize, reason: FinishReason, completion_tokens: usize },
+    /// `choice` finished; `completion_tokens` counts its generated tokens and
+    /// `cached_prompt_tokens` the prompt tokens its sequence took from the
+    /// prefix cache instead of computing them (at its first admission).
+    Finished { choice: usize, reason: FinishReason, completion_tokens: usize, cached_prompt_tokens: usize },
     /// The request failed inside the engine; no further events follow.
     Failed { error: EngineError },
 }

@@ -215,7 +215,12 @@ fn run_job(lm: &LoadedModel, job: &Job, next_seq: &mut u64, counters: &Counters)
             }
         }
         cache.remove(seq);
-        let _ = job.events.send(GenerationEvent::Finished { choice, reason, completion_tokens: generated });
+        let _ = job.events.send(GenerationEvent::Finished {
+            choice,
+            reason,
+            completion_tokens: generated,
+            cached_prompt_tokens: 0,
+        });
     }
     Ok(())
 }

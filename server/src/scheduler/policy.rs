@@ -66,6 +66,8 @@ struct SeqState {
     running: bool,
     /// Never admitted yet (counts towards the bounded waiting queue).
     fresh: bool,
+    /// Prompt tokens taken from the prefix cache at the first admission.
+    cached_at_admission: usize,
 }
 
 /// One sequence's share of a step.
@@ -140,7 +142,15 @@ impl<B: BlockManager> Policy<B> {
         debug_assert!(!prompt.is_empty());
         let prompt_len = prompt.len();
         let state =
-            SeqState { tokens: Phi::new(prompt), prompt_len, scope, computed: 0, running: false, fresh: true };
+            SeqState {
+            tokens: Phi::new(prompt),
+            prompt_len,
+            scope,
+            computed: 0,
+            running: false,
+            fresh: true,
+            cached_at_admission: 0,
+        };
         self.seqs.insert(seq, state);
         self.waiting.push_back(seq);
     }
@@ -186,6 +196,10 @@ impl<B: BlockManager> Policy<B> {
     }
     pub fn preemptions(&self) -> u64 {
         self.preemptions
+    }
+    /// Prompt tokens `seq` took from the prefix cache at its first admission.
+    pub fn cached_prompt_tokens(&self, seq: SeqId) -> usize {
+        self.seqs.get(&seq).map_or(0, |s| s.cached_at_admission)
     }
     /// Tokens taken from the prefix cache instead of being computed, in all.
     pub fn prefix_hit_tokens(&self) -> u64 {
@@ -281,6 +295,7 @@ impl<B: BlockManager> Policy<B> {
                 s.computed = cached;
                 if s.fresh {
                     s.fresh = false;
+                    s.cached_at_admission = cached;
                     plan.admitted.push(id);
                 }
                 let len = (total - cached).min(self.limits.prefill_chunk).min(prefill_budget);

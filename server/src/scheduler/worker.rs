@@ -140,6 +140,7 @@ impl Worker {
                     choice: c.choice,
                     reason: FinishReason::Length,
                     completion_tokens: 0,
+                    cached_prompt_tokens: 0,
                 });
             }
             return;
@@ -309,8 +310,12 @@ impl Worker {
                 send(ctx.stops.finish(), Vec::new());
             }
         }
-        let _ =
-            req.events.send(GenerationEvent::Finished { choice: ctx.choice, reason, completion_tokens: ctx.generated });
+        let _ = req.events.send(GenerationEvent::Finished {
+            choice: ctx.choice,
+            reason,
+            completion_tokens: ctx.generated,
+            cached_prompt_tokens: self.policy.cached_prompt_tokens(seq),
+        });
         self.policy.remove(seq);
         self.seqs.remove(&seq);
         if let Some(r) = self.requests.get_mut(&rid) {
