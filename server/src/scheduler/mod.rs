@@ -76,6 +76,10 @@ pub struct SchedulerConfig {
     /// [`DEFAULT_CPU_MAX_PREFILL_TOKENS`] on a CPU, `max_batch_tokens` on a GPU
     /// (see the policy's module doc for why).
     pub max_prefill_tokens: Option<usize>,
+    /// Most waiting sequences admitted (starting their prefill) per step.
+    /// Default: [`DEFAULT_CPU_MAX_ADMISSIONS_PER_STEP`] on a CPU,
+    /// `max_running_seqs` on a GPU (see the policy's module doc for why).
+    pub max_admissions_per_step: Option<usize>,
     /// Retry-After sent with `QueueFull`, in seconds. Default 1.
     pub retry_after_secs: u64,
     /// Reuse the K/V of prompt blocks a caller has sent before (the chat
@@ -99,6 +103,7 @@ impl Default for SchedulerConfig {
             max_waiting: 256,
             prefill_chunk: 256,
             max_prefill_tokens: None,
+            max_admissions_per_step: None,
             retry_after_secs: 1,
             prefix_cache: true,
         }
@@ -109,6 +114,12 @@ impl Default for SchedulerConfig {
 /// step is compute-bound from a few dozen rows on, so larger steps gain little
 /// throughput and make every prompt in them wait for the slowest.
 pub const DEFAULT_CPU_MAX_PREFILL_TOKENS: usize = 64;
+
+/// New sequences per step on a CPU when `max_admissions_per_step` is not set:
+/// sequences admitted together finish together (same `max_tokens`), and their
+/// successors then arrive together, so admitting one per step keeps streams
+/// staggered (see the policy's module doc and the README's measurements).
+pub const DEFAULT_CPU_MAX_ADMISSIONS_PER_STEP: usize = 1;
 
 /// Default KV cache size when none is configured.
 pub const DEFAULT_KV_CACHE_BYTES: u64 = 1 << 30;
@@ -133,6 +144,9 @@ impl SchedulerConfig {
         }
         if self.max_prefill_tokens == Some(0) {
             return bad("scheduler.max_prefill_tokens must be > 0");
+        }
+        if self.max_admissions_per_step == Some(0) {
+            return bad("scheduler.max_admissions_per_step must be > 0");
         }
         if self.max_running_seqs > self.max_batch_tokens {
             return bad("scheduler.max_running_seqs must not exceed max_batch_tokens (every running sequence decodes each step)");
@@ -223,6 +237,11 @@ impl ContinuousBatchingEngine {
             } else {
                 cfg.max_batch_tokens
             }),
+            max_admissions_per_step: cfg.max_admissions_per_step.unwrap_or(if device.is_cpu() {
+                DEFAULT_CPU_MAX_ADMISSIONS_PER_STEP
+            } else {
+                cfg.max_running_seqs
+            }),
         };
         let w_shared = shared.clone();
         std::thread::Builder::new()
@@ -235,6 +254,7 @@ impl ContinuousBatchingEngine {
             kv_dtype = cache_cfg.dtype.as_str(),
             capacity_tokens,
             max_prefill_tokens = limits.max_prefill_tokens,
+            max_admissions_per_step = limits.max_admissions_per_step,
             prefix_cache = cfg.prefix_cache,
             "continuous batching engine started"
         );
@@ -308,6 +328,9 @@ mod tests {
         assert_eq!(KvDtype::from(c.kv_dtype), KvDtype::F32);
         assert_eq!(KvDtype::from(SchedulerConfig::default().kv_dtype), KvDtype::BF16);
         assert!(SchedulerConfig { max_prefill_tokens: Some(0), ..Default::default() }.validate().is_err());
+        assert!(SchedulerConfig { max_admissions_per_step: Some(0), ..Default::default() }.validate().is_err());
+        let adm: SchedulerConfig = toml::from_str("max_admissions_per_step = 4").unwrap();
+        assert_eq!(adm.max_admissions_per_step, Some(4));
         assert_eq!(c.capacity(), KvCapacity::FractionOfFree(0.5));
         let both = SchedulerConfig { kv_cache_bytes: Some(1), kv_cache_fraction: Some(0.1), ..Default::default() };
         assert!(both.validate().is_err());

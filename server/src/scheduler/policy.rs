@@ -14,8 +14,9 @@
 //!    tokens within what is left of `max_batch_tokens`. Their blocks were reserved
 //!    at admission, so prefill never needs new blocks and never stalls decoding.
 //! 3. Waiting sequences are admitted strictly in queue order (no overtaking, so
-//!    no starvation) while there is budget, a running slot, and free blocks for
-//!    all their pending tokens. Nothing is admitted in a step that preempted.
+//!    no starvation) while there is budget, a running slot, free blocks for
+//!    all their pending tokens, and fewer than `max_admissions_per_step`
+//!    admitted in this step. Nothing is admitted in a step that preempted.
 //!
 //! All prompt tokens of a step (rules 2 and 3 together) also stay within
 //! `max_prefill_tokens`. Where a step's cost grows with its tokens (a CPU is
@@ -26,6 +27,14 @@
 //! lock-step waves (which would make every later arrival wait for a whole wave's
 //! prefill). A GPU, where a step's cost hardly depends on its size, wants the
 //! cap as large as the batch.
+//!
+//! Admissions per step: sequences that start in the same step and stop at the
+//! same `max_tokens` finish in the same step, and clients that send their next
+//! request on completion then arrive together again, so lock-step waves keep
+//! themselves going, and every wave's later arrivals wait for the earlier
+//! ones' prefill. Admitting one new sequence per step (the CPU default) staggers
+//! finishes by at least a step, so arrivals spread out and usually find the
+//! next step free for them.
 //!
 //! Any sequence whose tokens fit the whole cache alone eventually runs: the
 //! oldest running sequence is never preempted while a younger one holds blocks.
@@ -52,6 +61,8 @@ pub struct PolicyLimits {
     pub prefill_chunk: usize,
     /// Most prompt tokens of all sequences together per step.
     pub max_prefill_tokens: usize,
+    /// Most waiting sequences admitted (starting their prefill) per step.
+    pub max_admissions_per_step: usize,
 }
 
 #[derive(Debug)]
@@ -120,6 +131,7 @@ impl<B: BlockManager> Policy<B> {
             max_running_seqs: limits.max_running_seqs.max(1),
             prefill_chunk: limits.prefill_chunk.max(1),
             max_prefill_tokens: limits.max_prefill_tokens.max(1),
+            max_admissions_per_step: limits.max_admissions_per_step.max(1),
         };
         Policy { limits, blocks, seqs: HashMap::new(), waiting: VecDeque::new(), running: Vec::new(), preemptions: 0, prefix_hit_tokens: 0 }
     }
@@ -277,7 +289,11 @@ impl<B: BlockManager> Policy<B> {
 
         // 3. Admission in queue order.
         if plan.preempted.is_empty() {
-            while prefill_budget > 0 && self.running.len() < self.limits.max_running_seqs {
+            let mut admissions = 0;
+            while prefill_budget > 0
+                && self.running.len() < self.limits.max_running_seqs
+                && admissions < self.limits.max_admissions_per_step
+            {
                 let Some(&id) = self.waiting.front() else { break };
                 let s = &self.seqs[&id];
                 let tokens = s.tokens.expose();
@@ -289,6 +305,7 @@ impl<B: BlockManager> Policy<B> {
                 }
                 self.waiting.pop_front();
                 self.running.push(id);
+                admissions += 1;
                 self.prefix_hit_tokens += cached as u64;
                 let s = self.seqs.get_mut(&id).expect("waiting sequence is known");
                 s.running = true;

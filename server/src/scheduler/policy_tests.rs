@@ -9,7 +9,13 @@ use super::*;
 
 /// Limits with no separate cap on a step's prompt tokens (the batch budget is the cap).
 fn limits(max_batch_tokens: usize, max_running_seqs: usize, prefill_chunk: usize) -> PolicyLimits {
-    PolicyLimits { max_batch_tokens, max_running_seqs, prefill_chunk, max_prefill_tokens: max_batch_tokens }
+    PolicyLimits {
+        max_batch_tokens,
+        max_running_seqs,
+        prefill_chunk,
+        max_prefill_tokens: max_batch_tokens,
+        max_admissions_per_step: max_running_seqs,
+    }
 }
 
 /// Prompt tokens of a plan: every chunk except the single-token decodes. (A
@@ -49,7 +55,10 @@ impl Sim {
     /// holds this sequence's scope and token prefix at that position and, with
     /// no prefix cache, was written by this sequence's current incarnation.
     fn step(&mut self, rng: &mut StdRng) -> (StepPlan, Vec<SeqId>) {
+        let running_before: Vec<SeqId> = self.policy.running.clone();
         let plan = self.policy.schedule();
+        let admitted_now = self.policy.running.iter().filter(|id| !running_before.contains(id)).count();
+        assert!(admitted_now <= self.policy.limits.max_admissions_per_step, "too many admissions in one step");
         for p in &plan.preempted {
             *self.incarnation.get_mut(p).unwrap() += 1;
         }
@@ -143,7 +152,11 @@ fn scheduler_randomized_policy_never_leaks_or_shares_blocks() {
             // Prompt tokens capped below the batch budget (seeds alternate), so
             // the cap's bookkeeping runs through preemption and cancellation too.
             policy: Policy::new(
-                PolicyLimits { max_prefill_tokens: if seed % 2 == 0 { 12 } else { 40 }, ..limits(40, 6, 16) },
+                PolicyLimits {
+                    max_prefill_tokens: if seed % 2 == 0 { 12 } else { 40 },
+                    max_admissions_per_step: if (seed / 2) % 2 == 0 { 1 } else { 6 },
+                    ..limits(40, 6, 16)
+                },
                 manager,
             ),
             prefix_cache,
@@ -314,6 +327,43 @@ fn scheduler_prefills_a_burst_oldest_first_within_the_step_prompt_cap() {
     }
     // Two 10-token prompts per step, in arrival order.
     assert_eq!(first_token_step, vec![Some(0), Some(0), Some(1), Some(1), Some(2), Some(2), Some(3), Some(3)]);
+}
+
+/// Regression test for lock-step waves of short prompts: two prompts admitted in
+/// one step finish in one step (same max_tokens), and closed-loop clients send
+/// their next prompts together, so each wave's later arrivals wait. With one
+/// admission per step, two prompts arriving together start (and so finish) a
+/// step apart, even when the step's prompt budget would hold both.
+#[test]
+fn scheduler_admits_one_sequence_per_step_so_finishes_stay_staggered() {
+    let run = |max_admissions_per_step: usize| {
+        let mut p = Policy::new(
+            PolicyLimits { max_prefill_tokens: 64, max_admissions_per_step, ..limits(512, 16, 256) },
+            PoolBlockManager::new(200, 4),
+        );
+        p.add(SeqId(1), scope(), (0..10).collect());
+        p.add(SeqId(2), scope(), (0..10).collect());
+        let (max_new, mut generated, mut finished_at) = (5, [0usize; 3], [None; 3]);
+        for step in 0..12 {
+            let plan = p.schedule();
+            p.complete(&plan);
+            for s in plan.seqs.iter().filter(|s| s.samples) {
+                let i = s.seq.0 as usize;
+                generated[i] += 1;
+                if generated[i] == max_new {
+                    finished_at[i] = Some(step);
+                    p.remove(s.seq);
+                } else {
+                    p.append_token(s.seq, 1);
+                }
+            }
+        }
+        (finished_at[1].unwrap(), finished_at[2].unwrap())
+    };
+    let (a, b) = run(16);
+    assert_eq!(a, b, "admitted together, both finish in the same step");
+    let (a, b) = run(1);
+    assert_eq!(b, a + 1, "one admission per step: finishes a step apart");
 }
 
 #[test]
