@@ -130,3 +130,30 @@ fn batched_greedy_outputs_equal_outputs_alone() {
         }
     }
 }
+
+/// Cached prefix blocks nobody uses are dropped after `prefix_cache_idle_secs`,
+/// also while the engine has nothing else to do.
+#[test]
+fn idle_prefix_cache_blocks_expire() {
+    let Some(path) = model_path() else {
+        eprintln!("skipping: default model not found (run scripts/fetch-model.sh)");
+        return;
+    };
+    let bytes = std::fs::read(&path).unwrap();
+    let src = ModelSource::from_gguf_bytes("model.gguf", WeightBytes::from_vec(bytes));
+    let lm = Arc::new(salus_models::load(&src, &LoadOptions::default()).unwrap());
+    let cfg = SchedulerConfig { kv_cache_bytes: Some(16 << 20), prefix_cache_idle_secs: 1, ..Default::default() };
+    let engine = ContinuousBatchingEngine::start(lm.clone(), cfg).unwrap();
+    let text = format!("<|im_start|>user\nSummarize this note: {}<|im_end|>\n<|im_start|>assistant\n", NOTES[1]);
+    let prompt = lm.tokenizer.encode(&text, false).unwrap();
+    collect(engine.submit(request(0, prompt)).unwrap());
+    let cached = engine.stats().kv_blocks_cached;
+    assert!(cached > 0, "the finished prompt's blocks are cached");
+    let t0 = std::time::Instant::now();
+    while engine.stats().kv_blocks_cached != 0 {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "cached blocks never expired");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(t0.elapsed() >= std::time::Duration::from_millis(500), "expired long before the idle limit");
+    assert_eq!(engine.stats().kv_blocks_used, 0);
+}

@@ -29,9 +29,14 @@
 //!   an LRU list and are taken (oldest first) only when the free list is empty,
 //!   so caching never makes an allocation fail that would otherwise succeed.
 //! - The token ids in the index are PHI: never printed, zeroized when dropped.
+//! - Retention is bounded: [`BlockPool::expire_idle_before`] drops cached blocks
+//!   nobody has held since a given instant (the server calls it with its idle
+//!   limit, `scheduler.prefix_cache_idle_secs`), so a prompt's K/V do not stay
+//!   reusable in memory for longer than that after its last use.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use zeroize::Zeroize;
 
@@ -135,12 +140,37 @@ struct PrefixIndex {
     entries: Vec<Option<(BlockKey, u64)>>,
     /// Registered blocks no sequence holds, least recently released first.
     idle: Lru,
+    /// Per block: when it joined `idle` (None while held or unregistered).
+    idle_since: Vec<Option<Instant>>,
     next_registration: u64,
 }
 
 impl PrefixIndex {
     fn new(n: usize) -> Self {
-        PrefixIndex { by_key: HashMap::new(), entries: vec![None; n], idle: Lru::new(n), next_registration: 0 }
+        PrefixIndex {
+            by_key: HashMap::new(),
+            entries: vec![None; n],
+            idle: Lru::new(n),
+            idle_since: vec![None; n],
+            next_registration: 0,
+        }
+    }
+
+    fn make_idle(&mut self, b: u32) {
+        self.idle.push_back(b);
+        self.idle_since[b as usize] = Some(Instant::now());
+    }
+
+    fn take_idle(&mut self, b: u32) {
+        self.idle.unlink(b);
+        self.idle_since[b as usize] = None;
+    }
+
+    /// The least recently released idle block, taken off the idle list.
+    fn pop_idle(&mut self) -> Option<u32> {
+        let b = self.idle.pop_front()?;
+        self.idle_since[b as usize] = None;
+        Some(b)
     }
 
     fn unregister(&mut self, b: u32) {
@@ -170,7 +200,7 @@ impl PoolState {
             Some(b) => b,
             None => {
                 let p = self.prefix.as_mut()?;
-                let b = p.idle.pop_front()?;
+                let b = p.pop_idle()?;
                 p.unregister(b);
                 b
             }
@@ -183,7 +213,7 @@ impl PoolState {
     fn hold_cached(&mut self, b: u32) {
         if self.refs[b as usize] == 0 {
             if let Some(p) = self.prefix.as_mut() {
-                p.idle.unlink(b);
+                p.take_idle(b);
             }
         }
         self.refs[b as usize] += 1;
@@ -198,7 +228,7 @@ impl PoolState {
             return;
         }
         match self.prefix.as_mut() {
-            Some(p) if p.entries[b as usize].is_some() => p.idle.push_back(b),
+            Some(p) if p.entries[b as usize].is_some() => p.make_idle(b),
             _ => self.free.push(b),
         }
     }
@@ -273,6 +303,24 @@ impl BlockPool {
     /// Registered blocks (held or idle): what the prefix cache can hand out.
     pub fn cached_blocks(&self) -> usize {
         self.state().prefix.as_ref().map_or(0, |p| p.by_key.len())
+    }
+
+    /// Drops every cached block nobody has held since before `cutoff`: it is
+    /// unregistered (its token ids zeroized) and returns to the free list.
+    /// Returns how many were dropped.
+    pub fn expire_idle_before(&self, cutoff: Instant) -> usize {
+        let mut st = self.state();
+        let st = &mut *st;
+        let Some(p) = st.prefix.as_mut() else { return 0 };
+        let mut dropped = 0;
+        // The idle list is in release order, so the expired blocks lead it.
+        while p.idle.head != NIL && p.idle_since[p.idle.head as usize].is_some_and(|t| t < cutoff) {
+            let b = p.pop_idle().expect("the list is not empty");
+            p.unregister(b);
+            st.free.push(b);
+            dropped += 1;
+        }
+        dropped
     }
 
     /// An allocation holding no blocks yet.

@@ -169,3 +169,27 @@ fn pool_without_prefix_cache_never_shares() {
     drop(a);
     assert_eq!(pool.free_blocks(), 8);
 }
+
+#[test]
+fn prefix_cache_expires_blocks_idle_since_before_the_cutoff() {
+    let pool = BlockPool::with_prefix_cache(8);
+    let sc = scope("s");
+    let old: Vec<u32> = (0..8).collect();
+    let held_tokens: Vec<u32> = (100..104).collect();
+    drop(computed_seq(&pool, &sc, &old));
+    let before_nothing = std::time::Instant::now() - std::time::Duration::from_secs(60);
+    assert_eq!(pool.expire_idle_before(before_nothing), 0, "nothing has been idle that long");
+    // A held cached block never expires, however old the cutoff.
+    let held = computed_seq(&pool, &sc, &held_tokens);
+    let cutoff = std::time::Instant::now() + std::time::Duration::from_millis(1);
+    assert_eq!(pool.cached_blocks(), 3);
+    assert_eq!(pool.expire_idle_before(cutoff), 2);
+    assert_eq!(pool.cached_blocks(), 1);
+    assert_eq!(pool.free_blocks(), 7, "expired blocks are free");
+    let mut probe = pool.empty_allocation();
+    assert_eq!(probe.attach_cached_prefix(&sc, &old, BS), 0, "expired blocks are no longer reusable");
+    let mut probe2 = pool.empty_allocation();
+    assert_eq!(probe2.attach_cached_prefix(&sc, &held_tokens, BS), 4);
+    drop((probe, probe2, held));
+    assert_eq!(pool.free_blocks(), 8);
+}

@@ -63,6 +63,11 @@ pub trait BlockManager {
     fn register_computed(&mut self, seq: SeqId, computed: &[u32]) {
         let _ = (seq, computed);
     }
+    /// Drops cached blocks nobody has held since before `cutoff`; returns how many.
+    fn expire_cached(&mut self, cutoff: std::time::Instant) -> usize {
+        let _ = cutoff;
+        0
+    }
 }
 
 /// A [`BlockManager`] over a bare pool, with no storage: for policy tests and
@@ -110,6 +115,9 @@ impl BlockManager for PoolBlockManager {
     }
     fn cached_blocks(&self) -> usize {
         self.pool.cached_blocks()
+    }
+    fn expire_cached(&mut self, cutoff: std::time::Instant) -> usize {
+        self.pool.expire_idle_before(cutoff)
     }
     fn attach_cached_prefix(&mut self, seq: SeqId, scope: &PrefixScope, tokens: &[u32]) -> usize {
         let (pool, bs) = (&self.pool, self.block_size);
@@ -368,6 +376,9 @@ impl BlockManager for PagedKvCache {
     }
     fn cached_blocks(&self) -> usize {
         self.pool.cached_blocks()
+    }
+    fn expire_cached(&mut self, cutoff: std::time::Instant) -> usize {
+        self.pool.expire_idle_before(cutoff)
     }
     fn attach_cached_prefix(&mut self, seq: SeqId, scope: &PrefixScope, tokens: &[u32]) -> usize {
         let bs = self.cfg.block_size;

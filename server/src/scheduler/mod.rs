@@ -89,6 +89,10 @@ pub struct SchedulerConfig {
     /// evicted (least recently used first, only when the cache needs room).
     /// Default true.
     pub prefix_cache: bool,
+    /// Cached prompt blocks nobody has used for this many seconds are dropped
+    /// (their token ids zeroized, their KV blocks freed), bounding how long a
+    /// prompt stays reusable in memory after its last use. Default 600.
+    pub prefix_cache_idle_secs: u64,
 }
 
 impl Default for SchedulerConfig {
@@ -106,6 +110,7 @@ impl Default for SchedulerConfig {
             max_admissions_per_step: None,
             retry_after_secs: 1,
             prefix_cache: true,
+            prefix_cache_idle_secs: 600,
         }
     }
 }
@@ -144,6 +149,9 @@ impl SchedulerConfig {
         }
         if self.max_prefill_tokens == Some(0) {
             return bad("scheduler.max_prefill_tokens must be > 0");
+        }
+        if self.prefix_cache_idle_secs == 0 {
+            return bad("scheduler.prefix_cache_idle_secs must be > 0 (set prefix_cache = false to turn caching off)");
         }
         if self.max_admissions_per_step == Some(0) {
             return bad("scheduler.max_admissions_per_step must be > 0");
@@ -244,9 +252,10 @@ impl ContinuousBatchingEngine {
             }),
         };
         let w_shared = shared.clone();
+        let cache_idle = Duration::from_secs(cfg.prefix_cache_idle_secs);
         std::thread::Builder::new()
             .name("salus-batch-engine".into())
-            .spawn(move || worker::run(lm, cache, limits, rx, w_shared))
+            .spawn(move || worker::run(lm, cache, limits, cache_idle, rx, w_shared))
             .map_err(SchedulerError::Thread)?;
         tracing::info!(
             kv_blocks = cache_cfg.num_blocks,
@@ -256,6 +265,7 @@ impl ContinuousBatchingEngine {
             max_prefill_tokens = limits.max_prefill_tokens,
             max_admissions_per_step = limits.max_admissions_per_step,
             prefix_cache = cfg.prefix_cache,
+            prefix_cache_idle_secs = cfg.prefix_cache_idle_secs,
             "continuous batching engine started"
         );
         Ok(ContinuousBatchingEngine {
@@ -329,6 +339,7 @@ mod tests {
         assert_eq!(KvDtype::from(SchedulerConfig::default().kv_dtype), KvDtype::BF16);
         assert!(SchedulerConfig { max_prefill_tokens: Some(0), ..Default::default() }.validate().is_err());
         assert!(SchedulerConfig { max_admissions_per_step: Some(0), ..Default::default() }.validate().is_err());
+        assert!(SchedulerConfig { prefix_cache_idle_secs: 0, ..Default::default() }.validate().is_err());
         let adm: SchedulerConfig = toml::from_str("max_admissions_per_step = 4").unwrap();
         assert_eq!(adm.max_admissions_per_step, Some(4));
         assert_eq!(c.capacity(), KvCapacity::FractionOfFree(0.5));

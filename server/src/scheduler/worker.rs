@@ -10,9 +10,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use salus_models::paged_cache::{BlockManager, PagedKvCache};
 use salus_models::{LoadedModel, Phi, Sampler, SeqId, StopMatcher, StreamDecoder};
@@ -55,12 +55,16 @@ struct Worker {
     next_request: u64,
     next_seq: u64,
     steps: u64,
+    /// Cached prefix blocks idle for longer are dropped.
+    cache_idle: Duration,
+    last_expiry: Instant,
 }
 
 pub(crate) fn run(
     lm: Arc<LoadedModel>,
     cache: PagedKvCache,
     limits: PolicyLimits,
+    cache_idle: Duration,
     rx: Receiver<Submission>,
     shared: Arc<Shared>,
 ) {
@@ -73,12 +77,17 @@ pub(crate) fn run(
         next_request: 0,
         next_seq: 0,
         steps: 0,
+        cache_idle,
+        last_expiry: Instant::now(),
     };
     loop {
+        w.expire_cached();
         if w.policy.is_idle() {
-            match rx.recv() {
+            // Wake up now and then while idle, so cached prefixes still expire.
+            match rx.recv_timeout(EXPIRY_INTERVAL) {
                 Ok(sub) => w.accept(sub),
-                Err(_) => break,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
             }
         }
         loop {
@@ -95,7 +104,27 @@ pub(crate) fn run(
     w.shared.alive.store(false, Ordering::Release);
 }
 
+/// How often cached prefix blocks are checked for expiry.
+const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+
 impl Worker {
+    /// Drops cached prefix blocks idle for longer than `cache_idle` (checked at
+    /// most once per [`EXPIRY_INTERVAL`]).
+    fn expire_cached(&mut self) {
+        let now = Instant::now();
+        if now.duration_since(self.last_expiry) < EXPIRY_INTERVAL {
+            return;
+        }
+        self.last_expiry = now;
+        if let Some(cutoff) = now.checked_sub(self.cache_idle) {
+            let dropped = self.policy.blocks_mut().expire_cached(cutoff);
+            if dropped > 0 {
+                tracing::debug!(blocks = dropped, "expired idle prefix-cache blocks");
+                self.publish_stats(&StepPlan::default());
+            }
+        }
+    }
+
     fn accept(&mut self, sub: Submission) {
         let Submission { request, events, cancel } = sub;
         let n = request.n.max(1);
