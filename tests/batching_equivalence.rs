@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use salus_models::paged_cache::PrefixScope;
-use salus_models::{LoadOptions, ModelSource, Phi, SamplingParams, WeightBytes};
+use salus_models::{LoadOptions, LoadedModel, ModelSource, Phi, SamplingParams, WeightBytes};
 use salus_server::engine::{Engine, FinishReason, GenerationEvent, GenerationHandle, GenerationRequest, RequestId};
 use salus_server::scheduler::{ContinuousBatchingEngine, SchedulerConfig};
 
@@ -21,6 +21,17 @@ fn model_path() -> Option<PathBuf> {
             .join(".cache/salus/models/SmolLM2-135M-Instruct.Q4_1.gguf")
     });
     p.exists().then_some(p)
+}
+
+/// The default model, or None (with a message) when its file is absent.
+fn default_model() -> Option<Arc<LoadedModel>> {
+    let Some(path) = model_path() else {
+        eprintln!("skipping: default model not found (run scripts/fetch-model.sh)");
+        return None;
+    };
+    let bytes = std::fs::read(&path).unwrap();
+    let src = ModelSource::from_gguf_bytes("model.gguf", WeightBytes::from_vec(bytes));
+    Some(Arc::new(salus_models::load(&src, &LoadOptions::default()).unwrap()))
 }
 
 fn request(i: usize, prompt: Vec<u32>) -> GenerationRequest {
@@ -61,13 +72,7 @@ const NOTES: [&str; 4] = [
 
 #[test]
 fn batched_greedy_outputs_equal_outputs_alone() {
-    let Some(path) = model_path() else {
-        eprintln!("skipping: default model not found (run scripts/fetch-model.sh)");
-        return;
-    };
-    let bytes = std::fs::read(&path).unwrap();
-    let src = ModelSource::from_gguf_bytes("model.gguf", WeightBytes::from_vec(bytes));
-    let lm = Arc::new(salus_models::load(&src, &LoadOptions::default()).unwrap());
+    let Some(lm) = default_model() else { return };
     // 16 chat prompts of different lengths: a growing prefix of clinical notes.
     let words: Vec<&str> = NOTES.iter().flat_map(|n| n.split(' ')).collect();
     let prompts: Vec<Vec<u32>> = (0..16)
@@ -135,13 +140,7 @@ fn batched_greedy_outputs_equal_outputs_alone() {
 /// also while the engine has nothing else to do.
 #[test]
 fn idle_prefix_cache_blocks_expire() {
-    let Some(path) = model_path() else {
-        eprintln!("skipping: default model not found (run scripts/fetch-model.sh)");
-        return;
-    };
-    let bytes = std::fs::read(&path).unwrap();
-    let src = ModelSource::from_gguf_bytes("model.gguf", WeightBytes::from_vec(bytes));
-    let lm = Arc::new(salus_models::load(&src, &LoadOptions::default()).unwrap());
+    let Some(lm) = default_model() else { return };
     let cfg = SchedulerConfig { kv_cache_bytes: Some(16 << 20), prefix_cache_idle_secs: 1, ..Default::default() };
     let engine = ContinuousBatchingEngine::start(lm.clone(), cfg).unwrap();
     let text = format!("<|im_start|>user\nSummarize this note: {}<|im_end|>\n<|im_start|>assistant\n", NOTES[1]);
