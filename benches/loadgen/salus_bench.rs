@@ -333,3 +333,41 @@ fn one_request(agent: &ureq::Agent, url: &str, key: Option<&str>, body: &str, st
     s.output_tokens = usage.unwrap_or(chunks);
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bodies(tag: Option<u64>) -> Bodies {
+        Bodies {
+            prompts: vec!["first prompt".into(), "second prompt".into()],
+            model: "m".into(),
+            max_tokens: 8,
+            temperature: 0.0,
+            stream: true,
+            tag,
+        }
+    }
+
+    fn content(b: &Bodies, n: usize) -> String {
+        let v: serde_json::Value = serde_json::from_str(&b.body(n)).unwrap();
+        v["messages"][0]["content"].as_str().unwrap().to_string()
+    }
+
+    /// By default a repeated prompt never reaches the server twice as the same
+    /// text (a prefix cache would turn the repeats into hits); `--verbatim`
+    /// sends the prompt set as it is.
+    #[test]
+    fn requests_are_tagged_uniquely_unless_verbatim() {
+        let tagged = bodies(Some(4242));
+        assert_eq!(content(&tagged, 0), "[0-4242] first prompt");
+        assert_eq!(content(&tagged, 3), "[3-4242] second prompt");
+        assert_ne!(content(&tagged, 0), content(&tagged, 2), "the same prompt, a different request");
+        let verbatim = bodies(None);
+        assert_eq!(content(&verbatim, 0), "first prompt");
+        assert_eq!(content(&verbatim, 2), "first prompt");
+        let v: serde_json::Value = serde_json::from_str(&verbatim.body(1)).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["max_tokens"], 8);
+    }
+}

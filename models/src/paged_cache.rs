@@ -383,11 +383,11 @@ impl BlockManager for PagedKvCache {
     fn attach_cached_prefix(&mut self, seq: SeqId, scope: &PrefixScope, tokens: &[u32]) -> usize {
         let bs = self.cfg.block_size;
         let e = self.entry(seq);
-        if e.lens.iter().any(|&l| l != 0) {
-            return 0;
-        }
+        // Attaches only to a sequence without blocks, so none of its K/V is cached yet.
         let covered = e.blocks.attach_cached_prefix(scope, tokens, bs);
-        e.lens.fill(covered);
+        if covered > 0 {
+            e.lens.fill(covered);
+        }
         covered
     }
     fn register_computed(&mut self, seq: SeqId, computed: &[u32]) {

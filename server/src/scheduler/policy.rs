@@ -133,7 +133,15 @@ impl<B: BlockManager> Policy<B> {
             max_prefill_tokens: limits.max_prefill_tokens.max(1),
             max_admissions_per_step: limits.max_admissions_per_step.max(1),
         };
-        Policy { limits, blocks, seqs: HashMap::new(), waiting: VecDeque::new(), running: Vec::new(), preemptions: 0, prefix_hit_tokens: 0 }
+        Policy {
+            limits,
+            blocks,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            preemptions: 0,
+            prefix_hit_tokens: 0,
+        }
     }
 
     pub fn blocks(&self) -> &B {
@@ -153,8 +161,7 @@ impl<B: BlockManager> Policy<B> {
     pub fn add(&mut self, seq: SeqId, scope: PrefixScope, prompt: Vec<u32>) {
         debug_assert!(!prompt.is_empty());
         let prompt_len = prompt.len();
-        let state =
-            SeqState {
+        let state = SeqState {
             tokens: Phi::new(prompt),
             prompt_len,
             scope,
