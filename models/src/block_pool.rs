@@ -166,10 +166,12 @@ impl PrefixIndex {
         self.idle_since[b as usize] = None;
     }
 
-    /// The least recently released idle block, taken off the idle list.
-    fn pop_idle(&mut self) -> Option<u32> {
+    /// Evicts the least recently released idle block (unregistered, token ids
+    /// zeroized) and returns it for reuse.
+    fn evict_oldest_idle(&mut self) -> Option<u32> {
         let b = self.idle.pop_front()?;
         self.idle_since[b as usize] = None;
+        self.unregister(b);
         Some(b)
     }
 
@@ -199,10 +201,7 @@ impl PoolState {
         let b = match self.free.pop() {
             Some(b) => b,
             None => {
-                let p = self.prefix.as_mut()?;
-                let b = p.pop_idle()?;
-                p.unregister(b);
-                b
+                self.prefix.as_mut()?.evict_oldest_idle()?
             }
         };
         self.refs[b as usize] = 1;
@@ -315,8 +314,7 @@ impl BlockPool {
         let mut dropped = 0;
         // The idle list is in release order, so the expired blocks lead it.
         while p.idle.head != NIL && p.idle_since[p.idle.head as usize].is_some_and(|t| t < cutoff) {
-            let b = p.pop_idle().expect("the list is not empty");
-            p.unregister(b);
+            let b = p.evict_oldest_idle().expect("the list is not empty");
             st.free.push(b);
             dropped += 1;
         }

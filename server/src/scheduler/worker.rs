@@ -120,7 +120,7 @@ impl Worker {
             let dropped = self.policy.blocks_mut().expire_cached(cutoff);
             if dropped > 0 {
                 tracing::debug!(blocks = dropped, "expired idle prefix-cache blocks");
-                self.publish_stats(&StepPlan::default());
+                self.publish_stats(None);
             }
         }
     }
@@ -210,7 +210,9 @@ impl Worker {
         }
     }
 
-    fn publish_stats(&self, plan: &StepPlan) {
+    /// Publishes the engine's load; `plan` is the step just run (None between
+    /// steps, which leaves the last-batch figures as they are).
+    fn publish_stats(&self, plan: Option<&StepPlan>) {
         let fresh = self.policy.num_fresh_waiting();
         self.shared.waiting.store(fresh, Ordering::Release);
         if let Ok(mut s) = self.shared.stats.lock() {
@@ -223,15 +225,17 @@ impl Worker {
             s.kv_blocks_cached = cache.cached_blocks();
             s.prefix_cache_hit_tokens_total = self.policy.prefix_hit_tokens();
             s.steps_total = self.steps;
-            s.last_batch_seqs = plan.seqs.len();
-            s.last_batch_tokens = plan.num_tokens();
+            if let Some(plan) = plan {
+                s.last_batch_seqs = plan.seqs.len();
+                s.last_batch_tokens = plan.num_tokens();
+            }
         }
     }
 
     fn step(&mut self) {
         let plan = self.policy.schedule();
         if plan.is_empty() {
-            self.publish_stats(&plan);
+            self.publish_stats(Some(&plan));
             if !self.policy.is_idle() {
                 // Nothing runnable (cannot happen for requests that fit alone);
                 // avoid a hot loop while waiting for cancellations.
@@ -251,13 +255,13 @@ impl Worker {
             Ok(Err(e)) => {
                 tracing::error!(error = %e, seqs = plan.seqs.len(), "forward step failed");
                 self.fail_step(&plan);
-                self.publish_stats(&plan);
+                self.publish_stats(Some(&plan));
                 return;
             }
             Err(_) => {
                 tracing::error!(seqs = plan.seqs.len(), "forward step panicked");
                 self.fail_step(&plan);
-                self.publish_stats(&plan);
+                self.publish_stats(Some(&plan));
                 return;
             }
         };
@@ -268,7 +272,7 @@ impl Worker {
                 self.on_logits(s.seq, &logits[i * vocab..(i + 1) * vocab]);
             }
         }
-        self.publish_stats(&plan);
+        self.publish_stats(Some(&plan));
     }
 
     fn fail_step(&mut self, plan: &StepPlan) {
