@@ -16,7 +16,7 @@ use serde::Deserialize;
 use crate::batch::PackedBatch;
 use crate::config::{Architecture, DecoderConfig, HfDecoderFields, RopeScaling, RopeStyle};
 use crate::kv_cache::KvCache;
-use crate::layers::{RmsNorm, RopeTables, RotaryEmbedding};
+use crate::layers::{residual_add, RmsNorm, RopeTables, RotaryEmbedding};
 use crate::linear::{Linear, StackedLinear};
 use crate::weights::{TensorName, Weights};
 use crate::{ModelError, Result};
@@ -302,6 +302,8 @@ struct Block {
     attn: Attention,
     mlp_norm: RmsNorm,
     mlp: Mlp,
+    /// Residual adds as a CPU loop (see `layers::residual_add`).
+    fast: bool,
 }
 
 impl Block {
@@ -312,6 +314,7 @@ impl Block {
             attn: Attention::load(w, cfg, l)?,
             mlp_norm: RmsNorm::new(w.tensor(TensorName::MlpNorm(l), &[h])?, cfg.rms_norm_eps),
             mlp: Mlp::load(w, cfg, l)?,
+            fast: crate::layers::fast_ops_enabled(),
         })
     }
 
@@ -322,12 +325,10 @@ impl Block {
         layer: usize,
         cache: &mut dyn KvCache,
     ) -> Result<Tensor> {
-        let x = (self
-            .attn
-            .forward(&self.attn_norm.forward(x)?, step, layer, cache)?
-            + x)?;
+        let h = self.attn.forward(&self.attn_norm.forward(x)?, step, layer, cache)?;
+        let x = residual_add(&h, x, self.fast)?;
         let y = self.mlp.forward(&self.mlp_norm.forward(&x)?)?;
-        Ok((y + x)?)
+        residual_add(&y, &x, self.fast)
     }
 }
 
