@@ -3,7 +3,7 @@
 //!
 //! `cargo bench --bench kernels [-- TYPE...]` (e.g. `-- Q4_1 Q8_0`).
 //! Prints, per block type, shape and activation rows `m`:
-//! - GEMV (m = 1, 4, 16): GB/s of weight bytes streamed per call (our packed
+//! - GEMV (m = 1, 4, 8, 16): GB/s of weight bytes streamed per call (our packed
 //!   bytes; candle's GGML bytes) and the speed-up over candle;
 //! - GEMM (m = 256): GFLOP/s-equivalent (2·m·rows·cols / time).
 //! Shapes are the default model's (SmolLM2-135M: hidden 576, FFN 1536, vocab
@@ -88,7 +88,7 @@ fn main() {
             let ggml = qt.data().unwrap().into_owned();
             let ours = QuantMatrix::from_ggml_bytes(ty, rows, cols, &ggml).unwrap();
             let theirs = QMatMul::from_qtensor(qt).unwrap();
-            for m in [1usize, 4, 16, 256] {
+            for m in [1usize, 4, 8, 16, 256] {
                 if rows > 10_000 && m > 16 {
                     continue; // the output projection only runs on last positions
                 }

@@ -33,6 +33,14 @@
 //!   nobody has held since a given instant (the server calls it with its idle
 //!   limit, `scheduler.prefix_cache_idle_secs`), so a prompt's K/V do not stay
 //!   reusable in memory for longer than that after its last use.
+//!
+//! Scrubbing: K/V are derived from the prompt and the completion, so they are
+//! PHI too. A pool that tracks released blocks ([`BlockPool::track_released`];
+//! the paged KV cache turns it on) lists every block whose contents stop
+//! belonging to anyone — freed without being cached, evicted from the cache for
+//! reuse, or expired — and the cache zeroes those blocks' K/V
+//! ([`BlockPool::take_released`]) before it hands control back, so a finished
+//! request's K/V outlive it only as cached prefix blocks, within the idle limit.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -185,6 +193,9 @@ impl PrefixIndex {
 struct PoolState {
     /// Blocks holding nothing anyone can reuse.
     free: Vec<u32>,
+    /// Blocks whose contents no longer belong to a holder or to the prefix
+    /// cache and have not been zeroed yet (None: not tracked).
+    released: Option<Vec<u32>>,
     /// Holders per block (sequences whose table contains it).
     refs: Vec<u32>,
     prefix: Option<PrefixIndex>,
@@ -201,7 +212,10 @@ impl PoolState {
         let b = match self.free.pop() {
             Some(b) => b,
             None => {
-                self.prefix.as_mut()?.evict_oldest_idle()?
+                let b = self.prefix.as_mut()?.evict_oldest_idle()?;
+                // Its cached K/V were another prompt's: zeroed before reuse.
+                self.mark_released(b);
+                b
             }
         };
         self.refs[b as usize] = 1;
@@ -228,7 +242,16 @@ impl PoolState {
         }
         match self.prefix.as_mut() {
             Some(p) if p.entries[b as usize].is_some() => p.make_idle(b),
-            _ => self.free.push(b),
+            _ => {
+                self.free.push(b);
+                self.mark_released(b);
+            }
+        }
+    }
+
+    fn mark_released(&mut self, b: u32) {
+        if let Some(r) = self.released.as_mut() {
+            r.push(b);
         }
     }
 }
@@ -269,6 +292,7 @@ impl BlockPool {
         let free: Vec<u32> = (0..total_blocks as u32).rev().collect();
         let state = PoolState {
             free,
+            released: None,
             refs: vec![0; total_blocks],
             prefix: prefix_cache.then(|| PrefixIndex::new(total_blocks)),
         };
@@ -316,9 +340,35 @@ impl BlockPool {
         while p.idle.head != NIL && p.idle_since[p.idle.head as usize].is_some_and(|t| t < cutoff) {
             let b = p.evict_oldest_idle().expect("the list is not empty");
             st.free.push(b);
+            if let Some(r) = st.released.as_mut() {
+                r.push(b);
+            }
             dropped += 1;
         }
         dropped
+    }
+
+    /// From now on, lists the blocks whose contents stop belonging to anyone
+    /// (see the module documentation), for [`Self::take_released`].
+    pub fn track_released(&self) {
+        let mut st = self.state();
+        if st.released.is_none() {
+            st.released = Some(Vec::new());
+        }
+    }
+
+    /// The blocks released since the last call, each once (empty when not
+    /// tracking). The caller zeroes their contents before any holder writes
+    /// them: a block taken again since its release is listed too, because its
+    /// new holder has not written anything yet as long as the caller scrubs
+    /// right after each operation that can release blocks.
+    pub fn take_released(&self) -> Vec<u32> {
+        let mut st = self.state();
+        let Some(r) = st.released.as_mut() else { return Vec::new() };
+        let mut out = std::mem::take(r);
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     /// An allocation holding no blocks yet.

@@ -193,3 +193,36 @@ fn prefix_cache_expires_blocks_idle_since_before_the_cutoff() {
     drop((probe, probe2, held));
     assert_eq!(pool.free_blocks(), 8);
 }
+
+/// The released list: nothing unless tracking is on; then every block whose
+/// contents stop belonging to anyone, once, and never a block that is still
+/// held or still cached.
+#[test]
+fn released_blocks_are_listed_once_and_cached_ones_are_not() {
+    let untracked = BlockPool::new(4);
+    drop(untracked.allocate(2).unwrap());
+    assert!(untracked.take_released().is_empty());
+
+    let pool = BlockPool::with_prefix_cache(4);
+    pool.track_released();
+    let tokens: Vec<u32> = (0..6).collect(); // one whole block and a partial one
+    let a = computed_seq(&pool, &scope("alice"), &tokens);
+    let (cached, partial) = (a.blocks()[0], a.blocks()[1]);
+    let shared = {
+        let mut b = pool.empty_allocation();
+        assert_eq!(b.attach_cached_prefix(&scope("alice"), &tokens, BS), 4);
+        b
+    };
+    drop(a);
+    assert_eq!(pool.take_released(), vec![partial], "the cached block is still held by the other sequence");
+    drop(shared);
+    assert!(pool.take_released().is_empty(), "an idle cached block keeps its contents");
+    // Four blocks: three free ones, then the cached one, evicted.
+    let all = pool.allocate(4).unwrap();
+    assert_eq!(pool.take_released(), vec![cached]);
+    drop(all);
+    let mut released = pool.take_released();
+    released.sort_unstable();
+    assert_eq!(released, vec![0, 1, 2, 3]);
+    assert!(pool.take_released().is_empty(), "each release is listed once");
+}

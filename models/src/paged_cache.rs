@@ -16,6 +16,12 @@
 //! Prefix caching (optional, see [`crate::block_pool`]): fully computed blocks
 //! are registered under their exact token prefix and later sequences of the
 //! same [`PrefixScope`] attach them instead of recomputing them.
+//!
+//! K/V are PHI (derived from prompts and completions): every operation that
+//! can release blocks — `release`, `reserve` (which may evict a cached block
+//! for reuse), `expire_cached`, `remove` — zeroes the released blocks' K/V in
+//! every layer before it returns, so nothing of a finished request stays in
+//! the cache's memory except blocks the prefix cache keeps for its scope.
 
 use std::collections::HashMap;
 
@@ -227,6 +233,12 @@ impl PagedCacheConfig {
     }
 }
 
+/// A pool that lists released blocks for [`PagedKvCache::scrub_released`].
+fn tracked(pool: BlockPool) -> BlockPool {
+    pool.track_released();
+    pool
+}
+
 /// One layer's K and V storage.
 enum LayerStore {
     F32(Vec<f32>, Vec<f32>),
@@ -279,7 +291,7 @@ impl PagedKvCache {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(PagedKvCache {
-            pool: BlockPool::new(cfg.num_blocks),
+            pool: tracked(BlockPool::new(cfg.num_blocks)),
             cfg,
             layers,
             seqs: HashMap::new(),
@@ -300,7 +312,7 @@ impl PagedKvCache {
                 }
                 let store = crate::paged_cache_cuda::CudaPagedStore::new(&cfg.geometry(), cfg.num_layers, cfg.dtype, d)?;
                 Ok(PagedKvCache {
-                    pool: BlockPool::new(cfg.num_blocks),
+                    pool: tracked(BlockPool::new(cfg.num_blocks)),
                     cfg,
                     layers: Vec::new(),
                     seqs: HashMap::new(),
@@ -318,7 +330,7 @@ impl PagedKvCache {
     pub fn with_prefix_cache(mut self, on: bool) -> Self {
         if self.seqs.is_empty() && on != self.pool.has_prefix_cache() {
             let n = self.cfg.num_blocks;
-            self.pool = if on { BlockPool::with_prefix_cache(n) } else { BlockPool::new(n) };
+            self.pool = tracked(if on { BlockPool::with_prefix_cache(n) } else { BlockPool::new(n) });
         }
         self
     }
@@ -348,6 +360,36 @@ impl PagedKvCache {
         self.seqs.len()
     }
 
+    /// Zeroes the K/V of the blocks the pool reports released (see the module
+    /// documentation). Called right after every operation that can release
+    /// blocks, so a block taken again has not been written by its new holder.
+    fn scrub_released(&mut self) {
+        let blocks = self.pool.take_released();
+        if blocks.is_empty() {
+            return;
+        }
+        let per_block = self.cfg.geometry().block_elems();
+        #[cfg(feature = "cuda")]
+        if let Some(store) = self.cuda.as_mut() {
+            store.zero_blocks(&blocks, per_block);
+            return;
+        }
+        fn zero<E: KvElement>(k: &mut [E], v: &mut [E], blocks: &[u32], per_block: usize) {
+            for &b in blocks {
+                let r = b as usize * per_block..(b as usize + 1) * per_block;
+                k[r.clone()].fill(E::default());
+                v[r].fill(E::default());
+            }
+        }
+        for layer in &mut self.layers {
+            match layer {
+                LayerStore::F32(k, v) => zero(k, v, &blocks, per_block),
+                LayerStore::F16(k, v) => zero(k, v, &blocks, per_block),
+                LayerStore::BF16(k, v) => zero(k, v, &blocks, per_block),
+            }
+        }
+    }
+
     fn entry(&mut self, seq: SeqId) -> &mut SeqEntry {
         let (pool, layers) = (&self.pool, self.cfg.num_layers);
         self.seqs.entry(seq).or_insert_with(|| SeqEntry { blocks: pool.empty_allocation(), lens: vec![0; layers] })
@@ -366,10 +408,14 @@ impl BlockManager for PagedKvCache {
     }
     fn reserve(&mut self, seq: SeqId, tokens: usize) -> bool {
         let bs = self.cfg.block_size;
-        self.entry(seq).blocks.ensure_tokens(tokens, bs)
+        let ok = self.entry(seq).blocks.ensure_tokens(tokens, bs);
+        // Taking a block may have evicted another prompt's cached block.
+        self.scrub_released();
+        ok
     }
     fn release(&mut self, seq: SeqId) {
         self.seqs.remove(&seq);
+        self.scrub_released();
     }
     fn block_table(&self, seq: SeqId) -> &[u32] {
         self.seqs.get(&seq).map_or(&[], |e| e.blocks.blocks())
@@ -378,7 +424,9 @@ impl BlockManager for PagedKvCache {
         self.pool.cached_blocks()
     }
     fn expire_cached(&mut self, cutoff: std::time::Instant) -> usize {
-        self.pool.expire_idle_before(cutoff)
+        let dropped = self.pool.expire_idle_before(cutoff);
+        self.scrub_released();
+        dropped
     }
     fn attach_cached_prefix(&mut self, seq: SeqId, scope: &PrefixScope, tokens: &[u32]) -> usize {
         let bs = self.cfg.block_size;
@@ -519,6 +567,7 @@ impl KvCache for PagedKvCache {
 
     fn remove(&mut self, seq: SeqId) {
         self.seqs.remove(&seq);
+        self.scrub_released();
     }
 
     fn seq_len(&self, seq: SeqId) -> usize {
@@ -555,6 +604,77 @@ mod tests {
         assert!(r.is_err());
         drop(b);
         assert_eq!(pool.free_blocks(), 5);
+    }
+
+    /// Whether block `b` holds only zeros in every layer's K and V.
+    fn block_is_zero(c: &PagedKvCache, b: u32) -> bool {
+        let per = c.cfg.geometry().block_elems();
+        let r = b as usize * per..(b as usize + 1) * per;
+        c.layers.iter().all(|l| match l {
+            LayerStore::F32(k, v) => k[r.clone()].iter().chain(&v[r.clone()]).all(|x| *x == 0.0),
+            LayerStore::F16(k, v) => k[r.clone()].iter().chain(&v[r.clone()]).all(|x| x.to_f32() == 0.0),
+            LayerStore::BF16(k, v) => k[r.clone()].iter().chain(&v[r.clone()]).all(|x| x.to_f32() == 0.0),
+        })
+    }
+
+    /// K/V are PHI: a released block's K/V are zeroed before the call that
+    /// released it returns — on release and removal, when a cached block is
+    /// evicted for reuse (before its new holder writes it), and on expiry —
+    /// while blocks the prefix cache keeps are left intact.
+    #[test]
+    fn released_blocks_are_zeroed_before_anyone_reuses_them() {
+        let cfg = PagedCacheConfig { num_layers: 2, num_kv_heads: 1, head_dim: 4, block_size: 2, num_blocks: 4, dtype: KvDtype::BF16 };
+        let dev = Device::Cpu;
+        let write = |c: &mut PagedKvCache, seq: u64, len: usize| {
+            let q = Tensor::ones((len, 2, 4), DType::F32, &dev).unwrap();
+            let kv = Tensor::ones((len, 1, 4), DType::F32, &dev).unwrap();
+            let span = [SeqSpan { seq: SeqId(seq), offset: 0, len, start_pos: 0 }];
+            for layer in 0..2 {
+                c.attend(layer, &span, &q, &kv, &kv, None).unwrap();
+            }
+        };
+        // Without a prefix cache: released and removed sequences.
+        let mut c = PagedKvCache::new(cfg.clone()).unwrap();
+        write(&mut c, 1, 3);
+        let held = c.block_table(SeqId(1)).to_vec();
+        assert_eq!(held.len(), 2);
+        assert!(held.iter().all(|&b| !block_is_zero(&c, b)));
+        c.release(SeqId(1));
+        assert!(held.iter().all(|&b| block_is_zero(&c, b)), "released blocks are zeroed");
+        write(&mut c, 2, 4);
+        let held = c.block_table(SeqId(2)).to_vec();
+        c.remove(SeqId(2));
+        assert!(held.iter().all(|&b| block_is_zero(&c, b)), "removed blocks are zeroed");
+
+        // With a prefix cache: whole registered blocks stay cached (intact)
+        // until they are evicted for reuse or expire.
+        let mut c = PagedKvCache::new(cfg).unwrap().with_prefix_cache(true);
+        let scope = PrefixScope::new("principal-a");
+        let tokens: Vec<u32> = vec![5, 6, 7, 8, 9];
+        assert_eq!(c.attach_cached_prefix(SeqId(1), &scope, &tokens), 0);
+        write(&mut c, 1, 5);
+        c.register_computed(SeqId(1), &tokens);
+        let table = c.block_table(SeqId(1)).to_vec();
+        assert_eq!(table.len(), 3);
+        c.release(SeqId(1));
+        assert_eq!(c.cached_blocks(), 2);
+        assert!(!block_is_zero(&c, table[0]) && !block_is_zero(&c, table[1]), "cached blocks keep their K/V");
+        assert!(block_is_zero(&c, table[2]), "the partial last block was not cached: zeroed");
+        // Four blocks for a new sequence: the free ones, then both cached ones,
+        // evicted, zeroed before `reserve` returns.
+        assert!(c.reserve(SeqId(2), 8));
+        assert_eq!(c.cached_blocks(), 0);
+        assert!(c.block_table(SeqId(2)).iter().all(|&b| block_is_zero(&c, b)));
+        c.release(SeqId(2));
+        // Expiry.
+        assert_eq!(c.attach_cached_prefix(SeqId(3), &scope, &tokens), 0);
+        write(&mut c, 3, 5);
+        c.register_computed(SeqId(3), &tokens);
+        let table = c.block_table(SeqId(3)).to_vec();
+        c.release(SeqId(3));
+        assert!(!block_is_zero(&c, table[0]));
+        assert_eq!(c.expire_cached(std::time::Instant::now() + std::time::Duration::from_secs(1)), 2);
+        assert!(table.iter().all(|&b| block_is_zero(&c, b)), "expired blocks are zeroed");
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub struct CudaPagedStore {
     layers: Vec<CudaLayer>,
     /// The last uploaded plan (reused by the following layers of a step).
     plan: Option<(PagedPlan, DevicePlan)>,
+    /// Why zeroing released blocks failed, if it did: every later `attend`
+    /// fails with it (fail closed: blocks that may hold another request's K/V
+    /// are never handed out unscrubbed).
+    scrub_error: Option<String>,
 }
 
 /// Free and total memory of a CUDA device, in bytes.
@@ -93,7 +97,40 @@ impl CudaPagedStore {
             kernels,
             layers,
             plan: None,
+            scrub_error: None,
         })
+    }
+
+    /// Zeroes `blocks` (sorted, of `per_block` elements each) in every layer's
+    /// K and V, one memset per run of consecutive block ids.
+    pub(crate) fn zero_blocks(&mut self, blocks: &[u32], per_block: usize) {
+        let stream = self.device.cuda_stream();
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        for &b in blocks {
+            let (lo, hi) = (b as usize * per_block, (b as usize + 1) * per_block);
+            match runs.last_mut() {
+                Some(r) if r.end == lo => r.end = hi,
+                _ => runs.push(lo..hi),
+            }
+        }
+        for layer in &mut self.layers {
+            for r in &runs {
+                let res = match layer {
+                    CudaLayer::F32(k, v) => stream
+                        .memset_zeros(&mut k.slice_mut(r.clone()))
+                        .and_then(|_| stream.memset_zeros(&mut v.slice_mut(r.clone()))),
+                    CudaLayer::F16(k, v) => stream
+                        .memset_zeros(&mut k.slice_mut(r.clone()))
+                        .and_then(|_| stream.memset_zeros(&mut v.slice_mut(r.clone()))),
+                    CudaLayer::BF16(k, v) => stream
+                        .memset_zeros(&mut k.slice_mut(r.clone()))
+                        .and_then(|_| stream.memset_zeros(&mut v.slice_mut(r.clone()))),
+                };
+                if let Err(e) = res {
+                    self.scrub_error.get_or_insert_with(|| format!("zeroing released KV blocks: {e}"));
+                }
+            }
+        }
     }
 
     fn device_plan(
@@ -134,6 +171,9 @@ impl CudaPagedStore {
                     "q/k/v are not on the KV cache's CUDA device".into(),
                 ))
             }
+        }
+        if let Some(e) = &self.scrub_error {
+            return Err(ModelError::Device(e.clone()));
         }
         let (rows, n_heads, hd) = q.dims3()?;
         self.device_plan(geom, rows, chunks, params.sliding_window)?;
