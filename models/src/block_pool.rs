@@ -335,17 +335,16 @@ impl BlockPool {
         let mut st = self.state();
         let st = &mut *st;
         let Some(p) = st.prefix.as_mut() else { return 0 };
-        let mut dropped = 0;
+        let mut expired = Vec::new();
         // The idle list is in release order, so the expired blocks lead it.
         while p.idle.head != NIL && p.idle_since[p.idle.head as usize].is_some_and(|t| t < cutoff) {
-            let b = p.evict_oldest_idle().expect("the list is not empty");
-            st.free.push(b);
-            if let Some(r) = st.released.as_mut() {
-                r.push(b);
-            }
-            dropped += 1;
+            expired.push(p.evict_oldest_idle().expect("the list is not empty"));
         }
-        dropped
+        for &b in &expired {
+            st.free.push(b);
+            st.mark_released(b);
+        }
+        expired.len()
     }
 
     /// From now on, lists the blocks whose contents stop belonging to anyone

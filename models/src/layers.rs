@@ -1,5 +1,5 @@
 //! Building blocks shared by the architectures: RMS normalization, rotary
-//! position embeddings over *packed* tokens, and the SwiGLU gate.
+//! position embeddings over *packed* tokens, the SwiGLU gate and the residual add.
 //!
 //! On CPU with f32 activations these run as plain loops (the SwiGLU gate in
 //! `salus_kernels::activation`, vectorized and split over the kernels' pool)
@@ -111,7 +111,7 @@ fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 /// Why not candle's add: from 64 Ki elements (a prefill of 114+ tokens of the
 /// default model) candle splits it over its own thread pool, whose worker then
 /// spins for a while after each op, competing with the matmul kernels for
-/// the same cores: a 192-token prefill took 77 ms instead of 59 ms.
+/// the same cores: a 192-token prefill took 76–78 ms instead of 56 ms.
 pub fn residual_add(a: &Tensor, b: &Tensor, fast: bool) -> Result<Tensor> {
     if fast && a.dims() == b.dims() {
         if let Some(Some(y)) = with_cpu_f32(a, |xa| {
