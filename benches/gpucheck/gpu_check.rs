@@ -8,7 +8,8 @@
 //!      on the CPU, contiguous cache): within 1e-4 in f32, 1e-2 in bf16 (bf16
 //!      KV), both scaled by max(1, largest |logit|);
 //!    - continuous batching: greedy outputs of concurrent sequences equal
-//!      their solo outputs (f32 model on the device).
+//!      their solo outputs (f32 model on the device);
+//!    - released KV blocks are zeroed on the device, and only those.
 //! 2. Throughput: a synthetic Llama-3-8B-shaped model (random bf16 weights
 //!    drawn on the device), decode at batch 1, 8, 32, 128 and a 2,048-token
 //!    prefill; tokens/s and, at batch 1, the fraction of the memory bandwidth
@@ -146,6 +147,15 @@ fn correctness(device: &Device, checks: &mut Vec<Value>) -> anyhow::Result<()> {
             &format!("logits_vs_cpu dtype={dtype:?} kv={}", kv.as_str()),
             diff <= bound,
             json!({ "max_abs_diff": diff, "max_abs_logit": scale, "bound": bound }),
+            checks,
+        );
+    }
+    for kv in [KvDtype::F32, KvDtype::BF16] {
+        let (held, zeroed, written, kept) = dc::released_blocks_are_zeroed(device, kv)?;
+        check(
+            &format!("released_kv_blocks_are_zeroed kv={}", kv.as_str()),
+            held == written && zeroed == written && kept,
+            json!({ "blocks_written": written, "nonzero_while_held": held, "zero_after_release": zeroed, "other_sequence_kept": kept }),
             checks,
         );
     }

@@ -367,10 +367,64 @@ pub fn paged_attention_vs_reference(
     Ok(worst)
 }
 
+/// Zeroing of released KV blocks on `device` (see `crate::paged_cache`): two
+/// sequences write K/V into a two-layer paged cache, one is released, then the
+/// other is removed. Returns how many of the written blocks were non-zero
+/// while held, how many were zero after their release (both should equal the
+/// third number, the blocks written), and whether the sequence still held kept
+/// its K/V while the other's blocks were zeroed.
+pub fn released_blocks_are_zeroed(device: &Device, kv: KvDtype) -> Result<(usize, usize, usize, bool)> {
+    use crate::paged_cache::BlockManager;
+    let (h, kvh, hd) = (4usize, 2usize, 64usize);
+    let cfg = PagedCacheConfig { num_layers: 2, num_kv_heads: kvh, head_dim: hd, block_size: 16, num_blocks: 16, dtype: kv };
+    let mut cache = PagedKvCache::new_on(cfg, device)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut tensor = |rows: usize, heads: usize| -> Result<Tensor> {
+        let x: Vec<f32> = (0..rows * heads * hd).map(|_| rng.random_range(0.5f32..1.0)).collect();
+        Ok(Tensor::from_vec(x, (rows, heads, hd), device)?)
+    };
+    for (seq, len) in [(1u64, 40usize), (2, 20)] {
+        let (q, k, v) = (tensor(len, h)?, tensor(len, kvh)?, tensor(len, kvh)?);
+        let span = [SeqSpan { seq: SeqId(seq), offset: 0, len, start_pos: 0 }];
+        for layer in 0..2 {
+            cache.attend(layer, &span, &q, &k, &v, None)?;
+        }
+    }
+    let (first, second) = (cache.block_table(SeqId(1)).to_vec(), cache.block_table(SeqId(2)).to_vec());
+    let written = first.len() + second.len();
+    let mut nonzero_held = 0;
+    for &b in first.iter().chain(&second) {
+        nonzero_held += usize::from(!cache.block_is_zeroed(b)?);
+    }
+    cache.release(SeqId(1));
+    let mut zero_after = 0;
+    for &b in &first {
+        zero_after += usize::from(cache.block_is_zeroed(b)?);
+    }
+    let mut other_kept = true;
+    for &b in &second {
+        other_kept &= !cache.block_is_zeroed(b)?;
+    }
+    cache.remove(SeqId(2));
+    for &b in &second {
+        zero_after += usize::from(cache.block_is_zeroed(b)?);
+    }
+    Ok((nonzero_held, zero_after, written, other_kept))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kv_cache::ContiguousKvCache;
+
+    #[test]
+    fn device_check_released_blocks_are_zeroed_on_cpu() {
+        for kv in [KvDtype::F32, KvDtype::F16, KvDtype::BF16] {
+            let (held, zeroed, written, kept) = released_blocks_are_zeroed(&Device::Cpu, kv).unwrap();
+            assert_eq!(written, 5, "{kv:?}: 3 + 2 blocks of 16");
+            assert_eq!((held, zeroed, kept), (written, written, true), "{kv:?}");
+        }
+    }
 
     #[test]
     fn device_check_paged_attention_matches_reference_on_cpu() {

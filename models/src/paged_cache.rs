@@ -390,6 +390,33 @@ impl PagedKvCache {
         }
     }
 
+    /// Whether `block`'s K and V are all zero in every layer: what a released
+    /// block must hold once the releasing call has returned. For checks (the
+    /// unit tests and `salus-gpu-check`); on a GPU it copies the block to the host.
+    pub fn block_is_zeroed(&self, block: u32) -> Result<bool> {
+        if block as usize >= self.cfg.num_blocks {
+            return Err(ModelError::InvalidBatch(format!("block {block} out of range")));
+        }
+        let per_block = self.cfg.geometry().block_elems();
+        #[cfg(feature = "cuda")]
+        if let Some(store) = self.cuda.as_ref() {
+            return store.block_is_zeroed(block, per_block);
+        }
+        let r = block as usize * per_block..(block as usize + 1) * per_block;
+        fn zero<E: KvElement>(k: &[E], v: &[E]) -> bool {
+            let mut f = vec![0f32; k.len()];
+            [k, v].iter().all(|part| {
+                E::load(part, &mut f);
+                f.iter().all(|x| x.to_bits() == 0)
+            })
+        }
+        Ok(self.layers.iter().all(|l| match l {
+            LayerStore::F32(k, v) => zero(&k[r.clone()], &v[r.clone()]),
+            LayerStore::F16(k, v) => zero(&k[r.clone()], &v[r.clone()]),
+            LayerStore::BF16(k, v) => zero(&k[r.clone()], &v[r.clone()]),
+        }))
+    }
+
     fn entry(&mut self, seq: SeqId) -> &mut SeqEntry {
         let (pool, layers) = (&self.pool, self.cfg.num_layers);
         self.seqs.entry(seq).or_insert_with(|| SeqEntry { blocks: pool.empty_allocation(), lens: vec![0; layers] })
@@ -606,15 +633,8 @@ mod tests {
         assert_eq!(pool.free_blocks(), 5);
     }
 
-    /// Whether block `b` holds only zeros in every layer's K and V.
     fn block_is_zero(c: &PagedKvCache, b: u32) -> bool {
-        let per = c.cfg.geometry().block_elems();
-        let r = b as usize * per..(b as usize + 1) * per;
-        c.layers.iter().all(|l| match l {
-            LayerStore::F32(k, v) => k[r.clone()].iter().chain(&v[r.clone()]).all(|x| *x == 0.0),
-            LayerStore::F16(k, v) => k[r.clone()].iter().chain(&v[r.clone()]).all(|x| x.to_f32() == 0.0),
-            LayerStore::BF16(k, v) => k[r.clone()].iter().chain(&v[r.clone()]).all(|x| x.to_f32() == 0.0),
-        })
+        c.block_is_zeroed(b).unwrap()
     }
 
     /// K/V are PHI: a released block's K/V are zeroed before the call that

@@ -133,6 +133,40 @@ impl CudaPagedStore {
         }
     }
 
+    /// Whether `block` (of `per_block` elements) is all zero bits in every
+    /// layer's K and V; copies the block to the host (for checks).
+    pub(crate) fn block_is_zeroed(&self, block: u32, per_block: usize) -> Result<bool> {
+        let stream = self.device.cuda_stream();
+        let r = block as usize * per_block..(block as usize + 1) * per_block;
+        fn zero<T: DeviceRepr>(
+            stream: &Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+            parts: [&CudaSlice<T>; 2],
+            r: &std::ops::Range<usize>,
+            is_zero: impl Fn(&T) -> bool,
+        ) -> Result<bool> {
+            for part in parts {
+                let host = stream
+                    .clone_dtoh(&part.slice(r.clone()))
+                    .map_err(|e| ModelError::Device(format!("reading a KV block: {e}")))?;
+                if !host.iter().all(&is_zero) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        }
+        for layer in &self.layers {
+            let zeroed = match layer {
+                CudaLayer::F32(k, v) => zero(&stream, [k, v], &r, |x| x.to_bits() == 0)?,
+                CudaLayer::F16(k, v) => zero(&stream, [k, v], &r, |x| x.to_bits() == 0)?,
+                CudaLayer::BF16(k, v) => zero(&stream, [k, v], &r, |x| x.to_bits() == 0)?,
+            };
+            if !zeroed {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     fn device_plan(
         &mut self,
         geom: &PagedGeometry,
