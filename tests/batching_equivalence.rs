@@ -94,7 +94,9 @@ fn batched_greedy_outputs_equal_outputs_alone() {
     };
     let uncached = ContinuousBatchingEngine::start(lm.clone(), SchedulerConfig { prefix_cache: false, ..cfg.clone() })
         .unwrap();
-    let engine = ContinuousBatchingEngine::start(lm.clone(), cfg).unwrap();
+    // The batched engine also commits its KV memory up front (`kv_prefault`),
+    // which must not change a single output.
+    let engine = ContinuousBatchingEngine::start(lm.clone(), SchedulerConfig { kv_prefault: true, ..cfg }).unwrap();
 
     let alone: Vec<(Vec<u32>, FinishReason)> =
         prompts.iter().enumerate().map(|(i, p)| collect(uncached.submit(request(i, p.clone())).unwrap())).collect();

@@ -325,6 +325,31 @@ impl PagedKvCache {
         }
     }
 
+    /// Commits the whole cache's memory now instead of on first use (CPU; on
+    /// a GPU device memory is committed when allocated): a host that cannot
+    /// back the configured capacity fails at start rather than under load, and
+    /// serving never pays for first-touch page faults. Writes one zero per
+    /// 4 KiB page of the (still all-zero) storage, so call it before any
+    /// sequence holds blocks; a no-op afterwards.
+    pub fn prefault(&mut self) {
+        if !self.seqs.is_empty() {
+            return;
+        }
+        fn touch<E: KvElement>(buf: &mut [E]) {
+            let per_page = (4096 / std::mem::size_of::<E>()).max(1);
+            for page in buf.chunks_mut(per_page) {
+                page[0] = E::default();
+            }
+        }
+        for layer in &mut self.layers {
+            match layer {
+                LayerStore::F32(k, v) => (touch(k), touch(v)),
+                LayerStore::F16(k, v) => (touch(k), touch(v)),
+                LayerStore::BF16(k, v) => (touch(k), touch(v)),
+            };
+        }
+    }
+
     /// Turns the prefix cache on (see [`crate::block_pool`]). Call before any
     /// sequence holds blocks; a no-op afterwards.
     pub fn with_prefix_cache(mut self, on: bool) -> Self {
@@ -695,6 +720,29 @@ mod tests {
         assert!(!block_is_zero(&c, table[0]));
         assert_eq!(c.expire_cached(std::time::Instant::now() + std::time::Duration::from_secs(1)), 2);
         assert!(table.iter().all(|&b| block_is_zero(&c, b)), "expired blocks are zeroed");
+    }
+
+    /// Prefaulting commits memory without changing what the cache holds, and
+    /// never touches a cache that already holds K/V.
+    #[test]
+    fn prefault_keeps_the_cache_zero_and_skips_a_cache_in_use() {
+        let cfg = PagedCacheConfig { num_layers: 2, num_kv_heads: 1, head_dim: 4, block_size: 2, num_blocks: 600, dtype: KvDtype::BF16 };
+        let mut c = PagedKvCache::new(cfg).unwrap();
+        c.prefault();
+        assert!((0..600).all(|b| block_is_zero(&c, b)));
+        let q = Tensor::ones((3, 2, 4), DType::F32, &Device::Cpu).unwrap();
+        let kv = Tensor::ones((3, 1, 4), DType::F32, &Device::Cpu).unwrap();
+        let span = [SeqSpan { seq: SeqId(1), offset: 0, len: 3, start_pos: 0 }];
+        let before = c.attend(0, &span, &q, &kv, &kv, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        c.prefault();
+        let table = c.block_table(SeqId(1)).to_vec();
+        assert!(table.iter().all(|&b| !block_is_zero(&c, b)), "a cache in use is left alone");
+        let decode = [SeqSpan { seq: SeqId(1), offset: 0, len: 1, start_pos: 3 }];
+        let q1 = q.narrow(0, 0, 1).unwrap();
+        let kv1 = kv.narrow(0, 0, 1).unwrap();
+        let after = c.attend(0, &decode, &q1, &kv1, &kv1, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // All keys and values are ones, so every output is 1 before and after.
+        assert!(before.iter().chain(&after).all(|x| (*x - 1.0).abs() < 1e-6));
     }
 
     #[test]

@@ -93,6 +93,11 @@ pub struct SchedulerConfig {
     /// (their token ids zeroized, their KV blocks freed), bounding how long a
     /// prompt stays reusable in memory after its last use. Default 600.
     pub prefix_cache_idle_secs: u64,
+    /// Commit the KV cache's memory at start instead of on first use (CPU):
+    /// a host that cannot back the configured capacity fails at start rather
+    /// than under load, and serving never pays for first-touch page faults.
+    /// Costs the whole cache in resident memory from the start.
+    pub kv_prefault: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -111,6 +116,7 @@ impl Default for SchedulerConfig {
             retry_after_secs: 1,
             prefix_cache: true,
             prefix_cache_idle_secs: 600,
+            kv_prefault: false,
         }
     }
 }
@@ -227,7 +233,12 @@ impl ContinuousBatchingEngine {
             cfg.capacity(),
             device,
         )?;
-        let cache = PagedKvCache::new_on(cache_cfg, device)?.with_prefix_cache(cfg.prefix_cache);
+        let mut cache = PagedKvCache::new_on(cache_cfg, device)?.with_prefix_cache(cfg.prefix_cache);
+        if cfg.kv_prefault {
+            let t = std::time::Instant::now();
+            cache.prefault();
+            tracing::info!(elapsed_ms = t.elapsed().as_millis() as u64, "KV cache memory committed");
+        }
         let capacity_tokens = cache_cfg.capacity_tokens();
         let context_length = lm.info.context_length.min(mc.max_context);
         let shared = Arc::new(Shared::default());
@@ -266,6 +277,7 @@ impl ContinuousBatchingEngine {
             max_admissions_per_step = limits.max_admissions_per_step,
             prefix_cache = cfg.prefix_cache,
             prefix_cache_idle_secs = cfg.prefix_cache_idle_secs,
+            kv_prefault = cfg.kv_prefault,
             "continuous batching engine started"
         );
         Ok(ContinuousBatchingEngine {
