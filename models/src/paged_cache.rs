@@ -329,10 +329,11 @@ impl PagedKvCache {
     /// a GPU device memory is committed when allocated): a host that cannot
     /// back the configured capacity fails at start rather than under load, and
     /// serving never pays for first-touch page faults. Writes one zero per
-    /// 4 KiB page of the (still all-zero) storage, so call it before any
-    /// sequence holds blocks; a no-op afterwards.
+    /// 4 KiB page, which only an all-zero cache can take: a no-op while any
+    /// sequence holds blocks or the prefix cache keeps any (every other block
+    /// has been zeroed on release).
     pub fn prefault(&mut self) {
-        if !self.seqs.is_empty() {
+        if !self.seqs.is_empty() || self.pool.cached_blocks() > 0 {
             return;
         }
         fn touch<E: KvElement>(buf: &mut [E]) {
@@ -743,6 +744,21 @@ mod tests {
         let after = c.attend(0, &decode, &q1, &kv1, &kv1, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // All keys and values are ones, so every output is 1 before and after.
         assert!(before.iter().chain(&after).all(|x| (*x - 1.0).abs() < 1e-6));
+        // Blocks only the prefix cache keeps are left alone too.
+        let mut c = PagedKvCache::new(cfg).unwrap().with_prefix_cache(true);
+        let tokens = [1u32, 2, 3];
+        c.attach_cached_prefix(SeqId(1), &PrefixScope::new("p"), &tokens);
+        c.attend(0, &span, &q, &kv, &kv, None).unwrap();
+        c.attend(1, &span, &q, &kv, &kv, None).unwrap();
+        c.register_computed(SeqId(1), &tokens);
+        let cached = c.block_table(SeqId(1))[0];
+        c.release(SeqId(1));
+        assert_eq!(c.cached_blocks(), 1);
+        c.prefault();
+        assert!(!block_is_zero(&c, cached));
+        let per = c.cfg.geometry().block_elems();
+        let LayerStore::BF16(k, _) = &c.layers[0] else { panic!("bf16 cache") };
+        assert!(k[cached as usize * per..(cached as usize + 1) * per].iter().all(|x| x.to_f32() == 1.0), "cached K intact");
     }
 
     #[test]
