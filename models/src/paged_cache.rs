@@ -246,6 +246,18 @@ enum LayerStore {
     BF16(Vec<bf16>, Vec<bf16>),
 }
 
+/// Evaluates `$body` with `$k` and `$v` bound to a [`LayerStore`]'s K and V,
+/// whatever their element type (one generic body instead of three arms).
+macro_rules! with_kv {
+    ($layer:expr, |$k:ident, $v:ident| $body:expr) => {
+        match $layer {
+            LayerStore::F32($k, $v) => $body,
+            LayerStore::F16($k, $v) => $body,
+            LayerStore::BF16($k, $v) => $body,
+        }
+    };
+}
+
 struct SeqEntry {
     blocks: SeqBlocks,
     /// Cached tokens per layer.
@@ -343,11 +355,7 @@ impl PagedKvCache {
             }
         }
         for layer in &mut self.layers {
-            match layer {
-                LayerStore::F32(k, v) => (touch(k), touch(v)),
-                LayerStore::F16(k, v) => (touch(k), touch(v)),
-                LayerStore::BF16(k, v) => (touch(k), touch(v)),
-            };
+            with_kv!(layer, |k, v| (touch(k), touch(v)));
         }
     }
 
@@ -408,11 +416,7 @@ impl PagedKvCache {
             }
         }
         for layer in &mut self.layers {
-            match layer {
-                LayerStore::F32(k, v) => zero(k, v, &blocks, per_block),
-                LayerStore::F16(k, v) => zero(k, v, &blocks, per_block),
-                LayerStore::BF16(k, v) => zero(k, v, &blocks, per_block),
-            }
+            with_kv!(layer, |k, v| zero(k, v, &blocks, per_block));
         }
     }
 
@@ -436,11 +440,7 @@ impl PagedKvCache {
                 f.iter().all(|x| x.to_bits() == 0)
             })
         }
-        Ok(self.layers.iter().all(|l| match l {
-            LayerStore::F32(k, v) => zero(&k[r.clone()], &v[r.clone()]),
-            LayerStore::F16(k, v) => zero(&k[r.clone()], &v[r.clone()]),
-            LayerStore::BF16(k, v) => zero(&k[r.clone()], &v[r.clone()]),
-        }))
+        Ok(self.layers.iter().all(|l| with_kv!(l, |k, v| zero(&k[r.clone()], &v[r.clone()]))))
     }
 
     fn entry(&mut self, seq: SeqId) -> &mut SeqEntry {
@@ -461,9 +461,14 @@ impl BlockManager for PagedKvCache {
     }
     fn reserve(&mut self, seq: SeqId, tokens: usize) -> bool {
         let bs = self.cfg.block_size;
-        let ok = self.entry(seq).blocks.ensure_tokens(tokens, bs);
-        // Taking a block may have evicted another prompt's cached block.
-        self.scrub_released();
+        let blocks = &mut self.entry(seq).blocks;
+        let held = blocks.len();
+        let ok = blocks.ensure_tokens(tokens, bs);
+        // A block taken may have been another prompt's, evicted from the
+        // prefix cache. (Attention calls this per layer; most calls take none.)
+        if blocks.len() > held {
+            self.scrub_released();
+        }
         ok
     }
     fn release(&mut self, seq: SeqId) {
@@ -597,10 +602,8 @@ impl KvCache for PagedKvCache {
         let store = &mut self.layers[layer];
         with_f32(q, |q| {
             with_f32(k, |k| {
-                with_f32(v, |v| match store {
-                    LayerStore::F32(kc, vc) => write_and_attend(&geom, &params, kc, vc, q, k, v, &chunks, &mut out),
-                    LayerStore::F16(kc, vc) => write_and_attend(&geom, &params, kc, vc, q, k, v, &chunks, &mut out),
-                    LayerStore::BF16(kc, vc) => write_and_attend(&geom, &params, kc, vc, q, k, v, &chunks, &mut out),
+                with_f32(v, |v| {
+                    with_kv!(store, |kc, vc| write_and_attend(&geom, &params, kc, vc, q, k, v, &chunks, &mut out))
                 })
             })
         })?;

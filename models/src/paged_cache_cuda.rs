@@ -113,22 +113,27 @@ impl CudaPagedStore {
                 _ => runs.push(lo..hi),
             }
         }
-        for layer in &mut self.layers {
-            for r in &runs {
-                let res = match layer {
-                    CudaLayer::F32(k, v) => stream
-                        .memset_zeros(&mut k.slice_mut(r.clone()))
-                        .and_then(|_| stream.memset_zeros(&mut v.slice_mut(r.clone()))),
-                    CudaLayer::F16(k, v) => stream
-                        .memset_zeros(&mut k.slice_mut(r.clone()))
-                        .and_then(|_| stream.memset_zeros(&mut v.slice_mut(r.clone()))),
-                    CudaLayer::BF16(k, v) => stream
-                        .memset_zeros(&mut k.slice_mut(r.clone()))
-                        .and_then(|_| stream.memset_zeros(&mut v.slice_mut(r.clone()))),
-                };
-                if let Err(e) = res {
-                    self.scrub_error.get_or_insert_with(|| format!("zeroing released KV blocks: {e}"));
+        use candle_core::cuda_backend::cudarc::driver::{CudaStream, DriverError, ValidAsZeroBits};
+        fn zero_runs<T: DeviceRepr + ValidAsZeroBits>(
+            stream: &Arc<CudaStream>,
+            parts: [&mut CudaSlice<T>; 2],
+            runs: &[std::ops::Range<usize>],
+        ) -> std::result::Result<(), DriverError> {
+            for part in parts {
+                for r in runs {
+                    stream.memset_zeros(&mut part.slice_mut(r.clone()))?;
                 }
+            }
+            Ok(())
+        }
+        for layer in &mut self.layers {
+            let res = match layer {
+                CudaLayer::F32(k, v) => zero_runs(&stream, [k, v], &runs),
+                CudaLayer::F16(k, v) => zero_runs(&stream, [k, v], &runs),
+                CudaLayer::BF16(k, v) => zero_runs(&stream, [k, v], &runs),
+            };
+            if let Err(e) = res {
+                self.scrub_error.get_or_insert_with(|| format!("zeroing released KV blocks: {e}"));
             }
         }
     }
