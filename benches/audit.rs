@@ -19,9 +19,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use salus_audit::{AuditEvent, AuditLog, AuditLogSettings, AuditPrincipal, EventKind, InferenceParams};
 use salus_models::Phi;
-use salus_server::audit::{AuditConfig, AuditEvent, AuditLog, AuditPrincipal, EventKind, InferenceParams};
-use salus_server::secret::{write_new_key_file, KeySource};
+use salus_sensitive::secret::{write_new_key_file, KeySource};
 
 fn event(log: &AuditLog, i: u64) -> AuditEvent {
     let prompt = Phi::new(format!("synthetic prompt number {i} with some length to it, as a chat turn would have"));
@@ -86,7 +86,7 @@ fn main() {
     let tmp = tempfile::Builder::new().prefix("audit-bench").tempdir_in(&base).unwrap();
     let key_path = tmp.path().join("audit.key");
     write_new_key_file(&key_path).unwrap();
-    let mut cfg = AuditConfig::new(tmp.path().join("audit"), KeySource::File(key_path));
+    let mut cfg = AuditLogSettings::new(tmp.path().join("audit"), KeySource::File(key_path));
     cfg.checkpoint_dir = Some(tmp.path().join("worm"));
     let log = AuditLog::open(cfg).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
@@ -159,8 +159,7 @@ fn main() {
     log.close().unwrap();
     let key = KeySource::File(tmp.path().join("audit.key")).load().unwrap();
     let t0 = Instant::now();
-    let rep =
-        salus_server::audit::verify_trail(&tmp.path().join("audit"), &key, Some(&tmp.path().join("worm"))).unwrap();
+    let rep = salus_audit::verify_trail(&tmp.path().join("audit"), &key, Some(&tmp.path().join("worm"))).unwrap();
     let dt = t0.elapsed().as_secs_f64();
     println!(
         "verify: {} records in {} segments ({} sealed) in {dt:.2} s ({:.0} records/s)",

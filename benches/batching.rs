@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bench_report::{summarize, synthetic_prompts, Sample};
 use salus_models::paged_cache::PrefixScope;
-use salus_models::{LoadOptions, ModelSource, Phi, SamplingParams, WeightBytes};
+use salus_models::{DecodeParams, LoadOptions, ModelSource, Phi, SamplingParams, WeightBytes};
 use salus_server::engine::{Engine, GenerationEvent, GenerationRequest, RequestId};
 use salus_server::scheduler::{ContinuousBatchingEngine, SchedulerConfig};
 
@@ -102,9 +102,13 @@ fn one(engine: &ContinuousBatchingEngine, prompt: &[u32], i: usize, max_tokens: 
         request_id: RequestId(format!("bench-{i}")),
         prompt_tokens: Phi::new(prompt.to_vec()),
         n: 1,
-        max_tokens,
-        sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
-        stop_strings: Vec::new(),
+        first_choice: 0,
+        decode: DecodeParams {
+            max_tokens,
+            sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
+            stop_strings: Vec::new(),
+            stop_token_ids: Vec::new(),
+        },
         deadline: None,
         prefix_scope: PrefixScope::new("bench"),
     };

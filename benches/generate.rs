@@ -20,10 +20,7 @@ use default_model::{argmax, default_model_if_present};
 use salus_models::{load, LoadOptions, ModelSource, PackedBatch, SeqId};
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 struct Speed {
@@ -34,11 +31,7 @@ struct Speed {
 
 /// Times a prefill of `prompt` (one step) and `n_decode` greedy steps through
 /// `forward(tokens, start_pos)`, which returns the last position's logits.
-fn timed_greedy(
-    prompt: &[u32],
-    n_decode: usize,
-    mut forward: impl FnMut(&[u32], usize) -> Vec<f32>,
-) -> Speed {
+fn timed_greedy(prompt: &[u32], n_decode: usize, mut forward: impl FnMut(&[u32], usize) -> Vec<f32>) -> Speed {
     let t0 = Instant::now();
     let logits = forward(prompt, 0);
     let prompt_secs = t0.elapsed().as_secs_f64();
@@ -50,11 +43,7 @@ fn timed_greedy(
         tokens.push(tok);
     }
     let decode_secs = t1.elapsed().as_secs_f64();
-    Speed {
-        prompt_tps: prompt.len() as f64 / prompt_secs,
-        decode_tps: n_decode as f64 / decode_secs,
-        tokens,
-    }
+    Speed { prompt_tps: prompt.len() as f64 / prompt_secs, decode_tps: n_decode as f64 / decode_secs, tokens }
 }
 
 fn bench_salus(source: &ModelSource, prompt: &[u32], decode: usize) -> Speed {
@@ -99,9 +88,7 @@ fn main() {
     let n_prompt = env_usize("SALUS_BENCH_PROMPT", 128);
     let n_decode = env_usize("SALUS_BENCH_DECODE", 128);
     let source = ModelSource::read_plaintext(&path).expect("read model");
-    let tokenizer = load(&source, &LoadOptions::default())
-        .expect("load")
-        .tokenizer;
+    let tokenizer = load(&source, &LoadOptions::default()).expect("load").tokenizer;
     let text = "The patient is a 67-year-old man with a history of hypertension, type 2 diabetes and chronic kidney \
                 disease who presents with two days of worsening shortness of breath, orthopnea and bilateral leg \
                 swelling. Blood pressure 162/94 mmHg, heart rate 104, SpO2 91% on room air. ";
@@ -110,12 +97,7 @@ fn main() {
         prompt.extend(tokenizer.encode(text, false).expect("encode"));
     }
     prompt.truncate(n_prompt);
-    let gguf_bytes = source
-        .gguf()
-        .expect("the default model is a GGUF file")
-        .1
-        .as_slice()
-        .to_vec();
+    let gguf_bytes = source.gguf().expect("the default model is a GGUF file").1.as_slice().to_vec();
 
     let ours = bench_salus(&source, &prompt, n_decode);
     let candle = bench_candle(&gguf_bytes, &prompt, n_decode);
@@ -125,14 +107,8 @@ fn main() {
         "prompt {n_prompt} tokens, decode {n_decode} tokens (greedy), threads: {}",
         candle_core::utils::get_num_threads()
     );
-    println!(
-        "salus          : prompt {:8.1} tok/s   decode {:6.1} tok/s",
-        ours.prompt_tps, ours.decode_tps
-    );
-    println!(
-        "candle q_llama : prompt {:8.1} tok/s   decode {:6.1} tok/s",
-        candle.prompt_tps, candle.decode_tps
-    );
+    println!("salus          : prompt {:8.1} tok/s   decode {:6.1} tok/s", ours.prompt_tps, ours.decode_tps);
+    println!("candle q_llama : prompt {:8.1} tok/s   decode {:6.1} tok/s", candle.prompt_tps, candle.decode_tps);
     println!(
         "decode speed ratio salus/candle: {:.2}; greedy tokens identical: {same}",
         ours.decode_tps / candle.decode_tps

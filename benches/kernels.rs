@@ -6,9 +6,10 @@
 //! - GEMV (m = 1, 4, 8, 16): GB/s of weight bytes streamed per call (our packed
 //!   bytes; candle's GGML bytes) and the speed-up over candle;
 //! - GEMM (m = 256): GFLOP/s-equivalent (2·m·rows·cols / time).
+//!
 //! Shapes are the default model's (SmolLM2-135M: hidden 576, FFN 1536, vocab
 //! 49152); K-quants need widths that are multiples of 256, so they use 576x1536.
-//! Threads: `SALUS_THREADS` (default: physical cores) for ours; candle uses rayon.
+//! Threads: `SALUS_BENCH_THREADS` (default: physical cores) for ours; candle uses rayon.
 //!
 //! Then paged attention for decode (one query token per sequence, the default
 //! model's 9 query / 3 KV heads of 64, blocks of 16 scattered over the pool):
@@ -47,20 +48,18 @@ fn time_it(budget: Duration, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
+    if let Some(n) = std::env::var("SALUS_BENCH_THREADS").ok().and_then(|v| v.trim().parse::<usize>().ok()) {
+        salus_kernels::set_num_threads(n);
+    }
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let types: Vec<GgmlType> = GgmlType::ALL
         .into_iter()
         .filter(|t| args.is_empty() || args.iter().any(|a| a.eq_ignore_ascii_case(t.name())))
         .collect();
     let budget = Duration::from_millis(200);
     let dev = Device::Cpu;
-    let paths: Vec<KernelPath> = [KernelPath::Avx2, KernelPath::Avx512Vnni]
-        .into_iter()
-        .filter(|p| p.is_available())
-        .collect();
+    let paths: Vec<KernelPath> =
+        [KernelPath::Avx2, KernelPath::Avx512Vnni].into_iter().filter(|p| p.is_available()).collect();
     println!(
         "salus-kernels quantized matmul, {} threads, best path {}",
         salus_kernels::num_threads(),
@@ -76,9 +75,7 @@ fn main() {
     }
     for ty in types {
         let shapes: &[(usize, usize)] = match ty {
-            GgmlType::Q4_1 | GgmlType::Q8_0 => {
-                &[(576, 576), (1536, 576), (576, 1536), (49152, 576)]
-            }
+            GgmlType::Q4_1 | GgmlType::Q8_0 => &[(576, 576), (1536, 576), (576, 1536), (49152, 576)],
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q5_1 => &[(1536, 576), (576, 1536)],
             _ => &[(576, 1536)],
         };
@@ -122,8 +119,7 @@ fn main() {
                 }
                 if m == 1 && rows <= 1536 {
                     let t = time_it(budget, || {
-                        ours.matmul_with(KernelPath::Scalar, &xv, m, &mut out)
-                            .unwrap();
+                        ours.matmul_with(KernelPath::Scalar, &xv, m, &mut out).unwrap();
                     });
                     row("scalar", t, ours.packed_bytes(), Some(tc / t));
                 }

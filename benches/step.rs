@@ -133,7 +133,12 @@ fn main() {
                 single = Some(t);
             }
             let scaling = single.map(|t1| format!("  {:.2}× the batch-1 rate", b as f64 * t1 / t)).unwrap_or_default();
-            println!("kv {:>4}: batch {b:>3}: step {:7.2} ms  {:7.1} tok/s{scaling}", dtype.as_str(), t * 1e3, b as f64 / t);
+            println!(
+                "kv {:>4}: batch {b:>3}: step {:7.2} ms  {:7.1} tok/s{scaling}",
+                dtype.as_str(),
+                t * 1e3,
+                b as f64 / t
+            );
         }
     }
 }

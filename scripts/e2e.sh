@@ -10,8 +10,7 @@
 #
 # Needs: python3 (with venv), openssl, curl, cargo (the binary is built here if
 # stale; set SALUS_BIN to use another). Bounded: the whole run is limited to
-# SALUS_E2E_TIMEOUT seconds (default 900). SALUS_E2E_ENGINE=serial tests the
-# serial reference engine instead of continuous batching. Exit status 0 = all checks passed.
+# SALUS_E2E_TIMEOUT seconds (default 900). Exit status 0 = all checks passed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TIMEOUT="${SALUS_E2E_TIMEOUT:-900}"
@@ -68,7 +67,7 @@ PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); 
 SALUS_MODEL__ALLOW_PLAINTEXT_WEIGHTS=true SALUS_MODEL__ID=smollm2-135m SALUS_SERVER__SHUTDOWN_TIMEOUT_SECS=60 \
 SALUS_LIMITS__MAX_TOKENS=4000 SALUS_LOGGING__FORMAT=json \
 SALUS_AUDIT__DIR="$WORK/audit" SALUS_AUDIT__KEY="file:$WORK/audit.key" \
-  "$BIN" serve --listen "127.0.0.1:$PORT" --model "$MODEL" --engine "${SALUS_E2E_ENGINE:-batching}" \
+  "$BIN" serve --listen "127.0.0.1:$PORT" --model "$MODEL" \
     --tls-cert "$WORK/cert.pem" --tls-key "$WORK/key.pem" --api-keys "$KEYS" \
     >"$WORK/server.out" 2>"$WORK/server.err" &
 SERVER_PID=$!

@@ -6,9 +6,9 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+use salus_audit::{AuditEvent, AuditLog, AuditLogSettings, AuditPrincipal, EventKind};
 use salus_models::Phi;
-use salus_server::audit::{AuditConfig, AuditEvent, AuditLog, AuditPrincipal, EventKind};
-use salus_server::secret::KeySource;
+use salus_sensitive::secret::KeySource;
 
 fn salus(args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_salus"))
@@ -30,7 +30,7 @@ fn text(b: &[u8]) -> String {
 }
 
 fn write_trail(dir: &Path, key: &str) -> String {
-    let mut cfg = AuditConfig::new(dir.join("audit"), key.parse::<KeySource>().unwrap());
+    let mut cfg = AuditLogSettings::new(dir.join("audit"), key.parse::<KeySource>().unwrap());
     cfg.checkpoint_dir = Some(dir.join("worm"));
     cfg.segment_max_bytes = 4096;
     cfg.instance = "cli-test".into();
@@ -162,7 +162,7 @@ fn keys_changes_are_audited_by_the_cli_or_left_to_the_running_server() {
     assert!(!text(&q.stdout).contains(hash) && !text(&q.stdout).contains(&secret[9..]), "key material in the trail");
 
     // A running server holds the trail: the store changes, the CLI says who records it.
-    let cfg = AuditConfig::new(&audit_dir, audit_key.parse::<KeySource>().unwrap());
+    let cfg = AuditLogSettings::new(&audit_dir, audit_key.parse::<KeySource>().unwrap());
     let held = AuditLog::open(cfg).unwrap();
     let out = run(&["create", "--principal", "nurse.joy", "--kind", "human", "--role", "inference"]);
     assert!(out.status.success(), "{}", text(&out.stderr));

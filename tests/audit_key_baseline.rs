@@ -6,11 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use salus_server::audit::key_baseline::{BASELINE_FILE, STARTUP_RECONCILE};
-use salus_server::audit::{read_trail, verify_trail, AuditConfig, AuditLog, AuditRecord};
+use salus_audit::{read_trail, verify_trail, AuditLog, AuditLogSettings, AuditRecord};
+use salus_sensitive::secret::{write_new_key_file, KeySource, SecretKey};
+use salus_server::auth::key_baseline::{BASELINE_FILE, STARTUP_RECONCILE};
 use salus_server::auth::store::{NewKey, OffsetDateTime};
-use salus_server::auth::{KeyStore, KeyStoreHandle, PrincipalKind, Role};
-use salus_server::secret::{write_new_key_file, KeySource, SecretKey};
+use salus_server::auth::{KeyStore, KeyStoreHandle, Permission, PrincipalKind};
 
 struct Site {
     tmp: tempfile::TempDir,
@@ -36,7 +36,7 @@ impl Site {
     /// key-store handle, record_changes_in, reconcile). Returns the number of
     /// events the reconcile recorded.
     fn start_server(&self) -> (AuditLog, KeyStoreHandle, usize) {
-        let cfg = AuditConfig::new(self.audit_dir(), self.key_source().parse::<KeySource>().unwrap());
+        let cfg = AuditLogSettings::new(self.audit_dir(), self.key_source().parse::<KeySource>().unwrap());
         let log = AuditLog::open(cfg).unwrap();
         let keys = KeyStoreHandle::open(self.store_path()).unwrap();
         keys.record_changes_in(log.clone());
@@ -47,8 +47,9 @@ impl Site {
     /// server holds the trail (no audit record of its own).
     fn create_behind_the_servers_back(&self, principal: &str) -> NewKey {
         let mut store = KeyStore::load(&self.store_path()).unwrap();
-        let k =
-            store.create(principal, PrincipalKind::Human, &[Role::Inference], None, OffsetDateTime::now_utc()).unwrap();
+        let k = store
+            .create(principal, PrincipalKind::Human, &[Permission::Inference], None, OffsetDateTime::now_utc())
+            .unwrap();
         store.save(&self.store_path()).unwrap();
         k
     }

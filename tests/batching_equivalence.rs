@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use salus_models::paged_cache::PrefixScope;
-use salus_models::{LoadOptions, LoadedModel, ModelSource, Phi, SamplingParams, WeightBytes};
+use salus_models::{DecodeParams, LoadOptions, LoadedModel, ModelSource, Phi, SamplingParams, WeightBytes};
 use salus_server::engine::{Engine, FinishReason, GenerationEvent, GenerationHandle, GenerationRequest, RequestId};
 use salus_server::scheduler::{ContinuousBatchingEngine, SchedulerConfig};
 
@@ -39,10 +39,14 @@ fn request(i: usize, prompt: Vec<u32>) -> GenerationRequest {
         request_id: RequestId(format!("req-{i}")),
         prompt_tokens: Phi::new(prompt),
         n: 1,
-        max_tokens: MAX_TOKENS,
-        // top_logprobs = 0 makes every delta carry its token ids.
-        sampling: SamplingParams { temperature: 0.0, top_logprobs: Some(0), ..SamplingParams::default() },
-        stop_strings: Vec::new(),
+        first_choice: 0,
+        decode: DecodeParams {
+            max_tokens: MAX_TOKENS,
+            // top_logprobs = 0 makes every delta carry its token ids.
+            sampling: SamplingParams { temperature: 0.0, top_logprobs: Some(0), ..SamplingParams::default() },
+            stop_strings: Vec::new(),
+            stop_token_ids: Vec::new(),
+        },
         deadline: None,
         prefix_scope: PrefixScope::new("test"),
     }
@@ -92,8 +96,8 @@ fn batched_greedy_outputs_equal_outputs_alone() {
         prefill_chunk: 32,
         ..Default::default()
     };
-    let uncached = ContinuousBatchingEngine::start(lm.clone(), SchedulerConfig { prefix_cache: false, ..cfg.clone() })
-        .unwrap();
+    let uncached =
+        ContinuousBatchingEngine::start(lm.clone(), SchedulerConfig { prefix_cache: false, ..cfg.clone() }).unwrap();
     // The batched engine also commits its KV memory up front (`kv_prefault`),
     // which must not change a single output.
     let engine = ContinuousBatchingEngine::start(lm.clone(), SchedulerConfig { kv_prefault: true, ..cfg }).unwrap();
@@ -121,7 +125,12 @@ fn batched_greedy_outputs_equal_outputs_alone() {
             stats = engine.stats();
         }
         for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
-            assert_eq!(a, b, "request {i} (prompt of {} tokens) differs when batched, {cache} prefix cache", prompts[i].len());
+            assert_eq!(
+                a,
+                b,
+                "request {i} (prompt of {} tokens) differs when batched, {cache} prefix cache",
+                prompts[i].len()
+            );
         }
         assert_eq!(stats.kv_blocks_used, 0, "all blocks are freed after the requests finish");
         assert!(stats.kv_blocks_cached > 0, "finished prompts stay cached");

@@ -30,10 +30,15 @@ fn serve(conn: TcpStream, hits: &AtomicUsize, fail_every: usize) {
             }
         }
         if list_models {
-            let list = r#"{"object":"list","data":[{"id":"scripted","object":"model"},{"id":"other","object":"model"}]}"#;
+            let list =
+                r#"{"object":"list","data":[{"id":"scripted","object":"model"},{"id":"other","object":"model"}]}"#;
             let mut w = conn.try_clone().unwrap();
-            write!(w, "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{list}", list.len())
-                .unwrap();
+            write!(
+                w,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{list}",
+                list.len()
+            )
+            .unwrap();
             continue;
         }
         let mut body = vec![0; len];
@@ -142,7 +147,16 @@ fn salus_bench_uses_the_first_listed_model() {
     let (addr, hits) = scripted_server(0);
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_salus-bench"))
-        .args(["--base-url", &format!("http://{addr}/v1"), "--concurrency", "1", "--requests", "2", "--max-tokens", "7"])
+        .args([
+            "--base-url",
+            &format!("http://{addr}/v1"),
+            "--concurrency",
+            "1",
+            "--requests",
+            "2",
+            "--max-tokens",
+            "7",
+        ])
         .args(["--quiet", "--out-json"])
         .arg(dir.path().join("r.json"))
         .arg("--out-svg")

@@ -33,10 +33,7 @@ use salus_models::{Model, PackedBatch, SeqId};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
-#[command(
-    name = "salus-gpu-check",
-    about = "CUDA correctness checks and throughput benchmark (JSON report)"
-)]
+#[command(name = "salus-gpu-check", about = "CUDA correctness checks and throughput benchmark (JSON report)")]
 struct Args {
     /// Device to check: `cuda:N` (or `cpu` for a dry run).
     #[arg(long, default_value = "cuda:0")]
@@ -74,10 +71,7 @@ fn open_device(spec: &str) -> anyhow::Result<Device> {
                 .and_then(|n| n.parse().ok())
                 .with_context(|| format!("--device {s}: use cpu or cuda:N"))?;
             Device::new_cuda(n).map_err(|e| {
-                anyhow::anyhow!(
-                    "--device {s}: {}",
-                    e.to_string().lines().next().unwrap_or("no CUDA device")
-                )
+                anyhow::anyhow!("--device {s}: {}", e.to_string().lines().next().unwrap_or("no CUDA device"))
             })
         }
     }
@@ -87,11 +81,7 @@ fn device_name(device: &Device) -> String {
     match device {
         Device::Cpu => "cpu".into(),
         #[cfg(feature = "cuda")]
-        Device::Cuda(d) => d
-            .cuda_stream()
-            .context()
-            .name()
-            .unwrap_or_else(|_| "cuda".into()),
+        Device::Cuda(d) => d.cuda_stream().context().name().unwrap_or_else(|_| "cuda".into()),
         #[allow(unreachable_patterns)]
         _ => "unknown".into(),
     }
@@ -108,10 +98,7 @@ fn correctness(device: &Device, checks: &mut Vec<Value>) -> anyhow::Result<()> {
             let diff = dc::paged_attention_vs_reference(device, kv, window, 7)?;
             let tol = 1e-4;
             check(
-                &format!(
-                    "paged_attention_vs_reference kv={} window={window:?}",
-                    kv.as_str()
-                ),
+                &format!("paged_attention_vs_reference kv={} window={window:?}", kv.as_str()),
                 diff < tol,
                 json!({ "max_abs_diff": diff, "tolerance": tol }),
                 checks,
@@ -123,20 +110,11 @@ fn correctness(device: &Device, checks: &mut Vec<Value>) -> anyhow::Result<()> {
     // Reference: the same seeded model in the same dtype on the CPU, with the
     // contiguous cache (candle attention). Candidate: the device model with the
     // paged cache and Salus' kernels.
-    for (dtype, kv, tol) in [
-        (DType::F32, KvDtype::F32, 1e-4f32),
-        (DType::BF16, KvDtype::BF16, 1e-2),
-    ] {
+    for (dtype, kv, tol) in [(DType::F32, KvDtype::F32, 1e-4f32), (DType::BF16, KvDtype::BF16, 1e-2)] {
         let cpu = dc::seeded_model(&cfg, &Device::Cpu, dtype, 11)?;
         let c = cpu.config();
-        let mut reference = ContiguousKvCache::new(
-            c.num_layers,
-            c.num_kv_heads,
-            c.head_dim,
-            c.max_context,
-            dtype,
-            &Device::Cpu,
-        );
+        let mut reference =
+            ContiguousKvCache::new(c.num_layers, c.num_kv_heads, c.head_dim, c.max_context, dtype, &Device::Cpu);
         let want = dc::logits_trace(&cpu, &mut reference, &prompts, 16, 6)?;
         let model = dc::seeded_model(&cfg, device, dtype, 11)?;
         let mut cache = dc::paged_cache_for(&model, 256, kv)?;
@@ -206,38 +184,20 @@ fn sync(device: &Device) -> anyhow::Result<()> {
 
 fn bench(device: &Device, args: &Args) -> anyhow::Result<Value> {
     let cfg = bench_config(&args.bench_shape)?;
-    let dtype = if device.is_cpu() {
-        DType::F32
-    } else {
-        DType::BF16
-    };
+    let dtype = if device.is_cpu() { DType::F32 } else { DType::BF16 };
     let t0 = Instant::now();
-    let model = Model::from_weights(
-        &Weights::synthetic(SyntheticInit::OnDevice, device, dtype),
-        &cfg,
-    )?;
+    let model = Model::from_weights(&Weights::synthetic(SyntheticInit::OnDevice, device, dtype), &cfg)?;
     sync(device)?;
     let load_s = t0.elapsed().as_secs_f64();
-    let (h, inter, v, l) = (
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.vocab_size,
-        cfg.num_layers,
-    );
-    let (q_out, kv_out) = (
-        cfg.num_heads * cfg.head_dim,
-        cfg.num_kv_heads * cfg.head_dim,
-    );
+    let (h, inter, v, l) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers);
+    let (q_out, kv_out) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
     let elem = dtype.size_in_bytes() as f64;
     // Weights read per decode step: every projection, the MLP, the norms and
     // the output head (the embedding table only contributes one row per token).
     let per_layer = h * (q_out + 2 * kv_out) + q_out * h + 3 * h * inter + 2 * h;
     let weight_bytes = ((l * per_layer + h + v * h) as f64) * elem;
     let kv_bytes_per_token = (2 * l * kv_out) as f64 * 2.0; // bf16 KV
-    println!(
-        "synthetic model: {:.2} GB of weights read per step, built in {load_s:.1} s",
-        weight_bytes / 1e9
-    );
+    println!("synthetic model: {:.2} GB of weights read per step, built in {load_s:.1} s", weight_bytes / 1e9);
 
     let batches = [1usize, 8, 32, 128];
     let max_b = *batches.iter().max().unwrap_or(&1);
@@ -292,8 +252,7 @@ fn bench(device: &Device, args: &Args) -> anyhow::Result<Value> {
         let secs = t.elapsed().as_secs_f64();
         let step_s = secs / steps as f64;
         let tps = (b * steps) as f64 / secs;
-        let mut row =
-            json!({ "batch": b, "step_ms": step_s * 1e3, "tokens_per_s": tps, "context": ctx });
+        let mut row = json!({ "batch": b, "step_ms": step_s * 1e3, "tokens_per_s": tps, "context": ctx });
         if b == 1 {
             batch1_step_s = step_s;
             let avg_ctx = (ctx + 3 + steps / 2) as f64;
@@ -303,11 +262,7 @@ fn bench(device: &Device, args: &Args) -> anyhow::Result<Value> {
             row["achieved_tbps"] = json!(bw / 1e12);
             row["fraction_of_peak_bandwidth"] = json!(bw / (args.peak_tbps * 1e12));
         }
-        println!(
-            "decode batch {b:>3}: {:>9.1} tok/s ({:.2} ms/step)",
-            tps,
-            step_s * 1e3
-        );
+        println!("decode batch {b:>3}: {:>9.1} tok/s ({:.2} ms/step)", tps, step_s * 1e3);
         decode.push(row);
         for s in 0..b as u64 {
             salus_models::KvCache::remove(&mut cache, SeqId(s));
@@ -327,23 +282,10 @@ fn bench(device: &Device, args: &Args) -> anyhow::Result<Value> {
             prefill_s = t.elapsed().as_secs_f64();
         }
     }
-    println!(
-        "prefill 2048 tokens: {:.1} ms ({:.0} tok/s)",
-        prefill_s * 1e3,
-        2048.0 / prefill_s
-    );
-    let tps_1 = decode
-        .first()
-        .and_then(|r| r["tokens_per_s"].as_f64())
-        .unwrap_or(0.0);
-    let tps_128 = decode
-        .last()
-        .and_then(|r| r["tokens_per_s"].as_f64())
-        .unwrap_or(0.0);
-    let frac = decode
-        .first()
-        .and_then(|r| r["fraction_of_peak_bandwidth"].as_f64())
-        .unwrap_or(0.0);
+    println!("prefill 2048 tokens: {:.1} ms ({:.0} tok/s)", prefill_s * 1e3, 2048.0 / prefill_s);
+    let tps_1 = decode.first().and_then(|r| r["tokens_per_s"].as_f64()).unwrap_or(0.0);
+    let tps_128 = decode.last().and_then(|r| r["tokens_per_s"].as_f64()).unwrap_or(0.0);
+    let frac = decode.first().and_then(|r| r["fraction_of_peak_bandwidth"].as_f64()).unwrap_or(0.0);
     Ok(json!({
         "model": { "shape": args.bench_shape, "hidden": h, "layers": l, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
                    "intermediate": inter, "vocab": v, "dtype": format!("{dtype:?}"), "kv_dtype": "bf16",
@@ -403,9 +345,7 @@ fn run() -> anyhow::Result<bool> {
     println!("salus-gpu-check on {} ({name})", args.device);
     let mut checks = Vec::new();
     let t = Instant::now();
-    let correctness_err = correctness(&device, &mut checks)
-        .err()
-        .map(|e| format!("{e:#}"));
+    let correctness_err = correctness(&device, &mut checks).err().map(|e| format!("{e:#}"));
     if let Some(e) = &correctness_err {
         println!("[FAIL] correctness checks stopped: {e}");
     }

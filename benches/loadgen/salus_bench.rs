@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bench_report::{summarize, Sample};
-use tls_client::{client_config, ServerTrust};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
+use tls_client::{client_config, ServerTrust};
 
 #[derive(Parser, Debug)]
 #[command(name = "salus-bench", about = "Load generator for OpenAI-compatible chat completion servers")]
@@ -129,11 +129,9 @@ fn run() -> Result<()> {
         Some(m) => m.clone(),
         None => first_model(&agent, &args.base_url, args.api_key.as_deref())?,
     };
-    let run_tag = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() % 100_000)
-        * 100
-        + u64::from(std::process::id() % 100);
+    let run_tag =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() % 100_000) * 100
+            + u64::from(std::process::id() % 100);
     let bodies = Arc::new(Bodies {
         prompts,
         model,
@@ -166,7 +164,8 @@ fn run() -> Result<()> {
                 })
             })
             .collect();
-        let mut started: Vec<(usize, Sample)> = threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect();
+        let mut started: Vec<(usize, Sample)> =
+            threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect();
         started.sort_by_key(|(i, _)| *i);
         let samples: Vec<Sample> = started.into_iter().map(|(_, s)| s).collect();
         summaries.push(summarize(c, &samples, args.warmup, start.elapsed()));
@@ -233,10 +232,7 @@ fn first_model(agent: &ureq::Agent, base: &str, key: Option<&str>) -> Result<Str
         .with_context(|| format!("listing models at {url} (or pass --model)"))?
         .into_json()
         .with_context(|| format!("{url} did not answer JSON (pass --model)"))?;
-    v["data"][0]["id"]
-        .as_str()
-        .map(str::to_string)
-        .with_context(|| format!("{url} lists no model (pass --model)"))
+    v["data"][0]["id"].as_str().map(str::to_string).with_context(|| format!("{url} lists no model (pass --model)"))
 }
 
 /// A transport error, or an HTTP status with the server's error code.

@@ -39,7 +39,7 @@ pub fn silu_mul(gu: &[f32], n: usize, out: &mut [f32]) {
 }
 
 /// Outputs `first..first + out.len()` (flat indices into the `[rows, n]` output),
-/// on the SIMD level of the quantized matmul's path (so `SALUS_KERNEL_PATH`
+/// on the SIMD level of the quantized matmul's path (so a forced `kernels.cpu_path`
 /// selects both).
 fn dispatch(gu: &[f32], n: usize, first: usize, out: &mut [f32]) {
     match KernelPath::best() {

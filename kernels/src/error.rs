@@ -6,27 +6,13 @@
 pub enum KernelError {
     /// The row width is not a positive multiple of the block size of the type.
     #[error("{dtype}: row width {cols} is not a positive multiple of the block size {block}")]
-    BadWidth {
-        dtype: &'static str,
-        cols: usize,
-        block: usize,
-    },
+    BadWidth { dtype: &'static str, cols: usize, block: usize },
     /// The weight byte buffer does not hold exactly `rows * cols` elements of the type.
     #[error("{dtype}: weight buffer has {got} bytes, expected {expected} for {rows}x{cols}")]
-    BadWeightBytes {
-        dtype: &'static str,
-        rows: usize,
-        cols: usize,
-        got: usize,
-        expected: usize,
-    },
+    BadWeightBytes { dtype: &'static str, rows: usize, cols: usize, got: usize, expected: usize },
     /// An input or output slice has the wrong length.
     #[error("{what}: length {got}, expected {expected}")]
-    BadLength {
-        what: &'static str,
-        got: usize,
-        expected: usize,
-    },
+    BadLength { what: &'static str, got: usize, expected: usize },
     /// The matrix has zero rows.
     #[error("matrix has no rows")]
     NoRows,

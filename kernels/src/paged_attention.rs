@@ -40,7 +40,6 @@
 //! computes every element with the same operations in the same order, so its
 //! output is bitwise the generic item's (tested).
 
-
 use crate::math::exp_nonpositive;
 
 #[cfg(target_arch = "x86_64")]
@@ -169,7 +168,7 @@ pub fn write_kv<E: KvElement>(
     seqs: &[SeqChunk<'_>],
 ) -> Result<(), PagedAttentionError> {
     let row_elems = geom.num_kv_heads * geom.head_dim;
-    if k.len() != v.len() || k.len() % row_elems != 0 {
+    if k.len() != v.len() || !k.len().is_multiple_of(row_elems) {
         return Err(shape_err("k and v must both be [rows, num_kv_heads, head_dim]"));
     }
     if v_cache.len() != k_cache.len() {
@@ -231,7 +230,7 @@ fn paged_attention_impl<E: KvElement>(
     fast_decode: bool,
 ) -> Result<(), PagedAttentionError> {
     let hd = geom.head_dim;
-    if params.num_heads == 0 || params.num_heads % geom.num_kv_heads != 0 {
+    if params.num_heads == 0 || !params.num_heads.is_multiple_of(geom.num_kv_heads) {
         return Err(shape_err(format!(
             "{} query heads is not a multiple of {} KV heads",
             params.num_heads, geom.num_kv_heads
@@ -241,7 +240,7 @@ fn paged_attention_impl<E: KvElement>(
         return Err(shape_err("sliding window must be > 0"));
     }
     let row_elems = params.num_heads * hd;
-    if q.len() % row_elems != 0 || out.len() != q.len() {
+    if !q.len().is_multiple_of(row_elems) || out.len() != q.len() {
         return Err(shape_err("q and out must both be [rows, num_heads * head_dim]"));
     }
     if v_cache.len() != k_cache.len() {
@@ -392,7 +391,11 @@ enum Shape {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn run_avx512<E: KvElement, const BS: usize, const HD: usize>(ctx: &Ctx<'_, E>, it: &WorkItem, sc: &mut Scratch) {
+unsafe fn run_avx512<E: KvElement, const BS: usize, const HD: usize>(
+    ctx: &Ctx<'_, E>,
+    it: &WorkItem,
+    sc: &mut Scratch,
+) {
     run_item_inner::<E, true, BS, HD>(ctx, it, sc)
 }
 

@@ -7,6 +7,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 /// Naive f32 attention over a contiguous history `[ctx, n_kv, hd]`.
+#[allow(clippy::too_many_arguments)] // the geometry, spelled out as in the kernel
 fn reference(
     q: &[f32],      // [len, nh, hd]
     k_hist: &[f32], // [ctx, nkv, hd]

@@ -71,9 +71,7 @@ impl PagedPlan {
         sliding_window: Option<usize>,
     ) -> Result<Self, PagedAttentionError> {
         if geom.block_size == 0 || geom.num_kv_heads == 0 || geom.head_dim == 0 {
-            return Err(shape_err(
-                "block_size, num_kv_heads and head_dim must be > 0",
-            ));
+            return Err(shape_err("block_size, num_kv_heads and head_dim must be > 0"));
         }
         if sliding_window == Some(0) {
             return Err(shape_err("sliding window must be > 0"));
@@ -81,8 +79,7 @@ impl PagedPlan {
         let bs = geom.block_size;
         let mut slots = vec![-1i32; rows];
         let (mut dec_row, mut dec_pos, mut dec_bt) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut t_row, mut t_pos, mut t_len, mut t_bt) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut t_row, mut t_pos, mut t_len, mut t_bt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut tables: Vec<i32> = Vec::new();
         let mut max_visible = 1usize;
         for s in seqs {
@@ -90,25 +87,15 @@ impl PagedPlan {
                 return Err(shape_err("a sequence contributes no tokens"));
             }
             if s.row + s.len > rows {
-                return Err(shape_err(format!(
-                    "rows {}..{} exceed the {rows} input rows",
-                    s.row,
-                    s.row + s.len
-                )));
+                return Err(shape_err(format!("rows {}..{} exceed the {rows} input rows", s.row, s.row + s.len)));
             }
             let needed = geom.blocks_for(s.start_pos + s.len);
             if s.block_table.len() < needed {
-                return Err(PagedAttentionError::BlockTableTooShort {
-                    needed,
-                    have: s.block_table.len(),
-                });
+                return Err(PagedAttentionError::BlockTableTooShort { needed, have: s.block_table.len() });
             }
             let table = &s.block_table[..needed];
             if let Some(&id) = table.iter().find(|&&id| id as usize >= geom.num_blocks) {
-                return Err(PagedAttentionError::BlockOutOfRange {
-                    id,
-                    num_blocks: geom.num_blocks,
-                });
+                return Err(PagedAttentionError::BlockOutOfRange { id, num_blocks: geom.num_blocks });
             }
             for t in 0..s.len {
                 let pos = s.start_pos + t;
@@ -185,12 +172,7 @@ mod tests {
     use super::*;
 
     fn geom() -> PagedGeometry {
-        PagedGeometry {
-            num_blocks: 8,
-            block_size: 4,
-            num_kv_heads: 2,
-            head_dim: 8,
-        }
+        PagedGeometry { num_blocks: 8, block_size: 4, num_kv_heads: 2, head_dim: 8 }
     }
 
     #[test]
@@ -199,19 +181,9 @@ mod tests {
         let t2 = [7u32, 0, 1, 3, 4, 6];
         let seqs = [
             // A decode token at position 5 (block 2, slot 1).
-            SeqChunk {
-                block_table: &t1,
-                row: 0,
-                len: 1,
-                start_pos: 5,
-            },
+            SeqChunk { block_table: &t1, row: 0, len: 1, start_pos: 5 },
             // A prefill chunk of 20 rows at positions 3..23: two tiles.
-            SeqChunk {
-                block_table: &t2,
-                row: 1,
-                len: 20,
-                start_pos: 3,
-            },
+            SeqChunk { block_table: &t2, row: 1, len: 20, start_pos: 3 },
         ];
         let p = PagedPlan::build(&geom(), 22, &seqs, None).unwrap();
         let l = p.layout;
@@ -228,52 +200,24 @@ mod tests {
         assert_eq!(&p.data[l.tile_pos..l.tile_pos + 2], &[3, 19]);
         assert_eq!(&p.data[l.tile_len..l.tile_len + 2], &[16, 4]);
         let bt2 = p.data[l.tile_bt] as usize;
-        assert_eq!(
-            &p.data[l.block_tables + bt2..l.block_tables + bt2 + 6],
-            &[7, 0, 1, 3, 4, 6]
-        );
+        assert_eq!(&p.data[l.block_tables + bt2..l.block_tables + bt2 + 6], &[7, 0, 1, 3, 4, 6]);
         let bt1 = p.data[l.decode_bt] as usize;
-        assert_eq!(
-            &p.data[l.block_tables + bt1..l.block_tables + bt1 + 2],
-            &[5, 2]
-        );
+        assert_eq!(&p.data[l.block_tables + bt1..l.block_tables + bt1 + 2], &[5, 2]);
     }
 
     #[test]
     fn plan_partitions_long_decodes_within_the_window() {
-        let g = PagedGeometry {
-            num_blocks: 400,
-            block_size: 4,
-            num_kv_heads: 1,
-            head_dim: 8,
-        };
+        let g = PagedGeometry { num_blocks: 400, block_size: 4, num_kv_heads: 1, head_dim: 8 };
         let table: Vec<u32> = (0..400).collect();
-        let s = [SeqChunk {
-            block_table: &table,
-            row: 0,
-            len: 1,
-            start_pos: 1200,
-        }];
+        let s = [SeqChunk { block_table: &table, row: 0, len: 1, start_pos: 1200 }];
         // One sequence, one KV head: split into the smallest partitions.
         let l = PagedPlan::build(&g, 1, &s, None).unwrap().layout;
-        assert_eq!(
-            (l.part_size, l.max_parts),
-            (
-                MIN_DECODE_PARTITION,
-                1201usize.div_ceil(MIN_DECODE_PARTITION)
-            )
-        );
+        assert_eq!((l.part_size, l.max_parts), (MIN_DECODE_PARTITION, 1201usize.div_ceil(MIN_DECODE_PARTITION)));
         let l = PagedPlan::build(&g, 1, &s, Some(100)).unwrap().layout;
         assert_eq!((l.part_size, l.max_parts), (32, 4));
         // Many decoding sequences fill the GPU alone: the largest partitions.
-        let many: Vec<SeqChunk<'_>> = (0..300)
-            .map(|i| SeqChunk {
-                block_table: &table,
-                row: i,
-                len: 1,
-                start_pos: 1200,
-            })
-            .collect();
+        let many: Vec<SeqChunk<'_>> =
+            (0..300).map(|i| SeqChunk { block_table: &table, row: i, len: 1, start_pos: 1200 }).collect();
         let l = PagedPlan::build(&g, 300, &many, None).unwrap().layout;
         assert_eq!((l.part_size, l.max_parts), (DECODE_PARTITION, 3));
     }
@@ -283,52 +227,18 @@ mod tests {
         let t = [1u32];
         let bad_block = [9u32];
         let g = geom();
-        let ok = |row, len, start_pos, table: &'static [u32]| SeqChunk {
-            block_table: table,
-            row,
-            len,
-            start_pos,
-        };
+        let ok = |row, len, start_pos, table: &'static [u32]| SeqChunk { block_table: table, row, len, start_pos };
         assert!(PagedPlan::build(&g, 2, &[ok(0, 1, 0, &[1])], None).is_ok());
         assert!(matches!(
-            PagedPlan::build(
-                &g,
-                8,
-                &[SeqChunk {
-                    block_table: &t,
-                    row: 0,
-                    len: 5,
-                    start_pos: 0
-                }],
-                None
-            ),
+            PagedPlan::build(&g, 8, &[SeqChunk { block_table: &t, row: 0, len: 5, start_pos: 0 }], None),
             Err(PagedAttentionError::BlockTableTooShort { needed: 2, have: 1 })
         ));
         assert!(matches!(
-            PagedPlan::build(
-                &g,
-                2,
-                &[SeqChunk {
-                    block_table: &bad_block,
-                    row: 0,
-                    len: 1,
-                    start_pos: 0
-                }],
-                None
-            ),
+            PagedPlan::build(&g, 2, &[SeqChunk { block_table: &bad_block, row: 0, len: 1, start_pos: 0 }], None),
             Err(PagedAttentionError::BlockOutOfRange { id: 9, .. })
         ));
-        assert!(
-            PagedPlan::build(&g, 1, &[ok(0, 2, 0, &[1])], None).is_err(),
-            "rows beyond the input"
-        );
-        assert!(
-            PagedPlan::build(&g, 4, &[ok(0, 2, 0, &[1]), ok(1, 1, 0, &[2])], None).is_err(),
-            "overlapping rows"
-        );
-        assert!(
-            PagedPlan::build(&g, 1, &[ok(0, 1, 0, &[1])], Some(0)).is_err(),
-            "zero window"
-        );
+        assert!(PagedPlan::build(&g, 1, &[ok(0, 2, 0, &[1])], None).is_err(), "rows beyond the input");
+        assert!(PagedPlan::build(&g, 4, &[ok(0, 2, 0, &[1]), ok(1, 1, 0, &[2])], None).is_err(), "overlapping rows");
+        assert!(PagedPlan::build(&g, 1, &[ok(0, 1, 0, &[1])], Some(0)).is_err(), "zero window");
     }
 }

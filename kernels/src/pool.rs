@@ -56,21 +56,12 @@ static DESIRED: AtomicUsize = AtomicUsize::new(0);
 static POOL: OnceLock<Pool> = OnceLock::new();
 
 fn default_threads() -> usize {
-    if let Ok(v) = std::env::var("SALUS_THREADS") {
-        if let Ok(n) = v.trim().parse::<usize>() {
-            if n >= 1 {
-                return n.min(MAX_THREADS);
-            }
-        }
-    }
-    physical_cores()
+    physical_cores().min(MAX_THREADS)
 }
 
 /// Number of physical cores available to this process (SMT siblings counted once).
 pub fn physical_cores() -> usize {
-    let logical = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let logical = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut seen = std::collections::HashSet::new();
     for cpu in 0..logical.max(1) * 4 {
         let path = format!("/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list");
@@ -85,8 +76,9 @@ pub fn physical_cores() -> usize {
     }
 }
 
-/// Threads the kernels use (the calling thread included). Defaults to
-/// `SALUS_THREADS` if set, else the number of physical cores.
+/// Threads the kernels use (the calling thread included): the number of
+/// physical cores unless [`set_num_threads`] chose another (the model loader
+/// applies the configured `kernels.threads` through it).
 pub fn num_threads() -> usize {
     let n = DESIRED.load(Ordering::Relaxed);
     if n != 0 {
@@ -106,12 +98,7 @@ pub fn set_num_threads(n: usize) {
 fn pool() -> &'static Pool {
     POOL.get_or_init(|| {
         let shared: &'static Shared = Box::leak(Box::new(Shared {
-            slot: Mutex::new(Slot {
-                job: None,
-                open: false,
-                allowed: 0,
-                sleeping: 0,
-            }),
+            slot: Mutex::new(Slot { job: None, open: false, allowed: 0, sleeping: 0 }),
             wake: Condvar::new(),
             generation: AtomicU64::new(0),
             next_task: AtomicUsize::new(0),
@@ -119,10 +106,7 @@ fn pool() -> &'static Pool {
             active: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
         }));
-        Pool {
-            shared,
-            submit: Mutex::new(0),
-        }
+        Pool { shared, submit: Mutex::new(0) }
     })
 }
 
@@ -150,7 +134,7 @@ fn worker_main(shared: &'static Shared, index: usize) {
                 break;
             }
             iter = iter.wrapping_add(1);
-            if iter % 64 != 0 {
+            if !iter.is_multiple_of(64) {
                 std::hint::spin_loop();
                 continue;
             }
@@ -229,8 +213,7 @@ pub fn parallel_for<'a>(n_tasks: usize, f: &'a (dyn Fn(usize) + Sync + 'a)) {
     // SAFETY: only the lifetime is erased. The pointer is published while the
     // job is open and we wait below until no worker holds it before returning.
     let raw: *const (dyn Fn(usize) + Sync + 'a) = f;
-    let ptr: *const JobFn =
-        unsafe { std::mem::transmute::<*const (dyn Fn(usize) + Sync + 'a), *const JobFn>(raw) };
+    let ptr: *const JobFn = unsafe { std::mem::transmute::<*const (dyn Fn(usize) + Sync + 'a), *const JobFn>(raw) };
     {
         let mut slot = shared.slot.lock().unwrap_or_else(|e| e.into_inner());
         shared.next_task.store(0, Ordering::Release);
@@ -252,7 +235,7 @@ pub fn parallel_for<'a>(n_tasks: usize, f: &'a (dyn Fn(usize) + Sync + 'a)) {
     let mut iter = 0u32;
     while shared.active.load(Ordering::Acquire) != 0 {
         iter = iter.wrapping_add(1);
-        if iter % 1024 == 0 {
+        if iter.is_multiple_of(1024) {
             std::thread::yield_now();
         } else {
             std::hint::spin_loop();

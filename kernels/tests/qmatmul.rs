@@ -23,9 +23,7 @@ fn f16_fields(ty: GgmlType) -> &'static [(usize, bool)] {
 /// Random but valid GGML bytes for a `rows x cols` matrix.
 fn random_ggml(ty: GgmlType, rows: usize, cols: usize, scale: f32, rng: &mut StdRng) -> Vec<u8> {
     let nblocks = rows * cols / ty.block_size();
-    let mut bytes: Vec<u8> = (0..nblocks * ty.type_size())
-        .map(|_| rng.random::<u8>())
-        .collect();
+    let mut bytes: Vec<u8> = (0..nblocks * ty.type_size()).map(|_| rng.random::<u8>()).collect();
     for blk in bytes.chunks_exact_mut(ty.type_size()) {
         for &(at, signed) in f16_fields(ty) {
             let mut v = rng.random_range(0.1f32..1.0) * scale;
@@ -39,9 +37,7 @@ fn random_ggml(ty: GgmlType, rows: usize, cols: usize, scale: f32, rng: &mut Std
 }
 
 fn random_x(m: usize, cols: usize, rng: &mut StdRng) -> Vec<f32> {
-    (0..m * cols)
-        .map(|_| rng.random_range(-1.0f32..1.0) * if rng.random::<u8>() < 8 { 8.0 } else { 1.0 })
-        .collect()
+    (0..m * cols).map(|_| rng.random_range(-1.0f32..1.0) * if rng.random::<u8>() < 8 { 8.0 } else { 1.0 }).collect()
 }
 
 fn candle_dtype(ty: GgmlType) -> GgmlDType {
@@ -60,10 +56,7 @@ fn candle_dtype(ty: GgmlType) -> GgmlDType {
 /// Candle's dequantized weights, `[rows][cols]`.
 fn candle_weights(ty: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Vec<Vec<f32>> {
     let qt = qtensor_from_ggml(candle_dtype(ty), bytes, vec![rows, cols], &Device::Cpu).unwrap();
-    qt.dequantize(&Device::Cpu)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap()
+    qt.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap()
 }
 
 /// Shapes `(rows, cols, m)`: odd row counts, widths 32…4096, 1…300 activation rows.
@@ -82,10 +75,7 @@ fn shapes(ty: GgmlType) -> Vec<(usize, usize, usize)> {
 }
 
 fn simd_paths() -> Vec<KernelPath> {
-    [KernelPath::Avx2, KernelPath::Avx512Vnni]
-        .into_iter()
-        .filter(|p| p.is_available())
-        .collect()
+    [KernelPath::Avx2, KernelPath::Avx512Vnni].into_iter().filter(|p| p.is_available()).collect()
 }
 
 #[test]
@@ -107,11 +97,7 @@ fn simd_paths_match_scalar_reference() {
             for r in 0..rows {
                 dequantize_row(ty, &bytes[r * row_bytes..(r + 1) * row_bytes], &mut wrow);
                 for i in 0..m {
-                    mag[i * rows + r] = wrow
-                        .iter()
-                        .zip(&x[i * cols..(i + 1) * cols])
-                        .map(|(a, b)| (a * b).abs())
-                        .sum();
+                    mag[i * rows + r] = wrow.iter().zip(&x[i * cols..(i + 1) * cols]).map(|(a, b)| (a * b).abs()).sum();
                 }
             }
             for &path in &paths {
@@ -144,12 +130,7 @@ fn dequantize_matches_candle() {
             dequantize_row(ty, &bytes[r * row_bytes..(r + 1) * row_bytes], &mut ours);
             let scale = cw[r].iter().fold(0f32, |a, v| a.max(v.abs()));
             for c in 0..cols {
-                assert!(
-                    (ours[c] - cw[r][c]).abs() <= 1e-6 * scale,
-                    "{ty} r={r} c={c}: {} vs {}",
-                    ours[c],
-                    cw[r][c]
-                );
+                assert!((ours[c] - cw[r][c]).abs() <= 1e-6 * scale, "{ty} r={r} c={c}: {} vs {}", ours[c], cw[r][c]);
             }
         }
     }
@@ -180,8 +161,7 @@ fn scalar_reference_matches_candle_dequantized_matmul() {
                     let mut mag = 0f64;
                     for c in 0..cols {
                         let g0 = c / group * group;
-                        let amax =
-                            xr[g0..g0 + group].iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+                        let amax = xr[g0..g0 + group].iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
                         let wv = cw[r][c] as f64;
                         exact += wv * xr[c] as f64;
                         bound += wv.abs() * amax / 254.0;
@@ -189,10 +169,7 @@ fn scalar_reference_matches_candle_dequantized_matmul() {
                     }
                     let tol = bound * 1.001 + 1e-5 * mag + 1e-6;
                     let err = (got[i * rows + r] as f64 - exact).abs();
-                    assert!(
-                        err <= tol,
-                        "{ty} rows={rows} cols={cols} i={i} r={r}: err {err} > tol {tol}"
-                    );
+                    assert!(err <= tol, "{ty} rows={rows} cols={cols} i={i} r={r}: err {err} > tol {tol}");
                     max_rel = max_rel.max(err / mag.max(1e-12));
                 }
             }
@@ -233,43 +210,23 @@ fn offsets_beyond_f16_fall_back_to_f32_scales() {
     for path in KernelPath::ALL.into_iter().filter(|p| p.is_available()) {
         let mut out = vec![0f32; rows];
         w.matmul_with(path, &x, 1, &mut out).unwrap();
-        assert!(
-            (out[0] - cw[0][0]).abs() <= 1e-3 * cw[0][0].abs(),
-            "{path:?}: {} vs {}",
-            out[0],
-            cw[0][0]
-        );
+        assert!((out[0] - cw[0][0]).abs() <= 1e-3 * cw[0][0].abs(), "{path:?}: {} vs {}", out[0], cw[0][0]);
     }
 }
 
 #[test]
 fn bad_shapes_are_errors_not_panics() {
     let bytes = vec![0u8; 18 * 2];
-    assert!(matches!(
-        QuantMatrix::from_ggml_bytes(GgmlType::Q4_0, 1, 48, &bytes),
-        Err(KernelError::BadWidth { .. })
-    ));
+    assert!(matches!(QuantMatrix::from_ggml_bytes(GgmlType::Q4_0, 1, 48, &bytes), Err(KernelError::BadWidth { .. })));
     assert!(matches!(
         QuantMatrix::from_ggml_bytes(GgmlType::Q4_0, 2, 64, &bytes),
         Err(KernelError::BadWeightBytes { .. })
     ));
-    assert!(matches!(
-        QuantMatrix::from_ggml_bytes(GgmlType::Q4_0, 0, 64, &[]),
-        Err(KernelError::NoRows)
-    ));
+    assert!(matches!(QuantMatrix::from_ggml_bytes(GgmlType::Q4_0, 0, 64, &[]), Err(KernelError::NoRows)));
     let w = QuantMatrix::from_ggml_bytes(GgmlType::Q4_0, 1, 64, &bytes).unwrap();
     let mut out = vec![0f32; 2];
-    assert!(matches!(
-        w.matmul(&[0.0; 63], 1, &mut out[..1]),
-        Err(KernelError::BadLength {
-            what: "activations",
-            ..
-        })
-    ));
-    assert!(matches!(
-        w.matmul(&[0.0; 64], 1, &mut out),
-        Err(KernelError::BadLength { what: "output", .. })
-    ));
+    assert!(matches!(w.matmul(&[0.0; 63], 1, &mut out[..1]), Err(KernelError::BadLength { what: "activations", .. })));
+    assert!(matches!(w.matmul(&[0.0; 64], 1, &mut out), Err(KernelError::BadLength { what: "output", .. })));
     assert!(w.matmul(&[], 0, &mut []).is_ok());
 }
 
@@ -315,10 +272,17 @@ fn stacked_matrix_equals_its_parts() {
     }
     // A partial tile may only come last; types and widths must agree.
     let mut rng = StdRng::seed_from_u64(29);
-    let odd = QuantMatrix::from_ggml_bytes(GgmlType::Q4_1, 17, 64, &random_ggml(GgmlType::Q4_1, 17, 64, 0.02, &mut rng)).unwrap();
-    let full = QuantMatrix::from_ggml_bytes(GgmlType::Q4_1, 16, 64, &random_ggml(GgmlType::Q4_1, 16, 64, 0.02, &mut rng)).unwrap();
-    let wide = QuantMatrix::from_ggml_bytes(GgmlType::Q4_1, 16, 96, &random_ggml(GgmlType::Q4_1, 16, 96, 0.02, &mut rng)).unwrap();
-    let q8 = QuantMatrix::from_ggml_bytes(GgmlType::Q8_0, 16, 64, &random_ggml(GgmlType::Q8_0, 16, 64, 0.02, &mut rng)).unwrap();
+    let odd =
+        QuantMatrix::from_ggml_bytes(GgmlType::Q4_1, 17, 64, &random_ggml(GgmlType::Q4_1, 17, 64, 0.02, &mut rng))
+            .unwrap();
+    let full =
+        QuantMatrix::from_ggml_bytes(GgmlType::Q4_1, 16, 64, &random_ggml(GgmlType::Q4_1, 16, 64, 0.02, &mut rng))
+            .unwrap();
+    let wide =
+        QuantMatrix::from_ggml_bytes(GgmlType::Q4_1, 16, 96, &random_ggml(GgmlType::Q4_1, 16, 96, 0.02, &mut rng))
+            .unwrap();
+    let q8 = QuantMatrix::from_ggml_bytes(GgmlType::Q8_0, 16, 64, &random_ggml(GgmlType::Q8_0, 16, 64, 0.02, &mut rng))
+        .unwrap();
     assert!(QuantMatrix::concat_rows(&[&full, &odd]).is_ok());
     assert!(matches!(QuantMatrix::concat_rows(&[&odd, &full]), Err(KernelError::Concat(_))));
     assert!(matches!(QuantMatrix::concat_rows(&[&full, &wide]), Err(KernelError::Concat(_))));

@@ -66,10 +66,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role,
-            content: Phi::new(content.into()),
-        }
+        ChatMessage { role, content: Phi::new(content.into()) }
     }
 }
 
@@ -82,10 +79,7 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate")
-            .field("bos", &self.bos)
-            .field("eos", &self.eos)
-            .finish()
+        f.debug_struct("ChatTemplate").field("bos", &self.bos).field("eos", &self.eos).finish()
     }
 }
 
@@ -97,13 +91,10 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                // The message is template-authored; it is dropped by `sanitize` anyway.
-                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-            },
-        );
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            // The message is template-authored; it is dropped by `sanitize` anyway.
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned(TEMPLATE_NAME, template_source.to_owned())
             .map_err(|e| sanitize("the chat template does not compile", &e))?;
@@ -119,9 +110,10 @@ impl ChatTemplate {
         override_template: Option<&str>,
     ) -> Result<Option<ChatTemplate>> {
         let config: Option<Json> = match source.get("tokenizer_config.json") {
-            Some(b) => Some(serde_json::from_slice(b.as_slice()).map_err(|e| {
-                ModelError::ChatTemplate(format!("invalid tokenizer_config.json: {e}"))
-            })?),
+            Some(b) => Some(
+                serde_json::from_slice(b.as_slice())
+                    .map_err(|e| ModelError::ChatTemplate(format!("invalid tokenizer_config.json: {e}")))?,
+            ),
             None => None,
         };
         let config_token = |key: &str| -> Option<String> {
@@ -150,30 +142,22 @@ impl ChatTemplate {
         let bos = config_token("bos_token").or_else(|| gguf_token("tokenizer.ggml.bos_token_id"));
         let eos = config_token("eos_token").or_else(|| gguf_token("tokenizer.ggml.eos_token_id"));
 
-        let from_config = config
-            .as_ref()
-            .and_then(|c| c.get("chat_template"))
-            .and_then(|t| match t {
-                Json::String(s) => Some(s.clone()),
-                Json::Array(list) => {
-                    let named =
-                        |n: &Json| n.get("template").and_then(Json::as_str).map(str::to_owned);
-                    list.iter()
-                        .find(|n| n.get("name").and_then(Json::as_str) == Some("default"))
-                        .and_then(named)
-                        .or_else(|| list.first().and_then(named))
-                }
-                _ => None,
-            });
+        let from_config = config.as_ref().and_then(|c| c.get("chat_template")).and_then(|t| match t {
+            Json::String(s) => Some(s.clone()),
+            Json::Array(list) => {
+                let named = |n: &Json| n.get("template").and_then(Json::as_str).map(str::to_owned);
+                list.iter()
+                    .find(|n| n.get("name").and_then(Json::as_str) == Some("default"))
+                    .and_then(named)
+                    .or_else(|| list.first().and_then(named))
+            }
+            _ => None,
+        });
         let from_gguf = gguf_metadata.and_then(|md| match md.get("tokenizer.chat_template") {
             Some(GgufValue::String(s)) => Some(s.clone()),
             _ => None,
         });
-        match override_template
-            .map(str::to_owned)
-            .or(from_config)
-            .or(from_gguf)
-        {
+        match override_template.map(str::to_owned).or(from_config).or(from_gguf) {
             Some(src) => Ok(Some(ChatTemplate::new(&src, bos, eos)?)),
             None => Ok(None),
         }
@@ -190,24 +174,12 @@ impl ChatTemplate {
 
     /// Renders the prompt for `messages`; with `add_generation_prompt` the text
     /// ends with the header of an assistant turn.
-    pub fn render(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<Phi<String>> {
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Phi<String>> {
         let msgs: Vec<HashMap<&str, &str>> = messages
             .iter()
-            .map(|m| {
-                HashMap::from([
-                    ("role", m.role.as_str()),
-                    ("content", m.content.expose().as_str()),
-                ])
-            })
+            .map(|m| HashMap::from([("role", m.role.as_str()), ("content", m.content.expose().as_str())]))
             .collect();
-        let tmpl = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| sanitize("the chat template is missing", &e))?;
+        let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(|e| sanitize("the chat template is missing", &e))?;
         let out = tmpl
             .render(context! {
                 messages => msgs,
@@ -241,10 +213,8 @@ fn sanitize(what: &str, e: &minijinja::Error) -> ModelError {
 /// `strftime_now(format)` as Hugging Face templates use it (Llama 3.x):
 /// supports `%d %m %Y %y %b %B %H %M %S %%` in UTC.
 fn strftime_now(format: String) -> std::result::Result<String, minijinja::Error> {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     Ok(format_utc(secs, &format))
 }
 
@@ -313,12 +283,7 @@ mod tests {
 
     #[test]
     fn smollm2_template_renders_exactly() {
-        let t = ChatTemplate::new(
-            SMOLLM2,
-            Some("<|im_start|>".into()),
-            Some("<|im_end|>".into()),
-        )
-        .unwrap();
+        let t = ChatTemplate::new(SMOLLM2, Some("<|im_start|>".into()), Some("<|im_end|>".into())).unwrap();
         let msgs = [
             ChatMessage::new(Role::System, "You are a clinical assistant."),
             ChatMessage::new(Role::User, "Summarize: BP 120/80 mmHg."),
@@ -339,9 +304,7 @@ mod tests {
     fn hf_features_trim_blocks_pycompat_bos() {
         let src = "{{ bos_token }}{% for m in messages %}\n  {% if m['role'] == 'user' %}\n[U] {{ m['content'].strip() }}\n  {% endif %}\n{% endfor %}";
         let t = ChatTemplate::new(src, Some("<s>".into()), None).unwrap();
-        let out = t
-            .render(&[ChatMessage::new(Role::User, "  hi  ")], false)
-            .unwrap();
+        let out = t.render(&[ChatMessage::new(Role::User, "  hi  ")], false).unwrap();
         assert_eq!(out.expose(), "<s>[U] hi\n");
     }
 
@@ -349,81 +312,50 @@ mod tests {
     fn errors_never_quote_message_text() {
         let src = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system: ' + m['content']) }}{% endif %}{% endfor %}";
         let t = ChatTemplate::new(src, None, None).unwrap();
-        let err = t
-            .render(&[ChatMessage::new(Role::System, "patient Jane Roe")], true)
-            .unwrap_err()
-            .to_string();
+        let err = t.render(&[ChatMessage::new(Role::System, "patient Jane Roe")], true).unwrap_err().to_string();
         assert!(!err.contains("Jane"), "{err}");
         assert!(err.contains("line 1"), "{err}");
         let src = "{{ messages[0]['content'] + 5 }}";
         let t = ChatTemplate::new(src, None, None).unwrap();
-        let err = t
-            .render(&[ChatMessage::new(Role::User, "MRN 123456")], true)
-            .unwrap_err()
-            .to_string();
+        let err = t.render(&[ChatMessage::new(Role::User, "MRN 123456")], true).unwrap_err().to_string();
         assert!(!err.contains("123456"), "{err}");
-        let err = ChatTemplate::new("{% for %}", None, None)
-            .unwrap_err()
-            .to_string();
+        let err = ChatTemplate::new("{% for %}", None, None).unwrap_err().to_string();
         assert!(err.contains("does not compile"), "{err}");
     }
 
     #[test]
     fn template_sources_and_precedence() {
         let mut md = HashMap::new();
-        md.insert(
-            "tokenizer.chat_template".to_string(),
-            GgufValue::String("gguf:{{ eos_token }}".into()),
-        );
+        md.insert("tokenizer.chat_template".to_string(), GgufValue::String("gguf:{{ eos_token }}".into()));
         md.insert(
             "tokenizer.ggml.tokens".to_string(),
-            GgufValue::Array(vec![
-                GgufValue::String("<a>".into()),
-                GgufValue::String("<z>".into()),
-            ]),
+            GgufValue::Array(vec![GgufValue::String("<a>".into()), GgufValue::String("<z>".into())]),
         );
         md.insert("tokenizer.ggml.eos_token_id".to_string(), GgufValue::U32(1));
         let gguf_src = ModelSource::new("m.gguf");
         let render = |t: ChatTemplate| t.render(&[], false).unwrap().expose().clone();
 
-        let t = ChatTemplate::from_source(&gguf_src, Some(&md), None)
-            .unwrap()
-            .unwrap();
+        let t = ChatTemplate::from_source(&gguf_src, Some(&md), None).unwrap().unwrap();
         assert_eq!(render(t), "gguf:<z>");
-        let t = ChatTemplate::from_source(&gguf_src, Some(&md), Some("override"))
-            .unwrap()
-            .unwrap();
+        let t = ChatTemplate::from_source(&gguf_src, Some(&md), Some("override")).unwrap().unwrap();
         assert_eq!(render(t), "override");
 
         let mut hf = ModelSource::new("dir");
         let cfg = br#"{"eos_token": {"content": "</s>"}, "chat_template": [
             {"name": "tool_use", "template": "tools"}, {"name": "default", "template": "cfg:{{ eos_token }}"}]}"#;
         hf.insert("tokenizer_config.json", WeightBytes::from_vec(cfg.to_vec()));
-        let t = ChatTemplate::from_source(&hf, Some(&md), None)
-            .unwrap()
-            .unwrap();
+        let t = ChatTemplate::from_source(&hf, Some(&md), None).unwrap().unwrap();
         assert_eq!(render(t), "cfg:</s>");
 
-        assert!(
-            ChatTemplate::from_source(&ModelSource::new("x"), None, None)
-                .unwrap()
-                .is_none()
-        );
-        let err =
-            ChatTemplate::from_source_required(&ModelSource::new("x"), None, None).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "chat template: model has no chat template; set one in the config"
-        );
+        assert!(ChatTemplate::from_source(&ModelSource::new("x"), None, None).unwrap().is_none());
+        let err = ChatTemplate::from_source_required(&ModelSource::new("x"), None, None).unwrap_err();
+        assert_eq!(err.to_string(), "chat template: model has no chat template; set one in the config");
     }
 
     #[test]
     fn strftime_formats_utc_dates() {
         // 2024-07-26 13:05:09 UTC
-        assert_eq!(
-            format_utc(1_721_999_109, "%d %b %Y %H:%M:%S %%"),
-            "26 Jul 2024 13:05:09 %"
-        );
+        assert_eq!(format_utc(1_721_999_109, "%d %b %Y %H:%M:%S %%"), "26 Jul 2024 13:05:09 %");
         assert_eq!(format_utc(0, "%Y-%m-%d %B"), "1970-01-01 January");
     }
 

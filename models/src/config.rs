@@ -30,9 +30,7 @@ impl Architecture {
             "llama" | "llamaforcausallm" | "smollm" => Ok(Architecture::Llama),
             "mistral" | "mistralforcausallm" => Ok(Architecture::Mistral),
             "qwen2" | "qwen2forcausallm" => Ok(Architecture::Qwen2),
-            _ => Err(ModelError::UnsupportedArchitecture(
-                name.chars().take(64).collect(),
-            )),
+            _ => Err(ModelError::UnsupportedArchitecture(name.chars().take(64).collect())),
         }
     }
 
@@ -62,12 +60,7 @@ pub enum RopeScaling {
     /// Positions divided by `factor` (all frequencies divided by `factor`).
     Linear { factor: f32 },
     /// Llama 3.1 frequency-dependent scaling.
-    Llama3 {
-        factor: f32,
-        low_freq_factor: f32,
-        high_freq_factor: f32,
-        original_max_position_embeddings: usize,
-    },
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: usize },
 }
 
 /// `eos_token_id` in HF configs: one id or a list.
@@ -137,10 +130,7 @@ impl HfDecoderFields {
             attention_bias: false,
             sliding_window: None,
             bos_token_id: self.bos_token_id,
-            eos_token_ids: self
-                .eos_token_id
-                .map(EosTokenIds::into_vec)
-                .unwrap_or_default(),
+            eos_token_ids: self.eos_token_id.map(EosTokenIds::into_vec).unwrap_or_default(),
         }
     }
 }
@@ -193,17 +183,14 @@ impl DecoderConfig {
                 return bad(format!("{field} = {v} is implausibly large"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return bad(format!(
-                "head_dim ({}) must be even for rotary embeddings",
-                self.head_dim
-            ));
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
         }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
             return bad("rms_norm_eps must be in (0, 1)".into());
@@ -218,17 +205,14 @@ impl DecoderConfig {
                     return bad("rope_scaling.factor must be positive".into());
                 }
             }
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => {
-                if !(factor.is_finite() && factor > 0.0)
-                    || !(low_freq_factor > 0.0)
-                    || !(high_freq_factor > low_freq_factor)
-                    || original_max_position_embeddings == 0
-                {
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                // Written so that NaN fails every comparison.
+                let valid = factor.is_finite()
+                    && factor > 0.0
+                    && low_freq_factor > 0.0
+                    && high_freq_factor > low_freq_factor
+                    && original_max_position_embeddings > 0;
+                if !valid {
                     return bad("rope_scaling (llama3) needs factor > 0, 0 < low_freq_factor < high_freq_factor and original_max_position_embeddings > 0".into());
                 }
             }
@@ -243,10 +227,7 @@ impl DecoderConfig {
             .chain(self.eos_token_ids.iter().map(|e| ("eos_token_id", e)))
         {
             if *id as usize >= self.vocab_size {
-                return bad(format!(
-                    "{field} {id} is outside the vocabulary ({})",
-                    self.vocab_size
-                ));
+                return bad(format!("{field} {id} is outside the vocabulary ({})", self.vocab_size));
             }
         }
         Ok(self)
@@ -288,37 +269,13 @@ mod tests {
     #[test]
     fn validate_names_the_bad_field() {
         assert!(cfg().validate().is_ok());
-        let e = DecoderConfig {
-            num_kv_heads: 3,
-            ..cfg()
-        }
-        .validate()
-        .unwrap_err()
-        .to_string();
+        let e = DecoderConfig { num_kv_heads: 3, ..cfg() }.validate().unwrap_err().to_string();
         assert!(e.contains("num_key_value_heads"), "{e}");
-        let e = DecoderConfig {
-            head_dim: 15,
-            ..cfg()
-        }
-        .validate()
-        .unwrap_err()
-        .to_string();
+        let e = DecoderConfig { head_dim: 15, ..cfg() }.validate().unwrap_err().to_string();
         assert!(e.contains("head_dim"), "{e}");
-        let e = DecoderConfig {
-            eos_token_ids: vec![100],
-            ..cfg()
-        }
-        .validate()
-        .unwrap_err()
-        .to_string();
+        let e = DecoderConfig { eos_token_ids: vec![100], ..cfg() }.validate().unwrap_err().to_string();
         assert!(e.contains("eos_token_id"), "{e}");
-        let e = DecoderConfig {
-            num_layers: 0,
-            ..cfg()
-        }
-        .validate()
-        .unwrap_err()
-        .to_string();
+        let e = DecoderConfig { num_layers: 0, ..cfg() }.validate().unwrap_err().to_string();
         assert!(e.contains("num_hidden_layers"), "{e}");
     }
 
@@ -334,28 +291,14 @@ mod tests {
         let json = |extra: &str| format!("{{{base}{extra}}}");
         let llama: crate::llama::LlamaConfig = serde_json::from_str(&json("")).unwrap();
         let llama = llama.into_config().unwrap();
-        assert_eq!(
-            llama,
-            DecoderConfig {
-                head_dim: 32,
-                eos_token_ids: vec![2, 3],
-                ..cfg()
-            }
-        );
+        assert_eq!(llama, DecoderConfig { head_dim: 32, eos_token_ids: vec![2, 3], ..cfg() });
         let mistral: crate::mistral::MistralConfig = serde_json::from_str(&json("")).unwrap();
         assert_eq!(
             mistral.into_config().unwrap(),
-            DecoderConfig {
-                architecture: Architecture::Mistral,
-                sliding_window: Some(8),
-                ..llama.clone()
-            }
+            DecoderConfig { architecture: Architecture::Mistral, sliding_window: Some(8), ..llama.clone() }
         );
         let qwen2 = |extra: &str| {
-            serde_json::from_str::<crate::qwen2::Qwen2Config>(&json(extra))
-                .unwrap()
-                .into_config()
-                .unwrap()
+            serde_json::from_str::<crate::qwen2::Qwen2Config>(&json(extra)).unwrap().into_config().unwrap()
         };
         let want = DecoderConfig {
             architecture: Architecture::Qwen2,
@@ -365,32 +308,15 @@ mod tests {
             ..llama
         };
         assert_eq!(qwen2(""), want);
-        assert_eq!(
-            qwen2(r#","use_sliding_window":true"#),
-            DecoderConfig {
-                sliding_window: Some(8),
-                ..want
-            }
-        );
-        let e = serde_json::from_str::<crate::mistral::MistralConfig>(r#"{"hidden_size":64}"#)
-            .unwrap_err()
-            .to_string();
+        assert_eq!(qwen2(r#","use_sliding_window":true"#), DecoderConfig { sliding_window: Some(8), ..want });
+        let e = serde_json::from_str::<crate::mistral::MistralConfig>(r#"{"hidden_size":64}"#).unwrap_err().to_string();
         assert!(e.contains("missing field"), "{e}");
     }
 
     #[test]
     fn architecture_names() {
-        assert_eq!(
-            Architecture::from_name("LlamaForCausalLM").unwrap(),
-            Architecture::Llama
-        );
-        assert_eq!(
-            Architecture::from_name("qwen2").unwrap(),
-            Architecture::Qwen2
-        );
-        assert!(matches!(
-            Architecture::from_name("gpt2"),
-            Err(ModelError::UnsupportedArchitecture(_))
-        ));
+        assert_eq!(Architecture::from_name("LlamaForCausalLM").unwrap(), Architecture::Llama);
+        assert_eq!(Architecture::from_name("qwen2").unwrap(), Architecture::Qwen2);
+        assert!(matches!(Architecture::from_name("gpt2"), Err(ModelError::UnsupportedArchitecture(_))));
     }
 }

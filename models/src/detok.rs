@@ -42,12 +42,7 @@ impl StreamDecoder {
     /// A decoder for a fresh sequence of generated tokens. With `skip_special`
     /// control tokens produce no text.
     pub fn new(skip_special: bool) -> Self {
-        StreamDecoder {
-            ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
-            skip_special,
-        }
+        StreamDecoder { ids: Vec::new(), prefix_offset: 0, read_offset: 0, skip_special }
     }
 
     /// All ids pushed so far.
@@ -60,16 +55,10 @@ impl StreamDecoder {
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
         let window = &self.ids[self.prefix_offset..];
-        let prefix_text = tokenizer.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special,
-        )?;
+        let prefix_text = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
         let new_text = tokenizer.decode(window, self.skip_special)?;
         if new_text.len() > prefix_text.len() && !new_text.ends_with('\u{FFFD}') {
-            if let Some(delta) = new_text
-                .get(prefix_text.len()..)
-                .filter(|_| new_text.starts_with(&prefix_text))
-            {
+            if let Some(delta) = new_text.get(prefix_text.len()..).filter(|_| new_text.starts_with(&prefix_text)) {
                 let delta = delta.to_owned();
                 self.prefix_offset = self.read_offset;
                 self.read_offset = self.ids.len();
@@ -94,10 +83,7 @@ impl StreamDecoder {
         if self.read_offset >= self.ids.len() {
             return Ok(String::new());
         }
-        let prefix_text = tokenizer.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special,
-        )?;
+        let prefix_text = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
         let new_text = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
@@ -149,10 +135,7 @@ mod tests {
         let t = Tokenizer::from_gguf_metadata(&tiny_spm_metadata()).unwrap();
         let ids = t.encode("hello world hello", false).unwrap();
         let pieces = stream(&t, &ids, false);
-        assert_eq!(
-            pieces[..3],
-            ["hello".to_string(), " world".into(), " hello".into()]
-        );
+        assert_eq!(pieces[..3], ["hello".to_string(), " world".into(), " hello".into()]);
         assert_eq!(pieces.concat(), "hello world hello");
     }
 
@@ -162,10 +145,7 @@ mod tests {
         let mut ids = t.encode("hello", false).unwrap();
         ids.push(2); // </s>
         assert_eq!(stream(&t, &ids, true).concat(), "hello");
-        assert_eq!(
-            stream(&t, &ids, false).concat(),
-            t.decode(&ids, false).unwrap()
-        );
+        assert_eq!(stream(&t, &ids, false).concat(), t.decode(&ids, false).unwrap());
     }
 
     #[test]

@@ -44,33 +44,17 @@ pub fn tiny_config() -> Result<DecoderConfig> {
 
 /// A random model of `cfg` on `device` in `dtype`; the same `seed` gives the
 /// same weights on every device.
-pub fn seeded_model(
-    cfg: &DecoderConfig,
-    device: &Device,
-    dtype: DType,
-    seed: u64,
-) -> Result<Model> {
-    Model::from_weights(
-        &Weights::synthetic(SyntheticInit::HostSeeded(seed), device, dtype),
-        cfg,
-    )
+pub fn seeded_model(cfg: &DecoderConfig, device: &Device, dtype: DType, seed: u64) -> Result<Model> {
+    Model::from_weights(&Weights::synthetic(SyntheticInit::HostSeeded(seed), device, dtype), cfg)
 }
 
 /// `n` random prompts of lengths spread over `min_len..=max_len`.
-pub fn random_prompts(
-    n: usize,
-    min_len: usize,
-    max_len: usize,
-    vocab: usize,
-    seed: u64,
-) -> Vec<Vec<u32>> {
+pub fn random_prompts(n: usize, min_len: usize, max_len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     (0..n)
         .map(|_| {
             let len = rng.random_range(min_len..=max_len);
-            (0..len)
-                .map(|_| rng.random_range(3..vocab as u32))
-                .collect()
+            (0..len).map(|_| rng.random_range(3..vocab as u32)).collect()
         })
         .collect()
 }
@@ -131,11 +115,7 @@ pub fn logits_trace(
 
 /// Largest absolute difference and largest reference magnitude.
 pub fn max_abs_diff(reference: &[f32], other: &[f32]) -> (f32, f32) {
-    let diff = reference
-        .iter()
-        .zip(other)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let diff = reference.iter().zip(other).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     let scale = reference.iter().map(|a| a.abs()).fold(0f32, f32::max);
     if reference.len() != other.len() {
         return (f32::INFINITY, scale);
@@ -154,24 +134,11 @@ pub fn batching_equivalence(
     kv: KvDtype,
 ) -> Result<(usize, usize)> {
     // Every sequence rounds up to whole blocks.
-    let total_tokens: usize = prompts
-        .iter()
-        .map(|p| (p.len() + max_new).next_multiple_of(16))
-        .sum();
+    let total_tokens: usize = prompts.iter().map(|p| (p.len() + max_new).next_multiple_of(16)).sum();
     let mut solo = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.iter().enumerate() {
         let mut cache = paged_cache_for(model, p.len() + max_new, kv)?;
-        solo.push(
-            run_together(
-                model,
-                &mut cache,
-                std::slice::from_ref(p),
-                chunk,
-                max_new,
-                i as u64,
-            )?
-            .remove(0),
-        );
+        solo.push(run_together(model, &mut cache, std::slice::from_ref(p), chunk, max_new, i as u64)?.remove(0));
     }
     let mut cache = paged_cache_for(model, total_tokens, kv)?;
     let together = run_together(model, &mut cache, prompts, chunk, max_new, 0)?;
@@ -230,6 +197,7 @@ fn run_together(
 }
 
 /// Naive attention of one query row over `k`/`v` rows `[pos + 1, kv_heads, hd]`.
+#[allow(clippy::too_many_arguments)] // the geometry, spelled out as in the kernel
 fn reference_row(
     q: &[f32],
     ks: &[f32],
@@ -270,21 +238,10 @@ fn reference_row(
 /// and a context long enough for several decode partitions) against a naive
 /// f32 reference over K/V rounded to the cache dtype. Returns the largest
 /// absolute difference of the outputs.
-pub fn paged_attention_vs_reference(
-    device: &Device,
-    kv: KvDtype,
-    window: Option<usize>,
-    seed: u64,
-) -> Result<f32> {
+pub fn paged_attention_vs_reference(device: &Device, kv: KvDtype, window: Option<usize>, seed: u64) -> Result<f32> {
     let (h, kvh, hd) = (8usize, 2usize, 64usize);
-    let cfg = PagedCacheConfig {
-        num_layers: 1,
-        num_kv_heads: kvh,
-        head_dim: hd,
-        block_size: 16,
-        num_blocks: 160,
-        dtype: kv,
-    };
+    let cfg =
+        PagedCacheConfig { num_layers: 1, num_kv_heads: kvh, head_dim: hd, block_size: 16, num_blocks: 160, dtype: kv };
     let mut cache = PagedKvCache::new_on(cfg, device)?;
     let kv_dt = match kv {
         KvDtype::F32 => DType::F32,
@@ -312,31 +269,20 @@ pub fn paged_attention_vs_reference(
         let v = rand_vec(&mut rng, total * kvh * hd);
         // K/V as the cache stores them.
         let round = |x: &[f32]| -> Result<Vec<f32>> {
-            Ok(Tensor::from_slice(x, x.len(), &Device::Cpu)?
-                .to_dtype(kv_dt)?
-                .to_dtype(DType::F32)?
-                .to_vec1::<f32>()?)
+            Ok(Tensor::from_slice(x, x.len(), &Device::Cpu)?.to_dtype(kv_dt)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
         };
         let (kr, vr) = (round(&k)?, round(&v)?);
         let mut spans = Vec::new();
         let mut off = 0;
         for &(s, len) in &step {
             let start_pos = hist[s].0.len() / (kvh * hd);
-            spans.push(SeqSpan {
-                seq: SeqId(s as u64),
-                offset: off,
-                len,
-                start_pos,
-            });
+            spans.push(SeqSpan { seq: SeqId(s as u64), offset: off, len, start_pos });
             off += len;
         }
         let qt = Tensor::from_slice(&q, (total, h, hd), device)?;
         let kt = Tensor::from_slice(&k, (total, kvh, hd), device)?;
         let vt = Tensor::from_slice(&v, (total, kvh, hd), device)?;
-        let out = cache
-            .attend(0, &spans, &qt, &kt, &vt, window)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let out = cache.attend(0, &spans, &qt, &kt, &vt, window)?.flatten_all()?.to_vec1::<f32>()?;
         for sp in &spans {
             let s = sp.seq.0 as usize;
             let row = kvh * hd;
@@ -355,12 +301,7 @@ pub fn paged_attention_vs_reference(
                     window,
                 );
                 let got = &out[r * h * hd..(r + 1) * h * hd];
-                worst = worst.max(
-                    want.iter()
-                        .zip(got)
-                        .map(|(a, b)| (a - b).abs())
-                        .fold(0f32, f32::max),
-                );
+                worst = worst.max(want.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max));
             }
         }
     }
@@ -376,7 +317,8 @@ pub fn paged_attention_vs_reference(
 pub fn released_blocks_are_zeroed(device: &Device, kv: KvDtype) -> Result<(usize, usize, usize, bool)> {
     use crate::paged_cache::BlockManager;
     let (h, kvh, hd) = (4usize, 2usize, 64usize);
-    let cfg = PagedCacheConfig { num_layers: 2, num_kv_heads: kvh, head_dim: hd, block_size: 16, num_blocks: 16, dtype: kv };
+    let cfg =
+        PagedCacheConfig { num_layers: 2, num_kv_heads: kvh, head_dim: hd, block_size: 16, num_blocks: 16, dtype: kv };
     let mut cache = PagedKvCache::new_on(cfg, device)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let mut tensor = |rows: usize, heads: usize| -> Result<Tensor> {
@@ -442,14 +384,8 @@ mod tests {
         let model = seeded_model(&cfg, &Device::Cpu, DType::F32, 11).unwrap();
         let prompts = random_prompts(3, 5, 40, cfg.vocab_size, 3);
         let c = model.config();
-        let mut reference = ContiguousKvCache::new(
-            c.num_layers,
-            c.num_kv_heads,
-            c.head_dim,
-            c.max_context,
-            DType::F32,
-            &Device::Cpu,
-        );
+        let mut reference =
+            ContiguousKvCache::new(c.num_layers, c.num_kv_heads, c.head_dim, c.max_context, DType::F32, &Device::Cpu);
         let want = logits_trace(&model, &mut reference, &prompts, 16, 4).unwrap();
         let mut paged = paged_cache_for(&model, 64, KvDtype::F32).unwrap();
         let got = logits_trace(&model, &mut paged, &prompts, 16, 4).unwrap();

@@ -94,13 +94,9 @@ impl ContiguousKvCache {
     /// The layer exists and every span fits the cache (see [`check_spans`]).
     fn check_step(&self, layer: usize, spans: &[SeqSpan], total: usize) -> Result<()> {
         if layer >= self.num_layers {
-            return Err(ModelError::InvalidBatch(format!(
-                "layer {layer} out of range"
-            )));
+            return Err(ModelError::InvalidBatch(format!("layer {layer} out of range")));
         }
-        check_spans(spans, total, Some(self.max_len), |seq| {
-            self.seqs.get(&seq).map_or(0, |l| l[layer].len)
-        })
+        check_spans(spans, total, Some(self.max_len), |seq| self.seqs.get(&seq).map_or(0, |l| l[layer].len))
     }
 
     /// Makes room for `extra` more tokens in `kv`, doubling the capacity.
@@ -110,10 +106,7 @@ impl ContiguousKvCache {
         if needed <= cap {
             return Ok(());
         }
-        let new_cap = needed
-            .max(cap * 2)
-            .max(MIN_CAPACITY)
-            .min(self.max_len.max(needed));
+        let new_cap = needed.max(cap * 2).max(MIN_CAPACITY).min(self.max_len.max(needed));
         let shape = (new_cap, self.num_kv_heads, self.head_dim);
         let k = Tensor::zeros(shape, self.dtype, &self.device)?;
         let v = Tensor::zeros(shape, self.dtype, &self.device)?;
@@ -145,29 +138,16 @@ impl KvCache for ContiguousKvCache {
         for s in spans {
             if !self.seqs.contains_key(&s.seq) {
                 let empty = || -> Result<LayerKv> {
-                    let z = Tensor::zeros(
-                        (0, self.num_kv_heads, self.head_dim),
-                        self.dtype,
-                        &self.device,
-                    )?;
-                    Ok(LayerKv {
-                        k: z.clone(),
-                        v: z,
-                        len: 0,
-                    })
+                    let z = Tensor::zeros((0, self.num_kv_heads, self.head_dim), self.dtype, &self.device)?;
+                    Ok(LayerKv { k: z.clone(), v: z, len: 0 })
                 };
-                let layers = (0..self.num_layers)
-                    .map(|_| empty())
-                    .collect::<Result<Vec<_>>>()?;
+                let layers = (0..self.num_layers).map(|_| empty()).collect::<Result<Vec<_>>>()?;
                 self.seqs.insert(s.seq, layers);
             }
             let mut kv = {
                 let layers = self.seqs.get_mut(&s.seq).expect("inserted above");
-                let placeholder = LayerKv {
-                    k: layers[layer].k.clone(),
-                    v: layers[layer].v.clone(),
-                    len: layers[layer].len,
-                };
+                let placeholder =
+                    LayerKv { k: layers[layer].k.clone(), v: layers[layer].v.clone(), len: layers[layer].len };
                 std::mem::replace(&mut layers[layer], placeholder)
             };
             self.reserve(&mut kv, s.len)?;
@@ -175,16 +155,7 @@ impl KvCache for ContiguousKvCache {
             kv.v.slice_set(&v.narrow(0, s.offset, s.len)?.contiguous()?, 0, kv.len)?;
             kv.len += s.len;
             let q_s = q.narrow(0, s.offset, s.len)?;
-            let out = attention(
-                &q_s,
-                &kv.k,
-                &kv.v,
-                kv.len,
-                s.start_pos,
-                sliding_window,
-                n_heads,
-                head_dim,
-            )?;
+            let out = attention(&q_s, &kv.k, &kv.v, kv.len, s.start_pos, sliding_window, n_heads, head_dim)?;
             self.seqs.get_mut(&s.seq).expect("present")[layer] = kv;
             outs.push(out);
         }
@@ -238,40 +209,21 @@ fn attention(
     let n_keys = kv_len - first_key;
     let k = k_buf.narrow(0, first_key, n_keys)?.transpose(0, 1)?; // [n_kv, keys, hd]
     let v = v_buf.narrow(0, first_key, n_keys)?.transpose(0, 1)?;
-    let (k, v) = if k.dtype() == DType::F32 {
-        (k, v)
-    } else {
-        (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?)
-    };
+    let (k, v) = if k.dtype() == DType::F32 { (k, v) } else { (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?) };
 
     // Rows of the score matrix: (token, group) pairs, token-major.
     let qg = if len == 1 {
         q.reshape((n_kv, groups, hd))?
     } else {
-        q.reshape((len, n_kv, groups, hd))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((n_kv, len * groups, hd))?
+        q.reshape((len, n_kv, groups, hd))?.transpose(0, 1)?.contiguous()?.reshape((n_kv, len * groups, hd))?
     };
-    let qg = if qg.dtype() == DType::F32 {
-        qg
-    } else {
-        qg.to_dtype(DType::F32)?
-    };
+    let qg = if qg.dtype() == DType::F32 { qg } else { qg.to_dtype(DType::F32)? };
 
     let scores = (qg.matmul(&k.t()?)? * scale)?; // [n_kv, len*groups, keys]
     let scores = if len == 1 && sliding_window.is_none_or(|w| w >= n_keys) {
         scores
     } else {
-        let mask = causal_mask(
-            len,
-            groups,
-            start_pos,
-            first_key,
-            n_keys,
-            sliding_window,
-            q.device(),
-        )?;
+        let mask = causal_mask(len, groups, start_pos, first_key, n_keys, sliding_window, q.device())?;
         scores.broadcast_add(&mask)?
     };
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
@@ -279,10 +231,7 @@ fn attention(
     let out = if len == 1 {
         out.reshape((1, n_heads * hd))?
     } else {
-        out.reshape((n_kv, len, groups, hd))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((len, n_heads * hd))?
+        out.reshape((n_kv, len, groups, hd))?.transpose(0, 1)?.contiguous()?.reshape((len, n_heads * hd))?
     };
     if out.dtype() == in_dtype {
         Ok(out)
@@ -309,11 +258,7 @@ fn causal_mask(
         for _ in 0..groups {
             for j in 0..n_keys {
                 let key = first_key + j;
-                data.push(if key <= pos && key >= lo {
-                    0f32
-                } else {
-                    f32::NEG_INFINITY
-                });
+                data.push(if key <= pos && key >= lo { 0f32 } else { f32::NEG_INFINITY });
             }
         }
     }
@@ -334,28 +279,13 @@ mod tests {
         let q = Tensor::zeros((3, 2, 4), DType::F32, &Device::Cpu).unwrap();
         let kv = Tensor::zeros((3, 1, 4), DType::F32, &Device::Cpu).unwrap();
         let spans = [
-            SeqSpan {
-                seq: SeqId(1),
-                offset: 0,
-                len: 2,
-                start_pos: 0,
-            },
-            SeqSpan {
-                seq: SeqId(2),
-                offset: 2,
-                len: 1,
-                start_pos: 4,
-            },
+            SeqSpan { seq: SeqId(1), offset: 0, len: 2, start_pos: 0 },
+            SeqSpan { seq: SeqId(2), offset: 2, len: 1, start_pos: 4 },
         ];
         let err = c.attend(0, &spans, &q, &kv, &kv, None).unwrap_err();
         assert!(matches!(err, ModelError::InvalidBatch(_)), "{err}");
         assert_eq!(c.seq_len(SeqId(1)), 0);
-        let ok = [SeqSpan {
-            seq: SeqId(1),
-            offset: 0,
-            len: 3,
-            start_pos: 0,
-        }];
+        let ok = [SeqSpan { seq: SeqId(1), offset: 0, len: 3, start_pos: 0 }];
         let out = c.attend(0, &ok, &q, &kv, &kv, None).unwrap();
         assert_eq!(out.dims(), &[3, 8]);
         assert_eq!(c.seq_len(SeqId(1)), 3);
@@ -368,16 +298,8 @@ mod tests {
         let mut c = cache();
         let q = Tensor::zeros((17, 2, 4), DType::F32, &Device::Cpu).unwrap();
         let kv = Tensor::zeros((17, 1, 4), DType::F32, &Device::Cpu).unwrap();
-        let spans = [SeqSpan {
-            seq: SeqId(1),
-            offset: 0,
-            len: 17,
-            start_pos: 0,
-        }];
-        assert!(matches!(
-            c.attend(0, &spans, &q, &kv, &kv, None),
-            Err(ModelError::ContextOverflow { .. })
-        ));
+        let spans = [SeqSpan { seq: SeqId(1), offset: 0, len: 17, start_pos: 0 }];
+        assert!(matches!(c.attend(0, &spans, &q, &kv, &kv, None), Err(ModelError::ContextOverflow { .. })));
     }
 
     /// Attention over the cache equals a naive per-head softmax(q k^T / sqrt d) v,
@@ -396,12 +318,7 @@ mod tests {
             // prefill 5, then 4 single steps
             let mut pos = 0;
             for len in [5, 1, 1, 1, 1] {
-                let sp = [SeqSpan {
-                    seq: SeqId(0),
-                    offset: 0,
-                    len,
-                    start_pos: pos,
-                }];
+                let sp = [SeqSpan { seq: SeqId(0), offset: 0, len, start_pos: pos }];
                 let o = c
                     .attend(
                         0,
@@ -415,20 +332,13 @@ mod tests {
                 got.extend(o.to_vec2::<f32>().unwrap());
                 pos += len;
             }
-            let (qv, kv, vv) = (
-                q.to_vec3::<f32>().unwrap(),
-                k.to_vec3::<f32>().unwrap(),
-                v.to_vec3::<f32>().unwrap(),
-            );
+            let (qv, kv, vv) = (q.to_vec3::<f32>().unwrap(), k.to_vec3::<f32>().unwrap(), v.to_vec3::<f32>().unwrap());
             for t in 0..total {
                 for h in 0..n_heads {
                     let kh = h / (n_heads / n_kv);
                     let lo = window.map_or(0, |w| (t + 1).saturating_sub(w));
                     let s: Vec<f32> = (lo..=t)
-                        .map(|j| {
-                            (0..hd).map(|d| qv[t][h][d] * kv[j][kh][d]).sum::<f32>()
-                                / (hd as f32).sqrt()
-                        })
+                        .map(|j| (0..hd).map(|d| qv[t][h][d] * kv[j][kh][d]).sum::<f32>() / (hd as f32).sqrt())
                         .collect();
                     let m = s.iter().cloned().fold(f32::MIN, f32::max);
                     let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
@@ -436,10 +346,7 @@ mod tests {
                     for d in 0..hd {
                         let want: f32 = (lo..=t).map(|j| e[j - lo] / z * vv[j][kh][d]).sum();
                         let g = got[t][h * hd + d];
-                        assert!(
-                            (g - want).abs() < 1e-5,
-                            "window {window:?} t {t} h {h} d {d}: {g} vs {want}"
-                        );
+                        assert!((g - want).abs() < 1e-5, "window {window:?} t {t} h {h} d {d}: {g} vs {want}");
                     }
                 }
             }

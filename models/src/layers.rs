@@ -23,7 +23,7 @@ use crate::Result;
 
 /// Whether layers built now use the CPU loops of this module (on by default).
 /// They follow the kernel selection of [`crate::qlinear`]: with
-/// `SALUS_QMATMUL=candle` (or `set_salus_kernels_enabled(false)`) the model is
+/// `kernels.backend = "candle"` (or `set_salus_kernels_enabled(false)`) the model is
 /// built on candle's reference kernels and ops throughout, which the parity
 /// tests compare against candle-transformers' own models bit for bit.
 pub fn fast_ops_enabled() -> bool {
@@ -54,16 +54,8 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn new(weight: Tensor, eps: f64) -> Self {
-        let cpu_weight = if fast_ops_enabled() {
-            with_cpu_f32(&weight, <[f32]>::to_vec)
-        } else {
-            None
-        };
-        RmsNorm {
-            weight,
-            cpu_weight,
-            eps: eps as f32,
-        }
+        let cpu_weight = if fast_ops_enabled() { with_cpu_f32(&weight, <[f32]>::to_vec) } else { None };
+        RmsNorm { weight, cpu_weight, eps: eps as f32 }
     }
 
     /// `x`: `[.., hidden]`.
@@ -114,9 +106,9 @@ fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 /// the same cores: a 192-token prefill took 76–78 ms instead of 56 ms.
 pub fn residual_add(a: &Tensor, b: &Tensor, fast: bool) -> Result<Tensor> {
     if fast && a.dims() == b.dims() {
-        if let Some(Some(y)) = with_cpu_f32(a, |xa| {
-            with_cpu_f32(b, |xb| xa.iter().zip(xb).map(|(p, q)| p + q).collect::<Vec<f32>>())
-        }) {
+        if let Some(Some(y)) =
+            with_cpu_f32(a, |xa| with_cpu_f32(b, |xb| xa.iter().zip(xb).map(|(p, q)| p + q).collect::<Vec<f32>>()))
+        {
             return Ok(Tensor::from_vec(y, a.dims(), &Device::Cpu)?);
         }
     }
@@ -128,10 +120,8 @@ pub fn residual_add(a: &Tensor, b: &Tensor, fast: bool) -> Result<Tensor> {
 pub fn silu_mul(gu: &Tensor, fast: bool) -> Result<Tensor> {
     let mut dims = gu.dims().to_vec();
     let two_n = *dims.last().unwrap_or(&0);
-    if two_n == 0 || two_n % 2 != 0 {
-        return Err(crate::ModelError::InvalidBatch(
-            "the gate/up projection has an odd width".into(),
-        ));
+    if two_n == 0 || !two_n.is_multiple_of(2) {
+        return Err(crate::ModelError::InvalidBatch("the gate/up projection has an odd width".into()));
     }
     let n = two_n / 2;
     *dims.last_mut().expect("non-empty dims") = n;
@@ -168,19 +158,11 @@ pub struct RotaryEmbedding {
 impl RotaryEmbedding {
     pub fn new(cfg: &DecoderConfig) -> Self {
         let d = cfg.head_dim;
-        let base: Vec<f32> = (0..d)
-            .step_by(2)
-            .map(|i| 1f32 / cfg.rope_theta.powf(i as f32 / d as f32))
-            .collect();
+        let base: Vec<f32> = (0..d).step_by(2).map(|i| 1f32 / cfg.rope_theta.powf(i as f32 / d as f32)).collect();
         let inv_freq = match cfg.rope_scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => {
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 let orig = original_max_position_embeddings as f32;
                 let low_freq_wavelen = orig / low_freq_factor;
                 let high_freq_wavelen = orig / high_freq_factor;
@@ -192,29 +174,19 @@ impl RotaryEmbedding {
                         } else if wavelen > low_freq_wavelen {
                             freq / factor
                         } else {
-                            let smooth = (orig / wavelen - low_freq_factor)
-                                / (high_freq_factor - low_freq_factor);
+                            let smooth = (orig / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                             (1. - smooth) * freq / factor + smooth * freq
                         }
                     })
                     .collect()
             }
         };
-        RotaryEmbedding {
-            inv_freq,
-            style: cfg.rope_style,
-            fast: fast_ops_enabled(),
-        }
+        RotaryEmbedding { inv_freq, style: cfg.rope_style, fast: fast_ops_enabled() }
     }
 
     /// The per-token tables for `positions`, computed once per forward step
     /// and shared by all layers.
-    pub fn tables(
-        &self,
-        positions: &[u32],
-        device: &Device,
-        dtype: candle_core::DType,
-    ) -> Result<RopeTables> {
+    pub fn tables(&self, positions: &[u32], device: &Device, dtype: candle_core::DType) -> Result<RopeTables> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -318,9 +290,7 @@ mod tests {
         let dev = Device::Cpu;
         for style in [RopeStyle::Interleaved, RopeStyle::HalfSplit] {
             let rope = RotaryEmbedding {
-                inv_freq: (0..4)
-                    .map(|i| 1.0 / 10000f32.powf(i as f32 / 4.0))
-                    .collect(),
+                inv_freq: (0..4).map(|i| 1.0 / 10000f32.powf(i as f32 / 4.0)).collect(),
                 style,
                 fast: true,
             };
@@ -338,27 +308,14 @@ mod tests {
             let d2 = (&y - &y2).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d2 < 1e-6, "{style:?}: loop vs candle {d2}");
             // Reference: [1, heads, seq, d] with a [seq, d/2] table.
-            let xr = x
-                .transpose(0, 1)
-                .unwrap()
-                .contiguous()
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
+            let xr = x.transpose(0, 1).unwrap().contiguous().unwrap().unsqueeze(0).unwrap();
             let (c, s) = (cos.squeeze(1).unwrap(), sin.squeeze(1).unwrap());
             let yr = match style {
                 RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i_slow(&xr, &c, &s).unwrap(),
                 RopeStyle::HalfSplit => candle_nn::rotary_emb::rope_slow(&xr, &c, &s).unwrap(),
             };
             let yr = yr.i(0).unwrap().transpose(0, 1).unwrap();
-            let diff = (y - yr)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = (y - yr).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-6, "{style:?}: {diff}");
         }
     }
@@ -376,7 +333,8 @@ mod tests {
         assert!(d < 1e-5, "rms norm {d}");
 
         // Gates far into both tails, where a naive e^(-g) overflows.
-        let mut gv: Vec<f32> = Tensor::randn(0f32, 4.0, (3, 16), &dev).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let mut gv: Vec<f32> =
+            Tensor::randn(0f32, 4.0, (3, 16), &dev).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         gv[0] = -120.0;
         gv[1] = 120.0;
         gv[2] = 0.0;
@@ -402,7 +360,9 @@ mod tests {
         let dev = Device::Cpu;
         let a = Tensor::randn(0f32, 3.0, (192, 576), &dev).unwrap();
         let b = Tensor::randn(0f32, 3.0, (192, 576), &dev).unwrap();
-        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let bits = |t: &Tensor| {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
         let reference = (&a + &b).unwrap();
         assert_eq!(bits(&residual_add(&a, &b, true).unwrap()), bits(&reference));
         assert_eq!(bits(&residual_add(&a, &b, false).unwrap()), bits(&reference));
@@ -441,10 +401,7 @@ mod tests {
             eos_token_ids: vec![],
         };
         let scaled = RotaryEmbedding::new(&cfg);
-        let plain = RotaryEmbedding::new(&DecoderConfig {
-            rope_scaling: RopeScaling::None,
-            ..cfg
-        });
+        let plain = RotaryEmbedding::new(&DecoderConfig { rope_scaling: RopeScaling::None, ..cfg });
         assert_eq!(scaled.inv_freq[0], plain.inv_freq[0]);
         let last = plain.inv_freq.len() - 1;
         assert!((scaled.inv_freq[last] - plain.inv_freq[last] / 8.0).abs() < 1e-12);

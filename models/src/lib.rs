@@ -14,10 +14,11 @@ pub mod batch;
 pub mod block_pool;
 pub mod chat;
 pub mod config;
+pub mod decoder;
 pub mod detok;
 pub mod device_check;
 pub mod error;
-pub mod generate;
+pub mod kernel_config;
 pub mod kv_cache;
 pub mod layers;
 pub mod linear;
@@ -28,26 +29,29 @@ pub mod paged_cache;
 /// The paged KV cache's CUDA storage and attention (feature `cuda`).
 #[cfg(feature = "cuda")]
 pub mod paged_cache_cuda;
-pub mod phi;
+
 pub mod qlinear;
 pub mod qwen2;
 pub mod sampling;
+pub mod single_stream;
 pub mod source;
 pub mod stop;
 pub mod tokenizer;
 pub mod weights;
 
 pub use batch::{PackedBatch, SeqId, SeqSpan};
-pub use config::{Architecture, DecoderConfig};
-pub use kv_cache::{ContiguousKvCache, KvCache};
-pub use generate::{generate, FinishReason, GenerateParams, GenerationOutput, Timings};
-pub use model::{load, LoadOptions, LoadedModel, Model, ModelInfo};
-pub use error::ModelError;
-pub use phi::Phi;
-pub use source::{ModelSource, WeightBytes};
 pub use chat::{ChatMessage, ChatTemplate, Role};
+pub use config::{Architecture, DecoderConfig};
+pub use decoder::{choice_seed, ChoiceDecoder, DecodeParams, DecodeStep, FinishReason, TokenLogprob};
 pub use detok::StreamDecoder;
+pub use error::ModelError;
+pub use kernel_config::{KernelBackend, KernelConfig};
+pub use kv_cache::{ContiguousKvCache, KvCache};
+pub use model::{load, LoadOptions, LoadedModel, Model, ModelInfo};
+pub use salus_sensitive::Phi;
 pub use sampling::{Sampled, Sampler, SamplingParams};
+pub use single_stream::{run_single_stream, SingleStreamOutput, SingleStreamParams, Timings};
+pub use source::{ModelSource, WeightBytes};
 pub use stop::{StopMatcher, StopStep};
 pub use tokenizer::Tokenizer;
 

@@ -36,12 +36,7 @@ impl Linear {
     /// A dense layer; `weight` is `[out, in]`.
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
-        Ok(Linear {
-            kind: LinearKind::Dense(weight),
-            bias,
-            in_features,
-            out_features,
-        })
+        Ok(Linear { kind: LinearKind::Dense(weight), bias, in_features, out_features })
     }
 
     /// A layer over a (possibly quantized) GGUF tensor `[out, in]`.
@@ -50,20 +45,13 @@ impl Linear {
         let (out_features, in_features) = weight.shape().dims2()?;
         let kind = match QMatMul::from_arc(weight.clone())? {
             QMatMul::Tensor(t) | QMatMul::TensorF16(t) => LinearKind::Dense(t.to_dtype(dtype)?),
-            q if crate::qlinear::salus_kernels_enabled() => {
-                match crate::qlinear::QLinear::from_qtensor(weight)? {
-                    k @ crate::qlinear::QLinear::Salus(_) => LinearKind::Kernel(k),
-                    crate::qlinear::QLinear::Candle(_) => LinearKind::Quantized(q),
-                }
-            }
+            q if crate::qlinear::salus_kernels_enabled() => match crate::qlinear::QLinear::from_qtensor(weight)? {
+                k @ crate::qlinear::QLinear::Salus(_) => LinearKind::Kernel(k),
+                crate::qlinear::QLinear::Candle(_) => LinearKind::Quantized(q),
+            },
             q => LinearKind::Quantized(q),
         };
-        Ok(Linear {
-            kind,
-            bias,
-            in_features,
-            out_features,
-        })
+        Ok(Linear { kind, bias, in_features, out_features })
     }
 
     pub fn in_features(&self) -> usize {
@@ -124,14 +112,12 @@ impl StackedLinear {
     /// Stacks `parts` (same `in_features`). Kernel-quantized parts of one block
     /// type and dense parts of one dtype are merged; anything else stays apart.
     pub fn new(parts: Vec<Linear>) -> Result<Self> {
-        let first = parts.first().ok_or_else(|| {
-            crate::ModelError::InvalidConfig("a stacked linear layer needs at least one part".into())
-        })?;
+        let first = parts
+            .first()
+            .ok_or_else(|| crate::ModelError::InvalidConfig("a stacked linear layer needs at least one part".into()))?;
         let in_features = first.in_features;
         if parts.iter().any(|p| p.in_features != in_features) {
-            return Err(crate::ModelError::InvalidConfig(
-                "stacked linear layers must share their input width".into(),
-            ));
+            return Err(crate::ModelError::InvalidConfig("stacked linear layers must share their input width".into()));
         }
         let outs: Vec<usize> = parts.iter().map(|p| p.out_features).collect();
         let inner = match Self::merge(&parts)? {

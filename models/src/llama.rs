@@ -36,25 +36,18 @@ pub struct RawRopeScaling {
 
 impl RawRopeScaling {
     pub fn to_scaling(&self) -> Result<RopeScaling> {
-        let need = |v: Option<f32>, f: &str| {
-            v.ok_or_else(|| ModelError::InvalidConfig(format!("rope_scaling.{f} missing")))
-        };
+        let need =
+            |v: Option<f32>, f: &str| v.ok_or_else(|| ModelError::InvalidConfig(format!("rope_scaling.{f} missing")));
         match self.rope_type.as_str() {
             "default" => Ok(RopeScaling::None),
-            "linear" => Ok(RopeScaling::Linear {
-                factor: need(self.factor, "factor")?,
-            }),
+            "linear" => Ok(RopeScaling::Linear { factor: need(self.factor, "factor")? }),
             "llama3" => Ok(RopeScaling::Llama3 {
                 factor: need(self.factor, "factor")?,
                 low_freq_factor: need(self.low_freq_factor, "low_freq_factor")?,
                 high_freq_factor: need(self.high_freq_factor, "high_freq_factor")?,
-                original_max_position_embeddings: self
-                    .original_max_position_embeddings
-                    .ok_or_else(|| {
-                        ModelError::InvalidConfig(
-                            "rope_scaling.original_max_position_embeddings missing".into(),
-                        )
-                    })?,
+                original_max_position_embeddings: self.original_max_position_embeddings.ok_or_else(|| {
+                    ModelError::InvalidConfig("rope_scaling.original_max_position_embeddings missing".into())
+                })?,
             }),
             other => Err(ModelError::InvalidConfig(format!(
                 "rope_scaling type '{}' is not supported (default, linear, llama3)",
@@ -121,15 +114,9 @@ pub fn md_usize(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<Opt
         I32(x) => *x as i128,
         U64(x) => *x as i128,
         I64(x) => *x as i128,
-        _ => {
-            return Err(ModelError::InvalidConfig(format!(
-                "GGUF metadata {key} is not an integer"
-            )))
-        }
+        _ => return Err(ModelError::InvalidConfig(format!("GGUF metadata {key} is not an integer"))),
     };
-    usize::try_from(n)
-        .map(Some)
-        .map_err(|_| ModelError::InvalidConfig(format!("GGUF metadata {key} is negative")))
+    usize::try_from(n).map(Some).map_err(|_| ModelError::InvalidConfig(format!("GGUF metadata {key} is negative")))
 }
 
 fn md_f32(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<Option<f32>> {
@@ -138,15 +125,12 @@ fn md_f32(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<Option<f3
         None => Ok(None),
         Some(F32(x)) => Ok(Some(*x)),
         Some(F64(x)) => Ok(Some(*x as f32)),
-        Some(_) => Err(ModelError::InvalidConfig(format!(
-            "GGUF metadata {key} is not a float"
-        ))),
+        Some(_) => Err(ModelError::InvalidConfig(format!("GGUF metadata {key} is not a float"))),
     }
 }
 
 fn md_required(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<usize> {
-    md_usize(md, key)?
-        .ok_or_else(|| ModelError::InvalidConfig(format!("GGUF metadata {key} missing")))
+    md_usize(md, key)?.ok_or_else(|| ModelError::InvalidConfig(format!("GGUF metadata {key} missing")))
 }
 
 /// Builds the decoder config from GGUF metadata (`{arch}.*` keys, llama.cpp
@@ -172,16 +156,11 @@ pub fn config_from_gguf(
             )));
         }
     }
-    let rope_scaling = match md
-        .get(&key("rope.scaling.type"))
-        .and_then(|v| v.to_string().ok())
-        .map(String::as_str)
-    {
+    let rope_scaling = match md.get(&key("rope.scaling.type")).and_then(|v| v.to_string().ok()).map(String::as_str) {
         None | Some("none") => RopeScaling::None,
         Some("linear") => RopeScaling::Linear {
-            factor: md_f32(md, &key("rope.scaling.factor"))?.ok_or_else(|| {
-                ModelError::InvalidConfig(format!("{p}.rope.scaling.factor missing"))
-            })?,
+            factor: md_f32(md, &key("rope.scaling.factor"))?
+                .ok_or_else(|| ModelError::InvalidConfig(format!("{p}.rope.scaling.factor missing")))?,
         },
         Some(other) => {
             return Err(ModelError::InvalidConfig(format!(
@@ -229,11 +208,7 @@ struct Attention {
 
 impl Attention {
     fn load(w: &Weights<'_>, cfg: &DecoderConfig, l: usize) -> Result<Self> {
-        let (h, q_out, kv_out) = (
-            cfg.hidden_size,
-            cfg.num_heads * cfg.head_dim,
-            cfg.num_kv_heads * cfg.head_dim,
-        );
+        let (h, q_out, kv_out) = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
         let bias = |b: TensorName| if cfg.attention_bias { Some(b) } else { None };
         Ok(Attention {
             qkv: StackedLinear::new(vec![
@@ -248,13 +223,7 @@ impl Attention {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        step: &Step<'_>,
-        layer: usize,
-        cache: &mut dyn KvCache,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, step: &Step<'_>, layer: usize, cache: &mut dyn KvCache) -> Result<Tensor> {
         let t = x.dim(0)?;
         let mut qkv = self.qkv.forward_split(x)?.into_iter();
         let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
@@ -318,13 +287,7 @@ impl Block {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        step: &Step<'_>,
-        layer: usize,
-        cache: &mut dyn KvCache,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, step: &Step<'_>, layer: usize, cache: &mut dyn KvCache) -> Result<Tensor> {
         let h = self.attn.forward(&self.attn_norm.forward(x)?, step, layer, cache)?;
         let x = residual_add(&h, x, self.fast)?;
         let y = self.mlp.forward(&self.mlp_norm.forward(&x)?)?;
@@ -354,15 +317,9 @@ pub struct LlamaDecoder {
 
 impl LlamaDecoder {
     pub fn load(w: &Weights<'_>, cfg: &DecoderConfig) -> Result<Self> {
-        let (embed, lm_head) =
-            w.embedding_and_head(cfg.vocab_size, cfg.hidden_size, cfg.tie_embeddings)?;
-        let blocks = (0..cfg.num_layers)
-            .map(|l| Block::load(w, cfg, l))
-            .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(
-            w.tensor(TensorName::FinalNorm, &[cfg.hidden_size])?,
-            cfg.rms_norm_eps,
-        );
+        let (embed, lm_head) = w.embedding_and_head(cfg.vocab_size, cfg.hidden_size, cfg.tie_embeddings)?;
+        let blocks = (0..cfg.num_layers).map(|l| Block::load(w, cfg, l)).collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(w.tensor(TensorName::FinalNorm, &[cfg.hidden_size])?, cfg.rms_norm_eps);
         Ok(LlamaDecoder {
             cfg: cfg.clone(),
             embed,
@@ -390,23 +347,12 @@ impl LlamaDecoder {
     pub fn forward(&self, batch: &PackedBatch, cache: &mut dyn KvCache) -> Result<Tensor> {
         let tokens = Tensor::new(batch.tokens(), &self.device)?;
         let mut x = self.embed.index_select(&tokens, 0)?;
-        let tables = self
-            .rope
-            .tables(batch.positions(), &self.device, self.dtype)?;
-        let step = Step {
-            batch,
-            rope: &self.rope,
-            tables,
-            sliding_window: self.cfg.sliding_window,
-        };
+        let tables = self.rope.tables(batch.positions(), &self.device, self.dtype)?;
+        let step = Step { batch, rope: &self.rope, tables, sliding_window: self.cfg.sliding_window };
         for (l, block) in self.blocks.iter().enumerate() {
             x = block.forward(&x, &step, l, cache)?;
         }
-        let last: Vec<u32> = batch
-            .spans()
-            .iter()
-            .map(|s| (s.offset + s.len - 1) as u32)
-            .collect();
+        let last: Vec<u32> = batch.spans().iter().map(|s| (s.offset + s.len - 1) as u32).collect();
         let x = if last.len() == batch.num_tokens() {
             x
         } else {

@@ -6,7 +6,6 @@
 //! here touches the filesystem.
 
 use candle_core::{DType, Device, Tensor};
-use sha2::{Digest, Sha256};
 
 use crate::batch::{check_spans, PackedBatch};
 use crate::chat::ChatTemplate;
@@ -28,15 +27,16 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Jinja chat template used instead of the model's own.
     pub chat_template_override: Option<String>,
+    /// Which kernels run the model, applied when it is loaded (the server and
+    /// the CLI pass the `[kernels]` section). `None` leaves the process's
+    /// current selection as it is (tests switch it with
+    /// [`crate::qlinear::set_salus_kernels_enabled`]).
+    pub kernels: Option<crate::kernel_config::KernelConfig>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions {
-            device: Device::Cpu,
-            dtype: DType::F32,
-            chat_template_override: None,
-        }
+        LoadOptions { device: Device::Cpu, dtype: DType::F32, chat_template_override: None, kernels: None }
     }
 }
 
@@ -49,9 +49,6 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
-    /// Hex SHA-256 over the source files in name order, each prefixed by its
-    /// name and length: identifies exactly which weights served a request.
-    pub weights_fingerprint: String,
     pub num_params: usize,
     /// GGUF quantization types of the linear layers (e.g. `Q4_1+Q8_0`) or the
     /// safetensors dtype (e.g. `BF16`).
@@ -72,6 +69,9 @@ pub struct LoadedModel {
 /// End-of-generation ids are the config's EOS ids followed by the tokenizer's
 /// end-of-turn tokens (`<|im_end|>`, `<|eot_id|>`…).
 pub fn load(source: &ModelSource, opts: &LoadOptions) -> Result<LoadedModel> {
+    if let Some(k) = &opts.kernels {
+        k.apply()?;
+    }
     let gguf = match source.gguf() {
         Some((file, bytes)) => Some(GgufFile::parse(file, bytes.as_slice())?),
         None => None,
@@ -79,8 +79,7 @@ pub fn load(source: &ModelSource, opts: &LoadOptions) -> Result<LoadedModel> {
     let (model, mut info) = Model::load_parsed(source, gguf.as_ref(), opts)?;
     let md = gguf.as_ref().map(|g| g.metadata());
     let tokenizer = Tokenizer::from_source(source, md)?;
-    let chat_template =
-        ChatTemplate::from_source(source, md, opts.chat_template_override.as_deref())?;
+    let chat_template = ChatTemplate::from_source(source, md, opts.chat_template_override.as_deref())?;
     for &id in tokenizer.eos_token_ids() {
         if !info.eos_token_ids.contains(&id) && (id as usize) < info.vocab_size {
             info.eos_token_ids.push(id);
@@ -89,12 +88,7 @@ pub fn load(source: &ModelSource, opts: &LoadOptions) -> Result<LoadedModel> {
     if info.bos_token_id.is_none() {
         info.bos_token_id = tokenizer.bos_token_id();
     }
-    Ok(LoadedModel {
-        model,
-        tokenizer,
-        chat_template,
-        info,
-    })
+    Ok(LoadedModel { model, tokenizer, chat_template, info })
 }
 
 /// A Llama-family decoder ready to run.
@@ -119,14 +113,9 @@ impl Model {
     ) -> Result<(Model, ModelInfo)> {
         let (decoder, num_params, quantization) = if let Some(gguf) = gguf {
             let file = &gguf.file;
-            let arch_name = gguf
-                .metadata()
-                .get("general.architecture")
-                .and_then(|v| v.to_string().ok())
-                .ok_or_else(|| {
-                    ModelError::InvalidConfig(format!(
-                        "{file}: GGUF metadata general.architecture missing"
-                    ))
+            let arch_name =
+                gguf.metadata().get("general.architecture").and_then(|v| v.to_string().ok()).ok_or_else(|| {
+                    ModelError::InvalidConfig(format!("{file}: GGUF metadata general.architecture missing"))
                 })?;
             let architecture = Architecture::from_name(arch_name)?;
             let vocab = gguf
@@ -147,11 +136,7 @@ impl Model {
             let decoder = LlamaDecoder::load(&w, &cfg)?;
             (decoder, w.num_params(), w.quantization())
         } else {
-            let shards: Vec<(&str, &[u8])> = source
-                .safetensors()
-                .into_iter()
-                .map(|(n, b)| (n, b.as_slice()))
-                .collect();
+            let shards: Vec<(&str, &[u8])> = source.safetensors().into_iter().map(|(n, b)| (n, b.as_slice())).collect();
             if shards.is_empty() {
                 return Err(ModelError::InvalidWeights {
                     file: source.name.clone(),
@@ -162,11 +147,7 @@ impl Model {
             let files = SafetensorsFiles::parse(&shards)?;
             let w = Weights::from_safetensors(&files, &opts.device, opts.dtype);
             let decoder = LlamaDecoder::load(&w, &cfg)?;
-            (
-                decoder,
-                w.num_params(),
-                w.safetensors_dtype().unwrap_or_default(),
-            )
+            (decoder, w.num_params(), w.safetensors_dtype().unwrap_or_default())
         };
         let cfg = decoder.config();
         let info = ModelInfo {
@@ -176,7 +157,6 @@ impl Model {
             vocab_size: cfg.vocab_size,
             eos_token_ids: cfg.eos_token_ids.clone(),
             bos_token_id: cfg.bos_token_id,
-            weights_fingerprint: weights_fingerprint(source),
             num_params,
             quantization,
         };
@@ -242,17 +222,8 @@ impl Model {
             return Err(ModelError::InvalidBatch("empty batch".into()));
         }
         let cfg = self.config();
-        check_spans(
-            batch.spans(),
-            batch.num_tokens(),
-            Some(cfg.max_context),
-            |seq| cache.seq_len(seq),
-        )?;
-        if let Some(&t) = batch
-            .tokens()
-            .iter()
-            .find(|&&t| t as usize >= cfg.vocab_size)
-        {
+        check_spans(batch.spans(), batch.num_tokens(), Some(cfg.max_context), |seq| cache.seq_len(seq))?;
+        if let Some(&t) = batch.tokens().iter().find(|&&t| t as usize >= cfg.vocab_size) {
             return Err(ModelError::InvalidBatch(format!(
                 "token id {t} is outside the vocabulary ({})",
                 cfg.vocab_size
@@ -264,46 +235,20 @@ impl Model {
 
 /// Reads `config.json` and maps it to the architecture's validated config.
 fn hf_config(source: &ModelSource) -> Result<DecoderConfig> {
-    let bytes = source.get("config.json").ok_or_else(|| {
-        ModelError::InvalidConfig("config.json is missing from the model directory".into())
-    })?;
+    let bytes = source
+        .get("config.json")
+        .ok_or_else(|| ModelError::InvalidConfig("config.json is missing from the model directory".into()))?;
     let value: serde_json::Value = serde_json::from_slice(bytes.as_slice())
         .map_err(|e| ModelError::InvalidConfig(format!("config.json is not valid JSON: {e}")))?;
     let arch_name = value
         .get("model_type")
         .and_then(|v| v.as_str())
-        .or_else(|| {
-            value
-                .get("architectures")
-                .and_then(|a| a.get(0))
-                .and_then(|v| v.as_str())
-        })
-        .ok_or_else(|| {
-            ModelError::InvalidConfig("config.json names no model_type or architectures".into())
-        })?;
+        .or_else(|| value.get("architectures").and_then(|a| a.get(0)).and_then(|v| v.as_str()))
+        .ok_or_else(|| ModelError::InvalidConfig("config.json names no model_type or architectures".into()))?;
     let parse_err = |e: serde_json::Error| ModelError::InvalidConfig(format!("config.json: {e}"));
     match Architecture::from_name(arch_name)? {
-        Architecture::Llama => serde_json::from_value::<LlamaConfig>(value)
-            .map_err(parse_err)?
-            .into_config(),
-        Architecture::Mistral => serde_json::from_value::<MistralConfig>(value)
-            .map_err(parse_err)?
-            .into_config(),
-        Architecture::Qwen2 => serde_json::from_value::<Qwen2Config>(value)
-            .map_err(parse_err)?
-            .into_config(),
+        Architecture::Llama => serde_json::from_value::<LlamaConfig>(value).map_err(parse_err)?.into_config(),
+        Architecture::Mistral => serde_json::from_value::<MistralConfig>(value).map_err(parse_err)?.into_config(),
+        Architecture::Qwen2 => serde_json::from_value::<Qwen2Config>(value).map_err(parse_err)?.into_config(),
     }
-}
-
-/// Hex SHA-256 over all files of the source in name order; each file contributes
-/// its name, its length (u64 little-endian) and its bytes.
-pub fn weights_fingerprint(source: &ModelSource) -> String {
-    let mut h = Sha256::new();
-    for (name, bytes) in source.files() {
-        h.update((name.len() as u64).to_le_bytes());
-        h.update(name.as_bytes());
-        h.update((bytes.len() as u64).to_le_bytes());
-        h.update(bytes.as_slice());
-    }
-    hex::encode(h.finalize())
 }

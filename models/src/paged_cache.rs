@@ -322,7 +322,8 @@ impl PagedKvCache {
                 if cfg.block_size == 0 || cfg.num_kv_heads == 0 || cfg.head_dim == 0 || cfg.num_layers == 0 {
                     return Err(ModelError::InvalidConfig("paged KV cache dimensions must be > 0".into()));
                 }
-                let store = crate::paged_cache_cuda::CudaPagedStore::new(&cfg.geometry(), cfg.num_layers, cfg.dtype, d)?;
+                let store =
+                    crate::paged_cache_cuda::CudaPagedStore::new(&cfg.geometry(), cfg.num_layers, cfg.dtype, d)?;
                 Ok(PagedKvCache {
                     pool: tracked(BlockPool::new(cfg.num_blocks)),
                     cfg,

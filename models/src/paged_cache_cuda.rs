@@ -61,44 +61,26 @@ pub fn cuda_memory_info(device: &CudaDevice) -> Result<(u64, u64)> {
 impl CudaPagedStore {
     /// Allocates `num_layers` zeroed K and V caches of `geom` on `device` and
     /// compiles (or fetches) the kernels for its head dimension.
-    pub(crate) fn new(
-        geom: &PagedGeometry,
-        num_layers: usize,
-        dtype: KvDtype,
-        device: &CudaDevice,
-    ) -> Result<Self> {
+    pub(crate) fn new(geom: &PagedGeometry, num_layers: usize, dtype: KvDtype, device: &CudaDevice) -> Result<Self> {
         let stream = device.cuda_stream();
         let kernels = PagedKernels::get(&stream, geom.head_dim).map_err(cuda_err)?;
         let n = geom.cache_elems();
-        let oom = |e| {
-            ModelError::Device(format!(
-                "allocating the KV cache ({n} elements per layer): {e}"
-            ))
-        };
+        let oom = |e| ModelError::Device(format!("allocating the KV cache ({n} elements per layer): {e}"));
         let mut layers = Vec::with_capacity(num_layers);
         for _ in 0..num_layers {
             layers.push(match dtype {
-                KvDtype::F32 => CudaLayer::F32(
-                    stream.alloc_zeros(n).map_err(oom)?,
-                    stream.alloc_zeros(n).map_err(oom)?,
-                ),
-                KvDtype::F16 => CudaLayer::F16(
-                    stream.alloc_zeros(n).map_err(oom)?,
-                    stream.alloc_zeros(n).map_err(oom)?,
-                ),
-                KvDtype::BF16 => CudaLayer::BF16(
-                    stream.alloc_zeros(n).map_err(oom)?,
-                    stream.alloc_zeros(n).map_err(oom)?,
-                ),
+                KvDtype::F32 => {
+                    CudaLayer::F32(stream.alloc_zeros(n).map_err(oom)?, stream.alloc_zeros(n).map_err(oom)?)
+                }
+                KvDtype::F16 => {
+                    CudaLayer::F16(stream.alloc_zeros(n).map_err(oom)?, stream.alloc_zeros(n).map_err(oom)?)
+                }
+                KvDtype::BF16 => {
+                    CudaLayer::BF16(stream.alloc_zeros(n).map_err(oom)?, stream.alloc_zeros(n).map_err(oom)?)
+                }
             });
         }
-        Ok(CudaPagedStore {
-            device: device.clone(),
-            kernels,
-            layers,
-            plan: None,
-            scrub_error: None,
-        })
+        Ok(CudaPagedStore { device: device.clone(), kernels, layers, plan: None, scrub_error: None })
     }
 
     /// Zeroes `blocks` (sorted, of `per_block` elements each) in every layer's
@@ -179,8 +161,7 @@ impl CudaPagedStore {
         chunks: &[SeqChunk<'_>],
         window: Option<usize>,
     ) -> Result<()> {
-        let plan = PagedPlan::build(geom, rows, chunks, window)
-            .map_err(|e| ModelError::InvalidBatch(e.to_string()))?;
+        let plan = PagedPlan::build(geom, rows, chunks, window).map_err(|e| ModelError::InvalidBatch(e.to_string()))?;
         if self.plan.as_ref().is_some_and(|(p, _)| *p == plan) {
             return Ok(());
         }
@@ -205,11 +186,7 @@ impl CudaPagedStore {
     ) -> Result<Tensor> {
         match q.device() {
             Device::Cuda(d) if d.id() == self.device.id() => {}
-            _ => {
-                return Err(ModelError::InvalidBatch(
-                    "q/k/v are not on the KV cache's CUDA device".into(),
-                ))
-            }
+            _ => return Err(ModelError::InvalidBatch("q/k/v are not on the KV cache's CUDA device".into())),
         }
         if let Some(e) = &self.scrub_error {
             return Err(ModelError::Device(e.clone()));
@@ -235,15 +212,11 @@ impl CudaPagedStore {
                 let vt = v.to_dtype($dt)?.contiguous()?;
                 with_view::<$ty, _>(&kt, |kv| {
                     with_view::<$ty, _>(&vt, |vv| {
-                        kernels
-                            .write_kv(&stream, geom, plan, kv, vv, $kc, $vc)
-                            .map_err(cuda_err)
+                        kernels.write_kv(&stream, geom, plan, kv, vv, $kc, $vc).map_err(cuda_err)
                     })
                 })?;
                 with_view::<f32, _>(&q32, |qv| {
-                    kernels
-                        .attention(&stream, geom, params, plan, qv, &*$kc, &*$vc, &mut out)
-                        .map_err(cuda_err)
+                    kernels.attention(&stream, geom, params, plan, qv, &*$kc, &*$vc, &mut out).map_err(cuda_err)
                 })?;
             }};
         }
@@ -263,17 +236,13 @@ impl CudaPagedStore {
 }
 
 /// Runs `f` over the device memory of a contiguous CUDA tensor of element type `T`.
-fn with_view<T: CudaDType + DeviceRepr, R>(
-    t: &Tensor,
-    f: impl FnOnce(&CudaView<'_, T>) -> Result<R>,
-) -> Result<R> {
+fn with_view<T: CudaDType + DeviceRepr, R>(t: &Tensor, f: impl FnOnce(&CudaView<'_, T>) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(cs) = &*storage else {
         return Err(ModelError::InvalidBatch("expected a CUDA tensor".into()));
     };
-    let (a, b) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| ModelError::InvalidBatch("expected a contiguous tensor".into()))?;
+    let (a, b) =
+        layout.contiguous_offsets().ok_or_else(|| ModelError::InvalidBatch("expected a contiguous tensor".into()))?;
     let slice = cs.as_cuda_slice::<T>()?;
     let view = slice.slice(a..b);
     f(&view)

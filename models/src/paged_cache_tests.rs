@@ -37,7 +37,14 @@ fn block_is_zero(c: &PagedKvCache, b: u32) -> bool {
 /// while blocks the prefix cache keeps are left intact.
 #[test]
 fn released_blocks_are_zeroed_before_anyone_reuses_them() {
-    let cfg = PagedCacheConfig { num_layers: 2, num_kv_heads: 1, head_dim: 4, block_size: 2, num_blocks: 4, dtype: KvDtype::BF16 };
+    let cfg = PagedCacheConfig {
+        num_layers: 2,
+        num_kv_heads: 1,
+        head_dim: 4,
+        block_size: 2,
+        num_blocks: 4,
+        dtype: KvDtype::BF16,
+    };
     let dev = Device::Cpu;
     let write = |c: &mut PagedKvCache, seq: u64, len: usize| {
         let q = Tensor::ones((len, 2, 4), DType::F32, &dev).unwrap();
@@ -48,7 +55,7 @@ fn released_blocks_are_zeroed_before_anyone_reuses_them() {
         }
     };
     // Without a prefix cache: released and removed sequences.
-    let mut c = PagedKvCache::new(cfg.clone()).unwrap();
+    let mut c = PagedKvCache::new(cfg).unwrap();
     write(&mut c, 1, 3);
     let held = c.block_table(SeqId(1)).to_vec();
     assert_eq!(held.len(), 2);
@@ -95,7 +102,14 @@ fn released_blocks_are_zeroed_before_anyone_reuses_them() {
 /// never touches a cache that already holds K/V.
 #[test]
 fn prefault_keeps_the_cache_zero_and_skips_a_cache_in_use() {
-    let cfg = PagedCacheConfig { num_layers: 2, num_kv_heads: 1, head_dim: 4, block_size: 2, num_blocks: 600, dtype: KvDtype::BF16 };
+    let cfg = PagedCacheConfig {
+        num_layers: 2,
+        num_kv_heads: 1,
+        head_dim: 4,
+        block_size: 2,
+        num_blocks: 600,
+        dtype: KvDtype::BF16,
+    };
     let mut c = PagedKvCache::new(cfg).unwrap();
     c.prefault();
     assert!((0..600).all(|b| block_is_zero(&c, b)));
@@ -133,11 +147,23 @@ fn prefault_keeps_the_cache_zero_and_skips_a_cache_in_use() {
 fn paged_capacity_sizes_the_pool() {
     let per = PagedCacheConfig::bytes_per_block(2, 2, 8, 4, KvDtype::F16);
     assert_eq!(per, 2 * 2 * 2 * 8 * 4 * 2);
-    let c = PagedCacheConfig::from_capacity_on(2, 2, 8, 4, KvDtype::F16, KvCapacity::Bytes(per * 10 + 7), &Device::Cpu).unwrap();
+    let c = PagedCacheConfig::from_capacity_on(2, 2, 8, 4, KvDtype::F16, KvCapacity::Bytes(per * 10 + 7), &Device::Cpu)
+        .unwrap();
     assert_eq!(c.num_blocks, 10);
     assert_eq!(c.capacity_tokens(), 40);
-    assert!(PagedCacheConfig::from_capacity_on(2, 2, 8, 4, KvDtype::F16, KvCapacity::Bytes(per - 1), &Device::Cpu).is_err());
-    assert!(PagedCacheConfig::from_capacity_on(2, 2, 8, 4, KvDtype::F16, KvCapacity::FractionOfFree(1.5), &Device::Cpu).is_err());
+    assert!(
+        PagedCacheConfig::from_capacity_on(2, 2, 8, 4, KvDtype::F16, KvCapacity::Bytes(per - 1), &Device::Cpu).is_err()
+    );
+    assert!(PagedCacheConfig::from_capacity_on(
+        2,
+        2,
+        8,
+        4,
+        KvDtype::F16,
+        KvCapacity::FractionOfFree(1.5),
+        &Device::Cpu
+    )
+    .is_err());
 }
 
 #[test]

@@ -16,28 +16,19 @@ use std::sync::Arc;
 use crate::{ModelError, Result};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
-static ENV_CHECKED: std::sync::Once = std::sync::Once::new();
 
 /// Whether [`crate::linear::Linear`] uses Salus' kernels for quantized weights
-/// loaded from now on. On by default; `SALUS_QMATMUL=candle` in the environment
-/// or [`set_salus_kernels_enabled`]`(false)` selects candle's `QMatMul` instead,
-/// and candle's ops for normalization, rotary embedding and SwiGLU (see
-/// [`crate::layers::fast_ops_enabled`]): the reference in the parity tests.
+/// loaded from now on. On by default; `kernels.backend = "candle"` (applied by
+/// the loader) or [`set_salus_kernels_enabled`]`(false)` selects candle's
+/// `QMatMul` instead, and candle's ops for normalization, rotary embedding and
+/// SwiGLU (see [`crate::layers::fast_ops_enabled`]): the reference in the
+/// parity tests.
 pub fn salus_kernels_enabled() -> bool {
-    ENV_CHECKED.call_once(|| {
-        if std::env::var("SALUS_QMATMUL")
-            .map(|v| v.trim() == "candle")
-            .unwrap_or(false)
-        {
-            ENABLED.store(false, Ordering::Relaxed);
-        }
-    });
     ENABLED.load(Ordering::Relaxed)
 }
 
 /// Switches Salus' kernels on or off for models loaded afterwards.
 pub fn set_salus_kernels_enabled(on: bool) {
-    salus_kernels_enabled();
     ENABLED.store(on, Ordering::Relaxed);
 }
 
@@ -117,11 +108,8 @@ impl QLinear {
                     });
                 }
                 let in_dtype = x.dtype();
-                let x32 = if in_dtype == DType::F32 {
-                    x.contiguous()?
-                } else {
-                    x.to_dtype(DType::F32)?.contiguous()?
-                };
+                let x32 =
+                    if in_dtype == DType::F32 { x.contiguous()? } else { x.to_dtype(DType::F32)?.contiguous()? };
                 let dims = x32.dims().to_vec();
                 let cols = *dims.last().ok_or_else(|| ModelError::Tensor {
                     name: "qlinear input".into(),
@@ -137,13 +125,10 @@ impl QLinear {
                 let mut out = vec![0f32; m * w.rows()];
                 {
                     let (storage, layout) = x32.storage_and_layout();
-                    let (start, end) =
-                        layout
-                            .contiguous_offsets()
-                            .ok_or_else(|| ModelError::Tensor {
-                                name: "qlinear input".into(),
-                                reason: "not contiguous".into(),
-                            })?;
+                    let (start, end) = layout.contiguous_offsets().ok_or_else(|| ModelError::Tensor {
+                        name: "qlinear input".into(),
+                        reason: "not contiguous".into(),
+                    })?;
                     let slice = match &*storage {
                         Storage::Cpu(cpu) => &cpu.as_slice::<f32>()?[start..end],
                         _ => {
@@ -154,10 +139,7 @@ impl QLinear {
                         }
                     };
                     w.matmul(slice, m, &mut out)
-                        .map_err(|e| ModelError::Tensor {
-                            name: "qlinear".into(),
-                            reason: e.to_string(),
-                        })?;
+                        .map_err(|e| ModelError::Tensor { name: "qlinear".into(), reason: e.to_string() })?;
                 }
                 let mut out_dims = dims;
                 *out_dims.last_mut().expect("non-empty dims") = w.rows();
@@ -178,21 +160,8 @@ mod tests {
     use candle_core::quantized::QTensor;
 
     fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let s = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let s = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         d / s
     }
 
@@ -202,12 +171,7 @@ mod tests {
         // 576 is not a multiple of 256: exactly the width candle's fast paths miss.
         let w = Tensor::randn(0f32, 0.05, (100, 576), &dev).unwrap();
         let x = Tensor::randn(0f32, 1.0, (2, 3, 576), &dev).unwrap();
-        for dtype in [
-            GgmlDType::Q4_1,
-            GgmlDType::Q8_0,
-            GgmlDType::Q4_0,
-            GgmlDType::Q5_1,
-        ] {
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q5_1] {
             let qt = Arc::new(QTensor::quantize(&w, dtype).unwrap());
             let ours = QLinear::from_qtensor(qt.clone()).unwrap();
             assert!(ours.is_salus(), "{dtype:?}");
@@ -232,8 +196,7 @@ mod tests {
     #[test]
     fn wrong_input_width_is_an_error() {
         let w = Tensor::randn(0f32, 0.05, (8, 64), &Device::Cpu).unwrap();
-        let ql = QLinear::from_qtensor(Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()))
-            .unwrap();
+        let ql = QLinear::from_qtensor(Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap())).unwrap();
         let x = Tensor::zeros((2, 32), DType::F32, &Device::Cpu).unwrap();
         assert!(ql.forward(&x).is_err());
     }

@@ -28,17 +28,8 @@ impl Qwen2Config {
     pub fn into_config(self) -> Result<DecoderConfig> {
         DecoderConfig {
             attention_bias: true,
-            sliding_window: if self.use_sliding_window {
-                self.sliding_window
-            } else {
-                None
-            },
-            ..self.common.decoder_config(
-                Architecture::Qwen2,
-                None,
-                self.rope_theta,
-                self.max_position_embeddings,
-            )
+            sliding_window: if self.use_sliding_window { self.sliding_window } else { None },
+            ..self.common.decoder_config(Architecture::Qwen2, None, self.rope_theta, self.max_position_embeddings)
         }
         .validate()
     }

@@ -89,19 +89,13 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Greedy decoding (temperature 0), everything else default.
     pub fn greedy() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        }
+        SamplingParams { temperature: 0.0, ..Default::default() }
     }
 
     /// Checks every parameter against its allowed range; the error names the parameter.
     pub fn validate(&self, vocab_size: usize) -> Result<()> {
         fn bad(param: &'static str, reason: impl Into<String>) -> Result<()> {
-            Err(ModelError::InvalidSampling {
-                param,
-                reason: reason.into(),
-            })
+            Err(ModelError::InvalidSampling { param, reason: reason.into() })
         }
         let t = self.temperature;
         if !(t.is_finite() && (0.0..=2.0).contains(&t)) {
@@ -115,10 +109,7 @@ impl SamplingParams {
         }
         let rp = self.repetition_penalty;
         if !(rp.is_finite() && rp > 0.0 && rp <= 10.0) {
-            return bad(
-                "repetition_penalty",
-                "must be greater than 0 and at most 10",
-            );
+            return bad("repetition_penalty", "must be greater than 0 and at most 10");
         }
         if !(self.presence_penalty.is_finite() && (-2.0..=2.0).contains(&self.presence_penalty)) {
             return bad("presence_penalty", "must be between -2 and 2");
@@ -128,10 +119,7 @@ impl SamplingParams {
         }
         for &(id, bias) in &self.logit_bias {
             if id as usize >= vocab_size {
-                return bad(
-                    "logit_bias",
-                    format!("token id {id} is outside the vocabulary (size {vocab_size})"),
-                );
+                return bad("logit_bias", format!("token id {id} is outside the vocabulary (size {vocab_size})"));
             }
             if !(bias.is_finite() && (-100.0..=100.0).contains(&bias)) {
                 return bad("logit_bias", "bias values must be between -100 and 100");
@@ -139,10 +127,7 @@ impl SamplingParams {
         }
         if let Some(n) = self.top_logprobs {
             if n > MAX_TOP_LOGPROBS {
-                return bad(
-                    "top_logprobs",
-                    format!("must be between 0 and {MAX_TOP_LOGPROBS}"),
-                );
+                return bad("top_logprobs", format!("must be between 0 and {MAX_TOP_LOGPROBS}"));
             }
         }
         Ok(())
@@ -180,10 +165,7 @@ pub struct Sampler {
 
 impl std::fmt::Debug for Sampler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sampler")
-            .field("params", &self.params)
-            .field("vocab_size", &self.vocab_size)
-            .finish()
+        f.debug_struct("Sampler").field("params", &self.params).field("vocab_size", &self.vocab_size).finish()
     }
 }
 
@@ -191,10 +173,7 @@ impl Sampler {
     /// Validates `params` and creates a sampler for logits of `vocab_size` entries.
     pub fn new(params: SamplingParams, vocab_size: usize) -> Result<Self> {
         if vocab_size == 0 {
-            return Err(ModelError::InvalidSampling {
-                param: "vocab_size",
-                reason: "must be positive".into(),
-            });
+            return Err(ModelError::InvalidSampling { param: "vocab_size", reason: "must be positive".into() });
         }
         params.validate(vocab_size)?;
         let rng = match params.seed {
@@ -224,12 +203,7 @@ impl Sampler {
     /// and `prompt_len` says where the generated part starts. The repetition
     /// penalty looks at all of `context`, presence/frequency penalties only at
     /// `context[prompt_len..]`.
-    pub fn sample(
-        &mut self,
-        logits: &[f32],
-        context: &[u32],
-        prompt_len: usize,
-    ) -> Result<Sampled> {
+    pub fn sample(&mut self, logits: &[f32], context: &[u32], prompt_len: usize) -> Result<Sampled> {
         if logits.len() != self.vocab_size {
             return Err(ModelError::InvalidSampling {
                 param: "logits",
@@ -237,10 +211,7 @@ impl Sampler {
             });
         }
         if prompt_len > context.len() {
-            return Err(ModelError::InvalidSampling {
-                param: "prompt_len",
-                reason: "longer than the context".into(),
-            });
+            return Err(ModelError::InvalidSampling { param: "prompt_len", reason: "longer than the context".into() });
         }
         self.process(logits, context, prompt_len);
         let v = &self.logits;
@@ -252,11 +223,7 @@ impl Sampler {
                 reason: "no finite logit (all tokens banned or the model produced NaN/inf)".into(),
             });
         }
-        let token = if self.params.temperature == 0.0 {
-            first_index_of(v, max)
-        } else {
-            self.draw(max)
-        };
+        let token = if self.params.temperature == 0.0 { first_index_of(v, max) } else { self.draw(max) };
         // Log-softmax normalizer of the processed logits, only when asked for.
         let (logprob, top_logprobs) = match self.params.top_logprobs {
             Some(n) => {
@@ -266,22 +233,14 @@ impl Sampler {
             }
             None => (None, Vec::new()),
         };
-        Ok(Sampled {
-            token,
-            logprob,
-            top_logprobs,
-        })
+        Ok(Sampled { token, logprob, top_logprobs })
     }
 
     /// Fills `self.logits` with the processed logits (bias, penalties).
     fn process(&mut self, logits: &[f32], context: &[u32], prompt_len: usize) {
         let p = &self.params;
         self.logits.clear();
-        self.logits.extend(
-            logits
-                .iter()
-                .map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x }),
-        );
+        self.logits.extend(logits.iter().map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x }));
         for &(id, bias) in &p.logit_bias {
             if let Some(x) = self.logits.get_mut(id as usize) {
                 *x += bias;
@@ -400,8 +359,7 @@ impl Sampler {
     /// The `n` most likely tokens of the processed logits, as logprobs.
     fn top_n(&mut self, n: usize, log_z: f32) -> Vec<(u32, f32)> {
         self.cand.clear();
-        self.cand
-            .extend(self.logits.iter().enumerate().map(|(i, &x)| (i as u32, x)));
+        self.cand.extend(self.logits.iter().enumerate().map(|(i, &x)| (i as u32, x)));
         let n = n.min(self.cand.len());
         if n < self.cand.len() {
             select_best(&mut self.cand, n);
@@ -417,11 +375,7 @@ impl Sampler {
 fn sum_exp(v: &[f32], max: f32) -> f32 {
     let mut acc = [0.0f32; 8];
     let chunks = v.chunks_exact(8);
-    let rest: f32 = chunks
-        .remainder()
-        .iter()
-        .map(|&x| exp_nonpositive(x - max))
-        .sum();
+    let rest: f32 = chunks.remainder().iter().map(|&x| exp_nonpositive(x - max)).sum();
     for ch in chunks {
         for j in 0..8 {
             acc[j] += exp_nonpositive(ch[j] - max);

@@ -47,9 +47,7 @@ fn same_seed_same_sequence_different_seed_differs() {
     let l: Vec<f32> = (0..500).map(|i| ((i * 37) % 101) as f32 / 30.0).collect();
     let run = |seed| {
         let mut s = Sampler::new(params(|p| p.seed = Some(seed)), 500).unwrap();
-        (0..64)
-            .map(|_| s.sample(&l, &[], 0).unwrap().token)
-            .collect::<Vec<_>>()
+        (0..64).map(|_| s.sample(&l, &[], 0).unwrap().token).collect::<Vec<_>>()
     };
     assert_eq!(run(42), run(42));
     assert_ne!(run(42), run(43));
@@ -73,19 +71,13 @@ fn greedy_token_equals_the_plain_argmax() {
         let mut l: Vec<f32> = (0..n).map(|_| (next() % 7) as f32 - 3.0).collect();
         match case % 4 {
             0 => l[next() as usize % n] = f32::NAN,
-            1 => l
-                .iter_mut()
-                .take(n / 2)
-                .for_each(|x| *x = f32::NEG_INFINITY),
+            1 => l.iter_mut().take(n / 2).for_each(|x| *x = f32::NEG_INFINITY),
             2 => l[n - 1] = 3.0,
             _ => {}
         }
         let mut s = Sampler::new(params(|p| p.temperature = 0.0), n).unwrap();
         let out = s.sample(&l, &[], 0).unwrap();
-        let clean: Vec<f32> = l
-            .iter()
-            .map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x })
-            .collect();
+        let clean: Vec<f32> = l.iter().map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x }).collect();
         assert_eq!(out.token, argmax(&clean), "case {case}");
         assert_eq!(out.logprob, None);
     }
@@ -93,9 +85,7 @@ fn greedy_token_equals_the_plain_argmax() {
 
 #[test]
 fn top_k_one_equals_greedy() {
-    let l: Vec<f32> = (0..300)
-        .map(|i| ((i * 13) % 17) as f32 + i as f32 * 1e-3)
-        .collect();
+    let l: Vec<f32> = (0..300).map(|i| ((i * 13) % 17) as f32 + i as f32 * 1e-3).collect();
     let expected = argmax(&l);
     let mut s = Sampler::new(
         params(|p| {
@@ -154,9 +144,7 @@ fn small_top_p_keeps_only_the_top_token() {
         1000,
     )
     .unwrap();
-    let distinct: std::collections::BTreeSet<u32> = (0..200)
-        .map(|_| s.sample(&flat, &[], 0).unwrap().token)
-        .collect();
+    let distinct: std::collections::BTreeSet<u32> = (0..200).map(|_| s.sample(&flat, &[], 0).unwrap().token).collect();
     assert!(distinct.len() > 100, "{}", distinct.len());
 }
 
@@ -242,11 +230,7 @@ fn presence_and_frequency_penalties_use_generated_tokens_only() {
     let greedy = |f: &dyn Fn(&mut SamplingParams), ctx: &[u32], prompt_len: usize| {
         let mut p = SamplingParams::greedy();
         f(&mut p);
-        Sampler::new(p, 1000)
-            .unwrap()
-            .sample(&logits(), ctx, prompt_len)
-            .unwrap()
-            .token
+        Sampler::new(p, 1000).unwrap().sample(&logits(), ctx, prompt_len).unwrap().token
     };
     // Token 3 only in the prompt: no presence penalty.
     assert_eq!(greedy(&|p| p.presence_penalty = 1.0, &[3], 1), 3);
@@ -274,18 +258,8 @@ fn logprobs_are_a_normalized_log_softmax() {
     let logprob = out.logprob.expect("requested");
     let max = 5.0f32;
     // Reference normalizer in f64 (a running f32 sum of 1000 terms drifts by ~1e-5).
-    let z = (l
-        .iter()
-        .map(|&x| ((x - max) as f64).exp())
-        .sum::<f64>()
-        .ln()
-        + max as f64) as f32;
-    assert!(
-        (logprob - (5.0 - z)).abs() < 5e-6,
-        "{} vs {}",
-        logprob,
-        5.0 - z
-    );
+    let z = (l.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln() + max as f64) as f32;
+    assert!((logprob - (5.0 - z)).abs() < 5e-6, "{} vs {}", logprob, 5.0 - z);
     assert_eq!(out.top_logprobs.len(), 5);
     assert_eq!(out.top_logprobs[0], (3, logprob));
     assert_eq!(out.top_logprobs[1].0, 1);

@@ -107,10 +107,7 @@ impl ModelSource {
     /// Reads a plaintext GGUF file or HF model directory into memory
     /// (development only: production loads sealed weights).
     pub fn read_plaintext(path: &Path) -> Result<Self> {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into());
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         if path.is_dir() {
             let mut s = Self::new(name);
             let mut entries: Vec<_> = std::fs::read_dir(path)?.collect::<std::io::Result<_>>()?;
@@ -135,10 +132,8 @@ impl ModelSource {
             }
             Ok(s)
         } else {
-            let bytes = std::fs::read(path).map_err(|e| ModelError::InvalidWeights {
-                file: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
+            let bytes = std::fs::read(path)
+                .map_err(|e| ModelError::InvalidWeights { file: path.display().to_string(), reason: e.to_string() })?;
             if name.ends_with(".gguf") || bytes.starts_with(b"GGUF") {
                 Ok(Self::from_gguf_bytes(name, WeightBytes::from_vec(bytes)))
             } else if name.ends_with(".safetensors") {

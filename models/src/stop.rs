@@ -58,15 +58,8 @@ impl StopMatcher {
     /// Creates a matcher. Empty stop strings are ignored (they would match
     /// immediately and are rejected by request validation anyway).
     pub fn new(stop_strings: Vec<Phi<String>>) -> Self {
-        let stops = stop_strings
-            .into_iter()
-            .filter(|s| !s.expose().is_empty())
-            .collect();
-        StopMatcher {
-            stops,
-            pending: String::new(),
-            stopped: false,
-        }
+        let stops = stop_strings.into_iter().filter(|s| !s.expose().is_empty()).collect();
+        StopMatcher { stops, pending: String::new(), stopped: false }
     }
 
     /// Whether a stop string has been found.
@@ -80,35 +73,22 @@ impl StopMatcher {
     /// `stopped == true` every further call returns an empty, stopped step.
     pub fn push(&mut self, text: &str) -> StopStep {
         if self.stopped {
-            return StopStep {
-                emit: String::new(),
-                stopped: true,
-            };
+            return StopStep { emit: String::new(), stopped: true };
         }
         if self.stops.is_empty() {
-            return StopStep {
-                emit: text.to_owned(),
-                stopped: false,
-            };
+            return StopStep { emit: text.to_owned(), stopped: false };
         }
         // Only the pending tail plus the new text can contain a new match: every
         // earlier position was already ruled out (it is not a prefix of a stop).
         self.pending.push_str(text);
 
         // Earliest full occurrence of any stop string.
-        let earliest = self
-            .stops
-            .iter()
-            .filter_map(|s| self.pending.find(s.expose().as_str()))
-            .min();
+        let earliest = self.stops.iter().filter_map(|s| self.pending.find(s.expose().as_str())).min();
         if let Some(at) = earliest {
             self.stopped = true;
             let mut emit = std::mem::take(&mut self.pending);
             emit.truncate(at);
-            return StopStep {
-                emit,
-                stopped: true,
-            };
+            return StopStep { emit, stopped: true };
         }
 
         // No match: hold back the longest suffix that is a proper prefix of a stop string.
@@ -116,10 +96,7 @@ impl StopMatcher {
         let split = self.pending.len() - hold;
         let rest = self.pending.split_off(split);
         let emit = std::mem::replace(&mut self.pending, rest);
-        StopStep {
-            emit,
-            stopped: false,
-        }
+        StopStep { emit, stopped: false }
     }
 
     /// Generation ended for another reason: returns the held-back text (it was
@@ -200,13 +177,7 @@ mod tests {
         let s = m.push("#tail");
         assert_eq!(s.emit, "");
         assert!(s.stopped);
-        assert_eq!(
-            m.push("more"),
-            StopStep {
-                emit: String::new(),
-                stopped: true
-            }
-        );
+        assert_eq!(m.push("more"), StopStep { emit: String::new(), stopped: true });
         assert_eq!(m.finish(), "");
     }
 
@@ -224,10 +195,7 @@ mod tests {
                 assert_eq!(run(stops, &[&text[..i], &text[i..]]), whole, "split at {i}");
             }
         }
-        assert_eq!(
-            run(&["<|user|>"], &[text]),
-            ("Patient stable. ".into(), true)
-        );
+        assert_eq!(run(&["<|user|>"], &[text]), ("Patient stable. ".into(), true));
     }
 
     #[test]
@@ -244,10 +212,7 @@ mod tests {
         // "aab" contains "ab" after the held-back "aa".
         assert_eq!(run(&["aab"], &["xa", "a", "ab"]), ("xa".into(), true));
         // Two stop strings; the earlier occurrence wins even if it is listed second.
-        assert_eq!(
-            run(&["world", "lo w"], &["hel", "lo", " wor", "ld"]),
-            ("hel".into(), true)
-        );
+        assert_eq!(run(&["world", "lo w"], &["hel", "lo", " wor", "ld"]), ("hel".into(), true));
         // A stop string that is a prefix of another.
         assert_eq!(run(&["abcd", "ab"], &["xa", "bcd"]), ("x".into(), true));
         // Self-overlapping stop string.
@@ -265,10 +230,7 @@ mod tests {
         assert_eq!(s.emit, "naïv");
         assert_eq!(m.finish(), "é");
         // Stop strings beginning with CJK.
-        assert_eq!(
-            run(&["患者"], &["血压", "正常患", "者"]),
-            ("血压正常".into(), true)
-        );
+        assert_eq!(run(&["患者"], &["血压", "正常患", "者"]), ("血压正常".into(), true));
     }
 
     #[test]

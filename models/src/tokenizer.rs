@@ -38,20 +38,13 @@ const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 /// that the vocabulary holds as a special token is a stop token, in addition to
 /// the declared EOS: a chat model ends its answer with its end-of-turn token
 /// (`<|im_end|>`, `<|eot_id|>`), which is not always the declared EOS.
-const END_TOKENS: &[&str] = &[
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|eom_id|>",
-    "<|endoftext|>",
-    "<|end_of_text|>",
-    "<|end|>",
-    "</s>",
-    "<end_of_turn>",
-];
+const END_TOKENS: &[&str] =
+    &["<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end_of_text|>", "<|end|>", "</s>", "<end_of_turn>"];
 
 /// Pre-tokenizer split patterns (as in the models' own `tokenizer.json`).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const TEKKEN_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// A tokenizer with the special-token knowledge generation needs.
@@ -97,23 +90,21 @@ impl Tokenizer {
         let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json)
             .map_err(|e| ModelError::Tokenizer(format!("invalid tokenizer.json: {e}")))?;
         let config: Option<Json> = match tokenizer_config {
-            Some(b) => Some(serde_json::from_slice(b).map_err(|e| {
-                ModelError::Tokenizer(format!("invalid tokenizer_config.json: {e}"))
-            })?),
+            Some(b) => Some(
+                serde_json::from_slice(b)
+                    .map_err(|e| ModelError::Tokenizer(format!("invalid tokenizer_config.json: {e}")))?,
+            ),
             None => None,
         };
         let generation: Option<Json> = match generation_config {
-            Some(b) => Some(serde_json::from_slice(b).map_err(|e| {
-                ModelError::Tokenizer(format!("invalid generation_config.json: {e}"))
-            })?),
+            Some(b) => Some(
+                serde_json::from_slice(b)
+                    .map_err(|e| ModelError::Tokenizer(format!("invalid generation_config.json: {e}")))?,
+            ),
             None => None,
         };
-        let special: HashSet<u32> = inner
-            .get_added_tokens_decoder()
-            .into_iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, _)| id)
-            .collect();
+        let special: HashSet<u32> =
+            inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
         let config_token = |key: &str| -> Option<String> {
             match config.as_ref()?.get(key)? {
                 Json::String(s) => Some(s.clone()),
@@ -149,28 +140,16 @@ impl Tokenizer {
         dedup_keep_order(&mut eos);
         let eos_token = eos_token.or_else(|| eos.first().and_then(|&id| inner.id_to_token(id)));
         let vocab_size = inner.get_vocab_size(true);
-        Ok(Tokenizer {
-            inner,
-            vocab_size,
-            bos,
-            add_bos: false,
-            eos,
-            special,
-            bos_token,
-            eos_token,
-        })
+        Ok(Tokenizer { inner, vocab_size, bos, add_bos: false, eos, special, bos_token, eos_token })
     }
 
     /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
     pub fn from_gguf_metadata(md: &HashMap<String, Value>) -> Result<Self> {
-        let model = md_str(md, "tokenizer.ggml.model").ok_or_else(|| {
-            ModelError::Tokenizer("GGUF metadata has no tokenizer.ggml.model".into())
-        })?;
+        let model = md_str(md, "tokenizer.ggml.model")
+            .ok_or_else(|| ModelError::Tokenizer("GGUF metadata has no tokenizer.ggml.model".into()))?;
         let tokens = md_str_array(md, "tokenizer.ggml.tokens")?;
         if tokens.is_empty() {
-            return Err(ModelError::Tokenizer(
-                "GGUF tokenizer.ggml.tokens is empty".into(),
-            ));
+            return Err(ModelError::Tokenizer("GGUF tokenizer.ggml.tokens is empty".into()));
         }
         let types = match md.get("tokenizer.ggml.token_type") {
             Some(_) => md_int_array(md, "tokenizer.ggml.token_type")?,
@@ -185,9 +164,7 @@ impl Tokenizer {
         let id_key = |key: &str| -> Result<Option<u32>> {
             match md_u32(md, key) {
                 Some(id) if (id as usize) < n => Ok(Some(id)),
-                Some(_) => Err(ModelError::Tokenizer(format!(
-                    "GGUF {key} is outside the vocabulary"
-                ))),
+                Some(_) => Err(ModelError::Tokenizer(format!("GGUF {key} is outside the vocabulary"))),
                 None => Ok(None),
             }
         };
@@ -202,12 +179,8 @@ impl Tokenizer {
                 matches!(pre_family(pre), Some(PreFamily::Llama3 | PreFamily::Tekken)),
             ),
             "llama" => {
-                let add_space_prefix =
-                    md_bool(md, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
-                (
-                    sentencepiece_json(md, &tokens, &types, unk, add_space_prefix)?,
-                    true,
-                )
+                let add_space_prefix = md_bool(md, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
+                (sentencepiece_json(md, &tokens, &types, unk, add_space_prefix)?, true)
             }
             other => {
                 return Err(ModelError::Tokenizer(format!(
@@ -216,17 +189,11 @@ impl Tokenizer {
             }
         };
         let bytes = serde_json::to_vec(&json).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| {
-            ModelError::Tokenizer(format!(
-                "cannot build a tokenizer from the GGUF metadata: {e}"
-            ))
-        })?;
-        let add_bos =
-            bos.is_some() && md_bool(md, "tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default);
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| ModelError::Tokenizer(format!("cannot build a tokenizer from the GGUF metadata: {e}")))?;
+        let add_bos = bos.is_some() && md_bool(md, "tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default);
 
-        let special: HashSet<u32> = (0..n as u32)
-            .filter(|&i| types[i as usize] == TOKEN_TYPE_CONTROL)
-            .collect();
+        let special: HashSet<u32> = (0..n as u32).filter(|&i| types[i as usize] == TOKEN_TYPE_CONTROL).collect();
         let mut eos: Vec<u32> = Vec::new();
         eos.extend(eos_id);
         eos.extend(id_key("tokenizer.ggml.eot_token_id")?);
@@ -253,10 +220,7 @@ impl Tokenizer {
 
     /// The tokenizer of a model: its `tokenizer.json` if the source has one,
     /// else the GGUF metadata, else an error.
-    pub fn from_source(
-        source: &ModelSource,
-        gguf_metadata: Option<&HashMap<String, Value>>,
-    ) -> Result<Self> {
+    pub fn from_source(source: &ModelSource, gguf_metadata: Option<&HashMap<String, Value>>) -> Result<Self> {
         if let Some(json) = source.get("tokenizer.json") {
             return Self::from_hf_files(
                 json.as_slice(),
@@ -266,9 +230,7 @@ impl Tokenizer {
         }
         match gguf_metadata {
             Some(md) if md.contains_key("tokenizer.ggml.tokens") => Self::from_gguf_metadata(md),
-            _ => Err(ModelError::Tokenizer(
-                "no tokenizer.json and no tokenizer metadata in the GGUF".into(),
-            )),
+            _ => Err(ModelError::Tokenizer("no tokenizer.json and no tokenizer metadata in the GGUF".into())),
         }
     }
 
@@ -357,11 +319,8 @@ pub(crate) mod tests {
 
     /// A tiny SentencePiece (llama-family) vocabulary as GGUF metadata.
     pub(crate) fn tiny_spm_metadata() -> HashMap<String, Value> {
-        let mut tokens: Vec<(String, f32, i32)> = vec![
-            ("<unk>".into(), 0.0, 2),
-            ("<s>".into(), 0.0, 3),
-            ("</s>".into(), 0.0, 3),
-        ];
+        let mut tokens: Vec<(String, f32, i32)> =
+            vec![("<unk>".into(), 0.0, 2), ("<s>".into(), 0.0, 3), ("</s>".into(), 0.0, 3)];
         for b in 0..=255u8 {
             tokens.push((format!("<0x{b:02X}>"), 0.0, 6));
         }
@@ -399,18 +358,9 @@ pub(crate) mod tests {
         }
         let mut md = HashMap::new();
         md.insert("tokenizer.ggml.model".into(), s("llama"));
-        md.insert(
-            "tokenizer.ggml.tokens".into(),
-            Value::Array(tokens.iter().map(|t| s(&t.0)).collect()),
-        );
-        md.insert(
-            "tokenizer.ggml.scores".into(),
-            Value::Array(tokens.iter().map(|t| Value::F32(t.1)).collect()),
-        );
-        md.insert(
-            "tokenizer.ggml.token_type".into(),
-            Value::Array(tokens.iter().map(|t| Value::I32(t.2)).collect()),
-        );
+        md.insert("tokenizer.ggml.tokens".into(), Value::Array(tokens.iter().map(|t| s(&t.0)).collect()));
+        md.insert("tokenizer.ggml.scores".into(), Value::Array(tokens.iter().map(|t| Value::F32(t.1)).collect()));
+        md.insert("tokenizer.ggml.token_type".into(), Value::Array(tokens.iter().map(|t| Value::I32(t.2)).collect()));
         md.insert("tokenizer.ggml.bos_token_id".into(), Value::U32(1));
         md.insert("tokenizer.ggml.eos_token_id".into(), Value::U32(2));
         md.insert("tokenizer.ggml.unknown_token_id".into(), Value::U32(0));
@@ -418,10 +368,7 @@ pub(crate) mod tests {
     }
 
     fn ids_of(t: &Tokenizer, pieces: &[&str]) -> Vec<u32> {
-        pieces
-            .iter()
-            .map(|p| t.token_to_id(p).unwrap_or_else(|| panic!("no token {p}")))
-            .collect()
+        pieces.iter().map(|p| t.token_to_id(p).unwrap_or_else(|| panic!("no token {p}"))).collect()
     }
 
     #[test]
@@ -438,10 +385,7 @@ pub(crate) mod tests {
         assert_eq!(with_bos[0], 1);
         assert_eq!(&with_bos[1..], &ids[..]);
         // "patient": "pat" + "i" + "e" + "n" + "t", after the leading "▁".
-        assert_eq!(
-            t.encode("patient", false).unwrap(),
-            ids_of(&t, &["▁", "pat", "i", "e", "n", "t"])
-        );
+        assert_eq!(t.encode("patient", false).unwrap(), ids_of(&t, &["▁", "pat", "i", "e", "n", "t"]));
         assert_eq!(t.decode(&ids, false).unwrap(), "hello world");
         assert_eq!(t.decode(&with_bos, true).unwrap(), "hello world");
         // The decoder strips one leading space of the whole text only, as Hugging Face does.
@@ -453,23 +397,9 @@ pub(crate) mod tests {
         let t = Tokenizer::from_gguf_metadata(&tiny_spm_metadata()).unwrap();
         // 'é' (C3 A9) and '😀' (F0 9F 98 80) are not in the vocabulary.
         let ids = t.encode("hé😀", false).unwrap();
-        assert_eq!(
-            ids,
-            ids_of(
-                &t,
-                &["▁", "h", "<0xC3>", "<0xA9>", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
-            )
-        );
+        assert_eq!(ids, ids_of(&t, &["▁", "h", "<0xC3>", "<0xA9>", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]));
         assert_eq!(t.decode(&ids, false).unwrap(), "hé😀");
-        for text in [
-            "hello  world",
-            " hello",
-            "  two",
-            "a\nb\tc",
-            "naïve café 患者",
-            "trailing ",
-            "",
-        ] {
+        for text in ["hello  world", " hello", "  two", "a\nb\tc", "naïve café 患者", "trailing ", ""] {
             let ids = t.encode(text, false).unwrap();
             assert!(!ids.contains(&0), "unknown token for {text:?}");
             let decoded = t.decode(&ids, false).unwrap();
@@ -480,10 +410,7 @@ pub(crate) mod tests {
         let ids = t.encode("<s>hello", false).unwrap();
         assert_eq!(ids, ids_of(&t, &["<s>", "▁hello"]));
         // A leading space is kept as a second "▁".
-        assert_eq!(
-            t.encode(" hello", false).unwrap(),
-            ids_of(&t, &["▁", "▁hello"])
-        );
+        assert_eq!(t.encode(" hello", false).unwrap(), ids_of(&t, &["▁", "▁hello"]));
     }
 
     #[test]
@@ -491,15 +418,7 @@ pub(crate) mod tests {
         let tokens = ["a", "b", "c", "ab", "bc", "abc"];
         let scores = [0.0, 0.0, 0.0, -2.0, -1.0, -3.0];
         let merges = sentencepiece_merges(&tokens, &scores);
-        assert_eq!(
-            merges,
-            vec![
-                json!(["b", "c"]),
-                json!(["a", "b"]),
-                json!(["ab", "c"]),
-                json!(["a", "bc"])
-            ]
-        );
+        assert_eq!(merges, vec![json!(["b", "c"]), json!(["a", "b"]), json!(["ab", "c"]), json!(["a", "bc"])]);
     }
 
     #[test]
@@ -521,10 +440,7 @@ pub(crate) mod tests {
         assert!(e.contains("pre-tokenizer"), "{e}");
         let src = ModelSource::new("empty");
         let e = Tokenizer::from_source(&src, None).unwrap_err().to_string();
-        assert!(
-            e.contains("no tokenizer.json and no tokenizer metadata in the GGUF"),
-            "{e}"
-        );
+        assert!(e.contains("no tokenizer.json and no tokenizer metadata in the GGUF"), "{e}");
         assert!(Tokenizer::from_json_bytes(b"{not json").is_err());
     }
 

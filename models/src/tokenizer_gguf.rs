@@ -53,9 +53,7 @@ pub(super) fn md_str_array<'a>(md: &'a HashMap<String, Value>, key: &str) -> Res
         .iter()
         .map(|v| match v {
             Value::String(s) => Ok(s.as_str()),
-            _ => Err(ModelError::Tokenizer(format!(
-                "GGUF {key} holds a non-string entry"
-            ))),
+            _ => Err(ModelError::Tokenizer(format!("GGUF {key} holds a non-string entry"))),
         })
         .collect()
 }
@@ -63,11 +61,7 @@ pub(super) fn md_str_array<'a>(md: &'a HashMap<String, Value>, key: &str) -> Res
 pub(super) fn md_int_array(md: &HashMap<String, Value>, key: &str) -> Result<Vec<i64>> {
     md_array(md, key)?
         .iter()
-        .map(|v| {
-            value_i64(v).ok_or_else(|| {
-                ModelError::Tokenizer(format!("GGUF {key} holds a non-integer entry"))
-            })
-        })
+        .map(|v| value_i64(v).ok_or_else(|| ModelError::Tokenizer(format!("GGUF {key} holds a non-integer entry"))))
         .collect()
 }
 
@@ -77,9 +71,7 @@ pub(super) fn md_f32_array(md: &HashMap<String, Value>, key: &str) -> Result<Vec
         .map(|v| match v {
             Value::F32(x) => Ok(*x),
             Value::F64(x) => Ok(*x as f32),
-            _ => Err(ModelError::Tokenizer(format!(
-                "GGUF {key} holds a non-float entry"
-            ))),
+            _ => Err(ModelError::Tokenizer(format!("GGUF {key} holds a non-float entry"))),
         })
         .collect()
 }
@@ -104,14 +96,13 @@ pub(super) fn pre_family(pre: &str) -> Option<PreFamily> {
     Some(match pre {
         // llama.cpp's "default" applies an idiosyncratic set of regexes; the
         // vocabularies converted with it are GPT-2 style, so GPT-2's regex is used.
-        "default" | "gpt-2" | "gpt2" | "phi-2" | "roberta-bpe" | "jina-es" | "jina-de"
-        | "jina-v2-es" | "jina-v2-de" | "jina-v2-code" | "gigachat" | "mpt" | "olmo" | "jais"
-        | "trillion" => PreFamily::Gpt2,
+        "default" | "gpt-2" | "gpt2" | "phi-2" | "roberta-bpe" | "jina-es" | "jina-de" | "jina-v2-es"
+        | "jina-v2-de" | "jina-v2-code" | "gigachat" | "mpt" | "olmo" | "jais" | "trillion" => PreFamily::Gpt2,
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
             PreFamily::DigitsGpt2
         }
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
-        | "lfm2" | "dbrx" | "smaug-bpe" => PreFamily::Llama3,
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2" | "dbrx"
+        | "smaug-bpe" => PreFamily::Llama3,
         "qwen2" | "deepseek-r1-qwen" | "megrez" | "stablelm2" => PreFamily::Qwen2,
         "tekken" => PreFamily::Tekken,
         _ => return None,
@@ -123,8 +114,7 @@ pub(super) fn bytes_to_unicode() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut extra = 0u32;
     for b in 0..256u32 {
-        let printable =
-            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         table[b as usize] = if printable {
             char::from_u32(b).unwrap_or('\0')
         } else {
@@ -162,14 +152,9 @@ pub(super) fn vocab_json<'a>(
     vocab
 }
 
-pub(super) fn byte_level_json(
-    md: &HashMap<String, Value>,
-    tokens: &[&str],
-    types: &[i64],
-    pre: &str,
-) -> Result<Json> {
-    let family = pre_family(pre)
-        .ok_or_else(|| ModelError::Tokenizer(format!("unsupported GGUF pre-tokenizer '{pre}'")))?;
+pub(super) fn byte_level_json(md: &HashMap<String, Value>, tokens: &[&str], types: &[i64], pre: &str) -> Result<Json> {
+    let family =
+        pre_family(pre).ok_or_else(|| ModelError::Tokenizer(format!("unsupported GGUF pre-tokenizer '{pre}'")))?;
     let table = bytes_to_unicode();
     let alphabet: HashSet<char> = table.iter().copied().collect();
     // Tokens are stored in the byte-level spelling; a token using other characters
@@ -178,19 +163,16 @@ pub(super) fn byte_level_json(
         if t.chars().all(|c| alphabet.contains(&c)) {
             (id, std::borrow::Cow::Borrowed(*t))
         } else {
-            (
-                id,
-                std::borrow::Cow::Owned(t.bytes().map(|b| table[b as usize]).collect::<String>()),
-            )
+            (id, std::borrow::Cow::Owned(t.bytes().map(|b| table[b as usize]).collect::<String>()))
         }
     });
     let vocab = vocab_json(spelled);
     let merges: Vec<Json> = md_str_array(md, "tokenizer.ggml.merges")?
         .into_iter()
         .map(|m| {
-            let (a, b) = m.split_once(' ').ok_or_else(|| {
-                ModelError::Tokenizer("GGUF tokenizer.ggml.merges holds a malformed merge".into())
-            })?;
+            let (a, b) = m
+                .split_once(' ')
+                .ok_or_else(|| ModelError::Tokenizer("GGUF tokenizer.ggml.merges holds a malformed merge".into()))?;
             Ok(json!([a, b]))
         })
         .collect::<Result<_>>()?;
@@ -248,12 +230,7 @@ pub(super) fn sentencepiece_json(
             "GGUF tokenizer.ggml.scores and tokenizer.ggml.tokens differ in length".into(),
         ));
     }
-    let vocab = vocab_json(
-        tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (i, std::borrow::Cow::Borrowed(*t))),
-    );
+    let vocab = vocab_json(tokens.iter().enumerate().map(|(i, t)| (i, std::borrow::Cow::Borrowed(*t))));
     let merges = match md.get("tokenizer.ggml.merges") {
         Some(_) => md_str_array(md, "tokenizer.ggml.merges")?
             .into_iter()
@@ -261,13 +238,9 @@ pub(super) fn sentencepiece_json(
             .collect(),
         None => sentencepiece_merges(tokens, &scores),
     };
-    let unk_token = unk.map(|i| tokens[i as usize]).or_else(|| {
-        tokens
-            .iter()
-            .zip(types)
-            .find(|(_, &t)| t == TOKEN_TYPE_UNKNOWN)
-            .map(|(s, _)| *s)
-    });
+    let unk_token = unk
+        .map(|i| tokens[i as usize])
+        .or_else(|| tokens.iter().zip(types).find(|(_, &t)| t == TOKEN_TYPE_UNKNOWN).map(|(s, _)| *s));
     // Like llama.cpp (and SentencePiece's add_dummy_prefix): a space is prepended
     // to every text segment — the start of the text and the text after each
     // special token — and spaces become "▁". (Hugging Face's Metaspace

@@ -94,10 +94,7 @@ impl<'a> GgufFile<'a> {
     /// Parses the GGUF header (metadata and tensor directory) and checks that every
     /// tensor's data lies inside the buffer, so truncation is reported up front.
     pub fn parse(file: &str, bytes: &'a [u8]) -> Result<Self> {
-        let invalid = |reason: String| ModelError::InvalidWeights {
-            file: file.to_string(),
-            reason,
-        };
+        let invalid = |reason: String| ModelError::InvalidWeights { file: file.to_string(), reason };
         if bytes.len() < 4 || &bytes[..4] != b"GGUF" {
             return Err(invalid("not a GGUF file (bad magic)".into()));
         }
@@ -108,24 +105,15 @@ impl<'a> GgufFile<'a> {
             let elems = info.shape.elem_count();
             let block = info.ggml_dtype.block_size();
             if elems % block != 0 {
-                return Err(invalid(format!(
-                    "tensor {name}: {elems} elements is not a multiple of the block size"
-                )));
+                return Err(invalid(format!("tensor {name}: {elems} elements is not a multiple of the block size")));
             }
             let size = elems / block * info.ggml_dtype.type_size();
             let end = (content.tensor_data_offset as u128) + (info.offset as u128) + size as u128;
             if end > bytes.len() as u128 {
-                return Err(invalid(format!(
-                    "truncated: tensor {name} ends at byte {end}, file has {}",
-                    bytes.len()
-                )));
+                return Err(invalid(format!("truncated: tensor {name} ends at byte {end}, file has {}", bytes.len())));
             }
         }
-        Ok(GgufFile {
-            file: file.to_string(),
-            content,
-            bytes,
-        })
+        Ok(GgufFile { file: file.to_string(), content, bytes })
     }
 
     pub fn metadata(&self) -> &HashMap<String, gguf_file::Value> {
@@ -140,22 +128,15 @@ impl<'a> GgufFile<'a> {
             file: self.file.clone(),
             reason: format!("tensor {name}: {reason}"),
         };
-        let info = self
-            .content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| invalid("missing".into()))?;
+        let info = self.content.tensor_infos.get(name).ok_or_else(|| invalid("missing".into()))?;
         let dt = info.ggml_dtype;
         let size = info.shape.elem_count() / dt.block_size() * dt.type_size();
         // In range: checked by `GgufFile::parse`.
         let start = self.content.tensor_data_offset as usize + info.offset as usize;
-        let raw = self
-            .bytes
-            .get(start..start + size)
-            .ok_or_else(|| invalid("data outside the file".into()))?;
+        let raw = self.bytes.get(start..start + size).ok_or_else(|| invalid("data outside the file".into()))?;
         let dims = info.shape.dims().to_vec();
         // 16 bytes covers the alignment of every GGML block type.
-        let q = if (raw.as_ptr() as usize) % 16 == 0 {
+        let q = if (raw.as_ptr() as usize).is_multiple_of(16) {
             candle_core::quantized::ggml_file::qtensor_from_ggml(dt, raw, dims, device)
         } else {
             let staged = zeroize::Zeroizing::new(raw.to_vec());
@@ -221,11 +202,7 @@ impl<'a> Weights<'a> {
         Self::new(Format::Gguf(file), device, dtype)
     }
 
-    pub fn from_safetensors(
-        files: &'a SafetensorsFiles<'a>,
-        device: &Device,
-        dtype: DType,
-    ) -> Self {
+    pub fn from_safetensors(files: &'a SafetensorsFiles<'a>, device: &Device, dtype: DType) -> Self {
         Self::new(Format::Safetensors(files), device, dtype)
     }
 
@@ -293,10 +270,7 @@ impl<'a> Weights<'a> {
         let q = self.quant_types.borrow();
         let mut v: Vec<_> = q.iter().collect();
         v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-        v.into_iter()
-            .map(|(k, _)| k.as_str())
-            .collect::<Vec<_>>()
-            .join("+")
+        v.into_iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join("+")
     }
 
     fn name(&self, t: TensorName) -> String {
@@ -326,10 +300,7 @@ impl<'a> Weights<'a> {
     }
 
     fn missing(name: String) -> ModelError {
-        ModelError::Tensor {
-            name,
-            reason: "missing from the weights".into(),
-        }
+        ModelError::Tensor { name, reason: "missing from the weights".into() }
     }
 
     fn count(&self, n: usize) {
@@ -338,11 +309,7 @@ impl<'a> Weights<'a> {
 
     /// The raw GGUF tensor (quantized or not), shape-checked.
     fn gguf_qtensor(&self, g: &GgufFile<'_>, name: &str, shape: &[usize]) -> Result<QTensor> {
-        let info = g
-            .content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| Self::missing(name.to_string()))?;
+        let info = g.content.tensor_infos.get(name).ok_or_else(|| Self::missing(name.to_string()))?;
         Self::check_shape(name, info.shape.dims(), shape)?;
         g.qtensor(name, &self.device)
     }
@@ -357,21 +324,16 @@ impl<'a> Weights<'a> {
                 q.dequantize(&self.device)?
             }
             Format::Safetensors(s) => {
-                let &i = s
-                    .index
-                    .get(&name)
-                    .ok_or_else(|| Self::missing(name.clone()))?;
+                let &i = s.index.get(&name).ok_or_else(|| Self::missing(name.clone()))?;
                 let (file, st) = &s.shards[i];
                 let view = st.get(&name)?;
                 Self::check_shape(&name, view.shape(), shape)?;
                 match staged_upload(&view, &self.device)? {
                     Some(t) => t,
-                    None => st
-                        .load(&name, &self.device)
-                        .map_err(|e| ModelError::InvalidWeights {
-                            file: file.clone(),
-                            reason: format!("tensor {name}: {e}"),
-                        })?,
+                    None => st.load(&name, &self.device).map_err(|e| ModelError::InvalidWeights {
+                        file: file.clone(),
+                        reason: format!("tensor {name}: {e}"),
+                    })?,
                 }
             }
         };
@@ -380,13 +342,7 @@ impl<'a> Weights<'a> {
     }
 
     /// A linear layer `[out, in]`, keeping GGUF quantization.
-    pub fn linear(
-        &self,
-        w: TensorName,
-        bias: Option<TensorName>,
-        out_f: usize,
-        in_f: usize,
-    ) -> Result<Linear> {
+    pub fn linear(&self, w: TensorName, bias: Option<TensorName>, out_f: usize, in_f: usize) -> Result<Linear> {
         let bias = match bias {
             Some(b) => Some(self.tensor(b, &[out_f])?),
             None => None,
@@ -399,29 +355,18 @@ impl<'a> Weights<'a> {
                 self.note_quant(&q);
                 Linear::quantized(Arc::new(q), bias, self.dtype)
             }
-            Format::Safetensors(_) | Format::Synthetic(_) => {
-                Linear::dense(self.tensor(w, &[out_f, in_f])?, bias)
-            }
+            Format::Safetensors(_) | Format::Synthetic(_) => Linear::dense(self.tensor(w, &[out_f, in_f])?, bias),
         }
     }
 
     fn note_quant(&self, q: &QTensor) {
-        *self
-            .quant_types
-            .borrow_mut()
-            .entry(format!("{:?}", q.dtype()))
-            .or_insert(0) += 1;
+        *self.quant_types.borrow_mut().entry(format!("{:?}", q.dtype())).or_insert(0) += 1;
     }
 
     /// The token embedding (dense, `[vocab, hidden]`) and the output projection:
     /// `lm_head` when present and untied, else the embedding matrix itself
     /// (for GGUF kept quantized, as llama.cpp and candle do).
-    pub fn embedding_and_head(
-        &self,
-        vocab: usize,
-        hidden: usize,
-        tie: bool,
-    ) -> Result<(Tensor, Linear)> {
+    pub fn embedding_and_head(&self, vocab: usize, hidden: usize, tie: bool) -> Result<(Tensor, Linear)> {
         let use_head = !tie && self.contains(TensorName::LmHead);
         match self.format {
             Format::Gguf(g) => {
@@ -474,19 +419,15 @@ fn staged_upload(view: &safetensors::tensor::TensorView<'_>, device: &Device) ->
         Dtype::BF16 => (2, DType::BF16),
         _ => return Ok(None),
     };
-    if device.is_cpu() || (data.as_ptr() as usize) % width == 0 {
+    if device.is_cpu() || (data.as_ptr() as usize).is_multiple_of(width) {
         return Ok(None);
     }
     let staged: zeroize::Zeroizing<Vec<f32>> = zeroize::Zeroizing::new(match dtype {
         DType::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        DType::F16 => data
-            .chunks_exact(2)
-            .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-            .collect(),
-        _ => data
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-            .collect(),
+        DType::F16 => {
+            data.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect()
+        }
+        _ => data.chunks_exact(2).map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect(),
     });
     let t = Tensor::from_slice(staged.as_slice(), view.shape(), device)?.to_dtype(dtype)?;
     Ok(Some(t))
@@ -504,24 +445,17 @@ fn precheck_gguf_header(bytes: &[u8]) -> std::result::Result<(), String> {
         fn take(&mut self, n: u64) -> std::result::Result<&[u8], String> {
             let rest = (self.b.len() - self.pos) as u64;
             if n > rest {
-                return Err(format!(
-                    "truncated or corrupt header at byte {} (needs {n} more bytes)",
-                    self.pos
-                ));
+                return Err(format!("truncated or corrupt header at byte {} (needs {n} more bytes)", self.pos));
             }
             let s = &self.b[self.pos..self.pos + n as usize];
             self.pos += n as usize;
             Ok(s)
         }
         fn u32(&mut self) -> std::result::Result<u32, String> {
-            Ok(u32::from_le_bytes(
-                self.take(4)?.try_into().expect("4 bytes"),
-            ))
+            Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
         }
         fn u64(&mut self) -> std::result::Result<u64, String> {
-            Ok(u64::from_le_bytes(
-                self.take(8)?.try_into().expect("8 bytes"),
-            ))
+            Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
         }
         fn string(&mut self) -> std::result::Result<(), String> {
             let n = self.u64()?;
@@ -541,9 +475,7 @@ fn precheck_gguf_header(bytes: &[u8]) -> std::result::Result<(), String> {
                     let elem_ty = self.u32()?;
                     let n = self.u64()?;
                     if n > (self.b.len() - self.pos) as u64 {
-                        return Err(format!(
-                            "metadata array of {n} elements exceeds the file size"
-                        ));
+                        return Err(format!("metadata array of {n} elements exceeds the file size"));
                     }
                     for _ in 0..n {
                         self.value(elem_ty, depth + 1)?;

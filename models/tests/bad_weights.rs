@@ -23,10 +23,7 @@ fn truncated_gguf() {
     for cut in [3, 10, 40, 300, bytes.len() / 2, bytes.len() - 1] {
         let e = load_err(&gguf(bytes[..cut].to_vec()));
         let msg = e.to_string();
-        assert!(
-            matches!(e, ModelError::InvalidWeights { .. }),
-            "cut at {cut}: {msg}"
-        );
+        assert!(matches!(e, ModelError::InvalidWeights { .. }), "cut at {cut}: {msg}");
         assert!(msg.contains("bad.gguf"), "{msg}");
     }
     let msg = load_err(&gguf(bytes[..bytes.len() - 1].to_vec())).to_string();
@@ -39,14 +36,9 @@ fn corrupt_gguf_bytes() {
     // Garbage after a valid magic.
     let mut garbage = b"GGUF".to_vec();
     garbage.extend((0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8));
-    assert!(matches!(
-        load_err(&gguf(garbage)),
-        ModelError::InvalidWeights { .. }
-    ));
+    assert!(matches!(load_err(&gguf(garbage)), ModelError::InvalidWeights { .. }));
     // Not GGUF at all.
-    assert!(load_err(&gguf(vec![0u8; 100]))
-        .to_string()
-        .contains("magic"));
+    assert!(load_err(&gguf(vec![0u8; 100])).to_string().contains("magic"));
     // Flip every byte of the header region, one at a time: never a panic.
     for i in 4..200.min(good.len()) {
         let mut b = good.clone();
@@ -56,26 +48,15 @@ fn corrupt_gguf_bytes() {
     // A huge tensor count.
     let mut b = good.clone();
     b[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
-    assert!(matches!(
-        load_err(&gguf(b)),
-        ModelError::InvalidWeights { .. }
-    ));
+    assert!(matches!(load_err(&gguf(b)), ModelError::InvalidWeights { .. }));
 }
 
 #[test]
 fn unknown_architecture() {
     let e = load_err(&gguf(gguf_bytes("gpt2", 3)));
-    assert!(
-        matches!(&e, ModelError::UnsupportedArchitecture(a) if a == "gpt2"),
-        "{e}"
-    );
+    assert!(matches!(&e, ModelError::UnsupportedArchitecture(a) if a == "gpt2"), "{e}");
     let json = llama_config_json("").replace(r#""model_type":"llama""#, r#""model_type":"bert""#);
-    let e = load_err(&hf_source(
-        &json,
-        &hf_tensors(1, false, false),
-        1,
-        DType::F32,
-    ));
+    let e = load_err(&hf_source(&json, &hf_tensors(1, false, false), 1, DType::F32));
     assert!(e.to_string().contains("bert"), "{e}");
 }
 
@@ -91,13 +72,9 @@ fn missing_or_bad_config_json() {
     src.insert("config.json", WeightBytes::from_vec(b"{not json".to_vec()));
     assert!(load_err(&src).to_string().contains("config.json"));
     // Inconsistent head counts.
-    let json =
-        llama_config_json("").replace(r#""num_key_value_heads":2"#, r#""num_key_value_heads":3"#);
+    let json = llama_config_json("").replace(r#""num_key_value_heads":2"#, r#""num_key_value_heads":3"#);
     let e = load_err(&hf_source(&json, &tensors, 1, DType::F32));
-    assert!(
-        matches!(e, ModelError::InvalidConfig(_)) && e.to_string().contains("num_key_value_heads"),
-        "{e}"
-    );
+    assert!(matches!(e, ModelError::InvalidConfig(_)) && e.to_string().contains("num_key_value_heads"), "{e}");
 }
 
 #[test]
@@ -111,35 +88,19 @@ fn truncated_or_incomplete_safetensors() {
         s.insert("config.json", src.get("config.json").unwrap().clone());
         s.insert(name.clone(), WeightBytes::from_vec(bytes[..cut].to_vec()));
         let e = load_err(&s);
-        assert!(
-            matches!(e, ModelError::InvalidWeights { .. }) && e.to_string().contains(&name),
-            "cut {cut}: {e}"
-        );
+        assert!(matches!(e, ModelError::InvalidWeights { .. }) && e.to_string().contains(&name), "cut {cut}: {e}");
     }
     // A missing tensor is named.
     let mut partial = tensors.clone();
     partial.remove("model.layers.1.mlp.up_proj.weight");
     let e = load_err(&hf_source(&llama_config_json(""), &partial, 1, DType::F32));
-    assert!(
-        e.to_string().contains("model.layers.1.mlp.up_proj.weight"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("model.layers.1.mlp.up_proj.weight"), "{e}");
     // A tensor of the wrong shape is named.
-    let json =
-        llama_config_json("").replace(r#""intermediate_size":128"#, r#""intermediate_size":96"#);
+    let json = llama_config_json("").replace(r#""intermediate_size":128"#, r#""intermediate_size":96"#);
     let e = load_err(&hf_source(&json, &tensors, 1, DType::F32));
-    assert!(
-        matches!(e, ModelError::Tensor { .. }) && e.to_string().contains("shape"),
-        "{e}"
-    );
+    assert!(matches!(e, ModelError::Tensor { .. }) && e.to_string().contains("shape"), "{e}");
     // No weights at all.
     let mut only_cfg = ModelSource::new("tiny");
-    only_cfg.insert(
-        "config.json",
-        WeightBytes::from_vec(llama_config_json("").into_bytes()),
-    );
-    assert!(matches!(
-        load_err(&only_cfg),
-        ModelError::InvalidWeights { .. }
-    ));
+    only_cfg.insert("config.json", WeightBytes::from_vec(llama_config_json("").into_bytes()));
+    assert!(matches!(load_err(&only_cfg), ModelError::InvalidWeights { .. }));
 }

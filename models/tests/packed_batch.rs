@@ -5,9 +5,7 @@ mod common;
 
 use candle_core::{DType, IndexOp, Tensor};
 use common::*;
-use salus_models::{
-    KvCache, LoadOptions, Model, ModelError, ModelSource, PackedBatch, SeqId, WeightBytes,
-};
+use salus_models::{KvCache, LoadOptions, Model, ModelError, ModelSource, PackedBatch, SeqId, WeightBytes};
 
 /// Logits of `seq` after feeding `chunks` one call each, alone in its own cache.
 fn alone(model: &Model, chunks: &[&[u32]]) -> Tensor {
@@ -42,17 +40,10 @@ fn check_model(model: &Model) {
     let logits = model.forward(&step, &mut cache).unwrap();
     assert_eq!(logits.dims(), &[3, VOCAB]);
     assert_eq!(logits.dtype(), DType::F32);
-    let want = [
-        alone(model, &[&a[..6]]),
-        alone(model, &[&b[..7], &b[7..8]]),
-        alone(model, &[&c[..3], &c[3..7]]),
-    ];
+    let want = [alone(model, &[&a[..6]]), alone(model, &[&b[..7], &b[7..8]]), alone(model, &[&c[..3], &c[3..7]])];
     for (i, w) in want.iter().enumerate() {
         let d = max_abs_diff(&logits.i(i).unwrap(), w);
-        assert!(
-            d < 1e-4,
-            "sequence {i} in the mixed batch: max |diff| = {d}"
-        );
+        assert!(d < 1e-4, "sequence {i} in the mixed batch: max |diff| = {d}");
     }
 
     // Pure decode step for all three, in a different order.
@@ -68,10 +59,7 @@ fn check_model(model: &Model) {
     ];
     for (i, w) in want.iter().enumerate() {
         let d = max_abs_diff(&logits.i(i).unwrap(), w);
-        assert!(
-            d < 1e-4,
-            "sequence {i} in the decode batch: max |diff| = {d}"
-        );
+        assert!(d < 1e-4, "sequence {i} in the decode batch: max |diff| = {d}");
     }
     // Different sequences give different logits (the comparison is not vacuous).
     assert!(max_abs_diff(&logits.i(0).unwrap(), &logits.i(1).unwrap()) > 1e-3);
@@ -85,13 +73,8 @@ fn check_model(model: &Model) {
 
 #[test]
 fn packed_batch_equals_sequences_alone_gguf() {
-    let src =
-        ModelSource::from_gguf_bytes("tiny.gguf", WeightBytes::from_vec(gguf_bytes("llama", 21)));
-    check_model(
-        &Model::load_weights(&src, &LoadOptions::default())
-            .unwrap()
-            .0,
-    );
+    let src = ModelSource::from_gguf_bytes("tiny.gguf", WeightBytes::from_vec(gguf_bytes("llama", 21)));
+    check_model(&Model::load_weights(&src, &LoadOptions::default()).unwrap().0);
 }
 
 #[test]
@@ -102,20 +85,13 @@ fn packed_batch_equals_sequences_alone_safetensors_qwen2_window() {
         "max_position_embeddings":256,"sliding_window":4,"use_sliding_window":true,"rms_norm_eps":1e-6}}"#
     );
     let src = hf_source(&json, &hf_tensors(22, true, true), 1, DType::F32);
-    check_model(
-        &Model::load_weights(&src, &LoadOptions::default())
-            .unwrap()
-            .0,
-    );
+    check_model(&Model::load_weights(&src, &LoadOptions::default()).unwrap().0);
 }
 
 #[test]
 fn inconsistent_batches_are_rejected() {
-    let src =
-        ModelSource::from_gguf_bytes("tiny.gguf", WeightBytes::from_vec(gguf_bytes("llama", 23)));
-    let model = Model::load_weights(&src, &LoadOptions::default())
-        .unwrap()
-        .0;
+    let src = ModelSource::from_gguf_bytes("tiny.gguf", WeightBytes::from_vec(gguf_bytes("llama", 23)));
+    let model = Model::load_weights(&src, &LoadOptions::default()).unwrap().0;
     let mut cache = model.new_cache();
     let mut b = PackedBatch::new();
     b.push(SeqId(1), &[1, 2, 3], 0).unwrap();
@@ -124,26 +100,17 @@ fn inconsistent_batches_are_rejected() {
     for start in [5, 2] {
         let mut b = PackedBatch::new();
         b.push(SeqId(1), &[4], start).unwrap();
-        assert!(matches!(
-            model.forward(&b, &mut cache),
-            Err(ModelError::InvalidBatch(_))
-        ));
+        assert!(matches!(model.forward(&b, &mut cache), Err(ModelError::InvalidBatch(_))));
     }
     assert_eq!(cache.seq_len(SeqId(1)), 3);
     // Token outside the vocabulary.
     let mut b = PackedBatch::new();
     b.push(SeqId(1), &[VOCAB as u32], 3).unwrap();
-    assert!(matches!(
-        model.forward(&b, &mut cache),
-        Err(ModelError::InvalidBatch(_))
-    ));
+    assert!(matches!(model.forward(&b, &mut cache), Err(ModelError::InvalidBatch(_))));
     // Past the context window (256).
     let mut b = PackedBatch::new();
     b.push(SeqId(9), &vec![1u32; 257], 0).unwrap();
-    assert!(matches!(
-        model.forward(&b, &mut cache),
-        Err(ModelError::ContextOverflow { .. })
-    ));
+    assert!(matches!(model.forward(&b, &mut cache), Err(ModelError::ContextOverflow { .. })));
     // Empty batch.
     assert!(model.forward(&PackedBatch::new(), &mut cache).is_err());
 }

@@ -38,7 +38,8 @@ fn check(model: &Model, block_size: usize, dtype: KvDtype, tol: f32) {
     // Pre-reserve one sequence through the block manager (as the scheduler does);
     // the others get blocks allocated on demand.
     assert!(pg.reserve(SeqId(3), 12));
-    let steps: Vec<Vec<(u64, std::ops::Range<usize>, &Vec<u32>)>> = vec![
+    type Step<'a> = Vec<(u64, std::ops::Range<usize>, &'a Vec<u32>)>;
+    let steps: Vec<Step> = vec![
         vec![(2, 0..7, &b), (3, 0..3, &c)],
         vec![(1, 0..6, &a), (2, 7..8, &b), (3, 3..10, &c)],
         vec![(3, 10..11, &c), (1, 6..7, &a), (2, 0..1, &b)],

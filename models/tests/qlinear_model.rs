@@ -22,22 +22,15 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::IndexOp;
 use common::default_model::{argmax, default_model_if_present};
 use salus_models::qlinear::set_salus_kernels_enabled;
-use salus_models::{
-    KvCache, LoadOptions, Model, ModelSource, PackedBatch, SeqId, Tokenizer, WeightBytes,
-};
+use salus_models::{KvCache, LoadOptions, Model, ModelSource, PackedBatch, SeqId, Tokenizer, WeightBytes};
 
 const LOGIT_TOL: f32 = 2.5;
 const STEPS: usize = 32;
 
 fn load(bytes: &[u8], salus: bool) -> Model {
     set_salus_kernels_enabled(salus);
-    let src = ModelSource::from_gguf_bytes(
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        WeightBytes::from_vec(bytes.to_vec()),
-    );
-    let model = Model::load_weights(&src, &LoadOptions::default())
-        .unwrap()
-        .0;
+    let src = ModelSource::from_gguf_bytes("SmolLM2-135M-Instruct.Q4_1.gguf", WeightBytes::from_vec(bytes.to_vec()));
+    let model = Model::load_weights(&src, &LoadOptions::default()).unwrap().0;
     set_salus_kernels_enabled(true);
     model
 }
@@ -49,13 +42,7 @@ fn decode(model: &Model, prompt: &[u32], forced: Option<&[u32]>) -> (Vec<u32>, V
     let seq = SeqId(1);
     let mut b = PackedBatch::new();
     b.push(seq, prompt, 0).unwrap();
-    let mut logits = model
-        .forward(&b, &mut cache)
-        .unwrap()
-        .i(0)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let mut logits = model.forward(&b, &mut cache).unwrap().i(0).unwrap().to_vec1::<f32>().unwrap();
     let mut toks = Vec::new();
     let mut all = Vec::new();
     for step in 0..STEPS {
@@ -67,13 +54,7 @@ fn decode(model: &Model, prompt: &[u32], forced: Option<&[u32]>) -> (Vec<u32>, V
         }
         let mut b = PackedBatch::new();
         b.push(seq, &[t], prompt.len() + step).unwrap();
-        logits = model
-            .forward(&b, &mut cache)
-            .unwrap()
-            .i(0)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        logits = model.forward(&b, &mut cache).unwrap().i(0).unwrap().to_vec1::<f32>().unwrap();
     }
     assert_eq!(cache.seq_len(seq), prompt.len() + STEPS - 1);
     (toks, all)
@@ -85,9 +66,7 @@ fn greedy_output_matches_candle_reference_kernels() {
         return;
     };
     let bytes = std::fs::read(&path).unwrap();
-    let md = Content::read(&mut std::io::Cursor::new(&bytes))
-        .unwrap()
-        .metadata;
+    let md = Content::read(&mut std::io::Cursor::new(&bytes)).unwrap().metadata;
     let tok = Tokenizer::from_gguf_metadata(&md).unwrap();
     let reference = load(&bytes, false);
     let ours = load(&bytes, true);
@@ -106,22 +85,14 @@ fn greedy_output_matches_candle_reference_kernels() {
         let mut max_diff = 0f32;
         let mut equal = 0;
         for step in 0..STEPS {
-            let d = want_logits[step]
-                .iter()
-                .zip(&got_logits[step])
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let d = want_logits[step].iter().zip(&got_logits[step]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             max_diff = max_diff.max(d);
-            assert!(
-                d <= LOGIT_TOL,
-                "prompt {pi} step {step}: max |logit diff| {d} > {LOGIT_TOL}"
-            );
+            assert!(d <= LOGIT_TOL, "prompt {pi} step {step}: max |logit diff| {d} > {LOGIT_TOL}");
             let ours_tok = argmax(&got_logits[step]);
             if ours_tok == want[step] {
                 equal += 1;
             } else {
-                let margin =
-                    want_logits[step][want[step] as usize] - want_logits[step][ours_tok as usize];
+                let margin = want_logits[step][want[step] as usize] - want_logits[step][ours_tok as usize];
                 assert!(
                     margin < LOGIT_TOL,
                     "prompt {pi} step {step}: greedy tokens differ with reference margin {margin}"
@@ -132,8 +103,5 @@ fn greedy_output_matches_candle_reference_kernels() {
         total_equal += equal;
     }
     // Near-ties are rare: nearly all greedy choices must be identical.
-    assert!(
-        total_equal * 10 >= prompts.len() * STEPS * 9,
-        "only {total_equal} greedy tokens equal"
-    );
+    assert!(total_equal * 10 >= prompts.len() * STEPS * 9, "only {total_equal} greedy tokens equal");
 }

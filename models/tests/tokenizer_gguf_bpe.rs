@@ -13,8 +13,7 @@ fn s(x: &str) -> Value {
 
 /// GPT-2's byte → printable character table (written independently of the crate's).
 fn bytes_to_unicode() -> Vec<char> {
-    let printable =
-        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut next = 256;
     (0..256u32)
         .map(|b| {
@@ -42,18 +41,9 @@ fn tiny_bpe_metadata(pre: &str) -> HashMap<String, Value> {
     let mut md = HashMap::new();
     md.insert("tokenizer.ggml.model".into(), s("gpt2"));
     md.insert("tokenizer.ggml.pre".into(), s(pre));
-    md.insert(
-        "tokenizer.ggml.tokens".into(),
-        Value::Array(tokens.iter().map(|t| s(t)).collect()),
-    );
-    md.insert(
-        "tokenizer.ggml.token_type".into(),
-        Value::Array(types.into_iter().map(Value::I32).collect()),
-    );
-    md.insert(
-        "tokenizer.ggml.merges".into(),
-        Value::Array(merges.iter().map(|m| s(m)).collect()),
-    );
+    md.insert("tokenizer.ggml.tokens".into(), Value::Array(tokens.iter().map(|t| s(t)).collect()));
+    md.insert("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect()));
+    md.insert("tokenizer.ggml.merges".into(), Value::Array(merges.iter().map(|m| s(m)).collect()));
     md.insert("tokenizer.ggml.eos_token_id".into(), Value::U32(0));
     md
 }
@@ -98,10 +88,7 @@ fn tokenizer_json_with_configs() {
     assert_eq!(t.eos_token_ids(), &[1, 0]);
     assert_eq!(t.eos_token(), Some("<|im_end|>"));
     assert!(t.is_special(0) && t.is_special(1) && !t.is_special(5));
-    assert_eq!(
-        t.encode("12345", false).unwrap(),
-        built.encode("12345", false).unwrap()
-    );
+    assert_eq!(t.encode("12345", false).unwrap(), built.encode("12345", false).unwrap());
     // A source with tokenizer.json uses it even when GGUF metadata is present.
     let mut src = ModelSource::new("m");
     src.insert("tokenizer.json", WeightBytes::from_vec(json.into_bytes()));
@@ -113,16 +100,9 @@ fn tokenizer_json_with_configs() {
     if let Some(Value::Array(types)) = other_metadata.get_mut("tokenizer.ggml.token_type") {
         types.push(Value::I32(1));
     }
-    assert_eq!(
-        Tokenizer::from_gguf_metadata(&other_metadata)
-            .unwrap()
-            .vocab_size(),
-        built.vocab_size() + 1
-    );
+    assert_eq!(Tokenizer::from_gguf_metadata(&other_metadata).unwrap().vocab_size(), built.vocab_size() + 1);
     let from_src = Tokenizer::from_source(&src, Some(&other_metadata)).unwrap();
     assert_eq!(from_src.vocab_size(), built.vocab_size());
-    let e = Tokenizer::from_hf_files(b"{}", None, None)
-        .unwrap_err()
-        .to_string();
+    let e = Tokenizer::from_hf_files(b"{}", None, None).unwrap_err().to_string();
     assert!(e.contains("invalid tokenizer.json"), "{e}");
 }

@@ -31,12 +31,7 @@ fn cases() -> Vec<Case> {
         .iter()
         .map(|c| Case {
             text: c["text"].as_str().unwrap().to_string(),
-            ids: c["ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|i| i.as_u64().unwrap() as u32)
-                .collect(),
+            ids: c["ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect(),
         })
         .collect()
 }
@@ -55,13 +50,7 @@ fn ids_match_the_reference_tokenizer() {
         }
         assert_eq!(tok.decode(&ids, false).unwrap(), c.text, "round trip");
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} differ:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {} differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
 }
 
 #[test]
@@ -75,23 +64,13 @@ fn special_tokens_of_the_default_model() {
     assert_eq!(tok.token_to_id("<|im_start|>"), Some(1));
     assert!(tok.is_special(1) && !tok.is_special(17));
     // The GGUF says no BOS is added.
-    assert_eq!(
-        tok.encode("hi", true).unwrap(),
-        tok.encode("hi", false).unwrap()
-    );
+    assert_eq!(tok.encode("hi", true).unwrap(), tok.encode("hi", false).unwrap());
     // Special tokens can be skipped when decoding.
-    let ids = tok
-        .encode("<|im_start|>assistant\nOK<|im_end|>", false)
-        .unwrap();
+    let ids = tok.encode("<|im_start|>assistant\nOK<|im_end|>", false).unwrap();
     assert_eq!(tok.decode(&ids, true).unwrap(), "assistant\nOK");
     // The source-level constructor falls back to GGUF metadata.
     let src = ModelSource::new("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert_eq!(
-        Tokenizer::from_source(&src, Some(&md))
-            .unwrap()
-            .vocab_size(),
-        49152
-    );
+    assert_eq!(Tokenizer::from_source(&src, Some(&md)).unwrap().vocab_size(), 49152);
 }
 
 #[test]
@@ -103,11 +82,7 @@ fn streaming_decode_equals_full_decode() {
         let mut out = String::new();
         for &id in &c.ids {
             let piece = d.push(&tok, id).unwrap();
-            assert!(
-                !piece.contains('\u{FFFD}'),
-                "partial character emitted for {:?}",
-                c.text
-            );
+            assert!(!piece.contains('\u{FFFD}'), "partial character emitted for {:?}", c.text);
             out.push_str(&piece);
         }
         out.push_str(&d.finish(&tok).unwrap());
@@ -122,13 +97,7 @@ fn chat_template_from_the_gguf() {
     let src = ModelSource::new("SmolLM2-135M-Instruct.Q4_1.gguf");
     let tmpl = ChatTemplate::from_source_required(&src, Some(&md), None).unwrap();
     let prompt = tmpl
-        .render(
-            &[
-                ChatMessage::new(Role::System, "Be brief."),
-                ChatMessage::new(Role::User, "What is HTN?"),
-            ],
-            true,
-        )
+        .render(&[ChatMessage::new(Role::System, "Be brief."), ChatMessage::new(Role::User, "What is HTN?")], true)
         .unwrap();
     assert_eq!(
         prompt.expose(),
@@ -136,14 +105,6 @@ fn chat_template_from_the_gguf() {
     );
     let ids = tok.encode(prompt.expose(), true).unwrap();
     assert_eq!(ids[0], 1);
-    assert_eq!(
-        ids.iter().filter(|&&i| i == 1).count(),
-        3,
-        "three <|im_start|> tokens"
-    );
-    assert_eq!(
-        ids.iter().filter(|&&i| i == 2).count(),
-        2,
-        "two <|im_end|> tokens"
-    );
+    assert_eq!(ids.iter().filter(|&&i| i == 1).count(), 3, "three <|im_start|> tokens");
+    assert_eq!(ids.iter().filter(|&&i| i == 2).count(), 2, "two <|im_end|> tokens");
 }

@@ -17,7 +17,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use futures::FutureExt;
 
-use crate::api::{chat, meta, ApiError};
+use crate::api::{completions, meta, ApiError};
 use crate::metrics::route_label;
 use crate::state::{AppState, RequestContext};
 
@@ -29,8 +29,8 @@ tokio::task_local! {
 /// The API router.
 pub fn app(state: AppState) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(chat::chat_completions))
-        .route("/v1/completions", post(chat::completions))
+        .route("/v1/chat/completions", post(completions::chat_completions))
+        .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(meta::list_models))
         .route("/v1/models/{*id}", get(meta::get_model))
         .route("/health", get(meta::health))
@@ -75,7 +75,7 @@ async fn record_auth_denied(
     code: &'static str,
     route: &'static str,
 ) {
-    let mut ev = crate::audit::AuditEvent::new(crate::audit::EventKind::AuthDenied)
+    let mut ev = salus_audit::AuditEvent::new(salus_audit::EventKind::AuthDenied)
         .request_id(request_id)
         .operation(route)
         .outcome_reason(if code.is_empty() { "denied" } else { code });
@@ -84,7 +84,7 @@ async fn record_auth_denied(
     }
     if !ctx.auth_denied() {
         if let Some(id) = ctx.principal() {
-            ev = ev.principal(crate::audit::AuditPrincipal::new(id, "api_key", Vec::<String>::new()));
+            ev = ev.principal(salus_audit::AuditPrincipal::new(id, "api_key", Vec::<String>::new()));
         }
     }
     if let Err(e) = state.audit().record(ev).await {

@@ -13,18 +13,18 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 use tower::ServiceExt;
 
-use crate::api::types::ChatMessage;
 use crate::app::app;
-use crate::audit::{read_trail, AuditConfig, AuditLog, AuditRecord};
-use crate::auth::{KeyStore, KeyStoreHandle, PrincipalKind, Role};
+use crate::auth::{KeyStore, KeyStoreHandle, Permission, PrincipalKind};
 use crate::config::LimitsConfig;
 use crate::engine::{
     CancelToken, Engine, EngineError, EngineStats, FinishReason, GenerationEvent, GenerationHandle, GenerationRequest,
     TokenLogprob,
 };
 use crate::metrics::Metrics;
-use crate::secret::{write_new_key_file, KeySource};
-use crate::state::{AppState, EncodedChat, ModelInfo, PromptCodec, PromptError};
+use crate::state::{AppState, EncodedChat, PromptCodec, PromptError, ServedModelInfo};
+use salus_audit::{read_trail, AuditLog, AuditLogSettings, AuditRecord};
+use salus_models::chat::ChatMessage;
+use salus_sensitive::secret::{write_new_key_file, KeySource};
 
 /// What the engine saw of a request: (prompt length, n, seed, max_tokens).
 type Seen = (usize, usize, Option<u64>, usize);
@@ -49,7 +49,8 @@ impl Engine for ScriptedEngine {
         if self.queue_full.load(Ordering::Relaxed) {
             return Err(EngineError::QueueFull { retry_after: Duration::from_secs(3) });
         }
-        self.seen.lock().unwrap().push((r.prompt_tokens.expose().len(), r.n, r.sampling.seed, r.max_tokens));
+        let seed = r.decode.sampling.seed.map(|s| salus_models::choice_seed(s, r.first_choice));
+        self.seen.lock().unwrap().push((r.prompt_tokens.expose().len(), r.n, seed, r.decode.max_tokens));
         self.scopes.lock().unwrap().push(r.prefix_scope.clone());
         if let Some(log) = &*self.break_audit_on_submit.lock().unwrap() {
             log.inject_write_failures(1_000_000);
@@ -59,9 +60,9 @@ impl Engine for ScriptedEngine {
         self.cancels.lock().unwrap().push(cancel.clone());
         let words = ["Hello", " world"];
         for choice in 0..r.n {
-            let k = r.max_tokens.min(words.len());
+            let k = r.decode.max_tokens.min(words.len());
             for w in &words[..k] {
-                let logprobs = match r.sampling.top_logprobs {
+                let logprobs = match r.decode.sampling.top_logprobs {
                     Some(top) => vec![TokenLogprob {
                         token_id: u32::from(w.as_bytes()[0]),
                         logprob: -0.5,
@@ -141,14 +142,14 @@ struct Fixture {
 fn fixture() -> Fixture {
     let now = OffsetDateTime::now_utc();
     let mut store = KeyStore::default();
-    let inference = store.create("alice", PrincipalKind::Human, &[Role::Inference], None, now).unwrap();
-    let inference_rotated = store.create("alice", PrincipalKind::Human, &[Role::Inference], None, now).unwrap();
-    let other_inference = store.create("dave", PrincipalKind::Service, &[Role::Inference], None, now).unwrap();
-    let metrics_only = store.create("prom", PrincipalKind::Service, &[Role::Metrics], None, now).unwrap();
-    let revoked = store.create("bob", PrincipalKind::Human, &[Role::Inference], None, now).unwrap();
+    let inference = store.create("alice", PrincipalKind::Human, &[Permission::Inference], None, now).unwrap();
+    let inference_rotated = store.create("alice", PrincipalKind::Human, &[Permission::Inference], None, now).unwrap();
+    let other_inference = store.create("dave", PrincipalKind::Service, &[Permission::Inference], None, now).unwrap();
+    let metrics_only = store.create("prom", PrincipalKind::Service, &[Permission::Metrics], None, now).unwrap();
+    let revoked = store.create("bob", PrincipalKind::Human, &[Permission::Inference], None, now).unwrap();
     store.revoke(&revoked.record.id, now).unwrap();
     let expired = store
-        .create("carol", PrincipalKind::Human, &[Role::Inference], Some(now + time::Duration::seconds(1)), now)
+        .create("carol", PrincipalKind::Human, &[Permission::Inference], Some(now + time::Duration::seconds(1)), now)
         .unwrap();
     // Make it expire: rewrite its expiry into the past.
     let idx = store.keys.iter().position(|k| k.id == expired.record.id).unwrap();
@@ -158,13 +159,13 @@ fn fixture() -> Fixture {
     let key_path = audit_dir.path().join("audit.key");
     write_new_key_file(&key_path).unwrap();
     let audit_key: KeySource = format!("file:{}", key_path.display()).parse().unwrap();
-    let audit = AuditLog::open(AuditConfig::new(audit_dir.path().join("trail"), audit_key.clone())).unwrap();
+    let audit = AuditLog::open(AuditLogSettings::new(audit_dir.path().join("trail"), audit_key.clone())).unwrap();
     let state = AppState::new(
         engine.clone(),
         Arc::new(ByteCodec),
         Arc::new(KeyStoreHandle::fixed(store)),
         Arc::new(Metrics::new("test-model")),
-        ModelInfo { id: "test-model".into(), created: 1, fingerprint: "ab".repeat(32), sealed: true },
+        ServedModelInfo { id: "test-model".into(), created: 1, fingerprint: "ab".repeat(32), sealed: true },
         LimitsConfig { max_body_bytes: 4096, max_tokens: 100, default_max_tokens: 16, ..Default::default() },
         audit.clone(),
     );
@@ -246,12 +247,18 @@ async fn auth_missing_bad_revoked_expired_and_wrong_role() {
 async fn prefix_cache_scope_is_the_principal_not_the_key() {
     let f = fixture();
     for key in [&f.inference, &f.inference_rotated, &f.other_inference] {
-        let (status, _, _) = send(&f.state, "POST", "/v1/chat/completions", Some(key), Some(&chat_body(json!({})))).await;
+        let (status, _, _) =
+            send(&f.state, "POST", "/v1/chat/completions", Some(key), Some(&chat_body(json!({})))).await;
         assert_eq!(status, StatusCode::OK);
     }
-    let (status, _, _) =
-        send(&f.state, "POST", "/v1/completions", Some(&f.other_inference), Some(br#"{"model":"test-model","prompt":["a","b"]}"#))
-            .await;
+    let (status, _, _) = send(
+        &f.state,
+        "POST",
+        "/v1/completions",
+        Some(&f.other_inference),
+        Some(br#"{"model":"test-model","prompt":["a","b"]}"#),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     let scopes = f.engine.scopes.lock().unwrap().clone();
     assert_eq!(scopes.len(), 5);

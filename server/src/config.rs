@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use crate::scheduler::SchedulerConfig;
+use salus_models::paged_cache::{KvCapacity, KvDtype};
+pub use salus_models::KernelConfig;
 
 /// Errors loading the configuration. They name the file or variable and the key;
 /// configuration is operator data, never request data.
@@ -44,6 +45,7 @@ pub struct Config {
     pub model: ModelConfig,
     pub limits: LimitsConfig,
     pub scheduler: SchedulerConfig,
+    pub kernels: KernelConfig,
     pub audit: AuditConfig,
     pub logging: LoggingConfig,
 }
@@ -179,6 +181,156 @@ impl Default for LimitsConfig {
     }
 }
 
+/// `[scheduler]`: continuous batching and the paged KV cache.
+/// KV cache storage type in the configuration (`"f32"`, `"f16"`, `"bf16"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtypeConfig {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<KvDtypeConfig> for KvDtype {
+    fn from(d: KvDtypeConfig) -> KvDtype {
+        match d {
+            KvDtypeConfig::F32 => KvDtype::F32,
+            KvDtypeConfig::F16 => KvDtype::F16,
+            KvDtypeConfig::Bf16 => KvDtype::BF16,
+        }
+    }
+}
+
+/// Scheduler settings (the `[scheduler]` section of the server config).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Tokens per KV block. Default 16.
+    pub block_size: usize,
+    /// KV cache size in bytes. Mutually exclusive with `kv_cache_fraction`;
+    /// when neither is set the cache takes 1 GiB.
+    pub kv_cache_bytes: Option<u64>,
+    /// KV cache size as a fraction (0, 1] of the memory available at start.
+    pub kv_cache_fraction: Option<f64>,
+    /// KV storage type; attention always accumulates in f32. Default bf16: the
+    /// type the supported model families are trained and usually served in,
+    /// half the memory of f32 (twice the sequences per byte), and a faster
+    /// decode step once attention is a large part of it (many long sequences).
+    pub kv_dtype: KvDtypeConfig,
+    /// Most tokens (decode + prefill) per forward step. Default 512.
+    pub max_batch_tokens: usize,
+    /// Most sequences running at once. Default 64.
+    pub max_running_seqs: usize,
+    /// Most sequences waiting for admission; beyond it `submit` returns
+    /// `QueueFull` (HTTP 429). Default 256.
+    pub max_waiting: usize,
+    /// Most prompt tokens of one sequence per step (chunked prefill). Default 256.
+    pub prefill_chunk: usize,
+    /// Most prompt tokens of all sequences together per step. Default:
+    /// [`DEFAULT_CPU_MAX_PREFILL_TOKENS`] on a CPU, `max_batch_tokens` on a GPU
+    /// (see `scheduler::policy`'s module doc for why).
+    pub max_prefill_tokens: Option<usize>,
+    /// Most waiting sequences admitted (starting their prefill) per step.
+    /// Default: [`DEFAULT_CPU_MAX_ADMISSIONS_PER_STEP`] on a CPU,
+    /// `max_running_seqs` on a GPU (see `scheduler::policy`'s module doc for why).
+    pub max_admissions_per_step: Option<usize>,
+    /// Retry-After sent with `QueueFull`, in seconds. Default 1.
+    pub retry_after_secs: u64,
+    /// Reuse the K/V of prompt blocks a caller has sent before (the chat
+    /// template's system prompt, fixed instructions, earlier turns) instead of
+    /// recomputing them. Shared only between requests of the same principal,
+    /// never across callers. Cached blocks are held in process memory until
+    /// evicted (least recently used first, only when the cache needs room).
+    /// Default true.
+    pub prefix_cache: bool,
+    /// Cached prompt blocks nobody has used for this many seconds are dropped
+    /// (their token ids zeroized, their KV blocks freed), bounding how long a
+    /// prompt stays reusable in memory after its last use. Default 600.
+    pub prefix_cache_idle_secs: u64,
+    /// Commit the KV cache's memory at start instead of on first use (CPU):
+    /// a host that cannot back the configured capacity fails at start rather
+    /// than under load, and serving never pays for first-touch page faults.
+    /// Costs the whole cache in resident memory from the start.
+    pub kv_prefault: bool,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            block_size: salus_models::paged_cache::DEFAULT_BLOCK_SIZE,
+            kv_cache_bytes: None,
+            kv_cache_fraction: None,
+            kv_dtype: KvDtypeConfig::Bf16,
+            max_batch_tokens: 512,
+            max_running_seqs: 64,
+            max_waiting: 256,
+            prefill_chunk: 256,
+            max_prefill_tokens: None,
+            max_admissions_per_step: None,
+            retry_after_secs: 1,
+            prefix_cache: true,
+            prefix_cache_idle_secs: 600,
+            kv_prefault: false,
+        }
+    }
+}
+
+/// Prompt tokens per step on a CPU when `max_prefill_tokens` is not set: a CPU
+/// step is compute-bound from a few dozen rows on, so larger steps gain little
+/// throughput and make every prompt in them wait for the slowest.
+pub const DEFAULT_CPU_MAX_PREFILL_TOKENS: usize = 64;
+
+/// New sequences per step on a CPU when `max_admissions_per_step` is not set:
+/// sequences admitted together finish together (same `max_tokens`), and their
+/// successors then arrive together, so admitting one per step keeps streams
+/// staggered (see the policy's module doc and the README's measurements).
+pub const DEFAULT_CPU_MAX_ADMISSIONS_PER_STEP: usize = 1;
+
+/// Default KV cache size when none is configured.
+pub const DEFAULT_KV_CACHE_BYTES: u64 = 1 << 30;
+
+impl SchedulerConfig {
+    /// Checks ranges and combinations; the message names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Value { key: "scheduler", reason: m.to_string() });
+        if self.block_size == 0 || self.block_size > 1024 {
+            return bad("scheduler.block_size must be in 1..=1024");
+        }
+        if self.kv_cache_bytes.is_some() && self.kv_cache_fraction.is_some() {
+            return bad("set only one of scheduler.kv_cache_bytes and scheduler.kv_cache_fraction");
+        }
+        if let Some(f) = self.kv_cache_fraction {
+            if !(f > 0.0 && f <= 1.0) {
+                return bad("scheduler.kv_cache_fraction must be in (0, 1]");
+            }
+        }
+        if self.max_batch_tokens == 0 || self.max_running_seqs == 0 || self.prefill_chunk == 0 {
+            return bad("scheduler.max_batch_tokens, max_running_seqs and prefill_chunk must be > 0");
+        }
+        if self.max_prefill_tokens == Some(0) {
+            return bad("scheduler.max_prefill_tokens must be > 0");
+        }
+        if self.prefix_cache_idle_secs == 0 {
+            return bad("scheduler.prefix_cache_idle_secs must be > 0 (set prefix_cache = false to turn caching off)");
+        }
+        if self.max_admissions_per_step == Some(0) {
+            return bad("scheduler.max_admissions_per_step must be > 0");
+        }
+        if self.max_running_seqs > self.max_batch_tokens {
+            return bad("scheduler.max_running_seqs must not exceed max_batch_tokens (every running sequence decodes each step)");
+        }
+        Ok(())
+    }
+
+    pub(crate) fn capacity(&self) -> KvCapacity {
+        match (self.kv_cache_bytes, self.kv_cache_fraction) {
+            (_, Some(f)) => KvCapacity::FractionOfFree(f),
+            (Some(b), None) => KvCapacity::Bytes(b),
+            (None, None) => KvCapacity::Bytes(DEFAULT_KV_CACHE_BYTES),
+        }
+    }
+}
+
 /// `[audit]`: the tamper-evident audit trail.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -225,7 +377,7 @@ impl AuditConfig {
     /// inference without an audit trail; `salus serve --dev` sets one up in the
     /// dev directory). The directory must not be accessible to other users
     /// (checked when it exists; the log creates it with mode 0700 otherwise).
-    pub fn to_audit_config(&self) -> Result<crate::audit::AuditConfig, ConfigError> {
+    pub fn to_log_settings(&self) -> Result<salus_audit::AuditLogSettings, ConfigError> {
         if !self.enabled {
             return Err(ConfigError::Value {
                 key: "audit.enabled",
@@ -236,9 +388,11 @@ impl AuditConfig {
             key: "audit.key",
             reason: "not set: the audit trail needs a master key (file:PATH, env:NAME or cmd:PROGRAM; create one with `salus audit keygen PATH`), or use `salus serve --dev`".into(),
         })?;
-        let key: crate::secret::KeySource = key
-            .parse()
-            .map_err(|e: crate::secret::SecretError| ConfigError::Value { key: "audit.key", reason: e.to_string() })?;
+        let key: salus_sensitive::secret::KeySource =
+            key.parse().map_err(|e: salus_sensitive::secret::SecretError| ConfigError::Value {
+                key: "audit.key",
+                reason: e.to_string(),
+            })?;
         if self.dir.as_os_str().is_empty() {
             return Err(ConfigError::Value { key: "audit.dir", reason: "must be set".into() });
         }
@@ -253,7 +407,7 @@ impl AuditConfig {
                 Ok(v)
             }
         };
-        let mut c = crate::audit::AuditConfig::new(&self.dir, key);
+        let mut c = salus_audit::AuditLogSettings::new(&self.dir, key);
         c.checkpoint_dir = self.checkpoint_dir.clone();
         c.checkpoint_every_records = positive("audit.checkpoint_every_records", self.checkpoint_every_records)?;
         c.checkpoint_every =
@@ -375,7 +529,8 @@ impl Config {
                 return Err(ConfigError::Value { key, reason: "must be at least 1".into() });
             }
         }
-        self.scheduler.validate().map_err(|e| ConfigError::Value { key: "scheduler", reason: e.to_string() })?;
+        self.scheduler.validate()?;
+        self.kernels.validate().map_err(|e| ConfigError::Value { key: "kernels", reason: e.to_string() })?;
         if !matches!(self.logging.format.as_str(), "text" | "json") {
             return Err(ConfigError::Value { key: "logging.format", reason: "must be \"text\" or \"json\"".into() });
         }
@@ -476,7 +631,7 @@ mod tests {
     #[test]
     fn audit_section_maps_and_is_required() {
         let c = Config::default();
-        let e = c.audit.to_audit_config().unwrap_err().to_string();
+        let e = c.audit.to_log_settings().unwrap_err().to_string();
         assert!(e.contains("audit.key"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let mut a = AuditConfig {
@@ -490,26 +645,50 @@ mod tests {
             retention_days: 30,
             ..AuditConfig::default()
         };
-        let m = a.to_audit_config().unwrap();
+        let m = a.to_log_settings().unwrap();
         assert_eq!(m.dir, dir.path().join("trail"));
         assert_eq!(m.checkpoint_dir, Some(dir.path().join("ckpt")));
         assert_eq!((m.checkpoint_every_records, m.checkpoint_every.as_secs()), (7, 3));
         assert_eq!((m.segment_max_bytes, m.segment_max_age.as_secs(), m.retention_days), (8192, 5, 30));
         a.segment_max_bytes = 100;
-        assert!(a.to_audit_config().unwrap_err().to_string().contains("audit.segment_max_bytes"));
+        assert!(a.to_log_settings().unwrap_err().to_string().contains("audit.segment_max_bytes"));
         a.segment_max_bytes = 8192;
         a.key = Some("nonsense".into());
-        assert!(a.to_audit_config().unwrap_err().to_string().contains("audit.key"));
+        assert!(a.to_log_settings().unwrap_err().to_string().contains("audit.key"));
         a.key = Some("env:X".into());
         a.enabled = false;
-        assert!(a.to_audit_config().unwrap_err().to_string().contains("cannot be turned off"));
+        assert!(a.to_log_settings().unwrap_err().to_string().contains("cannot be turned off"));
         a.enabled = true;
         use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir(&a.dir).unwrap();
         std::fs::set_permissions(&a.dir, std::fs::Permissions::from_mode(0o705)).unwrap();
-        let e = a.to_audit_config().unwrap_err().to_string();
+        let e = a.to_log_settings().unwrap_err().to_string();
         assert!(e.contains("audit.dir") && e.contains("accessible to other users"), "{e}");
         std::fs::set_permissions(&a.dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-        assert!(a.to_audit_config().is_ok());
+        assert!(a.to_log_settings().is_ok());
+    }
+
+    #[test]
+    fn scheduler_config_defaults_and_validation() {
+        let c: SchedulerConfig = toml::from_str("").unwrap();
+        assert_eq!(c, SchedulerConfig::default());
+        assert_eq!(c.block_size, 16);
+        assert!(c.validate().is_ok());
+        let c: SchedulerConfig =
+            toml::from_str("kv_dtype = \"f32\"\nkv_cache_fraction = 0.5\nblock_size = 32").unwrap();
+        assert_eq!(KvDtype::from(c.kv_dtype), KvDtype::F32);
+        assert_eq!(KvDtype::from(SchedulerConfig::default().kv_dtype), KvDtype::BF16);
+        assert!(SchedulerConfig { max_prefill_tokens: Some(0), ..Default::default() }.validate().is_err());
+        assert!(SchedulerConfig { max_admissions_per_step: Some(0), ..Default::default() }.validate().is_err());
+        assert!(SchedulerConfig { prefix_cache_idle_secs: 0, ..Default::default() }.validate().is_err());
+        let adm: SchedulerConfig = toml::from_str("max_admissions_per_step = 4").unwrap();
+        assert_eq!(adm.max_admissions_per_step, Some(4));
+        assert_eq!(c.capacity(), KvCapacity::FractionOfFree(0.5));
+        let both = SchedulerConfig { kv_cache_bytes: Some(1), kv_cache_fraction: Some(0.1), ..Default::default() };
+        assert!(both.validate().is_err());
+        let zero = SchedulerConfig { block_size: 0, ..Default::default() };
+        assert!(zero.validate().is_err());
+        assert!(toml::from_str::<SchedulerConfig>("kv_dtype = \"f8\"").is_err());
+        assert!(toml::from_str::<SchedulerConfig>("blocksize = 3").is_err());
     }
 }

@@ -1,19 +1,21 @@
-//! Salus server: HTTP API, authentication, audit trail, sealed weights,
-//! scheduling, configuration and observability.
+//! Salus server: the OpenAI-compatible HTTP API, authentication, the
+//! continuous-batching engine, configuration and observability.
+//!
+//! The audit trail (`salus-audit`), the sealed-weights format (`salus-seal`)
+//! and the sensitive-data types (`salus-sensitive`) are crates of their own:
+//! each is specified on its own and used by the CLI without a server.
 
-pub mod seal;
-pub mod secret;
-pub mod audit;
-pub mod engine;
-pub mod scheduler;
+pub mod admin_events;
 pub mod api;
 pub mod app;
-pub mod auth;
-pub mod config;
-pub mod metrics;
-pub mod served_model;
-pub mod state;
-pub mod observability;
-pub mod tls;
 #[cfg(test)]
 mod app_tests;
+pub mod auth;
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod observability;
+pub mod scheduler;
+pub mod served_model;
+pub mod state;
+pub mod tls;

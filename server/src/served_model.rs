@@ -5,13 +5,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use salus_models::chat::{ChatMessage as TemplateMessage, Role as TemplateRole};
-use salus_models::{LoadOptions, LoadedModel, Phi};
+use salus_models::chat::ChatMessage;
+use salus_models::{KernelConfig, LoadOptions, LoadedModel, Phi};
 
-use crate::api::types::{ChatMessage, MessageRole};
 use crate::config::ModelConfig;
-use crate::secret::KeySource;
 use crate::state::{EncodedChat, PromptCodec, PromptError};
+use salus_sensitive::secret::KeySource;
 
 /// Errors loading the served model. Messages name files and keys.
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +20,7 @@ pub enum ServedModelError {
     #[error("model.kek: {0}")]
     Kek(String),
     #[error("{0}")]
-    Seal(#[from] crate::seal::SealError),
+    Seal(#[from] salus_seal::SealError),
     #[error("model: {0}")]
     Model(#[from] salus_models::ModelError),
     #[error("chat template file {path}: {reason}")]
@@ -87,10 +86,12 @@ pub struct ServedModel {
 
 impl ServedModel {
     /// Loads the model named by the config (sealed, or plaintext if allowed).
-    pub fn load(cfg: &ModelConfig) -> Result<Self, ServedModelError> {
+    pub fn load(cfg: &ModelConfig, kernels: &KernelConfig) -> Result<Self, ServedModelError> {
         let path = cfg.path.as_deref().ok_or(ServedModelError::NoPath)?;
         let kek: Option<KeySource> = match &cfg.kek {
-            Some(k) => Some(k.parse().map_err(|e: crate::secret::SecretError| ServedModelError::Kek(e.to_string()))?),
+            Some(k) => Some(
+                k.parse().map_err(|e: salus_sensitive::secret::SecretError| ServedModelError::Kek(e.to_string()))?,
+            ),
             None => None,
         };
         let device = open_device(&cfg.device)?;
@@ -101,14 +102,15 @@ impl ServedModel {
             ),
             None => None,
         };
-        let loaded = crate::seal::load_model(path, kek.as_ref(), cfg.allow_plaintext_weights)?;
+        let loaded = salus_seal::load_model(path, kek.as_ref(), cfg.allow_plaintext_weights)?;
         let dtype = compute_dtype(&device);
-        let opts = LoadOptions { device, dtype, chat_template_override: template_override, ..Default::default() };
+        let opts =
+            LoadOptions { device, dtype, chat_template_override: template_override, kernels: Some(kernels.clone()) };
         let lm = salus_models::load(&loaded.source, &opts)?;
         // Uploads to a GPU are finished before the engine's thread (another CUDA
         // stream) reads the weights, and before the host copy is released below.
         lm.model.device().synchronize().map_err(salus_models::ModelError::from)?;
-        let crate::seal::LoadedWeights { source, fingerprint, sealed } = loaded;
+        let salus_seal::LoadedWeights { source, fingerprint, sealed } = loaded;
         // The network now holds its own copy of the weights (on a GPU: in device
         // memory, uploaded straight from the locked buffers). Dropping the source
         // releases the last handles to the decrypted host buffers, which zeroize
@@ -155,18 +157,7 @@ impl PromptCodec for ModelCodec {
     }
     fn encode_chat(&self, messages: &[ChatMessage]) -> Result<EncodedChat, PromptError> {
         let template = self.lm.chat_template.as_ref().ok_or(PromptError::Template)?;
-        let msgs: Vec<TemplateMessage> = messages
-            .iter()
-            .map(|m| TemplateMessage {
-                role: match m.role {
-                    MessageRole::System => TemplateRole::System,
-                    MessageRole::User => TemplateRole::User,
-                    MessageRole::Assistant => TemplateRole::Assistant,
-                },
-                content: m.content.clone(),
-            })
-            .collect();
-        let text = template.render(&msgs, true).map_err(|_| PromptError::Template)?;
+        let text = template.render(messages, true).map_err(|_| PromptError::Template)?;
         // The template writes any BOS itself (as Hugging Face's apply_chat_template).
         let ids = self.lm.tokenizer.encode(text.expose(), false).map_err(|_| PromptError::Tokenizer)?;
         if ids.is_empty() {

@@ -12,14 +12,14 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use salus_models::chat::ChatMessage;
 use salus_models::Phi;
 
-use crate::api::types::ChatMessage;
-use crate::audit::AuditLog;
 use crate::auth::KeyStoreHandle;
 use crate::config::LimitsConfig;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
+use salus_audit::AuditLog;
 
 /// Why a prompt could not be encoded. Messages never quote the prompt.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -61,7 +61,7 @@ pub trait PromptCodec: Send + Sync + 'static {
 
 /// What `/v1/models` says about the served model.
 #[derive(Debug, Clone)]
-pub struct ModelInfo {
+pub struct ServedModelInfo {
     /// The id clients send as `model`.
     pub id: String,
     /// Unix time the model was loaded.
@@ -77,7 +77,7 @@ struct Inner {
     codec: Arc<dyn PromptCodec>,
     keys: Arc<KeyStoreHandle>,
     metrics: Arc<Metrics>,
-    model: ModelInfo,
+    model: ServedModelInfo,
     limits: LimitsConfig,
     audit: AuditLog,
     accepting: AtomicBool,
@@ -93,7 +93,7 @@ impl AppState {
         codec: Arc<dyn PromptCodec>,
         keys: Arc<KeyStoreHandle>,
         metrics: Arc<Metrics>,
-        model: ModelInfo,
+        model: ServedModelInfo,
         limits: LimitsConfig,
         audit: AuditLog,
     ) -> Self {
@@ -124,7 +124,7 @@ impl AppState {
     pub fn metrics(&self) -> &Metrics {
         &self.0.metrics
     }
-    pub fn model(&self) -> &ModelInfo {
+    pub fn model(&self) -> &ServedModelInfo {
         &self.0.model
     }
     pub fn limits(&self) -> &LimitsConfig {

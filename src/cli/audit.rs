@@ -12,9 +12,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
+use salus_audit::{self, AuditKeys, RecordFilter};
 use salus_models::Phi;
-use salus_server::audit::{self, AuditKeys, RecordFilter};
-use salus_server::secret::{write_new_key_file, KeySource};
+use salus_sensitive::secret::{write_new_key_file, KeySource};
 
 #[derive(Args)]
 pub struct AuditArgs {
@@ -122,7 +122,7 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
     match args.command {
         AuditCommand::Verify { trail, checkpoints } => {
             let key = trail.key.load().context("loading the audit key")?;
-            let rep = audit::verify_trail(&trail.dir, &key, checkpoints.as_deref())
+            let rep = salus_audit::verify_trail(&trail.dir, &key, checkpoints.as_deref())
                 .with_context(|| format!("audit trail {} FAILED verification", trail.dir.display()))?;
             println!(
                 "OK: {} records (seq {}..{}) in {} segments ({} sealed, {} purged before); chain head {}; checkpoints: {}",
@@ -143,7 +143,7 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             let mut write_err = None;
-            let walk = audit::read_trail(&trail.dir, &key, |rec, raw| {
+            let walk = salus_audit::read_trail(&trail.dir, &key, |rec, raw| {
                 if write_err.is_none() && filter.matches(rec) {
                     if let Err(e) = out.write_all(raw).and_then(|_| out.write_all(b"\n")) {
                         write_err = Some(e);
@@ -164,13 +164,13 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
             let filter = filter.build()?;
             let key = trail.key.load().context("loading the audit key")?;
             let mut records = Vec::new();
-            audit::read_trail(&trail.dir, &key, |rec, _| {
+            salus_audit::read_trail(&trail.dir, &key, |rec, _| {
                 if filter.matches(rec) {
                     records.push(rec.clone());
                 }
             })
             .with_context(|| format!("reading audit trail {}", trail.dir.display()))?;
-            let bundle = serde_json::to_vec_pretty(&audit::fhir::export_bundle(&records))?;
+            let bundle = serde_json::to_vec_pretty(&salus_audit::fhir::export_bundle(&records))?;
             match out {
                 Some(path) => {
                     let mut f = std::fs::OpenOptions::new()

@@ -11,7 +11,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 use salus_models::chat::{ChatMessage, Role};
 use salus_models::sampling::SamplingParams;
-use salus_models::{generate, load, GenerateParams, LoadOptions, ModelSource, Phi};
+use salus_models::{load, run_single_stream, LoadOptions, ModelSource, Phi, SingleStreamParams};
+use salus_server::config::Config;
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -45,6 +46,10 @@ pub struct GenerateArgs {
     /// Print prompt-processing and decode speed (tokens/s) on stderr.
     #[arg(long)]
     pub bench: bool,
+    /// Server config file whose `[kernels]` section selects the CPU kernels
+    /// (`SALUS_KERNELS__<KEY>` variables override it, as for `salus serve`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -52,18 +57,19 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         Some(p) => p,
         None => {
             let mut s = String::new();
-            std::io::stdin()
-                .read_to_string(&mut s)
-                .context("reading the prompt from stdin")?;
+            std::io::stdin().read_to_string(&mut s).context("reading the prompt from stdin")?;
             s
         }
     });
     if prompt.expose().trim().is_empty() {
         bail!("empty prompt: pass --prompt TEXT or text on stdin");
     }
+    let config = Config::load(args.config.as_deref(), std::env::vars())?;
+    config.validate()?;
     let t0 = std::time::Instant::now();
     let source = ModelSource::read_plaintext(&args.model).context("reading the model")?;
-    let lm = load(&source, &LoadOptions::default()).context("loading the model")?;
+    let opts = LoadOptions { kernels: Some(config.kernels), ..LoadOptions::default() };
+    let lm = load(&source, &opts).context("loading the model")?;
     drop(source);
     eprintln!(
         "model {} ({}, {}, {} params, context {}) loaded in {:.2}s",
@@ -78,10 +84,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let ids = if args.raw {
         lm.tokenizer.encode(prompt.expose(), true)?
     } else {
-        let template = lm
-            .chat_template
-            .as_ref()
-            .ok_or_else(salus_models::chat::no_template_error)?;
+        let template = lm.chat_template.as_ref().ok_or_else(salus_models::chat::no_template_error)?;
         let mut messages = Vec::new();
         if let Some(system) = args.system {
             messages.push(ChatMessage::new(Role::System, system));
@@ -92,21 +95,19 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     drop(prompt);
 
-    let params = GenerateParams {
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_p: args.top_p,
-            top_k: args.top_k,
-            seed: args.seed,
-            ..SamplingParams::default()
-        },
-        max_tokens: args.max_tokens,
-        ..GenerateParams::default()
+    let mut params = SingleStreamParams::default();
+    params.decode.sampling = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+        ..SamplingParams::default()
     };
+    params.decode.max_tokens = args.max_tokens;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut write_err = None;
-    let result = generate(&lm, &ids, &params, |piece| {
+    let result = run_single_stream(&lm, &ids, &params, |piece| {
         if write_err.is_none() {
             if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
                 write_err = Some(e);

@@ -44,18 +44,9 @@ pub fn run(args: HealthArgs) -> anyhow::Result<()> {
 }
 
 fn is_loopback_url(url: &str) -> bool {
-    let host = url
-        .split("://")
-        .nth(1)
-        .unwrap_or("")
-        .split('/')
-        .next()
-        .unwrap_or("");
+    let host = url.split("://").nth(1).unwrap_or("").split('/').next().unwrap_or("");
     let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-    matches!(host, "localhost" | "[::1]")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+    matches!(host, "localhost" | "[::1]") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn tls_config(args: &HealthArgs) -> anyhow::Result<rustls::ClientConfig> {

@@ -22,10 +22,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use salus_server::audit::admin::{key_store_events, local_operator};
-use salus_server::audit::{key_baseline, AuditConfig, AuditError, AuditLog};
+use salus_audit::{AuditError, AuditLog, AuditLogSettings};
+use salus_server::admin_events::local_operator;
+use salus_server::auth::key_baseline;
+use salus_server::auth::key_events::key_store_events;
 use salus_server::auth::store::{format_time, parse_expiry, OffsetDateTime};
-use salus_server::auth::{KeyStore, PrincipalKind, Role};
+use salus_server::auth::{KeyStore, Permission, PrincipalKind};
 use salus_server::config::Config;
 
 #[derive(Args)]
@@ -73,7 +75,7 @@ enum KeysCommand {
 }
 
 /// The key store path and, if one is configured, the audit trail.
-fn settings(args: &KeysArgs) -> anyhow::Result<(PathBuf, Option<AuditConfig>)> {
+fn settings(args: &KeysArgs) -> anyhow::Result<(PathBuf, Option<AuditLogSettings>)> {
     let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
     if let Some(p) = &args.api_keys {
         config.auth.api_keys = p.clone();
@@ -85,7 +87,7 @@ fn settings(args: &KeysArgs) -> anyhow::Result<(PathBuf, Option<AuditConfig>)> {
         config.audit.key = Some(k.clone());
     }
     let audit = match config.audit.key {
-        Some(_) => Some(config.audit.to_audit_config()?),
+        Some(_) => Some(config.audit.to_log_settings()?),
         None => None,
     };
     Ok((config.auth.api_keys, audit))
@@ -97,7 +99,7 @@ fn save_audited(
     path: &Path,
     old: &KeyStore,
     new: &KeyStore,
-    audit: Option<AuditConfig>,
+    audit: Option<AuditLogSettings>,
     operation: &'static str,
 ) -> anyhow::Result<()> {
     let Some(cfg) = audit else {
@@ -165,7 +167,7 @@ pub fn run(args: KeysArgs) -> anyhow::Result<()> {
     match args.command {
         KeysCommand::Create { principal, kind, roles, expires } => {
             let kind = PrincipalKind::parse(&kind)?;
-            let roles = roles.iter().map(|r| Role::parse(r)).collect::<Result<Vec<_>, _>>()?;
+            let roles = roles.iter().map(|r| Permission::parse(r)).collect::<Result<Vec<_>, _>>()?;
             let expires = expires.map(|e| parse_expiry(&e, now)).transpose()?;
             let mut store = KeyStore::load(&path)?;
             let old = store.clone();

@@ -7,8 +7,8 @@ mod generate;
 mod health;
 mod keys;
 mod model;
-mod tokenize;
 mod serve;
+mod tokenize;
 
 #[derive(Parser)]
 #[command(name = "salus", version, about = "Self-hosted LLM inference server for healthcare")]

@@ -22,17 +22,18 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use salus_audit::AuditLog;
+use salus_server::admin_events;
 use salus_server::app::{app, metrics_app};
-use salus_server::audit::{key_baseline, AuditEvent, AuditLog, AuditPrincipal, EventKind};
+use salus_server::auth::key_baseline;
 use salus_server::auth::store::{parse_expiry, OffsetDateTime};
-use salus_server::auth::{KeyStore, KeyStoreHandle, PrincipalKind, Role};
+use salus_server::auth::{KeyStore, KeyStoreHandle, Permission, PrincipalKind};
 use salus_server::config::{valid_model_id, Config};
-use salus_server::engine::serial::SerialEngine;
 use salus_server::engine::Engine;
 use salus_server::metrics::Metrics;
 use salus_server::scheduler::ContinuousBatchingEngine;
 use salus_server::served_model::{ModelCodec, ServedModel};
-use salus_server::state::{AppState, ModelInfo};
+use salus_server::state::{AppState, ServedModelInfo};
 use salus_server::tls::{check_plaintext_allowed, serve, write_self_signed, ReloadableTls, TlsSettings};
 
 #[derive(Args)]
@@ -64,10 +65,6 @@ pub struct ServeArgs {
     /// Compute device (model.device): `cpu` or `cuda:N` (CUDA needs a `--features cuda` build).
     #[arg(long)]
     device: Option<String>,
-    /// Generation engine: `batching` (continuous batching, default) or `serial`
-    /// (one request at a time; a simple reference for debugging).
-    #[arg(long, default_value = "batching", value_parser = ["batching", "serial"])]
-    engine: String,
 }
 
 /// The default model of development setups (fetched by scripts/fetch-model.sh).
@@ -109,7 +106,7 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<(Config, Option<PathBuf>)> {
         c.model.allow_plaintext_weights = true;
         let audit_key = dir.join("audit.key");
         if !audit_key.exists() {
-            salus_server::secret::write_new_key_file(&audit_key)
+            salus_sensitive::secret::write_new_key_file(&audit_key)
                 .with_context(|| format!("writing the development audit key {}", audit_key.display()))?;
         }
         c.audit.enabled = true;
@@ -146,7 +143,7 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<(Config, Option<PathBuf>)> {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (config, dev_dir) = build_config(&args)?;
     salus_server::observability::init(&config.logging.format, &config.logging.level, config.logging.file.as_deref())?;
-    if let Err(e) = salus_server::seal::harden_process() {
+    if let Err(e) = salus_seal::harden_process() {
         tracing::warn!(error = %e, "process hardening incomplete");
     }
     let addr = config.listen_addr()?;
@@ -172,7 +169,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     // The audit trail: required; refused before any model or key work if it is
     // not configured, not private, or cannot be made durable.
-    let audit_cfg = config.audit.to_audit_config()?;
+    let audit_cfg = config.audit.to_log_settings()?;
     let audit_dir = audit_cfg.dir.clone();
     let audit =
         AuditLog::open(audit_cfg).with_context(|| format!("opening the audit trail {}", audit_dir.display()))?;
@@ -183,46 +180,37 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     result.and(closed)
 }
 
-/// The operator acting at start-up (for admin events written by `serve`).
-fn local_operator() -> AuditPrincipal {
-    AuditPrincipal::new("salus-serve", "local", Vec::<String>::new())
+/// The served model, loaded and announced in the trail.
+struct LoadedServedModel {
+    id: String,
+    served: ServedModel,
 }
 
-fn run_with_audit(
+/// API keys: in `--dev`, first records what the trail's key baseline lacks,
+/// then creates (and records) the development key; then opens the store for
+/// serving, recording whatever changed while no one was recording. Returns the
+/// store and the development key (shown once).
+fn set_up_keys(
     args: &ServeArgs,
-    config: Config,
-    dev_dir: Option<PathBuf>,
-    addr: std::net::SocketAddr,
-    tls: Option<Arc<ReloadableTls>>,
-    audit: AuditLog,
-) -> anyhow::Result<()> {
-    // API keys.
+    config: &Config,
+    audit: &AuditLog,
+) -> anyhow::Result<(Arc<KeyStoreHandle>, Option<zeroize::Zeroizing<String>>)> {
     let mut dev_key = None;
     if args.dev {
         let now = OffsetDateTime::now_utc();
         let mut store = KeyStore::load(&config.auth.api_keys)?;
         // First the trail learns the store as it is (what the baseline lacks),
         // so that below the development key is recorded once, as serve.dev_key.
-        key_baseline::reconcile(&audit, &store)
+        key_baseline::reconcile(audit, &store)
             .context("recording key-store changes the audit trail had missed (keys.startup_reconcile)")?;
-        let new = store.create(
-            "dev",
-            PrincipalKind::Human,
-            &[Role::Inference, Role::Metrics],
-            Some(parse_expiry("24h", now)?),
-            now,
-        )?;
+        let new =
+            store.create("dev", PrincipalKind::Human, &DEV_KEY_PERMISSIONS, Some(parse_expiry("24h", now)?), now)?;
         store.save(&config.auth.api_keys)?;
         audit
-            .record_blocking(
-                AuditEvent::new(EventKind::AdminKeyCreated)
-                    .principal(local_operator())
-                    .operation("serve.dev_key")
-                    .target(new.record.id.clone()),
-            )
+            .record_blocking(admin_events::dev_key_created(&new.record.id))
             .context("recording admin.key_created in the audit trail")?;
         // The key's creation is durable: the baseline may include it.
-        key_baseline::note_recorded(&audit, &store).context("writing the audit trail's key baseline")?;
+        key_baseline::note_recorded(audit, &store).context("writing the audit trail's key baseline")?;
         dev_key = Some(new.secret);
     }
     let keys = Arc::new(KeyStoreHandle::open(config.auth.api_keys.clone())?);
@@ -237,94 +225,129 @@ fn run_with_audit(
     if missed > 0 {
         tracing::info!(events = missed, "audit: recorded key-store changes the trail did not hold yet");
     }
+    Ok((keys, dev_key))
+}
 
-    // The model.
+/// What the development key may do.
+const DEV_KEY_PERMISSIONS: [Permission; 2] = [Permission::Inference, Permission::Metrics];
+
+/// Loads the model (sealed, or plaintext where allowed) and records `admin.model_loaded`.
+fn load_served_model(config: &Config, audit: &AuditLog) -> anyhow::Result<LoadedServedModel> {
     let model_path = config.model.path.clone().context("model.path is not set (use --model PATH)")?;
-    let model_id = config.model.id.clone().unwrap_or_else(|| ServedModel::default_id(&model_path));
-    if !valid_model_id(&model_id) {
-        bail!("model id derived from the file name is unusable; set model.id");
-    }
+    let id = match &config.model.id {
+        Some(id) => id.clone(),
+        None => {
+            let id = ServedModel::default_id(&model_path);
+            if !valid_model_id(&id) {
+                bail!("model id derived from the file name is unusable; set model.id");
+            }
+            tracing::info!(model = %id, "model.id is not set: serving the model under its file name");
+            id
+        }
+    };
     let started = std::time::Instant::now();
-    let served = ServedModel::load(&config.model)?;
+    let served = ServedModel::load(&config.model, &config.kernels)?;
     tracing::info!(
-        model = %model_id,
+        model = %id,
         fingerprint = %served.fingerprint,
         sealed = served.sealed,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
     audit
-        .record_blocking(
-            AuditEvent::new(EventKind::AdminModelLoaded)
-                .principal(local_operator())
-                .operation("serve.load_model")
-                .model(model_id.clone(), served.fingerprint.clone())
-                .target(model_id.clone()),
-        )
+        .record_blocking(admin_events::model_loaded(&id, &served.fingerprint))
         .context("recording admin.model_loaded in the audit trail")?;
-    let engine: Arc<dyn Engine> = match args.engine.as_str() {
-        "serial" => Arc::new(SerialEngine::start(
-            served.lm.clone(),
-            config.scheduler.max_waiting,
-            Duration::from_secs(config.scheduler.retry_after_secs),
-        )),
-        _ => Arc::new(ContinuousBatchingEngine::start(served.lm.clone(), config.scheduler.clone())?),
-    };
-    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let state = AppState::new(
-        engine,
-        Arc::new(ModelCodec::new(served.lm.clone())),
-        keys.clone(),
-        Arc::new(Metrics::new(&model_id)),
-        ModelInfo { id: model_id.clone(), created, fingerprint: served.fingerprint.clone(), sealed: served.sealed },
-        config.limits.clone(),
-        audit.clone(),
-    );
+    Ok(LoadedServedModel { id, served })
+}
 
-    let at_exit = (model_id.clone(), served.fingerprint.clone(), keys.clone());
+/// The handlers' state: the engine started on the model, its codec, keys,
+/// metrics, limits and the trail.
+fn build_state(
+    config: &Config,
+    model: &LoadedServedModel,
+    keys: Arc<KeyStoreHandle>,
+    audit: AuditLog,
+) -> anyhow::Result<AppState> {
+    let engine: Arc<dyn Engine> =
+        Arc::new(ContinuousBatchingEngine::start(model.served.lm.clone(), config.scheduler.clone())?);
+    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let info = ServedModelInfo {
+        id: model.id.clone(),
+        created,
+        fingerprint: model.served.fingerprint.clone(),
+        sealed: model.served.sealed,
+    };
+    Ok(AppState::new(
+        engine,
+        Arc::new(ModelCodec::new(model.served.lm.clone())),
+        keys,
+        Arc::new(Metrics::new(&model.id)),
+        info,
+        config.limits.clone(),
+        audit,
+    ))
+}
+
+/// Serves the API (and the metrics listener) until SIGTERM/SIGINT, then drains.
+async fn serve_until_stopped(
+    config: &Config,
+    addr: std::net::SocketAddr,
+    tls: Option<Arc<ReloadableTls>>,
+    state: AppState,
+    keys: Arc<KeyStoreHandle>,
+    on_listening: impl FnOnce(),
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let handshake = Duration::from_secs(config.server.handshake_timeout_secs);
+    let drain = Duration::from_secs(config.server.shutdown_timeout_secs);
+    let mut metrics_task = None;
+    if let Some(m) = &config.server.metrics_listen {
+        let maddr: std::net::SocketAddr = m.parse()?;
+        let ml = tokio::net::TcpListener::bind(maddr).await.with_context(|| format!("binding {maddr}"))?;
+        let fut = serve(ml, metrics_app(state.clone()), None, handshake, drain, shutdown(stop_rx.clone()));
+        metrics_task = Some(tokio::spawn(fut));
+        tracing::info!(addr = %maddr, "metrics listener (plain HTTP, loopback)");
+    }
+    tracing::info!(listen = %addr, tls = tls.is_some(), mtls = config.tls.client_ca.is_some(), "salus is serving");
+    on_listening();
+    let signals = tokio::spawn(handle_signals(state.clone(), tls.clone(), keys, stop_tx));
+    serve(listener, app(state), tls, handshake, drain, shutdown(stop_rx)).await;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    signals.abort();
+    tracing::info!("salus stopped");
+    Ok(())
+}
+
+fn run_with_audit(
+    args: &ServeArgs,
+    config: Config,
+    dev_dir: Option<PathBuf>,
+    addr: std::net::SocketAddr,
+    tls: Option<Arc<ReloadableTls>>,
+    audit: AuditLog,
+) -> anyhow::Result<()> {
+    let (keys, dev_key) = set_up_keys(args, &config, &audit)?;
+    let model = load_served_model(&config, &audit)?;
+    let state = build_state(&config, &model, keys.clone(), audit.clone())?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|v| *v).await;
-        };
-        let handshake = Duration::from_secs(config.server.handshake_timeout_secs);
-        let drain = Duration::from_secs(config.server.shutdown_timeout_secs);
-        let mut metrics_task = None;
-        if let Some(m) = &config.server.metrics_listen {
-            let maddr: std::net::SocketAddr = m.parse()?;
-            let ml = tokio::net::TcpListener::bind(maddr).await.with_context(|| format!("binding {maddr}"))?;
-            let fut = serve(ml, metrics_app(state.clone()), None, handshake, drain, shutdown(stop_rx.clone()));
-            metrics_task = Some(tokio::spawn(fut));
-            tracing::info!(addr = %maddr, "metrics listener (plain HTTP, loopback)");
-        }
-        tracing::info!(listen = %addr, tls = tls.is_some(), mtls = config.tls.client_ca.is_some(), "salus is serving");
+    let print = || {
         if let (Some(key), Some(dir)) = (&dev_key, &dev_dir) {
-            print_examples(addr, dir, &model_id, key);
+            print_examples(addr, dir, &model.id, key.as_str());
         }
-        let signals = tokio::spawn(handle_signals(state.clone(), tls.clone(), keys.clone(), stop_tx));
-        serve(listener, app(state.clone()), tls, handshake, drain, shutdown(stop_rx)).await;
-        if let Some(t) = metrics_task {
-            let _ = t.await;
-        }
-        signals.abort();
-        tracing::info!("salus stopped");
-        anyhow::Ok(())
-    })?;
+    };
+    runtime.block_on(serve_until_stopped(&config, addr, tls, state, keys.clone(), print))?;
     // Anything still running (requests past the drain timeout) is dropped with the runtime.
     runtime.shutdown_timeout(Duration::from_secs(1));
     // A key-store change made since the last check is still recorded.
-    let (model_id, fingerprint, keys) = at_exit;
     keys.refresh();
     audit
-        .record_blocking(
-            AuditEvent::new(EventKind::AdminModelUnloaded)
-                .principal(local_operator())
-                .operation("serve.shutdown")
-                .model(model_id.clone(), fingerprint)
-                .target(model_id),
-        )
+        .record_blocking(admin_events::model_unloaded(&model.id, &model.served.fingerprint))
         .context("recording admin.model_unloaded in the audit trail")?;
     Ok(())
 }
@@ -372,7 +395,7 @@ async fn handle_signals(
                         "failed"
                     }
                 };
-                let ev = salus_server::audit::admin::config_reloaded(local_operator(), tls_state, keys_state);
+                let ev = admin_events::config_reloaded(tls_state, keys_state);
                 if let Err(e) = state.audit().record(ev).await {
                     tracing::error!(error = %e, "audit: admin.config_reloaded not recorded");
                 }

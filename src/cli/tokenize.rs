@@ -24,9 +24,7 @@ pub struct TokenizeArgs {
 
 pub fn run(args: TokenizeArgs) -> anyhow::Result<()> {
     let mut text = Phi::new(String::new());
-    std::io::stdin()
-        .read_to_string(text.expose_mut())
-        .context("reading stdin")?;
+    std::io::stdin().read_to_string(text.expose_mut()).context("reading stdin")?;
     let source = ModelSource::read_plaintext(&args.model).context("reading the model")?;
     let gguf = match source.gguf() {
         Some((file, bytes)) => Some(GgufFile::parse(file, bytes.as_slice())?),
@@ -36,8 +34,7 @@ pub fn run(args: TokenizeArgs) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::from_source(&source, md)?;
     let ids = if args.chat {
         let template = ChatTemplate::from_source_required(&source, md, None)?;
-        let prompt =
-            template.render(&[ChatMessage::new(Role::User, text.expose().clone())], true)?;
+        let prompt = template.render(&[ChatMessage::new(Role::User, text.expose().clone())], true)?;
         tokenizer.encode(prompt.expose(), false)?
     } else {
         tokenizer.encode(text.expose(), true)?

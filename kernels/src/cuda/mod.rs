@@ -24,8 +24,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 pub use cudarc;
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, DriverError,
-    LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, DriverError, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::{result as nvrtc_result, sys as nvrtc_sys, Ptx};
 
@@ -93,16 +92,11 @@ fn dtype_index(d: KvDtype) -> usize {
 /// Needs only libnvrtc (no GPU): used by the CPU-side compile test too.
 pub fn compile_cubin(arch: &str, head_dim: usize) -> Result<Vec<u8>, CudaKernelError> {
     let compile_err = |e: nvrtc_result::NvrtcError| CudaKernelError::Compile(format!("{e:?}"));
-    let src = CString::new(SOURCE)
-        .map_err(|_| CudaKernelError::Compile("source contains a NUL byte".into()))?;
-    let name = CString::new("salus_paged_attention.cu")
-        .map_err(|_| CudaKernelError::Compile("name".into()))?;
+    let src = CString::new(SOURCE).map_err(|_| CudaKernelError::Compile("source contains a NUL byte".into()))?;
+    let name = CString::new("salus_paged_attention.cu").map_err(|_| CudaKernelError::Compile("name".into()))?;
     let prog = nvrtc_result::create_program(&src, Some(name.as_c_str())).map_err(compile_err)?;
-    let options = vec![
-        format!("--gpu-architecture={arch}"),
-        format!("-DHEAD_DIM={head_dim}"),
-        "--std=c++17".to_string(),
-    ];
+    let options =
+        vec![format!("--gpu-architecture={arch}"), format!("-DHEAD_DIM={head_dim}"), "--std=c++17".to_string()];
     // SAFETY: `prog` is a live program created above; the options are owned
     // strings that outlive the call.
     let compiled = unsafe { nvrtc_result::compile_program(prog, &options) };
@@ -110,34 +104,22 @@ pub fn compile_cubin(arch: &str, head_dim: usize) -> Result<Vec<u8>, CudaKernelE
         Err(e) => {
             // SAFETY: `prog` is live; the log is copied out before destruction.
             let log = unsafe { nvrtc_result::get_program_log(prog) }
-                .map(|l| {
-                    l.iter()
-                        .take_while(|&&c| c != 0)
-                        .map(|&c| c as u8 as char)
-                        .collect::<String>()
-                })
+                .map(|l| l.iter().take_while(|&&c| c != 0).map(|&c| c as u8 as char).collect::<String>())
                 .unwrap_or_default();
-            Err(CudaKernelError::Compile(format!(
-                "{e:?} for {arch}: {}",
-                log.trim()
-            )))
+            Err(CudaKernelError::Compile(format!("{e:?} for {arch}: {}", log.trim())))
         }
         Ok(()) => {
             let mut size: usize = 0;
             // SAFETY: `prog` compiled successfully; `size` is a valid out-pointer.
             let r = unsafe { nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size) };
             if r != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
-                Err(CudaKernelError::Compile(format!(
-                    "nvrtcGetCUBINSize failed ({r:?}) for {arch}"
-                )))
+                Err(CudaKernelError::Compile(format!("nvrtcGetCUBINSize failed ({r:?}) for {arch}")))
             } else {
                 let mut cubin = vec![0u8; size];
                 // SAFETY: `cubin` has exactly the `size` bytes NVRTC reported.
                 let r = unsafe { nvrtc_sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut _) };
                 if r != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS {
-                    Err(CudaKernelError::Compile(format!(
-                        "nvrtcGetCUBIN failed ({r:?})"
-                    )))
+                    Err(CudaKernelError::Compile(format!("nvrtcGetCUBIN failed ({r:?})")))
                 } else {
                     Ok(cubin)
                 }
@@ -160,9 +142,7 @@ pub struct PagedKernels {
 
 impl std::fmt::Debug for PagedKernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PagedKernels")
-            .field("head_dim", &self.head_dim)
-            .finish()
+        f.debug_struct("PagedKernels").field("head_dim", &self.head_dim).finish()
     }
 }
 
@@ -179,14 +159,9 @@ pub fn device_arch(ctx: &CudaContext) -> Result<String, CudaKernelError> {
 impl PagedKernels {
     /// The kernels for `stream`'s device and `head_dim`: compiled with NVRTC and
     /// loaded on first use, then shared (one module per device and head_dim).
-    pub fn get(
-        stream: &Arc<CudaStream>,
-        head_dim: usize,
-    ) -> Result<Arc<PagedKernels>, CudaKernelError> {
+    pub fn get(stream: &Arc<CudaStream>, head_dim: usize) -> Result<Arc<PagedKernels>, CudaKernelError> {
         if head_dim == 0 || head_dim > MAX_CUDA_HEAD_DIM {
-            return Err(shape_err(format!(
-                "head_dim {head_dim} is outside 1..={MAX_CUDA_HEAD_DIM}"
-            )));
+            return Err(shape_err(format!("head_dim {head_dim} is outside 1..={MAX_CUDA_HEAD_DIM}")));
         }
         let ctx = stream.context();
         let key = (ctx.ordinal(), head_dim);
@@ -248,11 +223,7 @@ impl PagedKernels {
         let rows = plan.layout.rows;
         let row_elems = geom.num_kv_heads * geom.head_dim;
         if k.len() != rows * row_elems || v.len() != rows * row_elems {
-            return Err(shape_err(format!(
-                "k/v have {} elements, the plan needs {}",
-                k.len(),
-                rows * row_elems
-            )));
+            return Err(shape_err(format!("k/v have {} elements, the plan needs {}", k.len(), rows * row_elems)));
         }
         if k_cache.len() != geom.cache_elems() || v_cache.len() != geom.cache_elems() {
             return Err(shape_err("cache buffers do not match the geometry"));
@@ -262,19 +233,9 @@ impl PagedKernels {
         }
         let slots = plan.buf.slice(0..rows);
         let (kvh, bs) = (geom.num_kv_heads as i32, geom.block_size as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (NTHREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (NTHREADS, 1, 1), shared_mem_bytes: 0 };
         let mut b = stream.launch_builder(&self.write_kv[dtype_index(T::DTYPE)]);
-        b.arg(k)
-            .arg(v)
-            .arg(k_cache)
-            .arg(v_cache)
-            .arg(&slots)
-            .arg(&kvh)
-            .arg(&bs);
+        b.arg(k).arg(v).arg(k_cache).arg(v_cache).arg(&slots).arg(&kvh).arg(&bs);
         // SAFETY: argument types match `write_kv_*` in the source; every slot in
         // the plan is < num_blocks * block_size (validated by `PagedPlan::build`
         // against this geometry), so writes stay inside the caches, and reads
@@ -302,9 +263,7 @@ impl PagedKernels {
         let l = plan.layout;
         let (h, kvh, hd) = (params.num_heads, geom.num_kv_heads, geom.head_dim);
         if h == 0 || h % kvh != 0 {
-            return Err(shape_err(format!(
-                "{h} query heads is not a multiple of {kvh} KV heads"
-            )));
+            return Err(shape_err(format!("{h} query heads is not a multiple of {kvh} KV heads")));
         }
         if q.len() != l.rows * h * hd || out.len() != l.rows * h * hd {
             return Err(shape_err(format!(
@@ -329,13 +288,8 @@ impl PagedKernels {
         if l.num_decode > 0 {
             let chunks = (h / kvh).div_ceil(MAX_GROUP_PER_BLOCK);
             let max_parts = l.max_parts.max(1);
-            let n_part = if max_parts > 1 {
-                l.num_decode * h * max_parts
-            } else {
-                1
-            };
-            let mut part_acc =
-                stream.alloc_zeros::<f32>(n_part * if max_parts > 1 { hd } else { 1 })?;
+            let n_part = if max_parts > 1 { l.num_decode * h * max_parts } else { 1 };
+            let mut part_acc = stream.alloc_zeros::<f32>(n_part * if max_parts > 1 { hd } else { 1 })?;
             let mut part_max = stream.alloc_zeros::<f32>(n_part)?;
             let mut part_sum = stream.alloc_zeros::<f32>(n_part)?;
             let rows = plan.buf.slice(l.decode_row..l.decode_row + l.num_decode);
@@ -348,21 +302,9 @@ impl PagedKernels {
                 shared_mem_bytes: 0,
             };
             let mut b = stream.launch_builder(&self.decode[ti]);
-            b.arg(&mut *out)
-                .arg(&mut part_acc)
-                .arg(&mut part_max)
-                .arg(&mut part_sum)
-                .arg(q)
-                .arg(k_cache)
-                .arg(v_cache);
+            b.arg(&mut *out).arg(&mut part_acc).arg(&mut part_max).arg(&mut part_sum).arg(q).arg(k_cache).arg(v_cache);
             b.arg(&rows).arg(&pos).arg(&bt).arg(&tables);
-            b.arg(&nh)
-                .arg(&nkv)
-                .arg(&bs)
-                .arg(&mp)
-                .arg(&ps)
-                .arg(&scale)
-                .arg(&window);
+            b.arg(&nh).arg(&nkv).arg(&bs).arg(&mp).arg(&ps).arg(&scale).arg(&window);
             // SAFETY: argument types match `decode_*`; rows/positions/table
             // offsets come from a plan validated against this geometry (every
             // block id < num_blocks, tables cover position + 1 tokens); q/out
@@ -377,12 +319,7 @@ impl PagedKernels {
                     shared_mem_bytes: 0,
                 };
                 let mut b = stream.launch_builder(&self.reduce);
-                b.arg(&mut *out)
-                    .arg(&part_acc)
-                    .arg(&part_max)
-                    .arg(&part_sum)
-                    .arg(&rows)
-                    .arg(&pos);
+                b.arg(&mut *out).arg(&part_acc).arg(&part_max).arg(&part_sum).arg(&rows).arg(&pos);
                 b.arg(&nh).arg(&mp).arg(&ps).arg(&window);
                 // SAFETY: same buffers and bounds as the decode launch above.
                 unsafe { b.launch(cfg) }?;
@@ -394,21 +331,10 @@ impl PagedKernels {
             let pos = plan.buf.slice(l.tile_pos..l.tile_pos + n);
             let len = plan.buf.slice(l.tile_len..l.tile_len + n);
             let bt = plan.buf.slice(l.tile_bt..l.tile_bt + n);
-            let cfg = LaunchConfig {
-                grid_dim: (n as u32, h as u32, 1),
-                block_dim: (NTHREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg =
+                LaunchConfig { grid_dim: (n as u32, h as u32, 1), block_dim: (NTHREADS, 1, 1), shared_mem_bytes: 0 };
             let mut b = stream.launch_builder(&self.prefill[ti]);
-            b.arg(&mut *out)
-                .arg(q)
-                .arg(k_cache)
-                .arg(v_cache)
-                .arg(&rows)
-                .arg(&pos)
-                .arg(&len)
-                .arg(&bt)
-                .arg(&tables);
+            b.arg(&mut *out).arg(q).arg(k_cache).arg(v_cache).arg(&rows).arg(&pos).arg(&len).arg(&bt).arg(&tables);
             b.arg(&nh).arg(&nkv).arg(&bs).arg(&scale).arg(&window);
             // SAFETY: argument types match `prefill_*`; each tile covers at most
             // PREFILL_TILE rows inside q/out (plan validated against `rows`) and
@@ -430,10 +356,7 @@ impl DevicePlan {
     pub fn upload(stream: &Arc<CudaStream>, plan: &PagedPlan) -> Result<Self, CudaKernelError> {
         debug_assert_eq!(PREFILL_TILE, 16, "must equal QTILE in the source");
         let buf = stream.clone_htod(&plan.data)?;
-        Ok(DevicePlan {
-            buf,
-            layout: plan.layout,
-        })
+        Ok(DevicePlan { buf, layout: plan.layout })
     }
 
     pub fn layout(&self) -> &crate::paged_plan::PlanLayout {
@@ -469,14 +392,8 @@ mod tests {
         }
         for hd in [64, 80, 128, 256] {
             let cubin = compile_cubin("sm_90", hd).unwrap();
-            assert!(
-                cubin.len() > 1000 && &cubin[..4] == b"\x7fELF",
-                "head_dim {hd}: not an ELF cubin"
-            );
+            assert!(cubin.len() > 1000 && &cubin[..4] == b"\x7fELF", "head_dim {hd}: not an ELF cubin");
         }
-        assert!(matches!(
-            compile_cubin("sm_1", 64),
-            Err(CudaKernelError::Compile(_))
-        ));
+        assert!(matches!(compile_cubin("sm_1", 64), Err(CudaKernelError::Compile(_))));
     }
 }

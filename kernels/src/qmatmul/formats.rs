@@ -49,9 +49,7 @@ impl GgmlType {
     /// Elements per GGML block.
     pub fn block_size(self) -> usize {
         match self {
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
-                32
-            }
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => 32,
             GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => 256,
         }
     }
@@ -136,10 +134,7 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
-        (
-            (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4),
-            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
-        )
+        ((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
     }
 }
 
@@ -186,11 +181,7 @@ pub(crate) fn decode_block(ty: GgmlType, b: &[u8], q: &mut [u8], d: &mut [f32], 
             let dall = f16_at(b, 0);
             let dmin = f16_at(b, 2);
             let scales = &b[4..16];
-            let (qh, qs) = if ty == GgmlType::Q4_K {
-                (None, &b[16..144])
-            } else {
-                (Some(&b[16..48]), &b[48..176])
-            };
+            let (qh, qs) = if ty == GgmlType::Q4_K { (None, &b[16..144]) } else { (Some(&b[16..48]), &b[48..176]) };
             for c in 0..4 {
                 let ql = &qs[32 * c..32 * c + 32];
                 for half in 0..2 {
@@ -215,6 +206,7 @@ pub(crate) fn decode_block(ty: GgmlType, b: &[u8], q: &mut [u8], d: &mut [f32], 
             let qh = &b[128..192];
             let sc = &b[192..208];
             let dall = f16_at(b, 208);
+            #[allow(clippy::needless_range_loop)] // `e` also picks the bytes of `ql`/`qh`/`sc`
             for e in 0..256 {
                 let idx = e / 128;
                 let r = e % 128;
@@ -242,18 +234,11 @@ pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
     let mut q = [0u8; 256];
     let mut d = [0f32; 16];
     let mut m = [0f32; 16];
-    for (blk, o) in bytes
-        .chunks_exact(ty.type_size())
-        .zip(out.chunks_exact_mut(bs))
-    {
+    for (blk, o) in bytes.chunks_exact(ty.type_size()).zip(out.chunks_exact_mut(bs)) {
         decode_block(ty, blk, &mut q[..bs], &mut d[..bs / g], &mut m[..bs / g]);
         for (i, o) in o.iter_mut().enumerate() {
             let gi = i / g;
-            *o = if ty == GgmlType::Q8_0 {
-                d[0] * (q[i] as i8) as f32
-            } else {
-                d[gi] * q[i] as f32 + m[gi]
-            };
+            *o = if ty == GgmlType::Q8_0 { d[0] * (q[i] as i8) as f32 } else { d[gi] * q[i] as f32 + m[gi] };
         }
     }
 }

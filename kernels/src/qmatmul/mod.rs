@@ -58,9 +58,7 @@ impl KernelPath {
             KernelPath::Scalar => true,
             #[cfg(target_arch = "x86_64")]
             KernelPath::Avx2 => {
-                is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c")
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
             KernelPath::Avx512Vnni => {
@@ -74,25 +72,46 @@ impl KernelPath {
         }
     }
 
-    /// The fastest available path, unless `SALUS_KERNEL_PATH`
-    /// (`scalar`/`avx2`/`avx512vnni`) names another available one.
+    /// The path by name (`scalar`, `avx2`, `avx512vnni`).
+    pub fn from_name(name: &str) -> Option<KernelPath> {
+        KernelPath::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// The path every matmul takes: the one forced with [`KernelPath::force`],
+    /// else the fastest this CPU has.
     pub fn best() -> KernelPath {
-        static BEST: std::sync::OnceLock<KernelPath> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| {
-            if let Ok(v) = std::env::var("SALUS_KERNEL_PATH") {
-                if let Some(p) = KernelPath::ALL.into_iter().find(|p| p.name() == v.trim()) {
-                    if p.is_available() {
-                        return p;
-                    }
-                }
-            }
-            [KernelPath::Avx512Vnni, KernelPath::Avx2]
-                .into_iter()
-                .find(|p| p.is_available())
-                .unwrap_or(KernelPath::Scalar)
-        })
+        static DETECTED: std::sync::OnceLock<KernelPath> = std::sync::OnceLock::new();
+        match FORCED_PATH.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => KernelPath::Scalar,
+            2 => KernelPath::Avx2,
+            3 => KernelPath::Avx512Vnni,
+            _ => *DETECTED.get_or_init(|| {
+                [KernelPath::Avx512Vnni, KernelPath::Avx2]
+                    .into_iter()
+                    .find(|p| p.is_available())
+                    .unwrap_or(KernelPath::Scalar)
+            }),
+        }
+    }
+
+    /// Forces every later matmul onto `path` (`None`: the fastest available
+    /// again). Process-wide: the model loader applies the configured
+    /// `kernels.cpu_path` through it. Refuses a path this CPU cannot run.
+    pub fn force(path: Option<KernelPath>) -> Result<(), crate::KernelError> {
+        let code = match path {
+            None => 0,
+            Some(p) if !p.is_available() => return Err(crate::KernelError::PathUnavailable(p.name())),
+            Some(KernelPath::Scalar) => 1,
+            Some(KernelPath::Avx2) => 2,
+            Some(KernelPath::Avx512Vnni) => 3,
+        };
+        FORCED_PATH.store(code, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 }
+
+/// The forced path (0: none; see [`KernelPath::force`]).
+static FORCED_PATH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// How far ahead of the group being computed a tile kernel asks for weight
 /// bytes, on its first pass over a tile (later row blocks find the tile in L1).
@@ -114,7 +133,9 @@ pub(crate) fn prefetch_weights(p: *const u8, len: usize) {
     let mut off = 0;
     while off < len {
         // SAFETY: a prefetch has no architectural effect and never faults.
-        unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_NTA }>(p.wrapping_add(off) as *const i8) };
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_NTA }>(p.wrapping_add(off) as *const i8)
+        };
         off += 64;
     }
 }
@@ -132,14 +153,7 @@ pub(crate) struct QActs {
 }
 
 #[inline(always)]
-fn quantize_rows_body(
-    x: &[f32],
-    group: usize,
-    q: &mut [i8],
-    d: &mut [f32],
-    s: &mut [f32],
-    qsum: &mut [i32],
-) {
+fn quantize_rows_body(x: &[f32], group: usize, q: &mut [i8], d: &mut [f32], s: &mut [f32], qsum: &mut [i32]) {
     // The two group sizes of the formats get fixed-length loops (vectorized);
     // the arithmetic is the same either way.
     match group {
@@ -179,7 +193,7 @@ fn quantize_groups<const G: usize>(x: &[f32], q: &mut [i8], d: &mut [f32], s: &m
         for i in 0..G {
             let t = xs[i] * id;
             let t = if t.is_nan() { 0.0 } else { t };
-            let t = t.max(-127.0).min(127.0);
+            let t = t.clamp(-127.0, 127.0);
             ints[i] = ((t + MAGIC).to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
             qs[i] = ints[i] as i8;
         }
@@ -209,27 +223,13 @@ fn quantize_groups_any(x: &[f32], group: usize, q: &mut [i8], d: &mut [f32], s: 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn quantize_rows_avx512(
-    x: &[f32],
-    group: usize,
-    q: &mut [i8],
-    d: &mut [f32],
-    s: &mut [f32],
-    qsum: &mut [i32],
-) {
+fn quantize_rows_avx512(x: &[f32], group: usize, q: &mut [i8], d: &mut [f32], s: &mut [f32], qsum: &mut [i32]) {
     quantize_rows_body(x, group, q, d, s, qsum)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn quantize_rows_avx2(
-    x: &[f32],
-    group: usize,
-    q: &mut [i8],
-    d: &mut [f32],
-    s: &mut [f32],
-    qsum: &mut [i32],
-) {
+fn quantize_rows_avx2(x: &[f32], group: usize, q: &mut [i8], d: &mut [f32], s: &mut [f32], qsum: &mut [i32]) {
     quantize_rows_body(x, group, q, d, s, qsum)
 }
 
@@ -259,13 +259,7 @@ fn quantize_rows(
 
 /// Quantizes `x` (`m` rows of `cols`) per `group` elements; rows are split
 /// across the pool when there are many.
-pub(crate) fn quantize_acts(
-    path: KernelPath,
-    x: &[f32],
-    m: usize,
-    cols: usize,
-    group: usize,
-) -> QActs {
+pub(crate) fn quantize_acts(path: KernelPath, x: &[f32], m: usize, cols: usize, group: usize) -> QActs {
     let ngroups = cols / group;
     let mut a = QActs {
         q: vec![0i8; m * cols],
@@ -281,12 +275,8 @@ pub(crate) fn quantize_acts(
     }
     let chunks = crate::pool::num_threads().max(1) * 2;
     let rows_per = m.div_ceil(chunks);
-    let ptrs = (
-        SendPtr(a.q.as_mut_ptr()),
-        SendPtr(a.d.as_mut_ptr()),
-        SendPtr(a.s.as_mut_ptr()),
-        SendPtr(a.qsum.as_mut_ptr()),
-    );
+    let ptrs =
+        (SendPtr(a.q.as_mut_ptr()), SendPtr(a.d.as_mut_ptr()), SendPtr(a.s.as_mut_ptr()), SendPtr(a.qsum.as_mut_ptr()));
     crate::pool::parallel_for(m.div_ceil(rows_per), &|t| {
         let r0 = t * rows_per;
         let r1 = (r0 + rows_per).min(m);
@@ -344,7 +334,10 @@ mod tests {
                 quantize_groups_any(&x, group, &mut b.0, &mut b.1, &mut b.2, &mut b.3);
                 assert_eq!(a.0, b.0, "group {group} case {case}");
                 assert_eq!(a.3, b.3);
-                assert_eq!(a.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+                assert_eq!(
+                    a.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    b.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
             }
         }
     }

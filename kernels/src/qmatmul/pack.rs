@@ -38,15 +38,7 @@ impl Layout {
         let nscales = if storage == Storage::I8 { 1 } else { 2 };
         let ssize = if f16_scales { 2 } else { 4 };
         let group_bytes = wbytes + nscales * TILE_ROWS * ssize;
-        Layout {
-            storage,
-            group,
-            f16_scales,
-            ngroups,
-            wbytes,
-            group_bytes,
-            tile_bytes: ngroups * group_bytes,
-        }
+        Layout { storage, group, f16_scales, ngroups, wbytes, group_bytes, tile_bytes: ngroups * group_bytes }
     }
 
     #[inline]
@@ -120,26 +112,16 @@ impl QuantMatrix {
         bytes: &[u8],
     ) -> Result<QuantMatrix, KernelError> {
         let bs = dtype.block_size();
-        if cols == 0 || cols % bs != 0 {
-            return Err(KernelError::BadWidth {
-                dtype: dtype.name(),
-                cols,
-                block: bs,
-            });
+        if cols == 0 || !cols.is_multiple_of(bs) {
+            return Err(KernelError::BadWidth { dtype: dtype.name(), cols, block: bs });
         }
         if rows == 0 {
             return Err(KernelError::NoRows);
         }
         let row_bytes = cols / bs * dtype.type_size();
-        let expected = rows.checked_mul(row_bytes).unwrap_or(usize::MAX);
+        let expected = rows.saturating_mul(row_bytes);
         if bytes.len() != expected {
-            return Err(KernelError::BadWeightBytes {
-                dtype: dtype.name(),
-                rows,
-                cols,
-                got: bytes.len(),
-                expected,
-            });
+            return Err(KernelError::BadWeightBytes { dtype: dtype.name(), rows, cols, got: bytes.len(), expected });
         }
         // The 32-block types have f16 scales natively; keep them f16 unless a
         // derived offset (-8d, -16d) is not exactly representable.
@@ -149,17 +131,10 @@ impl QuantMatrix {
                 return Ok(m);
             }
         }
-        Ok(Self::pack(dtype, rows, cols, bytes, false)
-            .expect("f32 scales always represent the values"))
+        Ok(Self::pack(dtype, rows, cols, bytes, false).expect("f32 scales always represent the values"))
     }
 
-    fn pack(
-        dtype: GgmlType,
-        rows: usize,
-        cols: usize,
-        bytes: &[u8],
-        f16_scales: bool,
-    ) -> Option<QuantMatrix> {
+    fn pack(dtype: GgmlType, rows: usize, cols: usize, bytes: &[u8], f16_scales: bool) -> Option<QuantMatrix> {
         let layout = Layout::new(dtype, cols, f16_scales);
         let tiles = rows.div_ceil(TILE_ROWS);
         let mut buf = AlignedBuf::zeroed(tiles * layout.tile_bytes);
@@ -174,12 +149,8 @@ impl QuantMatrix {
                 // SAFETY: each tile owns the disjoint range
                 // `t*tile_bytes..(t+1)*tile_bytes` of the buffer, which outlives
                 // `parallel_for`.
-                let tile = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        base.get().add(t * layout.tile_bytes),
-                        layout.tile_bytes,
-                    )
-                };
+                let tile =
+                    unsafe { std::slice::from_raw_parts_mut(base.get().add(t * layout.tile_bytes), layout.tile_bytes) };
                 for lane in 0..TILE_ROWS {
                     let r = t * TILE_ROWS + lane;
                     if r >= rows {
@@ -195,14 +166,7 @@ impl QuantMatrix {
         if inexact.load(Ordering::Relaxed) {
             return None;
         }
-        Some(QuantMatrix {
-            dtype,
-            rows,
-            cols,
-            tiles,
-            layout,
-            buf,
-        })
+        Some(QuantMatrix { dtype, rows, cols, tiles, layout, buf })
     }
 
     /// Stacks matrices of the same type and width into one `[Σ rows, cols]`
@@ -235,14 +199,7 @@ impl QuantMatrix {
             unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), buf.as_mut_ptr().add(at), src.len()) };
             at += src.len();
         }
-        Ok(QuantMatrix {
-            dtype: first.dtype,
-            rows,
-            cols: first.cols,
-            tiles,
-            layout,
-            buf,
-        })
+        Ok(QuantMatrix { dtype: first.dtype, rows, cols: first.cols, tiles, layout, buf })
     }
 
     pub fn dtype(&self) -> GgmlType {
@@ -265,31 +222,17 @@ impl QuantMatrix {
     }
 
     /// Like [`QuantMatrix::matmul`] on a chosen path (tests and benchmarks).
-    pub fn matmul_with(
-        &self,
-        path: KernelPath,
-        x: &[f32],
-        m: usize,
-        out: &mut [f32],
-    ) -> Result<(), KernelError> {
+    pub fn matmul_with(&self, path: KernelPath, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
         if !path.is_available() {
             return Err(KernelError::PathUnavailable(path.name()));
         }
-        let xe = m.checked_mul(self.cols).unwrap_or(usize::MAX);
+        let xe = m.saturating_mul(self.cols);
         if x.len() != xe {
-            return Err(KernelError::BadLength {
-                what: "activations",
-                got: x.len(),
-                expected: xe,
-            });
+            return Err(KernelError::BadLength { what: "activations", got: x.len(), expected: xe });
         }
-        let oe = m.checked_mul(self.rows).unwrap_or(usize::MAX);
+        let oe = m.saturating_mul(self.rows);
         if out.len() != oe {
-            return Err(KernelError::BadLength {
-                what: "output",
-                got: out.len(),
-                expected: oe,
-            });
+            return Err(KernelError::BadLength { what: "output", got: out.len(), expected: oe });
         }
         if m == 0 {
             return Ok(());
@@ -310,14 +253,7 @@ impl QuantMatrix {
         let job = |task: usize| {
             let t0 = task * tiles_per_task;
             let t1 = (t0 + tiles_per_task).min(self.tiles);
-            let args = TileArgs {
-                layout: &self.layout,
-                acts,
-                m,
-                rows: self.rows,
-                out: out_ptr,
-                out_len,
-            };
+            let args = TileArgs { layout: &self.layout, acts, m, rows: self.rows, out: out_ptr, out_len };
             for t in t0..t1 {
                 let tile = &w[t * self.layout.tile_bytes..(t + 1) * self.layout.tile_bytes];
                 match path {
@@ -388,8 +324,7 @@ fn pack_row(dtype: GgmlType, l: &Layout, src: &[u8], tile: &mut [u8], lane: usiz
                 }
                 Storage::U8 | Storage::I8 => {
                     for s in 0..g / 4 {
-                        gb[s * 64 + lane * 4..s * 64 + lane * 4 + 4]
-                            .copy_from_slice(&qs[4 * s..4 * s + 4]);
+                        gb[s * 64 + lane * 4..s * 64 + lane * 4 + 4].copy_from_slice(&qs[4 * s..4 * s + 4]);
                     }
                 }
             }

@@ -31,11 +31,7 @@ pub(crate) fn tile(a: &TileArgs<'_>, tile: &[u8], t: usize) {
                 };
             }
             let dw = read_scale(l, gb, 0, lane);
-            let mw = if l.storage == Storage::I8 {
-                0.0
-            } else {
-                read_scale(l, gb, 1, lane)
-            };
+            let mw = if l.storage == Storage::I8 { 0.0 } else { read_scale(l, gb, 1, lane) };
             for (i, acc) in acc.iter_mut().enumerate() {
                 let xq = &a.acts.q[i * cols + gi * g..i * cols + gi * g + g];
                 let isum: i32 = w[..g].iter().zip(xq).map(|(&w, &x)| w * x as i32).sum();

@@ -127,11 +127,7 @@ unsafe fn rows<const N: usize, const KIND: u8, const G: usize, const F16: bool>(
             }
             let sp = gp.add(l.wbytes + 8 * h * ss);
             let dw = load_scales::<F16>(sp);
-            let mw = if KIND == I8 {
-                _mm256_setzero_ps()
-            } else {
-                load_scales::<F16>(sp.add(TILE_ROWS * ss))
-            };
+            let mw = if KIND == I8 { _mm256_setzero_ps() } else { load_scales::<F16>(sp.add(TILE_ROWS * ss)) };
             for r in 0..N {
                 let ai = r * ng + g;
                 let dd = _mm256_mul_ps(dw, _mm256_set1_ps(*xd.add(ai)));

@@ -122,11 +122,7 @@ unsafe fn rows<const N: usize, const KIND: u8, const G: usize, const F16: bool>(
         }
         let sp = gp.add(l.wbytes);
         let dw = load_scales::<F16>(sp);
-        let mw = if KIND == I8 {
-            _mm512_setzero_ps()
-        } else {
-            load_scales::<F16>(sp.add(TILE_ROWS * ss))
-        };
+        let mw = if KIND == I8 { _mm512_setzero_ps() } else { load_scales::<F16>(sp.add(TILE_ROWS * ss)) };
         for r in 0..N {
             let ai = r * ng + g;
             let mut isum = ia[r];

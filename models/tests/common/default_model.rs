@@ -20,9 +20,7 @@ pub fn default_model_path() -> PathBuf {
     }
     let dir = std::env::var_os("SALUS_MODEL_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/salus/models")
-        });
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/salus/models"));
     dir.join(DEFAULT_MODEL_FILE)
 }
 

@@ -43,9 +43,9 @@ use salus_models::Phi;
 
 use super::error::ApiError;
 use super::types::GenerationParams;
-use crate::audit::{AuditEvent, AuditLog, AuditPrincipal, EventKind, InferenceParams, TextHmac};
 use crate::auth::AuthenticatedPrincipal;
 use crate::state::{AppState, RequestContext};
+use salus_audit::{AuditEvent, AuditLog, AuditPrincipal, EventKind, InferenceParams, TextHmac};
 
 /// The peer address of the connection (absent for in-process requests).
 #[derive(Debug, Clone, Copy)]
@@ -61,7 +61,7 @@ impl<S: Send + Sync> FromRequestParts<S> for SourceAddr {
 
 /// The principal as the trail records it: id, principal kind and roles.
 pub fn audit_principal(p: &AuthenticatedPrincipal) -> AuditPrincipal {
-    AuditPrincipal::new(p.id(), p.kind().as_str(), p.roles().iter().map(|r| r.as_str()))
+    AuditPrincipal::new(p.id(), p.kind().as_str(), p.permissions().iter().map(|r| r.as_str()))
 }
 
 /// The non-PHI parameters of a request (stop strings only counted).
@@ -107,9 +107,9 @@ fn with_kind(base: &AuditEvent, kind: EventKind) -> AuditEvent {
     ev.kind = kind;
     ev.action = kind.default_action();
     ev.outcome = match kind {
-        EventKind::InferenceFailed => crate::audit::Outcome::Failure,
-        EventKind::InferenceCancelled => crate::audit::Outcome::Cancelled,
-        _ => crate::audit::Outcome::Success,
+        EventKind::InferenceFailed => salus_audit::Outcome::Failure,
+        EventKind::InferenceCancelled => salus_audit::Outcome::Cancelled,
+        _ => salus_audit::Outcome::Success,
     };
     ev
 }
@@ -158,7 +158,7 @@ impl InferenceAudit {
         prompt_tokens: usize,
         completion_tokens: usize,
         completion_hmac: TextHmac,
-    ) -> Result<(), crate::audit::AuditError> {
+    ) -> Result<(), salus_audit::AuditError> {
         self.done = true;
         let ev = with_kind(&self.base, EventKind::InferenceCompleted)
             .tokens(clamp(prompt_tokens), clamp(completion_tokens))
@@ -196,7 +196,7 @@ impl Drop for InferenceAudit {
             .latency(self.started.elapsed());
         let log = self.log.clone();
         let request_id = self.base.request_id.clone().unwrap_or_default();
-        let report = move |r: Result<crate::audit::RecordReceipt, crate::audit::AuditError>| {
+        let report = move |r: Result<salus_audit::RecordReceipt, salus_audit::AuditError>| {
             if let Err(e) = r {
                 tracing::error!(request_id = %request_id, error = %e, "audit: inference.cancelled not recorded");
             }

@@ -8,7 +8,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use crate::auth::{AuthenticatedPrincipal, Role};
+use crate::auth::{AuthenticatedPrincipal, Permission};
 use crate::state::AppState;
 
 fn model_object(state: &AppState) -> Value {
@@ -31,7 +31,7 @@ pub async fn list_models(
     State(state): State<AppState>,
     principal: AuthenticatedPrincipal,
 ) -> Result<Response, ApiError> {
-    principal.require(Role::Inference)?;
+    principal.require(Permission::Inference)?;
     Ok(Json(json!({"object": "list", "data": [model_object(&state)]})).into_response())
 }
 
@@ -41,7 +41,7 @@ pub async fn get_model(
     principal: AuthenticatedPrincipal,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    principal.require(Role::Inference)?;
+    principal.require(Permission::Inference)?;
     // A path that does not decode is simply not a model we serve (never echoed).
     let Ok(Path(id)) = id else { return Err(ApiError::ModelNotFound) };
     if id != state.model().id {
@@ -73,7 +73,7 @@ pub fn metrics_text(state: &AppState) -> Response {
 
 /// `GET /metrics` on the main listener: needs the `metrics` role.
 pub async fn metrics(State(state): State<AppState>, principal: AuthenticatedPrincipal) -> Result<Response, ApiError> {
-    principal.require(Role::Metrics)?;
+    principal.require(Permission::Metrics)?;
     Ok(metrics_text(&state))
 }
 

@@ -5,6 +5,7 @@
 //! unrecognized. Text (messages, prompts, stop strings, `user`) is wrapped in
 //! [`Phi`] as soon as it leaves the JSON value.
 
+use salus_models::chat::{ChatMessage, Role};
 use salus_models::sampling::{SamplingParams, MAX_TOP_LOGPROBS};
 use salus_models::Phi;
 use serde_json::Value;
@@ -36,31 +37,6 @@ pub const UNSUPPORTED_CHAT: &[&str] = &[
 
 /// Completion parameters OpenAI defines that Salus does not implement.
 pub const UNSUPPORTED_COMPLETION: &[&str] = &["suffix", "echo", "best_of"];
-
-/// Who wrote a chat message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MessageRole {
-    System,
-    User,
-    Assistant,
-}
-
-impl MessageRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MessageRole::System => "system",
-            MessageRole::User => "user",
-            MessageRole::Assistant => "assistant",
-        }
-    }
-}
-
-/// One chat message (content is PHI).
-#[derive(Debug, Clone)]
-pub struct ChatMessage {
-    pub role: MessageRole,
-    pub content: Phi<String>,
-}
 
 /// Parameters shared by both generation endpoints, validated.
 #[derive(Debug, Clone)]
@@ -256,9 +232,9 @@ fn parse_messages(v: Value, limits: &LimitsConfig) -> Result<Vec<ChatMessage>, A
         };
         let mut mf = Fields::nested(m, format!("messages[{i}]"));
         let role = match mf.string("role")?.as_deref() {
-            Some("system") | Some("developer") => MessageRole::System,
-            Some("user") => MessageRole::User,
-            Some("assistant") => MessageRole::Assistant,
+            Some("system") | Some("developer") => Role::System,
+            Some("user") => Role::User,
+            Some("assistant") => Role::Assistant,
             Some("tool") | Some("function") => return Err(ApiError::Unsupported("tools")),
             _ => {
                 return Err(ApiError::invalid(

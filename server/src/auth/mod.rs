@@ -9,12 +9,14 @@
 //! a second), so `salus keys revoke` takes effect on a running server. With an
 //! audit trail attached ([`KeyStoreHandle::record_changes_in`]) each reload
 //! records `admin.key_created` / `admin.key_revoked` for what changed
-//! ([`crate::audit::admin::key_store_events`]) durably before the new keys are
+//! ([`crate::auth::key_events::key_store_events`]) durably before the new keys are
 //! used. [`KeyStoreHandle::reconcile_with_trail`] (at server start) records
 //! what changed while no one was recording, and from then on every recorded
 //! reload also advances the trail's key baseline
-//! ([`crate::audit::key_baseline`]).
+//! ([`crate::auth::key_baseline`]).
 
+pub mod key_baseline;
+pub mod key_events;
 pub mod store;
 
 use std::path::PathBuf;
@@ -26,7 +28,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use time::OffsetDateTime;
 
-pub use store::{KeyRecord, KeyStore, KeyStoreError, PrincipalKind, Role};
+pub use store::{KeyRecord, KeyStore, KeyStoreError, Permission, PrincipalKind};
 
 use crate::api::error::ApiError;
 use crate::state::{AppState, RequestContext};
@@ -36,7 +38,7 @@ use crate::state::{AppState, RequestContext};
 pub struct AuthenticatedPrincipal {
     id: String,
     kind: PrincipalKind,
-    roles: Vec<Role>,
+    permissions: Vec<Permission>,
     key_id: String,
 }
 
@@ -47,22 +49,23 @@ impl AuthenticatedPrincipal {
     pub fn kind(&self) -> PrincipalKind {
         self.kind
     }
-    pub fn roles(&self) -> &[Role] {
-        &self.roles
+    /// What the principal may do (its key's `roles`).
+    pub fn permissions(&self) -> &[Permission] {
+        &self.permissions
     }
     /// The public id of the key used (never the key).
     pub fn key_id(&self) -> &str {
         &self.key_id
     }
-    pub fn has_role(&self, role: Role) -> bool {
-        self.roles.contains(&role)
+    pub fn has_permission(&self, permission: Permission) -> bool {
+        self.permissions.contains(&permission)
     }
-    /// 403 unless the principal has `role`.
-    pub fn require(&self, role: Role) -> Result<(), ApiError> {
-        if self.has_role(role) {
+    /// 403 unless the principal has `permission`.
+    pub fn require(&self, permission: Permission) -> Result<(), ApiError> {
+        if self.has_permission(permission) {
             Ok(())
         } else {
-            Err(ApiError::Forbidden { role: role.as_str() })
+            Err(ApiError::Forbidden { role: permission.as_str() })
         }
     }
 }
@@ -72,7 +75,7 @@ pub struct KeyStoreHandle {
     path: Option<PathBuf>,
     store: RwLock<Arc<KeyStore>>,
     check: Mutex<(Instant, Option<(SystemTime, u64)>)>,
-    audit: std::sync::OnceLock<crate::audit::AuditLog>,
+    audit: std::sync::OnceLock<salus_audit::AuditLog>,
     /// The store whose keys the trail has recorded: reload diffs start here,
     /// so changes whose events could not be recorded are tried again.
     recorded: Mutex<Arc<KeyStore>>,
@@ -113,7 +116,7 @@ impl KeyStoreHandle {
     /// From now on, every reload that changes the store records
     /// `admin.key_created` / `admin.key_revoked` in `log` (durable before the
     /// new store is used, so they precede any request made with a new key).
-    pub fn record_changes_in(&self, log: crate::audit::AuditLog) {
+    pub fn record_changes_in(&self, log: salus_audit::AuditLog) {
         let _ = self.audit.set(log);
     }
 
@@ -124,16 +127,16 @@ impl KeyStoreHandle {
     /// keeps it up to date on every recorded reload from then on. Returns the
     /// number of events recorded. An error means the trail cannot be written:
     /// the server must not start.
-    pub fn reconcile_with_trail(&self) -> Result<usize, crate::audit::AuditError> {
+    pub fn reconcile_with_trail(&self) -> Result<usize, salus_audit::AuditError> {
         let Some(log) = self.audit.get() else {
-            return Err(crate::audit::AuditError::Config(
+            return Err(salus_audit::AuditError::Config(
                 "the key store has no audit trail attached (record_changes_in)".into(),
             ));
         };
         // No reload may run in between: it diffs from `recorded`.
         let _check = self.check.lock().unwrap_or_else(|e| e.into_inner());
         let store = self.store.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let n = crate::audit::key_baseline::reconcile(log, &store)?;
+        let n = crate::auth::key_baseline::reconcile(log, &store)?;
         *self.recorded.lock().unwrap_or_else(|e| e.into_inner()) = store;
         self.keep_baseline.store(true, Ordering::Release);
         Ok(n)
@@ -176,14 +179,14 @@ impl KeyStoreHandle {
         let new = Arc::new(new);
         if let Some(log) = self.audit.get() {
             let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
-            let actor = crate::audit::key_baseline::key_store_file_actor();
-            let events = crate::audit::admin::key_store_events(&recorded, &new, &actor, operation);
+            let actor = crate::auth::key_baseline::key_store_file_actor();
+            let events = crate::auth::key_events::key_store_events(&recorded, &new, &actor, operation);
             let durable = events.into_iter().try_for_each(|ev| log.record_blocking(ev).map(drop));
             match durable {
                 Ok(()) => {
                     *recorded = new.clone();
                     if self.keep_baseline.load(Ordering::Acquire) {
-                        if let Err(e) = crate::audit::key_baseline::note_recorded(log, &new) {
+                        if let Err(e) = crate::auth::key_baseline::note_recorded(log, &new) {
                             tracing::error!(error = %e, "audit: key baseline not updated (recorded again at start)");
                         }
                     }
@@ -225,7 +228,7 @@ impl KeyStoreHandle {
             Some(rec) if rec.is_active(now) => Ok(AuthenticatedPrincipal {
                 id: rec.principal.clone(),
                 kind: rec.kind,
-                roles: rec.roles.clone(),
+                permissions: rec.roles.clone(),
                 key_id: rec.id.clone(),
             }),
             _ => Err(ApiError::Unauthorized),

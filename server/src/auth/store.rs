@@ -60,10 +60,11 @@ impl PrincipalKind {
     }
 }
 
-/// What a principal may do.
+/// What a principal may do. A key lists its permissions as its `roles`
+/// (the key store's and the CLI's name for them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Role {
+pub enum Permission {
     /// Run generations (`/v1/chat/completions`, `/v1/completions`, `/v1/models`).
     Inference,
     /// Administrative actions.
@@ -74,21 +75,21 @@ pub enum Role {
     Metrics,
 }
 
-impl Role {
+impl Permission {
     pub fn as_str(self) -> &'static str {
         match self {
-            Role::Inference => "inference",
-            Role::Admin => "admin",
-            Role::Auditor => "auditor",
-            Role::Metrics => "metrics",
+            Permission::Inference => "inference",
+            Permission::Admin => "admin",
+            Permission::Auditor => "auditor",
+            Permission::Metrics => "metrics",
         }
     }
     pub fn parse(s: &str) -> Result<Self, KeyStoreError> {
         match s {
-            "inference" => Ok(Role::Inference),
-            "admin" => Ok(Role::Admin),
-            "auditor" => Ok(Role::Auditor),
-            "metrics" => Ok(Role::Metrics),
+            "inference" => Ok(Permission::Inference),
+            "admin" => Ok(Permission::Admin),
+            "auditor" => Ok(Permission::Auditor),
+            "metrics" => Ok(Permission::Metrics),
             _ => Err(KeyStoreError::Invalid("role must be one of inference, admin, auditor, metrics".into())),
         }
     }
@@ -102,7 +103,7 @@ pub struct KeyRecord {
     pub id: String,
     pub principal: String,
     pub kind: PrincipalKind,
-    pub roles: Vec<Role>,
+    pub roles: Vec<Permission>,
     /// SHA-256 of the full key string, hex.
     pub hash: String,
     #[serde(with = "time::serde::rfc3339")]
@@ -202,7 +203,7 @@ impl KeyStore {
         &mut self,
         principal: &str,
         kind: PrincipalKind,
-        roles: &[Role],
+        roles: &[Permission],
         expires: Option<OffsetDateTime>,
         now: OffsetDateTime,
     ) -> Result<NewKey, KeyStoreError> {
@@ -326,9 +327,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/keys.json");
         let mut s = KeyStore::load(&path).unwrap();
-        let k = s.create("alice", PrincipalKind::Human, &[Role::Inference, Role::Inference], None, now()).unwrap();
+        let k = s
+            .create("alice", PrincipalKind::Human, &[Permission::Inference, Permission::Inference], None, now())
+            .unwrap();
         assert!(k.secret.starts_with(KEY_PREFIX) && k.secret.len() == KEY_PREFIX.len() + 64);
-        assert_eq!(k.record.roles, vec![Role::Inference]);
+        assert_eq!(k.record.roles, vec![Permission::Inference]);
         s.save(&path).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains(&k.secret[KEY_PREFIX.len()..]), "the store must not hold the key");
@@ -357,13 +360,19 @@ mod tests {
         assert!(parse_expiry("2030-01-01T00:00:00Z", now()).is_ok());
         let mut s = KeyStore::default();
         let k = s
-            .create("svc-1", PrincipalKind::Service, &[Role::Metrics], Some(now() + time::Duration::hours(1)), now())
+            .create(
+                "svc-1",
+                PrincipalKind::Service,
+                &[Permission::Metrics],
+                Some(now() + time::Duration::hours(1)),
+                now(),
+            )
             .unwrap();
         assert!(k.record.is_active(now()));
         assert!(!k.record.is_active(now() + time::Duration::hours(2)));
-        assert!(s.create("bad id", PrincipalKind::Human, &[Role::Inference], None, now()).is_err());
+        assert!(s.create("bad id", PrincipalKind::Human, &[Permission::Inference], None, now()).is_err());
         assert!(s.create("x", PrincipalKind::Human, &[], None, now()).is_err());
-        assert!(s.create("x", PrincipalKind::Human, &[Role::Admin], Some(now()), now()).is_err());
+        assert!(s.create("x", PrincipalKind::Human, &[Permission::Admin], Some(now()), now()).is_err());
     }
 
     #[test]

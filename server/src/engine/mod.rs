@@ -10,37 +10,17 @@
 //! Handlers depend only on this trait, so the scheduler can change without
 //! touching them, and tests can drive the HTTP layer with a scripted engine.
 
-pub mod serial;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use salus_models::paged_cache::PrefixScope;
-use salus_models::sampling::SamplingParams;
 use salus_models::Phi;
+pub use salus_models::{DecodeParams, FinishReason, TokenLogprob};
 
 /// Opaque request id (also written to logs and the audit trail).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RequestId(pub String);
-
-/// Why a choice stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// An end-of-sequence token or a stop string.
-    Stop,
-    /// `max_tokens` reached, or the context window is full.
-    Length,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-        }
-    }
-}
 
 /// A request that passed validation: everything the engine needs, nothing it
 /// must check again (prompt fits the context, parameters in range).
@@ -51,27 +31,19 @@ pub struct GenerationRequest {
     pub prompt_tokens: Phi<Vec<u32>>,
     /// Number of choices (`n`); each is scheduled as its own sequence.
     pub n: usize,
-    /// Most tokens to generate per choice (already bounded by the context window).
-    pub max_tokens: usize,
-    /// Sampling parameters; choice `i` uses seed `seed + i` when a seed is set.
-    pub sampling: SamplingParams,
-    /// Stop strings (PHI: clients may put text in them).
-    pub stop_strings: Vec<Phi<String>>,
+    /// The request-wide index of choice 0 (a multi-prompt request numbers its
+    /// choices across prompts); choice `i` is decoded as choice
+    /// `first_choice + i`, which derives its seed.
+    pub first_choice: usize,
+    /// How each choice is decoded. `decode.max_tokens` is validated: the prompt
+    /// plus `max_tokens` fit the model's context window.
+    pub decode: DecodeParams,
     /// When to give up (the request is cancelled at this instant).
     pub deadline: Option<Instant>,
     /// Requests share cached prompt blocks only within one scope: the HTTP
     /// layer uses the authenticated principal, so callers never share (or can
     /// time) each other's prompts.
     pub prefix_scope: PrefixScope,
-}
-
-/// Log-probability information for one generated token.
-#[derive(Debug, Clone)]
-pub struct TokenLogprob {
-    pub token_id: u32,
-    pub logprob: f32,
-    /// The most likely alternatives (token id, logprob), best first.
-    pub top: Vec<(u32, f32)>,
 }
 
 /// What the engine streams back for one request.

@@ -22,166 +22,21 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use salus_models::paged_cache::{KvCapacity, KvDtype, PagedCacheConfig, PagedKvCache};
+use salus_models::paged_cache::{PagedCacheConfig, PagedKvCache};
+
+pub use crate::config::{
+    KvDtypeConfig, SchedulerConfig, DEFAULT_CPU_MAX_ADMISSIONS_PER_STEP, DEFAULT_CPU_MAX_PREFILL_TOKENS,
+    DEFAULT_KV_CACHE_BYTES,
+};
 use salus_models::LoadedModel;
-use serde::Deserialize;
 
 use crate::engine::{CancelToken, Engine, EngineError, EngineStats, GenerationHandle, GenerationRequest};
-
-/// KV cache storage type in the configuration (`"f32"`, `"f16"`, `"bf16"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KvDtypeConfig {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl From<KvDtypeConfig> for KvDtype {
-    fn from(d: KvDtypeConfig) -> KvDtype {
-        match d {
-            KvDtypeConfig::F32 => KvDtype::F32,
-            KvDtypeConfig::F16 => KvDtype::F16,
-            KvDtypeConfig::Bf16 => KvDtype::BF16,
-        }
-    }
-}
-
-/// Scheduler settings (the `[scheduler]` section of the server config).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SchedulerConfig {
-    /// Tokens per KV block. Default 16.
-    pub block_size: usize,
-    /// KV cache size in bytes. Mutually exclusive with `kv_cache_fraction`;
-    /// when neither is set the cache takes 1 GiB.
-    pub kv_cache_bytes: Option<u64>,
-    /// KV cache size as a fraction (0, 1] of the memory available at start.
-    pub kv_cache_fraction: Option<f64>,
-    /// KV storage type; attention always accumulates in f32. Default bf16: the
-    /// type the supported model families are trained and usually served in,
-    /// half the memory of f32 (twice the sequences per byte), and a faster
-    /// decode step once attention is a large part of it (many long sequences).
-    pub kv_dtype: KvDtypeConfig,
-    /// Most tokens (decode + prefill) per forward step. Default 512.
-    pub max_batch_tokens: usize,
-    /// Most sequences running at once. Default 64.
-    pub max_running_seqs: usize,
-    /// Most sequences waiting for admission; beyond it `submit` returns
-    /// `QueueFull` (HTTP 429). Default 256.
-    pub max_waiting: usize,
-    /// Most prompt tokens of one sequence per step (chunked prefill). Default 256.
-    pub prefill_chunk: usize,
-    /// Most prompt tokens of all sequences together per step. Default:
-    /// [`DEFAULT_CPU_MAX_PREFILL_TOKENS`] on a CPU, `max_batch_tokens` on a GPU
-    /// (see the policy's module doc for why).
-    pub max_prefill_tokens: Option<usize>,
-    /// Most waiting sequences admitted (starting their prefill) per step.
-    /// Default: [`DEFAULT_CPU_MAX_ADMISSIONS_PER_STEP`] on a CPU,
-    /// `max_running_seqs` on a GPU (see the policy's module doc for why).
-    pub max_admissions_per_step: Option<usize>,
-    /// Retry-After sent with `QueueFull`, in seconds. Default 1.
-    pub retry_after_secs: u64,
-    /// Reuse the K/V of prompt blocks a caller has sent before (the chat
-    /// template's system prompt, fixed instructions, earlier turns) instead of
-    /// recomputing them. Shared only between requests of the same principal,
-    /// never across callers. Cached blocks are held in process memory until
-    /// evicted (least recently used first, only when the cache needs room).
-    /// Default true.
-    pub prefix_cache: bool,
-    /// Cached prompt blocks nobody has used for this many seconds are dropped
-    /// (their token ids zeroized, their KV blocks freed), bounding how long a
-    /// prompt stays reusable in memory after its last use. Default 600.
-    pub prefix_cache_idle_secs: u64,
-    /// Commit the KV cache's memory at start instead of on first use (CPU):
-    /// a host that cannot back the configured capacity fails at start rather
-    /// than under load, and serving never pays for first-touch page faults.
-    /// Costs the whole cache in resident memory from the start.
-    pub kv_prefault: bool,
-}
-
-impl Default for SchedulerConfig {
-    fn default() -> Self {
-        SchedulerConfig {
-            block_size: salus_models::paged_cache::DEFAULT_BLOCK_SIZE,
-            kv_cache_bytes: None,
-            kv_cache_fraction: None,
-            kv_dtype: KvDtypeConfig::Bf16,
-            max_batch_tokens: 512,
-            max_running_seqs: 64,
-            max_waiting: 256,
-            prefill_chunk: 256,
-            max_prefill_tokens: None,
-            max_admissions_per_step: None,
-            retry_after_secs: 1,
-            prefix_cache: true,
-            prefix_cache_idle_secs: 600,
-            kv_prefault: false,
-        }
-    }
-}
-
-/// Prompt tokens per step on a CPU when `max_prefill_tokens` is not set: a CPU
-/// step is compute-bound from a few dozen rows on, so larger steps gain little
-/// throughput and make every prompt in them wait for the slowest.
-pub const DEFAULT_CPU_MAX_PREFILL_TOKENS: usize = 64;
-
-/// New sequences per step on a CPU when `max_admissions_per_step` is not set:
-/// sequences admitted together finish together (same `max_tokens`), and their
-/// successors then arrive together, so admitting one per step keeps streams
-/// staggered (see the policy's module doc and the README's measurements).
-pub const DEFAULT_CPU_MAX_ADMISSIONS_PER_STEP: usize = 1;
-
-/// Default KV cache size when none is configured.
-pub const DEFAULT_KV_CACHE_BYTES: u64 = 1 << 30;
-
-impl SchedulerConfig {
-    /// Checks ranges and combinations; the message names the key.
-    pub fn validate(&self) -> Result<(), SchedulerError> {
-        let bad = |m: &str| Err(SchedulerError::Config(m.to_string()));
-        if self.block_size == 0 || self.block_size > 1024 {
-            return bad("scheduler.block_size must be in 1..=1024");
-        }
-        if self.kv_cache_bytes.is_some() && self.kv_cache_fraction.is_some() {
-            return bad("set only one of scheduler.kv_cache_bytes and scheduler.kv_cache_fraction");
-        }
-        if let Some(f) = self.kv_cache_fraction {
-            if !(f > 0.0 && f <= 1.0) {
-                return bad("scheduler.kv_cache_fraction must be in (0, 1]");
-            }
-        }
-        if self.max_batch_tokens == 0 || self.max_running_seqs == 0 || self.prefill_chunk == 0 {
-            return bad("scheduler.max_batch_tokens, max_running_seqs and prefill_chunk must be > 0");
-        }
-        if self.max_prefill_tokens == Some(0) {
-            return bad("scheduler.max_prefill_tokens must be > 0");
-        }
-        if self.prefix_cache_idle_secs == 0 {
-            return bad("scheduler.prefix_cache_idle_secs must be > 0 (set prefix_cache = false to turn caching off)");
-        }
-        if self.max_admissions_per_step == Some(0) {
-            return bad("scheduler.max_admissions_per_step must be > 0");
-        }
-        if self.max_running_seqs > self.max_batch_tokens {
-            return bad("scheduler.max_running_seqs must not exceed max_batch_tokens (every running sequence decodes each step)");
-        }
-        Ok(())
-    }
-
-    fn capacity(&self) -> KvCapacity {
-        match (self.kv_cache_bytes, self.kv_cache_fraction) {
-            (_, Some(f)) => KvCapacity::FractionOfFree(f),
-            (Some(b), None) => KvCapacity::Bytes(b),
-            (None, None) => KvCapacity::Bytes(DEFAULT_KV_CACHE_BYTES),
-        }
-    }
-}
 
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
-    #[error("invalid scheduler config: {0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("KV cache: {0}")]
     Cache(#[from] salus_models::ModelError),
     #[error("cannot start the engine worker thread: {0}")]
@@ -211,7 +66,6 @@ pub struct ContinuousBatchingEngine {
     tx: Mutex<Sender<Submission>>,
     shared: Arc<Shared>,
     capacity_tokens: usize,
-    context_length: usize,
     max_waiting: usize,
     retry_after: Duration,
 }
@@ -240,7 +94,6 @@ impl ContinuousBatchingEngine {
             tracing::info!(elapsed_ms = t.elapsed().as_millis() as u64, "KV cache memory committed");
         }
         let capacity_tokens = cache_cfg.capacity_tokens();
-        let context_length = lm.info.context_length.min(mc.max_context);
         let shared = Arc::new(Shared::default());
         shared.alive.store(true, Ordering::Release);
         if let Ok(mut s) = shared.stats.lock() {
@@ -284,7 +137,6 @@ impl ContinuousBatchingEngine {
             tx: Mutex::new(tx),
             shared,
             capacity_tokens,
-            context_length,
             max_waiting: cfg.max_waiting,
             retry_after: Duration::from_secs(cfg.retry_after_secs),
         })
@@ -298,12 +150,11 @@ impl ContinuousBatchingEngine {
 
 impl Engine for ContinuousBatchingEngine {
     fn submit(&self, request: GenerationRequest) -> Result<GenerationHandle, EngineError> {
-        let needed = request.prompt_tokens.expose().len() + request.max_tokens;
+        // The context window was checked at validation; the KV cache's size is
+        // the engine's own limit.
+        let needed = request.prompt_tokens.expose().len() + request.decode.max_tokens;
         if needed > self.capacity_tokens {
             return Err(EngineError::TooLarge { needed, capacity: self.capacity_tokens });
-        }
-        if needed > self.context_length {
-            return Err(EngineError::TooLarge { needed, capacity: self.context_length });
         }
         if !self.shared.alive.load(Ordering::Acquire) {
             return Err(EngineError::NotRunning);
@@ -332,34 +183,5 @@ impl Engine for ContinuousBatchingEngine {
 
     fn is_ready(&self) -> bool {
         self.shared.alive.load(Ordering::Acquire)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn scheduler_config_defaults_and_validation() {
-        let c: SchedulerConfig = toml::from_str("").unwrap();
-        assert_eq!(c, SchedulerConfig::default());
-        assert_eq!(c.block_size, 16);
-        assert!(c.validate().is_ok());
-        let c: SchedulerConfig =
-            toml::from_str("kv_dtype = \"f32\"\nkv_cache_fraction = 0.5\nblock_size = 32").unwrap();
-        assert_eq!(KvDtype::from(c.kv_dtype), KvDtype::F32);
-        assert_eq!(KvDtype::from(SchedulerConfig::default().kv_dtype), KvDtype::BF16);
-        assert!(SchedulerConfig { max_prefill_tokens: Some(0), ..Default::default() }.validate().is_err());
-        assert!(SchedulerConfig { max_admissions_per_step: Some(0), ..Default::default() }.validate().is_err());
-        assert!(SchedulerConfig { prefix_cache_idle_secs: 0, ..Default::default() }.validate().is_err());
-        let adm: SchedulerConfig = toml::from_str("max_admissions_per_step = 4").unwrap();
-        assert_eq!(adm.max_admissions_per_step, Some(4));
-        assert_eq!(c.capacity(), KvCapacity::FractionOfFree(0.5));
-        let both = SchedulerConfig { kv_cache_bytes: Some(1), kv_cache_fraction: Some(0.1), ..Default::default() };
-        assert!(both.validate().is_err());
-        let zero = SchedulerConfig { block_size: 0, ..Default::default() };
-        assert!(zero.validate().is_err());
-        assert!(toml::from_str::<SchedulerConfig>("kv_dtype = \"f8\"").is_err());
-        assert!(toml::from_str::<SchedulerConfig>("blocksize = 3").is_err());
     }
 }

@@ -142,12 +142,15 @@ fn scheduler_randomized_policy_never_leaks_or_shares_blocks() {
     for seed in 0..8u64 {
         let mut rng = StdRng::seed_from_u64(seed);
         let (blocks, bs) = (24, 4); // 96 tokens in all
-        // Half the seeds with a prefix cache: blocks are then shared, and the
-        // same checks hold (no write to a shared block, every read sees the K/V
-        // of exactly this scope's token prefix, blocks return to the pool).
+                                    // Half the seeds with a prefix cache: blocks are then shared, and the
+                                    // same checks hold (no write to a shared block, every read sees the K/V
+                                    // of exactly this scope's token prefix, blocks return to the pool).
         let prefix_cache = seed >= 4;
-        let manager =
-            if prefix_cache { PoolBlockManager::with_prefix_cache(blocks, bs) } else { PoolBlockManager::new(blocks, bs) };
+        let manager = if prefix_cache {
+            PoolBlockManager::with_prefix_cache(blocks, bs)
+        } else {
+            PoolBlockManager::new(blocks, bs)
+        };
         let mut sim = Sim {
             // Prompt tokens capped below the batch budget (seeds alternate), so
             // the cap's bookkeeping runs through preemption and cancellation too.
@@ -302,10 +305,8 @@ fn scheduler_admits_in_arrival_order_without_overtaking() {
 /// step, and their first tokens come in arrival order on successive steps.
 #[test]
 fn scheduler_prefills_a_burst_oldest_first_within_the_step_prompt_cap() {
-    let mut p = Policy::new(
-        PolicyLimits { max_prefill_tokens: 20, ..limits(512, 16, 256) },
-        PoolBlockManager::new(200, 4),
-    );
+    let mut p =
+        Policy::new(PolicyLimits { max_prefill_tokens: 20, ..limits(512, 16, 256) }, PoolBlockManager::new(200, 4));
     for i in 0..8u64 {
         p.add(SeqId(i), scope(), (0..10).collect());
     }
@@ -368,7 +369,8 @@ fn scheduler_admits_one_sequence_per_step_so_finishes_stay_staggered() {
 
 #[test]
 fn scheduler_splits_a_prompt_longer_than_the_step_prompt_cap() {
-    let mut p = Policy::new(PolicyLimits { max_prefill_tokens: 16, ..limits(512, 16, 256) }, PoolBlockManager::new(50, 4));
+    let mut p =
+        Policy::new(PolicyLimits { max_prefill_tokens: 16, ..limits(512, 16, 256) }, PoolBlockManager::new(50, 4));
     p.add(SeqId(1), scope(), (0..40).collect());
     let mut chunks = Vec::new();
     loop {

@@ -15,12 +15,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use salus_models::paged_cache::{BlockManager, PagedKvCache};
-use salus_models::{LoadedModel, Phi, Sampler, SeqId, StopMatcher, StreamDecoder};
+use salus_models::{ChoiceDecoder, DecodeStep, LoadedModel, SeqId};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::policy::{Policy, PolicyLimits, StepPlan};
 use super::{Shared, Submission};
-use crate::engine::{CancelToken, EngineError, FinishReason, GenerationEvent, RequestId, TokenLogprob};
+use crate::engine::{CancelToken, EngineError, FinishReason, GenerationEvent, RequestId};
 
 struct RequestState {
     id: RequestId,
@@ -39,11 +39,7 @@ impl RequestState {
 struct SeqCtx {
     request: u64,
     choice: usize,
-    sampler: Sampler,
-    detok: StreamDecoder,
-    stops: StopMatcher,
-    generated: usize,
-    max_tokens: usize,
+    decoder: ChoiceDecoder,
 }
 
 struct Worker {
@@ -129,10 +125,8 @@ impl Worker {
         let Submission { request, events, cancel } = sub;
         let n = request.n.max(1);
         self.shared.in_channel.fetch_sub(n, Ordering::AcqRel);
-        let model_cfg = self.lm.model.config();
-        let (vocab, context) = (model_cfg.vocab_size, model_cfg.max_context);
+        let vocab = self.lm.model.config().vocab_size;
         let prompt = request.prompt_tokens.expose();
-        let max_tokens = request.max_tokens.min(context.saturating_sub(prompt.len()));
         let rid = self.next_request;
         self.next_request += 1;
         let mut state = RequestState {
@@ -144,33 +138,22 @@ impl Worker {
         };
         let mut ctxs = Vec::with_capacity(n);
         for choice in 0..n {
-            let mut params = request.sampling.clone();
-            params.seed = params.seed.map(|s| s.wrapping_add(choice as u64));
-            match Sampler::new(params, vocab) {
-                Ok(sampler) => ctxs.push(SeqCtx {
-                    request: rid,
-                    choice,
-                    sampler,
-                    detok: StreamDecoder::new(true),
-                    stops: StopMatcher::new(request.stop_strings.clone()),
-                    generated: 0,
-                    max_tokens,
-                }),
+            let index = request.first_choice + choice;
+            match ChoiceDecoder::new(&request.decode, index, &self.lm.info.eos_token_ids, vocab) {
+                Ok(decoder) => ctxs.push(SeqCtx { request: rid, choice, decoder }),
                 Err(e) => {
-                    tracing::error!(request_id = %state.id.0, error = %e, "invalid sampling parameters reached the engine");
+                    tracing::error!(request_id = %state.id.0, error = %e, "invalid decoding parameters reached the engine");
                     let _ = state.events.send(GenerationEvent::Failed { error: EngineError::Internal });
                     return;
                 }
             }
         }
-        if max_tokens == 0 || prompt.is_empty() {
+        // Nothing to generate (validation rejects both; kept so a malformed
+        // request still gets its `Finished` events): every choice ends at once.
+        if prompt.is_empty() || request.decode.max_tokens == 0 {
             for c in ctxs {
-                let _ = state.events.send(GenerationEvent::Finished {
-                    choice: c.choice,
-                    reason: FinishReason::Length,
-                    completion_tokens: 0,
-                    cached_prompt_tokens: 0,
-                });
+                let done = DecodeStep { finished: Some(FinishReason::Length), ..Default::default() };
+                send_step(&state.events, c.choice, done, 0, 0);
             }
             return;
         }
@@ -282,73 +265,28 @@ impl Worker {
         }
     }
 
-    /// Samples the next token of `seq` and applies the stop conditions.
+    /// Runs one decoding step of `seq` on its logits: streams the text, and
+    /// either appends the token or ends the sequence.
     fn on_logits(&mut self, seq: SeqId, logits: &[f32]) {
         let Some(ctx) = self.seqs.get_mut(&seq) else { return };
         let rid = ctx.request;
         let Some(req) = self.requests.get(&rid) else { return };
-        let lm = &self.lm;
         let tokens = self.policy.tokens(seq);
-        let context = lm.model.config().max_context;
-        let sampled = match ctx.sampler.sample(logits, tokens, self.policy.prompt_len(seq)) {
+        let step = match ctx.decoder.step(&self.lm.tokenizer, logits, tokens, self.policy.prompt_len(seq)) {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(request_id = %req.id.0, error = %e, "sampling failed");
+                tracing::error!(request_id = %req.id.0, error = %e, "decoding step failed");
                 self.fail_request(rid);
                 return;
             }
         };
-        let send = |text: String, logprobs: Vec<TokenLogprob>| {
-            if !text.is_empty() || !logprobs.is_empty() {
-                let _ = req.events.send(GenerationEvent::Delta { choice: ctx.choice, text: Phi::new(text), logprobs });
-            }
-        };
-        let reason = if lm.info.eos_token_ids.contains(&sampled.token) {
-            Some(FinishReason::Stop)
-        } else {
-            ctx.generated += 1;
-            let lp = match sampled.logprob {
-                Some(logprob) => vec![TokenLogprob { token_id: sampled.token, logprob, top: sampled.top_logprobs }],
-                None => Vec::new(),
-            };
-            let piece = match ctx.detok.push(&lm.tokenizer, sampled.token) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!(request_id = %req.id.0, error = %e, "detokenization failed");
-                    self.fail_request(rid);
-                    return;
-                }
-            };
-            let step = ctx.stops.push(&piece);
-            let stopped = step.stopped;
-            send(step.emit, lp);
-            if stopped {
-                Some(FinishReason::Stop)
-            } else if ctx.generated >= ctx.max_tokens || tokens.len() + 1 >= context {
-                Some(FinishReason::Length)
-            } else {
-                None
-            }
-        };
-        let Some(reason) = reason else {
-            self.policy.append_token(seq, sampled.token);
+        if let Some(token) = step.next_token() {
+            send_step(&req.events, ctx.choice, step, 0, 0);
+            self.policy.append_token(seq, token);
             return;
-        };
-        if !ctx.stops.is_stopped() {
-            let tail = ctx.detok.finish(&lm.tokenizer).unwrap_or_default();
-            let step = ctx.stops.push(&tail);
-            let was_stopped = step.stopped;
-            send(step.emit, Vec::new());
-            if !was_stopped {
-                send(ctx.stops.finish(), Vec::new());
-            }
         }
-        let _ = req.events.send(GenerationEvent::Finished {
-            choice: ctx.choice,
-            reason,
-            completion_tokens: ctx.generated,
-            cached_prompt_tokens: self.policy.cached_prompt_tokens(seq),
-        });
+        let (generated, cached) = (ctx.decoder.generated(), self.policy.cached_prompt_tokens(seq));
+        send_step(&req.events, ctx.choice, step, generated, cached);
         self.policy.remove(seq);
         self.seqs.remove(&seq);
         if let Some(r) = self.requests.get_mut(&rid) {
@@ -357,5 +295,24 @@ impl Worker {
                 self.requests.remove(&rid);
             }
         }
+    }
+}
+
+/// Streams one decoding step of `choice`: its text and logprobs as a delta
+/// (when there are any), then `Finished` when the step ended the choice
+/// (`completion_tokens` and `cached_prompt_tokens` describe the finished choice).
+fn send_step(
+    events: &UnboundedSender<GenerationEvent>,
+    choice: usize,
+    step: DecodeStep,
+    completion_tokens: usize,
+    cached_prompt_tokens: usize,
+) {
+    let DecodeStep { text, logprob, finished, .. } = step;
+    if !text.expose().is_empty() || logprob.is_some() {
+        let _ = events.send(GenerationEvent::Delta { choice, text, logprobs: logprob.into_iter().collect() });
+    }
+    if let Some(reason) = finished {
+        let _ = events.send(GenerationEvent::Finished { choice, reason, completion_tokens, cached_prompt_tokens });
     }
 }

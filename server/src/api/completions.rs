@@ -1,0 +1,136 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`: validate, encode the
+//! prompt, plan, make `inference.started` durable, submit, and hand the
+//! [`Generation`](super::generation::Generation) to one of its two consumers
+//! (the whole JSON body or the SSE stream).
+
+use std::sync::Arc;
+
+use axum::extract::{Extension, State};
+use axum::response::Response;
+use salus_models::Phi;
+
+use super::error::ApiError;
+use super::generation::{self, Generation};
+use super::inference_audit::{InferenceAudit, InferenceSubject, SourceAddr};
+use super::json::JsonObject;
+use super::response::{respond_whole, Endpoint, ResponseBuilder};
+use super::sse::respond_stream;
+use super::types::{GenerationParams, ValidatedChatRequest, ValidatedCompletionRequest};
+use crate::auth::{AuthenticatedPrincipal, Permission};
+use crate::state::{AppState, PromptError, RequestContext};
+
+fn prompt_error(e: PromptError, param: &'static str, request_id: &str) -> ApiError {
+    match e {
+        PromptError::Template | PromptError::Empty => ApiError::invalid(param, e.to_string()),
+        PromptError::Tokenizer => {
+            tracing::error!(request_id, "tokenizer failed");
+            ApiError::Internal { request_id: request_id.to_string() }
+        }
+    }
+}
+
+/// The request names the served model, and the server is ready to serve it.
+fn check_servable(state: &AppState, model: &str) -> Result<(), ApiError> {
+    if model != state.model().id {
+        return Err(ApiError::ModelNotFound);
+    }
+    if !state.is_ready() {
+        return Err(ApiError::NotReady);
+    }
+    Ok(())
+}
+
+/// What both endpoints share after their prompts are encoded.
+struct Inference<'a> {
+    state: &'a AppState,
+    ctx: &'a Arc<RequestContext>,
+    principal: &'a AuthenticatedPrincipal,
+    source: SourceAddr,
+    endpoint: Endpoint,
+    params: &'a GenerationParams,
+}
+
+impl Inference<'_> {
+    /// Plans the prompts, records `inference.started` with the HMAC of the
+    /// canonical prompt (then dropped), submits, and answers.
+    async fn run(self, prompts: Vec<Phi<Vec<u32>>>, canonical_prompt: Phi<String>) -> Result<Response, ApiError> {
+        let plan = generation::plan(self.state, self.ctx, self.principal, prompts, self.params)?;
+        let operation = match self.endpoint {
+            Endpoint::Chat => "chat.completions",
+            Endpoint::Completion => "completions",
+        };
+        let subject = InferenceSubject {
+            principal: self.principal,
+            source: self.source,
+            operation,
+            params: self.params,
+            prompt: &canonical_prompt,
+        };
+        let audit = InferenceAudit::start(self.state, self.ctx, subject).await?;
+        drop(canonical_prompt);
+        let generation: Generation = plan.submit(self.state, self.ctx, audit).await?;
+        let builder = ResponseBuilder::new(self.state, self.ctx, self.endpoint, self.params.logprobs);
+        if self.params.stream {
+            Ok(respond_stream(generation, builder, self.params.include_usage))
+        } else {
+            respond_whole(generation, builder).await
+        }
+    }
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<Arc<RequestContext>>,
+    source: SourceAddr,
+    principal: AuthenticatedPrincipal,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    principal.require(Permission::Inference)?;
+    let req = ValidatedChatRequest::parse(body, state.limits())?;
+    check_servable(&state, &req.model)?;
+    let prompt = state.codec().encode_chat(&req.messages).map_err(|e| prompt_error(e, "messages", ctx.request_id()))?;
+    drop(req.messages);
+    let inference = Inference {
+        state: &state,
+        ctx: &ctx,
+        principal: &principal,
+        source,
+        endpoint: Endpoint::Chat,
+        params: &req.params,
+    };
+    // The canonical prompt of the audit HMAC: the text after the chat template.
+    inference.run(vec![prompt.ids], prompt.text).await
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<Arc<RequestContext>>,
+    source: SourceAddr,
+    principal: AuthenticatedPrincipal,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    principal.require(Permission::Inference)?;
+    let req = ValidatedCompletionRequest::parse(body, state.limits())?;
+    check_servable(&state, &req.model)?;
+    let mut prompts = Vec::with_capacity(req.prompts.len());
+    for p in &req.prompts {
+        prompts.push(state.codec().encode_text(p).map_err(|e| prompt_error(e, "prompt", ctx.request_id()))?);
+    }
+    // The canonical prompt of the audit HMAC: the prompts concatenated in order.
+    let mut canonical = Phi::new(String::new());
+    for p in &req.prompts {
+        canonical.expose_mut().push_str(p.expose());
+    }
+    drop(req.prompts);
+    let inference = Inference {
+        state: &state,
+        ctx: &ctx,
+        principal: &principal,
+        source,
+        endpoint: Endpoint::Completion,
+        params: &req.params,
+    };
+    inference.run(prompts, canonical).await
+}

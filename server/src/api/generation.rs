@@ -1,0 +1,329 @@
+//! One request's generation, from the limit checks to its audit outcome, shared
+//! by `/v1/chat/completions` and `/v1/completions`:
+//!
+//! [`plan`] (limits; `max_tokens` bounded by the context window, the one place
+//! it is clamped) → `inference.started` made durable ([`InferenceAudit::start`])
+//! → [`Plan::submit`] to the engine → a [`Generation`], which the two consumers
+//! drain: the whole JSON body ([`super::response`]) or the SSE stream
+//! ([`super::sse`]). The generation does the accounting once for both —
+//! per-choice text (for the completion HMAC), token counts, TTFT and
+//! inter-token metrics, the access-log counts — and records the outcome in the
+//! audit trail ([`Generation::finish`]).
+//!
+//! Cancellation: the engine's [`GenerationHandle`]s live inside the
+//! generation's event stream. Dropping the generation (a non-streaming handler
+//! future that axum drops when the client goes away; a streaming task that sees
+//! the client disconnect) drops them, which cancels the engine's work, and its
+//! [`InferenceAudit`] records `inference.cancelled`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{BoxStream, StreamExt};
+use salus_models::paged_cache::PrefixScope;
+use salus_models::{DecodeParams, Phi};
+
+use super::error::ApiError;
+use super::inference_audit::InferenceAudit;
+use super::types::GenerationParams;
+use crate::auth::AuthenticatedPrincipal;
+use crate::engine::{FinishReason, GenerationEvent, GenerationHandle, GenerationRequest, RequestId, TokenLogprob};
+use crate::state::{AppState, RequestContext};
+
+/// Requests that passed the limit checks, not yet submitted.
+pub struct Plan {
+    requests: Vec<GenerationRequest>,
+    choices: usize,
+    prompt_tokens: usize,
+    started: Instant,
+}
+
+/// Checks the prompts against the limits and picks `max_tokens`: one engine
+/// request per prompt (each with `n` choices), not submitted yet.
+pub fn plan(
+    state: &AppState,
+    ctx: &RequestContext,
+    principal: &AuthenticatedPrincipal,
+    prompts: Vec<Phi<Vec<u32>>>,
+    params: &GenerationParams,
+) -> Result<Plan, ApiError> {
+    let started = Instant::now();
+    let limits = state.limits();
+    let context = state.codec().context_length();
+    let vocab = state.codec().vocab_size();
+    if params.sampling.logit_bias.iter().any(|(id, _)| *id as usize >= vocab) {
+        return Err(ApiError::invalid("logit_bias", format!("logit_bias token ids must be below {vocab}")));
+    }
+    let prompt_limit = limits.max_prompt_tokens.min(context.saturating_sub(1));
+    let deadline = Some(started + Duration::from_secs(limits.request_timeout_secs));
+    let prefix_scope = PrefixScope::new(principal.id());
+    let mut requests = Vec::with_capacity(prompts.len());
+    let mut prompt_tokens = 0;
+    for (i, prompt) in prompts.into_iter().enumerate() {
+        let len = prompt.expose().len();
+        if len == 0 {
+            return Err(ApiError::invalid("prompt", "the prompt encodes to no tokens"));
+        }
+        if len > prompt_limit {
+            return Err(ApiError::ContextOverflow {
+                needed: len + 1,
+                prompt: len,
+                completion: 1,
+                limit: prompt_limit + 1,
+            });
+        }
+        let room = context - len;
+        let max_tokens = match params.max_tokens {
+            Some(m) if m > room => {
+                return Err(ApiError::ContextOverflow { needed: len + m, prompt: len, completion: m, limit: context })
+            }
+            Some(m) => m,
+            None => limits.default_max_tokens.min(room),
+        };
+        prompt_tokens += len;
+        requests.push(GenerationRequest {
+            request_id: RequestId(ctx.request_id().to_string()),
+            prompt_tokens: prompt,
+            n: params.n,
+            first_choice: i * params.n,
+            decode: DecodeParams {
+                sampling: params.sampling.clone(),
+                max_tokens,
+                stop_strings: params.stop.clone(),
+                stop_token_ids: Vec::new(),
+            },
+            deadline,
+            prefix_scope: prefix_scope.clone(),
+        });
+    }
+    let choices = requests.len() * params.n;
+    Ok(Plan { requests, choices, prompt_tokens, started })
+}
+
+/// An engine event with its choice index across all prompts of the request.
+type ChoiceEvent = (usize, GenerationEvent);
+
+fn handle_stream(handle: GenerationHandle, offset: usize) -> BoxStream<'static, ChoiceEvent> {
+    futures::stream::unfold(handle, move |mut h| async move {
+        let ev = h.events.recv().await?;
+        let index = match &ev {
+            GenerationEvent::Delta { choice, .. } | GenerationEvent::Finished { choice, .. } => choice + offset,
+            GenerationEvent::Failed { .. } => offset,
+        };
+        Some(((index, ev), h))
+    })
+    .boxed()
+}
+
+impl Plan {
+    /// Submits the planned requests to the engine. Call only after
+    /// `inference.started` is durable: `audit` is the proof and records the
+    /// outcome (an engine refusal is recorded as `inference.failed`).
+    pub async fn submit(
+        self,
+        state: &AppState,
+        ctx: &Arc<RequestContext>,
+        mut audit: InferenceAudit,
+    ) -> Result<Generation, ApiError> {
+        let mut streams = Vec::with_capacity(self.requests.len());
+        for request in self.requests {
+            let offset = request.first_choice;
+            match state.engine().submit(request) {
+                Ok(handle) => streams.push(handle_stream(handle, offset)),
+                Err(e) => {
+                    let err = ApiError::from_engine(&e, ctx.request_id());
+                    audit.failed(err.code().unwrap_or("internal_error"), self.prompt_tokens, 0).await;
+                    return Err(err);
+                }
+            }
+        }
+        ctx.set_tokens(self.prompt_tokens, 0);
+        Ok(Generation {
+            state: state.clone(),
+            ctx: ctx.clone(),
+            request_id: ctx.request_id().to_string(),
+            events: futures::stream::select_all(streams).boxed(),
+            choices: (0..self.choices).map(|_| ChoiceOutput::default()).collect(),
+            remaining: self.choices,
+            prompt_tokens: self.prompt_tokens,
+            started: self.started,
+            last_delta: None,
+            failure: None,
+            audit,
+        })
+    }
+}
+
+/// One choice as it accumulates.
+#[derive(Debug, Default)]
+pub struct ChoiceOutput {
+    /// The text so far (PHI).
+    pub text: Phi<String>,
+    /// Every token's logprobs so far, when requested.
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish: Option<FinishReason>,
+    pub completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache, counted on the first choice
+    /// of each prompt only (the choices of one prompt share it).
+    pub cached_prompt_tokens: usize,
+}
+
+/// What a consumer forwards to the client.
+#[derive(Debug)]
+pub enum Update {
+    /// New text (possibly empty when only logprobs are new) of `choice`.
+    Delta { choice: usize, text: Phi<String>, logprobs: Vec<TokenLogprob> },
+    /// `choice` ended.
+    Finished { choice: usize, reason: FinishReason },
+}
+
+/// Token counts of a finished generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_prompt_tokens: usize,
+}
+
+/// A generation whose outcome is recorded: every choice, and the usage.
+#[derive(Debug)]
+pub struct Completed {
+    pub choices: Vec<ChoiceOutput>,
+    pub usage: Usage,
+}
+
+/// A submitted request's generation: the one place its events are accounted
+/// and its outcome is recorded.
+pub struct Generation {
+    state: AppState,
+    ctx: Arc<RequestContext>,
+    request_id: String,
+    events: BoxStream<'static, ChoiceEvent>,
+    choices: Vec<ChoiceOutput>,
+    remaining: usize,
+    prompt_tokens: usize,
+    started: Instant,
+    last_delta: Option<Instant>,
+    /// Set when the generation failed; [`Self::finish`] records it.
+    failure: Option<ApiError>,
+    audit: InferenceAudit,
+}
+
+impl Generation {
+    /// The request id (for logs; never request text).
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// Number of choices (over all prompts).
+    pub fn num_choices(&self) -> usize {
+        self.choices.len()
+    }
+
+    /// The next update to forward, after accounting for it; `None` once every
+    /// choice has finished or the generation failed (then call [`Self::finish`]).
+    /// Cancel-safe: it awaits only the engine's event stream.
+    pub async fn next(&mut self) -> Option<Update> {
+        while self.remaining > 0 && self.failure.is_none() {
+            let Some((index, event)) = self.events.next().await else {
+                tracing::error!(request_id = %self.request_id, "engine closed the event stream early");
+                self.failure = Some(self.internal_error());
+                return None;
+            };
+            if index >= self.choices.len() {
+                self.failure = Some(self.internal_error());
+                return None;
+            }
+            match event {
+                GenerationEvent::Delta { text, logprobs, .. } => {
+                    self.observe_delta();
+                    if text.expose().is_empty() && logprobs.is_empty() {
+                        continue;
+                    }
+                    let c = &mut self.choices[index];
+                    c.text.expose_mut().push_str(text.expose());
+                    c.logprobs.extend(logprobs.iter().cloned());
+                    return Some(Update::Delta { choice: index, text, logprobs });
+                }
+                GenerationEvent::Finished { choice, reason, completion_tokens, cached_prompt_tokens } => {
+                    let c = &mut self.choices[index];
+                    if c.finish.is_some() {
+                        continue;
+                    }
+                    c.finish = Some(reason);
+                    c.completion_tokens = completion_tokens;
+                    // A prompt's cached tokens count once: on its first choice.
+                    c.cached_prompt_tokens = if choice == 0 { cached_prompt_tokens } else { 0 };
+                    self.remaining -= 1;
+                    return Some(Update::Finished { choice: index, reason });
+                }
+                GenerationEvent::Failed { error } => {
+                    self.failure = Some(ApiError::from_engine(&error, &self.request_id));
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
+    /// Drains the generation to its end (the non-streaming consumer).
+    pub async fn run_to_end(&mut self) {
+        while self.next().await.is_some() {}
+    }
+
+    /// Records the outcome and returns it: `inference.completed` (durable
+    /// before this returns: if it cannot be written the output must be
+    /// withheld, and the error says so) when every choice finished, otherwise
+    /// `inference.failed` and the error to send.
+    pub async fn finish(mut self) -> Result<Completed, ApiError> {
+        if self.failure.is_none() && self.remaining > 0 {
+            // Finish called before the end: drain first.
+            self.run_to_end().await;
+        }
+        let usage = Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.choices.iter().map(|c| c.completion_tokens).sum(),
+            cached_prompt_tokens: self.choices.iter().map(|c| c.cached_prompt_tokens).sum(),
+        };
+        let metrics = self.state.metrics();
+        metrics.e2e.observe(self.started.elapsed().as_secs_f64());
+        metrics.add_tokens(usage.prompt_tokens, usage.completion_tokens);
+        self.ctx.set_tokens(usage.prompt_tokens, usage.completion_tokens);
+        tracing::info!(
+            request_id = %self.request_id,
+            prompt_tokens = usage.prompt_tokens,
+            completion_tokens = usage.completion_tokens,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            failed = self.failure.is_some(),
+            "generation finished"
+        );
+        if let Some(err) = self.failure.take() {
+            let reason = err.code().unwrap_or("model_error");
+            self.audit.failed(reason, usage.prompt_tokens, usage.completion_tokens).await;
+            return Err(err);
+        }
+        let texts: Vec<&Phi<String>> = self.choices.iter().map(|c| &c.text).collect();
+        let hmac = self.audit.completion_hmac(&texts);
+        if let Err(e) = self.audit.completed(usage.prompt_tokens, usage.completion_tokens, hmac).await {
+            // Fail closed: no durable record of this inference, no (further) output.
+            tracing::error!(request_id = %self.request_id, error = %e, "audit: inference.completed not recorded; output withheld");
+            return Err(self.internal_error());
+        }
+        Ok(Completed { choices: std::mem::take(&mut self.choices), usage })
+    }
+
+    fn observe_delta(&mut self) {
+        let now = Instant::now();
+        let metrics = self.state.metrics();
+        match self.last_delta {
+            None => metrics.ttft.observe((now - self.started).as_secs_f64()),
+            Some(prev) => metrics.inter_token.observe((now - prev).as_secs_f64()),
+        }
+        self.last_delta = Some(now);
+    }
+
+    fn internal_error(&self) -> ApiError {
+        ApiError::Internal { request_id: self.request_id.clone() }
+    }
+}

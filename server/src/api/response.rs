@@ -1,0 +1,212 @@
+//! The JSON bodies of a generation: the OpenAI envelope, choices, logprobs and
+//! usage, for `/v1/chat/completions` (`chat.completion`, `chat.completion.chunk`)
+//! and `/v1/completions` (`text_completion`). [`ResponseBuilder::whole`] is the
+//! non-streaming body; the chunk builders are what [`super::sse`] streams.
+
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::generation::{ChoiceOutput, Completed, Generation, Usage};
+use crate::engine::{FinishReason, TokenLogprob};
+use crate::state::{AppState, RequestContext};
+
+/// Which endpoint a response belongs to: decides `object` and the shape of a choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completion,
+}
+
+/// One part of one choice, as a streamed chunk carries it or as the whole.
+enum ChoicePart<'a> {
+    /// The chat role delta sent before any token (streaming).
+    Preamble,
+    /// New text and its logprobs (streaming).
+    Delta(&'a str, &'a [TokenLogprob]),
+    /// The end of the choice (streaming).
+    Finish(FinishReason),
+    /// The complete choice (non-streaming).
+    Whole(&'a ChoiceOutput),
+}
+
+/// Builds every JSON body of one request: the envelope, the choices and the usage.
+pub struct ResponseBuilder {
+    state: AppState,
+    endpoint: Endpoint,
+    id: String,
+    created: u64,
+    fingerprint: String,
+    logprobs: bool,
+}
+
+impl ResponseBuilder {
+    pub fn new(state: &AppState, ctx: &RequestContext, endpoint: Endpoint, logprobs: bool) -> Self {
+        let prefix = match endpoint {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completion => "cmpl",
+        };
+        ResponseBuilder {
+            state: state.clone(),
+            endpoint,
+            id: format!("{prefix}-{}", ctx.request_id()),
+            created: unix_now(),
+            // `system_fingerprint` identifies the exact weights served.
+            fingerprint: format!("fp_{}", state.model().fingerprint.chars().take(12).collect::<String>()),
+            logprobs,
+        }
+    }
+
+    pub fn endpoint(&self) -> Endpoint {
+        self.endpoint
+    }
+
+    fn envelope(&self, object: &str, choices: Value) -> Value {
+        json!({
+            "id": self.id, "object": object, "created": self.created,
+            "model": self.state.model().id, "system_fingerprint": self.fingerprint, "choices": choices,
+        })
+    }
+
+    /// A streamed chunk.
+    fn chunk(&self, choices: Value) -> Value {
+        let object = match self.endpoint {
+            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Completion => "text_completion",
+        };
+        self.envelope(object, choices)
+    }
+
+    fn choice(&self, index: usize, part: ChoicePart<'_>) -> Value {
+        let (text, logprobs, finish) = match &part {
+            ChoicePart::Preamble => ("", None, None),
+            ChoicePart::Delta(text, lps) => (*text, Some(*lps), None),
+            ChoicePart::Finish(reason) => ("", None, Some(*reason)),
+            ChoicePart::Whole(c) => {
+                (c.text.expose().as_str(), Some(c.logprobs.as_slice()), Some(c.finish.unwrap_or(FinishReason::Stop)))
+            }
+        };
+        let logprobs = match logprobs {
+            Some(lps) if self.logprobs => match self.endpoint {
+                Endpoint::Chat => self.chat_logprobs(lps),
+                Endpoint::Completion => self.completion_logprobs(lps),
+            },
+            _ => Value::Null,
+        };
+        let finish_reason = finish.map_or(Value::Null, |r| Value::from(r.as_str()));
+        if self.endpoint == Endpoint::Completion {
+            return json!({"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason});
+        }
+        let (key, message) = match part {
+            ChoicePart::Preamble => ("delta", json!({"role": "assistant", "content": "", "refusal": null})),
+            ChoicePart::Delta(..) => ("delta", json!({"content": text})),
+            ChoicePart::Finish(_) => ("delta", json!({})),
+            ChoicePart::Whole(_) => ("message", json!({"role": "assistant", "content": text, "refusal": null})),
+        };
+        let mut choice = serde_json::Map::new();
+        choice.insert("index".into(), index.into());
+        choice.insert(key.into(), message);
+        choice.insert("logprobs".into(), logprobs);
+        choice.insert("finish_reason".into(), finish_reason);
+        Value::Object(choice)
+    }
+
+    fn token_entry(&self, id: u32, logprob: f32) -> Value {
+        let text = self.state.codec().token_text(id);
+        json!({"token": text.expose(), "logprob": logprob, "bytes": text.expose().as_bytes()})
+    }
+
+    fn chat_logprobs(&self, lps: &[TokenLogprob]) -> Value {
+        let content: Vec<Value> = lps
+            .iter()
+            .map(|lp| {
+                let mut e = self.token_entry(lp.token_id, lp.logprob);
+                e["top_logprobs"] = lp.top.iter().map(|(id, l)| self.token_entry(*id, *l)).collect();
+                e
+            })
+            .collect();
+        json!({ "content": content, "refusal": null })
+    }
+
+    /// The legacy completions shape; `text_offset` counts bytes from the start
+    /// of the part of the choice this object covers.
+    fn completion_logprobs(&self, lps: &[TokenLogprob]) -> Value {
+        let codec = self.state.codec();
+        let (mut tokens, mut token_logprobs, mut top, mut offsets) = (vec![], vec![], vec![], vec![]);
+        let mut offset = 0;
+        for lp in lps {
+            let t = codec.token_text(lp.token_id);
+            offsets.push(offset);
+            offset += t.expose().len();
+            tokens.push(Value::String(t.expose().clone()));
+            token_logprobs.push(json!(lp.logprob));
+            let alternatives: serde_json::Map<String, Value> =
+                lp.top.iter().map(|(id, l)| (codec.token_text(*id).expose().clone(), json!(l))).collect();
+            top.push(Value::Object(alternatives));
+        }
+        json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
+    }
+
+    /// The non-streaming response: every choice complete, plus usage.
+    pub fn whole(&self, done: &Completed) -> Value {
+        let choices: Vec<Value> =
+            done.choices.iter().enumerate().map(|(i, c)| self.choice(i, ChoicePart::Whole(c))).collect();
+        let object = match self.endpoint {
+            Endpoint::Chat => "chat.completion",
+            Endpoint::Completion => "text_completion",
+        };
+        let mut v = self.envelope(object, Value::Array(choices));
+        v["usage"] = usage_json(&done.usage);
+        v
+    }
+
+    /// The chunk sent before any token of `choice` (chat only: the role delta).
+    pub fn preamble_chunk(&self, choice: usize) -> Option<Value> {
+        match self.endpoint {
+            Endpoint::Chat => Some(self.chunk(json!([self.choice(choice, ChoicePart::Preamble)]))),
+            Endpoint::Completion => None,
+        }
+    }
+
+    /// A content delta (`text` may be empty when only logprobs are new).
+    pub fn delta_chunk(&self, choice: usize, text: &str, logprobs: &[TokenLogprob]) -> Value {
+        self.chunk(json!([self.choice(choice, ChoicePart::Delta(text, logprobs))]))
+    }
+
+    /// The chunk carrying `finish_reason`.
+    pub fn finish_chunk(&self, choice: usize, reason: FinishReason) -> Value {
+        self.chunk(json!([self.choice(choice, ChoicePart::Finish(reason))]))
+    }
+
+    /// The usage chunk (`choices: []`).
+    pub fn usage_chunk(&self, usage: &Usage) -> Value {
+        let mut v = self.chunk(json!([]));
+        v["usage"] = usage_json(usage);
+        v
+    }
+}
+
+/// OpenAI's usage object.
+fn usage_json(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
+    })
+}
+
+/// The non-streaming consumer: waits for every choice, records the outcome
+/// (the output is returned only once `inference.completed` is durable) and
+/// answers with the whole body.
+pub async fn respond_whole(mut generation: Generation, builder: ResponseBuilder) -> Result<Response, ApiError> {
+    generation.run_to_end().await;
+    let done = generation.finish().await?;
+    Ok(Json(builder.whole(&done)).into_response())
+}
+
+/// Unix time now.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}

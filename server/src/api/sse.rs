@@ -1,0 +1,100 @@
+//! The streaming consumer: a [`Generation`] as OpenAI-style Server-Sent Events.
+//!
+//! Chunks are sent as the engine produces them; the audit outcome is recorded
+//! before the final `data: [DONE]`, so a client that saw `[DONE]` knows its
+//! inference is in the trail. If that record cannot be written, the stream ends
+//! with an error event instead (the tokens are already sent; `/ready` turns
+//! unhealthy as the audit log marks itself so). When the client disconnects the
+//! task returns at once, dropping the generation, which cancels the engine's
+//! work and records `inference.cancelled`.
+
+use std::convert::Infallible;
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use tokio::sync::mpsc::Sender;
+
+use super::generation::{Generation, Update};
+use super::response::ResponseBuilder;
+
+fn sse_data(v: &Value) -> Bytes {
+    let mut s = String::with_capacity(256);
+    s.push_str("data: ");
+    s.push_str(&v.to_string());
+    s.push_str("\n\n");
+    Bytes::from(s)
+}
+
+/// The chunk sender; `include_usage` adds `"usage": null` to every chunk
+/// (the final usage chunk carries the numbers).
+struct ChunkSender {
+    tx: Sender<Result<Bytes, Infallible>>,
+    include_usage: bool,
+}
+
+impl ChunkSender {
+    /// Sends one chunk; false when the client is gone.
+    async fn send(&self, mut chunk: Value) -> bool {
+        if self.include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        self.send_raw(sse_data(&chunk)).await
+    }
+
+    async fn send_raw(&self, bytes: Bytes) -> bool {
+        self.tx.send(Ok(bytes)).await.is_ok()
+    }
+}
+
+/// Streams `generation` as SSE. `include_usage` (`stream_options`) adds a final
+/// usage chunk before `[DONE]`.
+pub fn respond_stream(mut generation: Generation, builder: ResponseBuilder, include_usage: bool) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(32);
+    tokio::spawn(async move {
+        let out = ChunkSender { tx, include_usage };
+        for choice in 0..generation.num_choices() {
+            if let Some(chunk) = builder.preamble_chunk(choice) {
+                if !out.send(chunk).await {
+                    return;
+                }
+            }
+        }
+        loop {
+            let update = tokio::select! {
+                u = generation.next() => u,
+                _ = out.tx.closed() => {
+                    tracing::info!(request_id = generation.request_id(), "client disconnected; generation cancelled");
+                    return;
+                }
+            };
+            let chunk = match update {
+                None => break,
+                Some(Update::Delta { choice, text, logprobs }) => builder.delta_chunk(choice, text.expose(), &logprobs),
+                Some(Update::Finished { choice, reason }) => builder.finish_chunk(choice, reason),
+            };
+            if !out.send(chunk).await {
+                return;
+            }
+        }
+        match generation.finish().await {
+            Ok(done) => {
+                if include_usage && !out.send_raw(sse_data(&builder.usage_chunk(&done.usage))).await {
+                    return;
+                }
+                out.send_raw(Bytes::from_static(b"data: [DONE]\n\n")).await;
+            }
+            Err(err) => {
+                out.send_raw(sse_data(&err.body())).await;
+            }
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut resp = (StatusCode::OK, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
