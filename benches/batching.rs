@@ -9,19 +9,16 @@
 //! `SALUS_BENCH_REQUESTS` (requests per level; default 2 × concurrency, at least 4),
 //! `SALUS_BENCH_OUT` (JSON path; an SVG is written next to it).
 
-#[path = "loadgen/report.rs"]
-mod bench_report;
-
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bench_report::{summarize, synthetic_prompts, Sample};
 use salus_models::paged_cache::PrefixScope;
 use salus_models::{DecodeParams, LoadOptions, ModelSource, Phi, SamplingParams, WeightBytes};
 use salus_server::engine::{Engine, GenerationEvent, GenerationRequest, RequestId};
 use salus_server::scheduler::{ContinuousBatchingEngine, SchedulerConfig};
+use salus_tools::bench_report::{summarize, synthetic_prompts, Sample};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -82,17 +79,17 @@ fn main() {
         summaries.push(s);
     }
     println!("in-process continuous batching, default model, max_tokens {max_tokens}, greedy");
-    print!("{}", bench_report::table(&summaries));
+    print!("{}", salus_tools::bench_report::table(&summaries));
     if let Some(c1) = summaries.iter().find(|l| l.concurrency == 1) {
         for l in summaries.iter().filter(|l| l.concurrency > 1) {
             println!("c{} / c1 throughput: {:.2}x", l.concurrency, l.output_tok_per_s / c1.output_tok_per_s);
         }
     }
     if let Ok(out) = std::env::var("SALUS_BENCH_OUT") {
-        let json = bench_report::to_json("in-process", max_tokens, true, &summaries);
+        let json = salus_tools::bench_report::to_json("in-process", max_tokens, true, &summaries);
         std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap()).expect("write JSON");
         let svg = PathBuf::from(&out).with_extension("svg");
-        std::fs::write(&svg, bench_report::to_svg("Salus in-process continuous batching", &summaries))
+        std::fs::write(&svg, salus_tools::bench_report::to_svg("Salus in-process continuous batching", &summaries))
             .expect("write SVG");
     }
 }

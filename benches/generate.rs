@@ -8,15 +8,13 @@
 //! `SALUS_BENCH_DECODE`.
 
 // The default model's location and greedy choice, shared with the model tests.
-#[path = "../models/tests/common/default_model.rs"]
-mod default_model;
-
 use std::io::Cursor;
 use std::time::Instant;
 
 use candle_core::{Device, IndexOp, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
-use default_model::{argmax, default_model_if_present};
+use salus_models::dev_model::default_model_if_present;
+use salus_models::sampling::argmax;
 use salus_models::{load, LoadOptions, ModelSource, PackedBatch, SeqId};
 
 fn env_usize(name: &str, default: usize) -> usize {

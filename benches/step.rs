@@ -14,9 +14,6 @@
 
 use std::time::Instant;
 
-#[path = "../models/tests/common/default_model.rs"]
-mod default_model;
-
 use salus_models::paged_cache::{BlockManager, KvDtype, PagedCacheConfig, PagedKvCache};
 use salus_models::{load, LoadOptions, ModelSource, PackedBatch, SeqId};
 
@@ -39,7 +36,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let Some(path) = default_model::default_model_if_present() else {
+    let Some(path) = salus_models::dev_model::default_model_if_present() else {
         return;
     };
     let batches: Vec<usize> =

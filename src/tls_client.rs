@@ -1,5 +1,5 @@
 //! The HTTPS client setup of Salus' own clients (`salus health` and the
-//! `salus-bench` load generator, which includes this file by path): TLS 1.2+
+//! `salus-bench` load generator): TLS 1.2+
 //! through rustls with the ring provider, trusting the CA certificates of a PEM
 //! file, or — only when the caller has decided it is safe (a loopback health
 //! probe, an explicit `--insecure`) — skipping the certificate check while
@@ -8,7 +8,19 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+/// Why a client TLS configuration could not be built. Messages name the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsClientError {
+    /// rustls refused the protocol versions (a build without TLS 1.2/1.3).
+    #[error("TLS protocol versions: {0}")]
+    Protocol(rustls::Error),
+    /// The CA file cannot be read.
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    /// The CA file is not PEM, or a certificate in it is invalid.
+    #[error("{path}: {reason}")]
+    Invalid { path: String, reason: String },
+}
 
 /// How the server's certificate is checked.
 pub enum ServerTrust<'a> {
@@ -19,11 +31,11 @@ pub enum ServerTrust<'a> {
 }
 
 /// A rustls client configuration for `trust`.
-pub fn client_config(trust: ServerTrust<'_>) -> anyhow::Result<rustls::ClientConfig> {
+pub fn client_config(trust: ServerTrust<'_>) -> Result<rustls::ClientConfig, TlsClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?;
+        .map_err(TlsClientError::Protocol)?;
     let path = match trust {
         ServerTrust::Unverified => {
             return Ok(builder
@@ -33,14 +45,16 @@ pub fn client_config(trust: ServerTrust<'_>) -> anyhow::Result<rustls::ClientCon
         }
         ServerTrust::CaFile(path) => path,
     };
-    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let shown = || path.display().to_string();
+    let pem = std::fs::read(path).map_err(|source| TlsClientError::Read { path: shown(), source })?;
+    let invalid = |reason: String| TlsClientError::Invalid { path: shown(), reason };
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut &pem[..]) {
-        let cert = cert.with_context(|| format!("{}: invalid PEM", path.display()))?;
-        roots.add(cert).with_context(|| format!("{}: invalid certificate", path.display()))?;
+        let cert = cert.map_err(|e| invalid(format!("invalid PEM: {e}")))?;
+        roots.add(cert).map_err(|e| invalid(format!("invalid certificate: {e}")))?;
     }
     if roots.is_empty() {
-        bail!("{} holds no certificate", path.display());
+        return Err(invalid("holds no certificate".into()));
     }
     Ok(builder.with_root_certificates(roots).with_no_client_auth())
 }

@@ -7,18 +7,10 @@
 //! `$SALUS_MODEL`, else `~/.cache/salus/models/SmolLM2-135M-Instruct.Q4_1.gguf`.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-fn model_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("SALUS_MODEL") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache/salus/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -134,7 +126,7 @@ fn salus(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn kill9_mid_traffic_then_every_answered_request_is_in_a_verified_trail() {
-    let model = model_path();
+    let model = salus_models::dev_model::default_model_path();
     if !model.exists() {
         eprintln!("SKIP: default model {} not found (run scripts/fetch-model.sh or set SALUS_MODEL)", model.display());
         return;

@@ -5,32 +5,19 @@
 //! runs share the prompts' common blocks (cold, then warm cache). Skips (with a
 //! message) when the model file is absent.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use salus_models::paged_cache::PrefixScope;
-use salus_models::{DecodeParams, LoadOptions, LoadedModel, ModelSource, Phi, SamplingParams, WeightBytes};
+use salus_models::{DecodeParams, LoadOptions, LoadedModel, ModelSource, Phi, SamplingParams};
 use salus_server::engine::{Engine, FinishReason, GenerationEvent, GenerationHandle, GenerationRequest, RequestId};
 use salus_server::scheduler::{ContinuousBatchingEngine, SchedulerConfig};
 
 const MAX_TOKENS: usize = 24;
 
-fn model_path() -> Option<PathBuf> {
-    let p = std::env::var_os("SALUS_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_default())
-            .join(".cache/salus/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    p.exists().then_some(p)
-}
-
 /// The default model, or None (with a message) when its file is absent.
 fn default_model() -> Option<Arc<LoadedModel>> {
-    let Some(path) = model_path() else {
-        eprintln!("skipping: default model not found (run scripts/fetch-model.sh)");
-        return None;
-    };
-    let bytes = std::fs::read(&path).unwrap();
-    let src = ModelSource::from_gguf_bytes("model.gguf", WeightBytes::from_vec(bytes));
+    let path = salus_models::dev_model::default_model_if_present()?;
+    let src = ModelSource::read_plaintext(&path).unwrap();
     Some(Arc::new(salus_models::load(&src, &LoadOptions::default()).unwrap()))
 }
 

@@ -36,17 +36,6 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_salus");
 
-fn model_path() -> Option<PathBuf> {
-    let p = match std::env::var_os("SALUS_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-            home.join(".cache/salus/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        }
-    };
-    p.is_file().then_some(p)
-}
-
 fn random_bytes(n: usize) -> Vec<u8> {
     let mut b = vec![0u8; n];
     std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).expect("read /dev/urandom");
@@ -716,8 +705,7 @@ fn audit_records(dirs: &Dirs, produced: &mut Produced) {
 
 #[test]
 fn no_canary_leaves_the_request() {
-    let Some(model) = model_path() else {
-        println!("SKIPPED: model not found (set SALUS_MODEL or run scripts/fetch-model.sh)");
+    let Some(model) = salus_models::dev_model::default_model_if_present() else {
         return;
     };
     if Command::new("curl").arg("--version").output().map(|o| !o.status.success()).unwrap_or(true) {

@@ -744,5 +744,4 @@ fn write_outputs<E: KvElement>(ctx: &Ctx<'_, E>, it: &WorkItem, hd: usize, acc: 
 }
 
 #[cfg(test)]
-#[path = "paged_attention_tests.rs"]
 mod tests;

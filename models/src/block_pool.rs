@@ -519,5 +519,4 @@ impl Drop for SeqBlocks {
 }
 
 #[cfg(test)]
-#[path = "block_pool_tests.rs"]
 mod tests;

@@ -16,6 +16,7 @@ pub mod chat;
 pub mod config;
 pub mod decoder;
 pub mod detok;
+pub mod dev_model;
 pub mod device_check;
 pub mod error;
 pub mod kernel_config;

@@ -633,5 +633,4 @@ impl KvCache for PagedKvCache {
 }
 
 #[cfg(test)]
-#[path = "paged_cache_tests.rs"]
 mod tests;

@@ -134,6 +134,17 @@ impl SamplingParams {
     }
 }
 
+/// The greedy choice: index of the largest logit (the first on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// One sampled token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
@@ -435,5 +446,4 @@ fn nucleus_len(sorted: &[(u32, f32)], target: f32) -> Option<usize> {
 }
 
 #[cfg(test)]
-#[path = "sampling_tests.rs"]
 mod tests;

@@ -25,7 +25,6 @@ use serde_json::{json, Map as JsonMap, Value as Json};
 
 use crate::{ModelError, ModelSource, Result};
 
-#[path = "tokenizer_gguf.rs"]
 mod gguf;
 use gguf::*;
 

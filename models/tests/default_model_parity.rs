@@ -5,8 +5,8 @@
 
 mod common;
 
-use common::default_model::default_model_path;
 use common::{chat_ids, load_default_model};
+use salus_models::dev_model::default_model_path;
 
 /// Our logits on the real model equal candle-transformers' quantized_llama
 /// (prefill of a chat prompt + greedy decode steps).

@@ -20,8 +20,9 @@ mod common;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::IndexOp;
-use common::default_model::{argmax, default_model_if_present};
+use salus_models::dev_model::default_model_if_present;
 use salus_models::qlinear::set_salus_kernels_enabled;
+use salus_models::sampling::argmax;
 use salus_models::{KvCache, LoadOptions, Model, ModelSource, PackedBatch, SeqId, Tokenizer, WeightBytes};
 
 const LOGIT_TOL: f32 = 2.5;

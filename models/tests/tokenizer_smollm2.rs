@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use common::default_model::default_model_if_present;
+use salus_models::dev_model::default_model_if_present;
 use salus_models::{ChatMessage, ChatTemplate, ModelSource, Role, StreamDecoder, Tokenizer};
 
 const FIXTURE: &str = include_str!("fixtures/smollm2_tokenizer_ids.json");

@@ -141,3 +141,6 @@ async fn observe(State(state): State<AppState>, mut req: Request, next: Next) ->
     }
     resp
 }
+
+#[cfg(test)]
+mod tests;

@@ -8,8 +8,6 @@
 pub mod admin_events;
 pub mod api;
 pub mod app;
-#[cfg(test)]
-mod app_tests;
 pub mod auth;
 pub mod config;
 pub mod engine;

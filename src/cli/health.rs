@@ -50,10 +50,10 @@ fn is_loopback_url(url: &str) -> bool {
 }
 
 fn tls_config(args: &HealthArgs) -> anyhow::Result<rustls::ClientConfig> {
-    use crate::tls_client::{client_config, ServerTrust};
+    use salus_tools::tls_client::{client_config, ServerTrust};
     match &args.cacert {
-        Some(path) => client_config(ServerTrust::CaFile(path)),
-        None if is_loopback_url(&args.url) => client_config(ServerTrust::Unverified),
+        Some(path) => Ok(client_config(ServerTrust::CaFile(path))?),
+        None if is_loopback_url(&args.url) => Ok(client_config(ServerTrust::Unverified)?),
         None => bail!("--cacert is required for a non-loopback URL"),
     }
 }

@@ -67,13 +67,6 @@ pub struct ServeArgs {
     device: Option<String>,
 }
 
-/// The default model of development setups (fetched by scripts/fetch-model.sh).
-fn default_model_path() -> PathBuf {
-    let dir =
-        std::env::var_os("SALUS_MODEL_DIR").map(PathBuf::from).unwrap_or_else(|| home().join(".cache/salus/models"));
-    dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
 fn home() -> PathBuf {
     std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."))
 }
@@ -101,7 +94,7 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<(Config, Option<PathBuf>)> {
         c.tls.key = Some(dir.join("key.pem"));
         c.auth.api_keys = dir.join("api-keys.json");
         if c.model.path.is_none() {
-            c.model.path = Some(default_model_path());
+            c.model.path = Some(salus_models::dev_model::default_model_path());
         }
         c.model.allow_plaintext_weights = true;
         let audit_key = dir.join("audit.key");

@@ -3,8 +3,6 @@
 //! loading the default model.
 #![allow(dead_code)]
 
-pub mod default_model;
-
 use std::collections::BTreeMap;
 use std::io::Cursor;
 
@@ -13,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use salus_models::chat::{ChatMessage, Role};
 use salus_models::{load, LoadOptions, LoadedModel, ModelSource, WeightBytes};
 
-use default_model::default_model_if_present;
+use salus_models::dev_model::default_model_if_present;
 
 /// The default model loaded whole (network, tokenizer, chat template), or
 /// `None`, with a skip message, when its file is absent.

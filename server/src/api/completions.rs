@@ -40,22 +40,26 @@ fn check_servable(state: &AppState, model: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// What both endpoints share after their prompts are encoded.
+/// Who asks: what both endpoints share once their prompts are encoded.
 struct Inference<'a> {
     state: &'a AppState,
     ctx: &'a Arc<RequestContext>,
     principal: &'a AuthenticatedPrincipal,
     source: SourceAddr,
-    endpoint: Endpoint,
-    params: &'a GenerationParams,
 }
 
 impl Inference<'_> {
     /// Plans the prompts, records `inference.started` with the HMAC of the
     /// canonical prompt (then dropped), submits, and answers.
-    async fn run(self, prompts: Vec<Phi<Vec<u32>>>, canonical_prompt: Phi<String>) -> Result<Response, ApiError> {
-        let plan = generation::plan(self.state, self.ctx, self.principal, prompts, self.params)?;
-        let operation = match self.endpoint {
+    async fn run(
+        self,
+        endpoint: Endpoint,
+        params: &GenerationParams,
+        prompts: Vec<Phi<Vec<u32>>>,
+        canonical_prompt: Phi<String>,
+    ) -> Result<Response, ApiError> {
+        let plan = generation::plan(self.state, self.ctx, self.principal, prompts, params)?;
+        let operation = match endpoint {
             Endpoint::Chat => "chat.completions",
             Endpoint::Completion => "completions",
         };
@@ -63,15 +67,15 @@ impl Inference<'_> {
             principal: self.principal,
             source: self.source,
             operation,
-            params: self.params,
+            params,
             prompt: &canonical_prompt,
         };
         let audit = InferenceAudit::start(self.state, self.ctx, subject).await?;
         drop(canonical_prompt);
         let generation: Generation = plan.submit(self.state, self.ctx, audit).await?;
-        let builder = ResponseBuilder::new(self.state, self.ctx, self.endpoint, self.params.logprobs);
-        if self.params.stream {
-            Ok(respond_stream(generation, builder, self.params.include_usage))
+        let builder = ResponseBuilder::new(self.state, self.ctx, endpoint, params.logprobs);
+        if params.stream {
+            Ok(respond_stream(generation, builder, params.include_usage))
         } else {
             respond_whole(generation, builder).await
         }
@@ -91,16 +95,9 @@ pub async fn chat_completions(
     check_servable(&state, &req.model)?;
     let prompt = state.codec().encode_chat(&req.messages).map_err(|e| prompt_error(e, "messages", ctx.request_id()))?;
     drop(req.messages);
-    let inference = Inference {
-        state: &state,
-        ctx: &ctx,
-        principal: &principal,
-        source,
-        endpoint: Endpoint::Chat,
-        params: &req.params,
-    };
     // The canonical prompt of the audit HMAC: the text after the chat template.
-    inference.run(vec![prompt.ids], prompt.text).await
+    let inference = Inference { state: &state, ctx: &ctx, principal: &principal, source };
+    inference.run(Endpoint::Chat, &req.params, vec![prompt.ids], prompt.text).await
 }
 
 /// `POST /v1/completions`.
@@ -124,13 +121,6 @@ pub async fn completions(
         canonical.expose_mut().push_str(p.expose());
     }
     drop(req.prompts);
-    let inference = Inference {
-        state: &state,
-        ctx: &ctx,
-        principal: &principal,
-        source,
-        endpoint: Endpoint::Completion,
-        params: &req.params,
-    };
-    inference.run(prompts, canonical).await
+    let inference = Inference { state: &state, ctx: &ctx, principal: &principal, source };
+    inference.run(Endpoint::Completion, &req.params, prompts, canonical).await
 }

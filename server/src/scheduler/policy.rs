@@ -356,5 +356,4 @@ impl<B: BlockManager> Policy<B> {
 }
 
 #[cfg(test)]
-#[path = "policy_tests.rs"]
 mod tests;

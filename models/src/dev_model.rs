@@ -1,8 +1,8 @@
-//! Where the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) is found, and
-//! greedy token choice: shared by the model tests (through `mod common;`) and
-//! the `generate` bench (through `#[path]`), so both look in the same places
-//! and skip with the same message. Standard library only, for that reason.
-#![allow(dead_code)]
+//! Where the default development model (SmolLM2-135M-Instruct, Q4_1 GGUF,
+//! fetched by `scripts/fetch-model.sh`) is found: one place for `salus serve
+//! --dev`, the tests and the benchmarks, so all look in the same places and
+//! skip with the same message. Only the path: reading the file is the
+//! caller's (the server reads it through its weights loader).
 
 use std::path::PathBuf;
 
@@ -37,15 +37,4 @@ pub fn default_model_if_present() -> Option<PathBuf> {
         );
         None
     }
-}
-
-/// The greedy choice: index of the largest logit (the first on ties).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }

@@ -12,11 +12,6 @@
 //! Prompts are the built-in synthetic clinical notes or lines of `--prompts`.
 //! Nothing of the prompts, completions or the API key is printed.
 
-#[path = "report.rs"]
-mod bench_report;
-#[path = "../../src/tls_client.rs"]
-mod tls_client;
-
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,10 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bench_report::{summarize, Sample};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use tls_client::{client_config, ServerTrust};
+use salus_tools::bench_report::{summarize, Sample};
+use salus_tools::tls_client::{client_config, ServerTrust};
 
 #[derive(Parser, Debug)]
 #[command(name = "salus-bench", about = "Load generator for OpenAI-compatible chat completion servers")]
@@ -112,7 +107,7 @@ fn run() -> Result<()> {
             }
             v
         }
-        None => bench_report::synthetic_prompts(),
+        None => salus_tools::bench_report::synthetic_prompts(),
     };
     let url = format!("{}/chat/completions", args.base_url.trim_end_matches('/'));
     let agent = build_agent(&args)?;
@@ -176,11 +171,11 @@ fn run() -> Result<()> {
     if args.warmup > 0 {
         println!("latency percentiles leave out the first {} requests of each level", args.warmup);
     }
-    print!("{}", bench_report::table(&summaries));
-    let json = bench_report::to_json(&url, args.max_tokens, stream, &summaries);
+    print!("{}", salus_tools::bench_report::table(&summaries));
+    let json = salus_tools::bench_report::to_json(&url, args.max_tokens, stream, &summaries);
     std::fs::write(&args.out_json, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("writing {}", args.out_json.display()))?;
-    std::fs::write(&args.out_svg, bench_report::to_svg(&format!("salus-bench {url}"), &summaries))
+    std::fs::write(&args.out_svg, salus_tools::bench_report::to_svg(&format!("salus-bench {url}"), &summaries))
         .with_context(|| format!("writing {}", args.out_svg.display()))?;
     eprintln!("wrote {} and {}", args.out_json.display(), args.out_svg.display());
     Ok(())
@@ -261,9 +256,9 @@ fn build_agent(args: &Args) -> Result<ureq::Agent> {
 fn tls_config(args: &Args) -> Result<rustls::ClientConfig> {
     if args.insecure {
         eprintln!("salus-bench: --insecure: server certificates are not verified");
-        return client_config(ServerTrust::Unverified);
+        return Ok(client_config(ServerTrust::Unverified)?);
     }
-    client_config(ServerTrust::CaFile(args.cacert.as_ref().context("no --cacert")?))
+    Ok(client_config(ServerTrust::CaFile(args.cacert.as_ref().context("no --cacert")?))?)
 }
 
 /// Sends one request and measures it. Any transport error, non-2xx status or
