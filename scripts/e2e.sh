@@ -3,7 +3,8 @@
 #
 # Starts the real binary on the default model, over TLS, on a loopback port,
 # with a freshly generated self-signed certificate and API keys created by
-# `salus keys`, then runs tests/e2e/test_openai_sdk.py against it. Everything
+# `salus keys`, then runs tests/e2e/test_openai_sdk.py against it, and
+# tests/e2e/test_production_docs.py (the deployment guide, verbatim). Everything
 # stays on 127.0.0.1; nothing is downloaded at test time except the `openai`
 # package into a virtualenv (cached under target/e2e-venv) and, on a fresh
 # machine, the default model through scripts/fetch-model.sh.
@@ -84,6 +85,15 @@ status=0
 SALUS_E2E_BASE="https://127.0.0.1:$PORT" SALUS_E2E_CA="$WORK/cert.pem" SALUS_E2E_MODEL=smollm2-135m \
 SALUS_E2E_KEY="$INFERENCE_KEY" SALUS_E2E_METRICS_KEY="$METRICS_KEY" SALUS_E2E_REVOKED_KEY="$REVOKED_KEY" \
   "$VENV/bin/python" "$ROOT/tests/e2e/test_openai_sdk.py" || status=$?
+
+# The production steps of docs/deployment.md, run verbatim with a server of their
+# own (plus: every configs/salus.toml key is in docs/configuration.md, every test
+# named in docs/compliance.md exists).
+if python3 "$ROOT/tests/e2e/test_production_docs.py" --bin "$BIN" --model "$MODEL"; then
+  echo "PASS production steps of docs/deployment.md"
+else
+  echo "FAIL production steps of docs/deployment.md" >&2; status=1
+fi
 
 # SIGHUP reloads the certificate without dropping a connection that is streaming.
 fingerprint() {
