@@ -8,6 +8,7 @@
 //!   `file:`/`env:`/`cmd:` sources they are read from; zeroized on drop,
 //!   compared in constant time, never formatted.
 
+pub mod file_mode;
 pub mod secret;
 mod taint;
 

@@ -64,34 +64,6 @@ fn method_label(m: &Method) -> &'static str {
     }
 }
 
-/// Records `auth.denied` for a 401/403: the reason code, the route template, the
-/// source address and (for 403) the principal id. Never the presented key.
-/// Logged, not fatal, if the trail cannot take it (the request was refused anyway).
-async fn record_auth_denied(
-    state: &AppState,
-    request_id: &str,
-    ctx: &RequestContext,
-    source: Option<std::net::SocketAddr>,
-    code: &'static str,
-    route: &'static str,
-) {
-    let mut ev = salus_audit::AuditEvent::new(salus_audit::EventKind::AuthDenied)
-        .request_id(request_id)
-        .operation(route)
-        .outcome_reason(if code.is_empty() { "denied" } else { code });
-    if let Some(addr) = source {
-        ev = ev.source_addr(addr);
-    }
-    if !ctx.auth_denied() {
-        if let Some(id) = ctx.principal() {
-            ev = ev.principal(salus_audit::AuditPrincipal::new(id, "api_key", Vec::<String>::new()));
-        }
-    }
-    if let Err(e) = state.audit().record(ev).await {
-        tracing::error!(request_id, error = %e, "audit: auth.denied not recorded");
-    }
-}
-
 /// A fresh request id (never taken from the client).
 pub fn new_request_id() -> String {
     format!("req_{}", uuid::Uuid::new_v4().simple())
@@ -118,11 +90,14 @@ async fn observe(State(state): State<AppState>, mut req: Request, next: Next) ->
     state.metrics().request_finished();
     let status = resp.status().as_u16();
     state.metrics().request_done(route, status);
-    let error_code = resp.extensions().get::<ApiError>().and_then(|e| e.code()).unwrap_or("");
+    let error = resp.extensions().get::<ApiError>();
+    let error_code = error.and_then(|e| e.code()).unwrap_or("");
     let (prompt_tokens, completion_tokens) = ctx.tokens();
     let principal = ctx.principal().unwrap_or_default();
-    if status == 401 || status == 403 {
-        record_auth_denied(&state, &request_id, &ctx, source, error_code, route).await;
+    if error.is_some_and(ApiError::is_denial) {
+        // Counted now, recorded coalesced (see `auth::denials`); a 403's caller is known.
+        let who = (!ctx.auth_denied()).then_some(principal.as_str()).filter(|p| !p.is_empty());
+        state.denials().note(source.map(|s| s.ip()), error_code, route, who);
     }
     tracing::info!(
         request_id = %request_id,

@@ -30,6 +30,9 @@ pub enum ConfigError {
     /// The file (or an override) is not valid TOML or has a wrong key/type.
     #[error("config {origin}: {reason}")]
     Invalid { origin: String, reason: String },
+    /// Other users could write the config file (or its directory).
+    #[error("config file: {0}")]
+    Insecure(#[from] salus_sensitive::file_mode::FileModeError),
     /// A value is out of range or inconsistent with another.
     #[error("config key {key}: {reason}")]
     Value { key: &'static str, reason: String },
@@ -63,6 +66,20 @@ pub struct ServerConfig {
     pub shutdown_timeout_secs: u64,
     /// Seconds a TLS handshake may take before the connection is closed.
     pub handshake_timeout_secs: u64,
+    /// Seconds a client has to send a request's headers (HTTP/1), also while
+    /// an idle keep-alive connection waits for its next request.
+    pub header_read_timeout_secs: u64,
+    /// A connection with no request in flight for this many seconds is closed
+    /// (HTTP/1 and HTTP/2; a streaming response counts as in flight).
+    pub idle_timeout_secs: u64,
+    /// Seconds between HTTP/2 keep-alive pings.
+    pub http2_keepalive_interval_secs: u64,
+    /// Seconds to wait for a ping's answer before closing the connection.
+    pub http2_keepalive_timeout_secs: u64,
+    /// Most open connections in all; more are closed at once.
+    pub max_connections: usize,
+    /// Most open connections from one source address; more are closed at once.
+    pub max_connections_per_source: usize,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +89,12 @@ impl Default for ServerConfig {
             metrics_listen: None,
             shutdown_timeout_secs: 30,
             handshake_timeout_secs: 10,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            http2_keepalive_interval_secs: 30,
+            http2_keepalive_timeout_secs: 20,
+            max_connections: 4096,
+            max_connections_per_source: 256,
         }
     }
 }
@@ -102,11 +125,27 @@ impl Default for TlsConfig {
 pub struct AuthConfig {
     /// The API key store (JSON, hashes only), managed with `salus keys`.
     pub api_keys: PathBuf,
+    /// Denied requests are written to the audit trail as one `auth.denied`
+    /// record per (source, reason) per this many seconds, with their count.
+    pub denial_record_interval_secs: u64,
+    /// Most (source, reason) tallies held per interval; denials from further
+    /// sources are folded into one tally per reason.
+    pub denial_max_sources: usize,
+    /// Failed authentications one source address may make at once…
+    pub failed_auth_burst: u32,
+    /// …and per second after that; past it, 429 with Retry-After.
+    pub failed_auth_per_second: f64,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { api_keys: PathBuf::from("/var/lib/salus/api-keys.json") }
+        AuthConfig {
+            api_keys: PathBuf::from("/var/lib/salus/api-keys.json"),
+            denial_record_interval_secs: 10,
+            denial_max_sources: 256,
+            failed_auth_burst: 20,
+            failed_auth_per_second: 5.0,
+        }
     }
 }
 
@@ -353,6 +392,11 @@ pub struct AuditConfig {
     pub segment_max_age_secs: u64,
     /// Days sealed segments are kept (default six years).
     pub retention_days: u64,
+    /// Below this many free bytes on the audit volume a warning is logged.
+    pub low_space_warning_bytes: u64,
+    /// Below this many free bytes `auth.denied` records wait (still counted),
+    /// so the space left is kept for inference records.
+    pub denial_reserve_bytes: u64,
 }
 
 impl Default for AuditConfig {
@@ -367,6 +411,8 @@ impl Default for AuditConfig {
             segment_max_bytes: 64 << 20,
             segment_max_age_secs: 86_400,
             retention_days: 2192,
+            low_space_warning_bytes: 1 << 30,
+            denial_reserve_bytes: 256 << 20,
         }
     }
 }
@@ -464,10 +510,24 @@ impl Default for LoggingConfig {
 }
 
 impl Config {
+    /// The denial recorder's settings (`[auth]` and `[audit]`).
+    pub fn denial_settings(&self) -> crate::auth::denials::DenialSettings {
+        crate::auth::denials::DenialSettings {
+            interval: std::time::Duration::from_secs(self.auth.denial_record_interval_secs),
+            max_sources: self.auth.denial_max_sources,
+            failed_auth_burst: self.auth.failed_auth_burst,
+            failed_auth_per_second: self.auth.failed_auth_per_second,
+            low_space_warning_bytes: self.audit.low_space_warning_bytes,
+            denial_reserve_bytes: self.audit.denial_reserve_bytes,
+        }
+    }
+
     /// Loads `path` (if any), then applies `SALUS_…` variables from `env`.
     pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
         let mut table = match path {
             Some(p) => {
+                // Who can write the config can add a `cmd:` key source.
+                salus_sensitive::file_mode::check_not_writable_by_others(p)?;
                 let text = std::fs::read_to_string(p)
                     .map_err(|e| ConfigError::Read { path: p.display().to_string(), reason: e.to_string() })?;
                 toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::Invalid {
@@ -515,6 +575,26 @@ impl Config {
                 });
             }
         }
+        let s = &self.server;
+        for (key, v) in [
+            ("server.handshake_timeout_secs", s.handshake_timeout_secs),
+            ("server.header_read_timeout_secs", s.header_read_timeout_secs),
+            ("server.idle_timeout_secs", s.idle_timeout_secs),
+            ("server.http2_keepalive_interval_secs", s.http2_keepalive_interval_secs),
+            ("server.http2_keepalive_timeout_secs", s.http2_keepalive_timeout_secs),
+            ("server.max_connections", s.max_connections as u64),
+            ("server.max_connections_per_source", s.max_connections_per_source as u64),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Value { key, reason: "must be at least 1".into() });
+            }
+        }
+        if s.max_connections_per_source > s.max_connections {
+            return Err(ConfigError::Value {
+                key: "server.max_connections_per_source",
+                reason: "must not exceed server.max_connections".into(),
+            });
+        }
         let l = &self.limits;
         for (key, v) in [
             ("limits.max_body_bytes", l.max_body_bytes),
@@ -533,6 +613,20 @@ impl Config {
         self.kernels.validate().map_err(|e| ConfigError::Value { key: "kernels", reason: e.to_string() })?;
         if !matches!(self.logging.format.as_str(), "text" | "json") {
             return Err(ConfigError::Value { key: "logging.format", reason: "must be \"text\" or \"json\"".into() });
+        }
+        let a = &self.auth;
+        if a.denial_record_interval_secs == 0 || a.denial_max_sources == 0 || a.failed_auth_burst == 0 {
+            return Err(ConfigError::Value {
+                key: "auth",
+                reason: "denial_record_interval_secs, denial_max_sources and failed_auth_burst must be at least 1"
+                    .into(),
+            });
+        }
+        if !(a.failed_auth_per_second.is_finite() && a.failed_auth_per_second > 0.0) {
+            return Err(ConfigError::Value {
+                key: "auth.failed_auth_per_second",
+                reason: "must be a positive number".into(),
+            });
         }
         if let Some(id) = &self.model.id {
             if !valid_model_id(id) {
@@ -588,6 +682,10 @@ mod tests {
         assert!(c.tls.enabled);
         assert_eq!(c.limits, LimitsConfig::default());
         assert_eq!(c.scheduler, SchedulerConfig::default());
+        assert_eq!(c.kernels, KernelConfig::default());
+        assert_eq!((c.server.idle_timeout_secs, c.server.max_connections), (60, 4096));
+        assert_eq!(c.auth.denial_record_interval_secs, AuthConfig::default().denial_record_interval_secs);
+        assert_eq!(c.audit.denial_reserve_bytes, AuditConfig::default().denial_reserve_bytes);
         assert_eq!(c.audit.retention_days, 2192);
     }
 

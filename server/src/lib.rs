@@ -11,6 +11,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod engine;
+pub mod listener;
 pub mod metrics;
 pub mod observability;
 pub mod scheduler;

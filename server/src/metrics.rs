@@ -74,6 +74,10 @@ pub struct Metrics {
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
     panics: AtomicU64,
+    auth_denials: AtomicU64,
+    auth_rate_limited: AtomicU64,
+    auth_denials_pending: AtomicU64,
+    audit_volume_free_bytes: AtomicU64,
     pub ttft: Histogram,
     pub inter_token: Histogram,
     pub e2e: Histogram,
@@ -96,6 +100,10 @@ impl Metrics {
             prompt_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
             panics: AtomicU64::new(0),
+            auth_denials: AtomicU64::new(0),
+            auth_rate_limited: AtomicU64::new(0),
+            auth_denials_pending: AtomicU64::new(0),
+            audit_volume_free_bytes: AtomicU64::new(0),
             ttft: Histogram::new(TOKEN_LATENCY_BUCKETS_TTFT),
             inter_token: Histogram::new(TOKEN_LATENCY_BUCKETS),
             e2e: Histogram::new(LATENCY_BUCKETS),
@@ -117,6 +125,22 @@ impl Metrics {
     }
     pub fn panic_caught(&self) {
         self.panics.fetch_add(1, Ordering::Relaxed);
+    }
+    /// One denied request (401, 403 or an authentication rate limit).
+    pub fn auth_denied(&self) {
+        self.auth_denials.fetch_add(1, Ordering::Relaxed);
+    }
+    /// One failed authentication refused by the per-source limit.
+    pub fn auth_rate_limited(&self) {
+        self.auth_rate_limited.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Denials counted but not yet in the audit trail.
+    pub fn set_auth_denials_pending(&self, n: u64) {
+        self.auth_denials_pending.store(n, Ordering::Relaxed);
+    }
+    /// Free bytes on the audit trail's volume, as last measured.
+    pub fn set_audit_volume_free_bytes(&self, n: u64) {
+        self.audit_volume_free_bytes.store(n, Ordering::Relaxed);
     }
     pub fn requests_total(&self, route: &'static str, status: u16) -> u64 {
         self.requests.lock().unwrap_or_else(|e| e.into_inner()).get(&(route, status)).copied().unwrap_or(0)
@@ -163,6 +187,32 @@ impl Metrics {
             "Panics caught inside request handlers.",
             "",
             self.panics.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "salus_auth_denials_total",
+            "Requests refused for their credentials (401, 403, authentication rate limit).",
+            "",
+            self.auth_denials.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "salus_auth_rate_limited_total",
+            "Failed authentications refused by the per-source rate limit (429).",
+            "",
+            self.auth_rate_limited.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "salus_auth_denials_pending",
+            "Denials counted but not yet written to the audit trail (coalesced per interval).",
+            self.auth_denials_pending.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "salus_audit_volume_free_bytes",
+            "Free bytes on the audit trail's volume, as last measured.",
+            self.audit_volume_free_bytes.load(Ordering::Relaxed),
         );
         self.ttft.render(
             &mut out,

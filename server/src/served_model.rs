@@ -140,11 +140,19 @@ impl ServedModel {
 /// [`PromptCodec`] over the model's tokenizer and chat template.
 pub struct ModelCodec {
     lm: Arc<LoadedModel>,
+    max_bytes_per_token: usize,
 }
 
 impl ModelCodec {
     pub fn new(lm: Arc<LoadedModel>) -> Self {
-        ModelCodec { lm }
+        // The longest text one token decodes to, plus one for a leading space a
+        // SentencePiece decoder drops from a lone token.
+        let longest = (0..lm.info.vocab_size as u32)
+            .filter_map(|id| lm.tokenizer.decode(&[id], false).ok())
+            .map(|t| t.len())
+            .max()
+            .unwrap_or(0);
+        ModelCodec { lm, max_bytes_per_token: longest + 1 }
     }
 }
 
@@ -174,6 +182,9 @@ impl PromptCodec for ModelCodec {
     }
     fn token_text(&self, id: u32) -> Phi<String> {
         Phi::new(self.lm.tokenizer.decode(&[id], false).unwrap_or_default())
+    }
+    fn max_bytes_per_token(&self) -> usize {
+        self.max_bytes_per_token
     }
 }
 

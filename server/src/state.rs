@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use salus_models::chat::ChatMessage;
 use salus_models::Phi;
 
+use crate::auth::denials::DenialRecorder;
 use crate::auth::KeyStoreHandle;
 use crate::config::LimitsConfig;
 use crate::engine::Engine;
@@ -57,6 +58,10 @@ pub trait PromptCodec: Send + Sync + 'static {
     fn encode_text(&self, text: &Phi<String>) -> Result<Phi<Vec<u32>>, PromptError>;
     /// The text of one token (for logprobs).
     fn token_text(&self, id: u32) -> Phi<String>;
+    /// The most UTF-8 bytes one token stands for: a text of `n` bytes is at
+    /// least `n / max_bytes_per_token` tokens, which rejects an oversized
+    /// prompt before tokenizing it.
+    fn max_bytes_per_token(&self) -> usize;
 }
 
 /// What `/v1/models` says about the served model.
@@ -72,72 +77,93 @@ pub struct ServedModelInfo {
     pub sealed: bool,
 }
 
-struct Inner {
-    engine: Arc<dyn Engine>,
-    codec: Arc<dyn PromptCodec>,
-    keys: Arc<KeyStoreHandle>,
-    metrics: Arc<Metrics>,
-    model: ServedModelInfo,
-    limits: LimitsConfig,
-    audit: AuditLog,
-    accepting: AtomicBool,
+/// Everything the handlers need, handed over once at start.
+pub struct AppParts {
+    pub engine: Arc<dyn Engine>,
+    pub codec: Arc<dyn PromptCodec>,
+    pub keys: Arc<KeyStoreHandle>,
+    pub metrics: Arc<Metrics>,
+    pub model: ServedModelInfo,
+    pub limits: LimitsConfig,
+    pub audit: AuditLog,
+    /// Counts and records denied requests (coalesced) and limits failed
+    /// authentication; built on the same `audit` and `metrics`.
+    pub denials: Arc<DenialRecorder>,
 }
+
+struct Inner {
+    parts: AppParts,
+    accepting: AtomicBool,
+    encode_permits: tokio::sync::Semaphore,
+}
+
+/// Prompts encoded at once on the blocking pool (more wait their turn).
+pub const ENCODE_CONCURRENCY: usize = 4;
 
 /// Handler state (cheap to clone).
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
 
 impl AppState {
-    pub fn new(
-        engine: Arc<dyn Engine>,
-        codec: Arc<dyn PromptCodec>,
-        keys: Arc<KeyStoreHandle>,
-        metrics: Arc<Metrics>,
-        model: ServedModelInfo,
-        limits: LimitsConfig,
-        audit: AuditLog,
-    ) -> Self {
+    pub fn new(parts: AppParts) -> Self {
         AppState(Arc::new(Inner {
-            engine,
-            codec,
-            keys,
-            metrics,
-            model,
-            limits,
-            audit,
+            parts,
             accepting: AtomicBool::new(true),
+            encode_permits: tokio::sync::Semaphore::new(ENCODE_CONCURRENCY),
         }))
     }
 
     pub fn engine(&self) -> &dyn Engine {
-        &*self.0.engine
+        &*self.0.parts.engine
     }
     pub fn codec(&self) -> &dyn PromptCodec {
-        &*self.0.codec
+        &*self.0.parts.codec
+    }
+    /// Runs `f` with the codec on the blocking pool, at most
+    /// [`ENCODE_CONCURRENCY`] at a time: tokenizing and rendering a template
+    /// take milliseconds to seconds for large prompts, and must not stall the
+    /// async workers that serve every other connection.
+    pub async fn with_codec_off_runtime<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn PromptCodec) -> T + Send + 'static,
+    ) -> T {
+        let _permit = self.0.encode_permits.acquire().await;
+        let codec = self.0.parts.codec.clone();
+        match tokio::task::spawn_blocking(move || f(&*codec)).await {
+            Ok(v) => v,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
     }
     pub fn keys(&self) -> &KeyStoreHandle {
-        &self.0.keys
+        &self.0.parts.keys
     }
     pub fn keys_arc(&self) -> Arc<KeyStoreHandle> {
-        self.0.keys.clone()
+        self.0.parts.keys.clone()
     }
     pub fn metrics(&self) -> &Metrics {
-        &self.0.metrics
+        &self.0.parts.metrics
     }
     pub fn model(&self) -> &ServedModelInfo {
-        &self.0.model
+        &self.0.parts.model
     }
     pub fn limits(&self) -> &LimitsConfig {
-        &self.0.limits
+        &self.0.parts.limits
+    }
+    /// Denied requests: counting, coalesced records, failed-auth limits.
+    pub fn denials(&self) -> &DenialRecorder {
+        &self.0.parts.denials
+    }
+    pub fn denials_arc(&self) -> Arc<DenialRecorder> {
+        self.0.parts.denials.clone()
     }
     /// The audit trail every inference is recorded in.
     pub fn audit(&self) -> &AuditLog {
-        &self.0.audit
+        &self.0.parts.audit
     }
     /// Ready: accepting requests, the engine is up and the audit trail can be
     /// written (fail closed: no trail, no inference).
     pub fn is_ready(&self) -> bool {
-        self.0.accepting.load(Ordering::Acquire) && self.0.engine.is_ready() && self.0.audit.is_healthy()
+        self.0.accepting.load(Ordering::Acquire) && self.0.parts.engine.is_ready() && self.0.parts.audit.is_healthy()
     }
     /// Called when shutdown starts: `/ready` turns false so balancers drain us.
     pub fn stop_accepting(&self) {

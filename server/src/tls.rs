@@ -1,4 +1,4 @@
-//! TLS and the connection loop.
+//! TLS: certificates, reload, and the plain-HTTP rule.
 //!
 //! * [`TlsSettings`] builds a rustls `ServerConfig` (ring provider, TLS 1.2 and
 //!   1.3 only, ALPN h2 + http/1.1, optional client-certificate verification
@@ -6,28 +6,16 @@
 //! * [`ReloadableTls`] holds the current `ServerConfig` behind a lock; SIGHUP
 //!   calls [`ReloadableTls::reload`], and each *new* handshake picks up the new
 //!   certificate while established connections keep theirs — nothing is dropped.
-//! * [`serve`] accepts connections (TLS or, on loopback only, plain HTTP), serves
-//!   them with hyper (HTTP/1.1 and HTTP/2) and, when shutdown is signalled, stops
-//!   accepting, lets in-flight requests finish up to a timeout, then drops the
-//!   rest (which cancels their generations).
+//! * The connection loop that uses them is [`crate::listener`].
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
-use axum::extract::ConnectInfo;
-use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder as ConnBuilder;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::ServerConfig;
-use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tower::ServiceExt;
 
 /// Errors setting up TLS. Messages name the file and the problem.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +50,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    salus_sensitive::file_mode::check_private_file(path).map_err(|e| TlsError::Config(e.to_string()))?;
     let data = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| file_err(path, e))?);
     rustls_pemfile::private_key(&mut data.as_slice())
         .map_err(|_| file_err(path, "not a valid PEM private key file"))?
@@ -129,72 +118,6 @@ pub fn check_plaintext_allowed(addr: SocketAddr) -> Result<(), TlsError> {
             "refusing to serve plain HTTP on {addr}: plain HTTP is allowed only on a loopback address; \
              set [tls] cert and key (or bind 127.0.0.1)"
         )))
-    }
-}
-
-/// Serves `app` on `listener` until `shutdown` resolves, then drains for at most
-/// `drain_timeout`. `tls = None` serves plain HTTP (the caller checked loopback).
-pub async fn serve(
-    listener: TcpListener,
-    app: Router,
-    tls: Option<Arc<ReloadableTls>>,
-    handshake_timeout: Duration,
-    drain_timeout: Duration,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let watcher = graceful.watcher();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let svc = app.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                req
-            });
-            let svc = TowerToHyperService::new(svc);
-            let builder = ConnBuilder::new(TokioExecutor::new());
-            match tls {
-                Some(tls) => {
-                    let acceptor = tls.acceptor();
-                    let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!("TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    let _ = watcher.watch(conn.into_owned()).await;
-                }
-                None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    let _ = watcher.watch(conn.into_owned()).await;
-                }
-            }
-        });
-    }
-    drop(listener);
-    tracing::info!(connections = graceful.count(), "shutdown: draining connections");
-    if tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_err() {
-        tracing::warn!("shutdown: drain timeout reached; cancelling remaining requests");
     }
 }
 

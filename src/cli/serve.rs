@@ -25,16 +25,18 @@ use clap::Args;
 use salus_audit::AuditLog;
 use salus_server::admin_events;
 use salus_server::app::{app, metrics_app};
+use salus_server::auth::denials::DenialRecorder;
 use salus_server::auth::key_baseline;
 use salus_server::auth::store::{parse_expiry, OffsetDateTime};
 use salus_server::auth::{KeyStore, KeyStoreHandle, Permission, PrincipalKind};
 use salus_server::config::{valid_model_id, Config};
 use salus_server::engine::Engine;
+use salus_server::listener::{raise_fd_limit, serve, ConnectionSettings};
 use salus_server::metrics::Metrics;
 use salus_server::scheduler::ContinuousBatchingEngine;
 use salus_server::served_model::{ModelCodec, ServedModel};
-use salus_server::state::{AppState, ServedModelInfo};
-use salus_server::tls::{check_plaintext_allowed, serve, write_self_signed, ReloadableTls, TlsSettings};
+use salus_server::state::{AppParts, AppState, ServedModelInfo};
+use salus_server::tls::{check_plaintext_allowed, write_self_signed, ReloadableTls, TlsSettings};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -138,6 +140,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     salus_server::observability::init(&config.logging.format, &config.logging.level, config.logging.file.as_deref())?;
     if let Err(e) = salus_seal::harden_process() {
         tracing::warn!(error = %e, "process hardening incomplete");
+    }
+    match raise_fd_limit() {
+        Ok(n) => tracing::info!(open_files_limit = n, "descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
     }
     let addr = config.listen_addr()?;
     // Transport first: refuse a bad TLS setup before spending time on the model.
@@ -270,15 +276,19 @@ fn build_state(
         fingerprint: model.served.fingerprint.clone(),
         sealed: model.served.sealed,
     };
-    Ok(AppState::new(
+    let metrics = Arc::new(Metrics::new(&model.id));
+    let denials = Arc::new(DenialRecorder::new(config.denial_settings(), audit.clone(), metrics.clone()));
+    denials.spawn_flusher();
+    Ok(AppState::new(AppParts {
         engine,
-        Arc::new(ModelCodec::new(model.served.lm.clone())),
+        codec: Arc::new(ModelCodec::new(model.served.lm.clone())),
         keys,
-        Arc::new(Metrics::new(&model.id)),
-        info,
-        config.limits.clone(),
+        metrics,
+        model: info,
+        limits: config.limits.clone(),
         audit,
-    ))
+        denials,
+    }))
 }
 
 /// Serves the API (and the metrics listener) until SIGTERM/SIGINT, then drains.
@@ -295,20 +305,19 @@ async fn serve_until_stopped(
     let shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
-    let handshake = Duration::from_secs(config.server.handshake_timeout_secs);
-    let drain = Duration::from_secs(config.server.shutdown_timeout_secs);
+    let connections = ConnectionSettings::from_config(&config.server);
     let mut metrics_task = None;
     if let Some(m) = &config.server.metrics_listen {
         let maddr: std::net::SocketAddr = m.parse()?;
         let ml = tokio::net::TcpListener::bind(maddr).await.with_context(|| format!("binding {maddr}"))?;
-        let fut = serve(ml, metrics_app(state.clone()), None, handshake, drain, shutdown(stop_rx.clone()));
+        let fut = serve(ml, metrics_app(state.clone()), None, connections.clone(), shutdown(stop_rx.clone()));
         metrics_task = Some(tokio::spawn(fut));
         tracing::info!(addr = %maddr, "metrics listener (plain HTTP, loopback)");
     }
     tracing::info!(listen = %addr, tls = tls.is_some(), mtls = config.tls.client_ca.is_some(), "salus is serving");
     on_listening();
     let signals = tokio::spawn(handle_signals(state.clone(), tls.clone(), keys, stop_tx));
-    serve(listener, app(state), tls, handshake, drain, shutdown(stop_rx)).await;
+    serve(listener, app(state), tls, connections, shutdown(stop_rx)).await;
     if let Some(t) = metrics_task {
         let _ = t.await;
     }
@@ -334,7 +343,12 @@ fn run_with_audit(
             print_examples(addr, dir, &model.id, key.as_str());
         }
     };
+    let denials = state.denials_arc();
     runtime.block_on(serve_until_stopped(&config, addr, tls, state, keys.clone(), print))?;
+    // Denials counted since the last interval go into the trail before it closes.
+    if let Err(e) = denials.flush_blocking(true) {
+        tracing::error!(error = %e, "audit: the last auth.denied records were not written");
+    }
     // Anything still running (requests past the drain timeout) is dropped with the runtime.
     runtime.shutdown_timeout(Duration::from_secs(1));
     // A key-store change made since the last check is still recorded.

@@ -40,6 +40,18 @@ fn check_servable(state: &AppState, model: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Rejects a prompt of `bytes` bytes that cannot fit the prompt limit, from
+/// its size alone (a token stands for at most `max_bytes_per_token` bytes),
+/// so an oversized prompt costs no tokenization.
+fn check_prompt_size(state: &AppState, bytes: usize) -> Result<(), ApiError> {
+    let limit = state.limits().max_prompt_tokens.min(state.codec().context_length().saturating_sub(1));
+    let at_least = bytes.div_ceil(state.codec().max_bytes_per_token().max(1));
+    if at_least > limit {
+        return Err(ApiError::PromptTooLong { at_least, limit });
+    }
+    Ok(())
+}
+
 /// Who asks: what both endpoints share once their prompts are encoded.
 struct Inference<'a> {
     state: &'a AppState,
@@ -91,13 +103,16 @@ pub async fn chat_completions(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Inference)?;
-    let req = ValidatedChatRequest::parse(body, state.limits())?;
-    check_servable(&state, &req.model)?;
-    let prompt = state.codec().encode_chat(&req.messages).map_err(|e| prompt_error(e, "messages", ctx.request_id()))?;
-    drop(req.messages);
+    let ValidatedChatRequest { model, messages, params } = ValidatedChatRequest::parse(body, state.limits())?;
+    check_servable(&state, &model)?;
+    check_prompt_size(&state, messages.iter().map(|m| m.content.expose().len()).sum())?;
+    let prompt = state
+        .with_codec_off_runtime(move |codec| codec.encode_chat(&messages))
+        .await
+        .map_err(|e| prompt_error(e, "messages", ctx.request_id()))?;
     // The canonical prompt of the audit HMAC: the text after the chat template.
     let inference = Inference { state: &state, ctx: &ctx, principal: &principal, source };
-    inference.run(Endpoint::Chat, &req.params, vec![prompt.ids], prompt.text).await
+    inference.run(Endpoint::Chat, &params, vec![prompt.ids], prompt.text).await
 }
 
 /// `POST /v1/completions`.
@@ -109,18 +124,21 @@ pub async fn completions(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Inference)?;
-    let req = ValidatedCompletionRequest::parse(body, state.limits())?;
-    check_servable(&state, &req.model)?;
-    let mut prompts = Vec::with_capacity(req.prompts.len());
-    for p in &req.prompts {
-        prompts.push(state.codec().encode_text(p).map_err(|e| prompt_error(e, "prompt", ctx.request_id()))?);
+    let ValidatedCompletionRequest { model, prompts: texts, params } =
+        ValidatedCompletionRequest::parse(body, state.limits())?;
+    check_servable(&state, &model)?;
+    for p in &texts {
+        check_prompt_size(&state, p.expose().len())?;
     }
     // The canonical prompt of the audit HMAC: the prompts concatenated in order.
     let mut canonical = Phi::new(String::new());
-    for p in &req.prompts {
+    for p in &texts {
         canonical.expose_mut().push_str(p.expose());
     }
-    drop(req.prompts);
+    let prompts = state
+        .with_codec_off_runtime(move |codec| texts.iter().map(|p| codec.encode_text(p)).collect::<Result<Vec<_>, _>>())
+        .await
+        .map_err(|e| prompt_error(e, "prompt", ctx.request_id()))?;
     let inference = Inference { state: &state, ctx: &ctx, principal: &principal, source };
-    inference.run(Endpoint::Completion, &req.params, prompts, canonical).await
+    inference.run(Endpoint::Completion, &params, prompts, canonical).await
 }

@@ -36,6 +36,10 @@ pub enum ApiError {
     /// 400: prompt + max_tokens exceed the context window or the prompt limit.
     #[error("this request needs {needed} tokens ({prompt} in the prompt, {completion} for the completion) but the limit is {limit}")]
     ContextOverflow { needed: usize, prompt: usize, completion: usize, limit: usize },
+    /// 400: the prompt is longer than the limit, known from its size alone
+    /// (it was not tokenized).
+    #[error("the prompt is at least {at_least} tokens long but the limit is {limit}")]
+    PromptTooLong { at_least: usize, limit: usize },
     /// 401: missing, unknown, revoked or expired API key (indistinguishable on purpose).
     #[error("invalid or missing API key")]
     Unauthorized,
@@ -57,6 +61,9 @@ pub enum ApiError {
     /// 429: the queue is full.
     #[error("the server is at capacity; retry later")]
     QueueFull { retry_after: Duration },
+    /// 429: too many failed authentications from this source address.
+    #[error("too many failed authentication attempts from this address; retry later")]
+    AuthRateLimited { retry_after: Duration },
     /// 503: the model or request path is not ready (or shutting down).
     #[error("the server is not ready to serve requests")]
     NotReady,
@@ -83,13 +90,14 @@ impl ApiError {
             | ApiError::ContentType
             | ApiError::Unsupported(_)
             | ApiError::Unrecognized
-            | ApiError::ContextOverflow { .. } => StatusCode::BAD_REQUEST,
+            | ApiError::ContextOverflow { .. }
+            | ApiError::PromptTooLong { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ApiError::ModelNotFound | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::QueueFull { .. } | ApiError::AuthRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotReady | ApiError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -111,7 +119,7 @@ impl ApiError {
         match self {
             ApiError::InvalidParam { param, .. } => Some(param.clone()),
             ApiError::Unsupported(p) => Some(Cow::Borrowed(p)),
-            ApiError::ContextOverflow { .. } => Some(Cow::Borrowed("messages")),
+            ApiError::ContextOverflow { .. } | ApiError::PromptTooLong { .. } => Some(Cow::Borrowed("messages")),
             ApiError::ModelNotFound => Some(Cow::Borrowed("model")),
             _ => None,
         }
@@ -123,7 +131,7 @@ impl ApiError {
             ApiError::MalformedJson | ApiError::NotAnObject | ApiError::ContentType => Some("invalid_json"),
             ApiError::Unsupported(_) => Some("unsupported_parameter"),
             ApiError::Unrecognized => Some("unknown_parameter"),
-            ApiError::ContextOverflow { .. } => Some("context_length_exceeded"),
+            ApiError::ContextOverflow { .. } | ApiError::PromptTooLong { .. } => Some("context_length_exceeded"),
             ApiError::Unauthorized => Some("invalid_api_key"),
             ApiError::Forbidden { .. } => Some("insufficient_permissions"),
             ApiError::ModelNotFound => Some("model_not_found"),
@@ -131,6 +139,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => Some("method_not_allowed"),
             ApiError::PayloadTooLarge { .. } => Some("request_too_large"),
             ApiError::QueueFull { .. } => Some("queue_full"),
+            ApiError::AuthRateLimited { .. } => Some("too_many_auth_failures"),
             ApiError::NotReady => Some("not_ready"),
             ApiError::AuditUnavailable => Some("service_unavailable"),
             ApiError::Internal { .. } => None,
@@ -162,10 +171,19 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// Whether this refuses the caller (not the request): a missing or bad
+    /// key, a missing permission, or too many failed attempts. These are
+    /// counted and recorded as `auth.denied`.
+    pub fn is_denial(&self) -> bool {
+        matches!(self, ApiError::Unauthorized | ApiError::Forbidden { .. } | ApiError::AuthRateLimited { .. })
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status(), axum::Json(self.body())).into_response();
-        if let ApiError::QueueFull { retry_after } = &self {
+        if let ApiError::QueueFull { retry_after } | ApiError::AuthRateLimited { retry_after } = &self {
             let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

@@ -15,6 +15,7 @@
 //! reload also advances the trail's key baseline
 //! ([`crate::auth::key_baseline`]).
 
+pub mod denials;
 pub mod key_baseline;
 pub mod key_events;
 pub mod store;
@@ -260,6 +261,14 @@ impl FromRequestParts<AppState> for AuthenticatedPrincipal {
             Some(token) => state.keys().authenticate(token, OffsetDateTime::now_utc()),
             None => Err(ApiError::Unauthorized),
         };
+        // A failure costs this source one attempt; past its limit: 429, no more work.
+        let result = result.map_err(|e| {
+            let source = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+            match state.denials().failed_authentication(source) {
+                Ok(()) => e,
+                Err(retry_after) => ApiError::AuthRateLimited { retry_after },
+            }
+        });
         if let Some(ctx) = parts.extensions.get::<Arc<RequestContext>>() {
             match &result {
                 Ok(p) => ctx.set_principal(p.id()),

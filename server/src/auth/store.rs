@@ -34,6 +34,9 @@ pub enum KeyStoreError {
     /// No key or principal has this id.
     #[error("no key or principal with id '{0}'")]
     NotFound(String),
+    /// Other users could write the store (and so add a key).
+    #[error("key store: {0}")]
+    Insecure(#[from] salus_sensitive::file_mode::FileModeError),
 }
 
 /// Human user or service account.
@@ -146,6 +149,7 @@ pub fn hash_key(key: &str) -> [u8; 32] {
 impl KeyStore {
     /// Reads the store; a missing file is an empty store.
     pub fn load(path: &Path) -> Result<KeyStore, KeyStoreError> {
+        salus_sensitive::file_mode::check_not_writable_by_others(path)?;
         let shown = path.display().to_string();
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
