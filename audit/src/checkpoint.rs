@@ -95,9 +95,11 @@ impl Checkpoint {
     }
 }
 
+/// Writes a checkpoint file, mode 0600 like every file of the trail.
 fn write_synced(path: &Path, bytes: &[u8], create_new: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true);
+    opts.write(true).mode(0o600);
     if create_new {
         opts.create_new(true);
     } else {

@@ -126,7 +126,7 @@ pub use event::{
 };
 pub use format::AuditKeys;
 pub use reader::{read_trail, verify_trail, IntegrityError, RecordFilter, TrailReport};
-pub use writer::AuditLog;
+pub use writer::{AuditHealth, AuditLog};
 
 #[allow(unused_imports)] // referenced by the docs above
 use salus_sensitive::secret::SecretKey;

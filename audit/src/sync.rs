@@ -86,7 +86,7 @@ pub(super) fn run(jobs: mpsc::Receiver<Job>, done: mpsc::Sender<Cmd>, shared: Ar
                         chunk.replies.drain(..).for_each(|(r, reply)| reply.send(Ok(r)));
                     }
                     Err(e) => {
-                        shared.healthy.store(false, Ordering::Release);
+                        shared.write_failed();
                         tracing::error!(error = %e, "audit: write failed; failing closed");
                         out.failed_at = Some(chunk.start);
                         error = Some((e.kind(), e.to_string()));

@@ -659,3 +659,18 @@ fn _assert_send_sync(_: &Path) {
     fn is<T: Send + Sync + Clone>() {}
     is::<AuditLog>();
 }
+
+/// Regression (a 0644 checkpoint.json beside 0600 segments): every file the
+/// trail writes, in the trail and the checkpoint directory, is private.
+#[test]
+fn every_file_of_the_trail_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = build(40, 4096);
+    for dir in [&t.dir, &t.ckpt_dir] {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let mode = e.metadata().unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{} has mode {mode:o}", e.path().display());
+        }
+    }
+}

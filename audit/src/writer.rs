@@ -13,7 +13,7 @@
 use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -62,9 +62,24 @@ pub(super) struct Shared {
     pub(super) healthy: AtomicBool,
     closed: AtomicBool,
     inject_failures: AtomicU32,
+    /// Writes or syncs that failed (each one failed its records closed).
+    write_failures: AtomicU64,
+    /// Unix time (ms) when a record last became durable; 0 before the first.
+    last_durable_ms: AtomicU64,
 }
 
 impl Shared {
+    /// A write or sync failed: the trail refuses records until one succeeds.
+    pub(super) fn write_failed(&self) {
+        self.healthy.store(false, Ordering::Release);
+        self.write_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records became durable now.
+    pub(super) fn durable_now(&self) {
+        self.last_durable_ms.store(now_ms().max(0) as u64, Ordering::Relaxed);
+    }
+
     pub(super) fn take_injected_failure(&self) -> bool {
         self.inject_failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
     }
@@ -139,6 +154,8 @@ impl AuditLog {
         let lock = lock_dir(&cfg.dir)?;
         let shared = Arc::new(Shared {
             healthy: AtomicBool::new(true),
+            write_failures: AtomicU64::new(0),
+            last_durable_ms: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             inject_failures: 0.into(),
         });
@@ -212,6 +229,17 @@ impl AuditLog {
             && !self.inner.shared.closed.load(Ordering::Acquire)
     }
 
+    /// Why the trail is or is not writable, for metrics and `/ready`.
+    pub fn health(&self) -> AuditHealth {
+        let last = self.inner.shared.last_durable_ms.load(Ordering::Relaxed);
+        AuditHealth {
+            healthy: self.is_healthy(),
+            closed: self.inner.shared.closed.load(Ordering::Acquire),
+            write_failures: self.inner.shared.write_failures.load(Ordering::Relaxed),
+            last_durable_unix_ms: (last > 0).then_some(last),
+        }
+    }
+
     /// The HMAC the trail stores for a prompt or completion.
     pub fn hmac<T: zeroize::Zeroize + AsRef<[u8]>>(&self, text: &salus_sensitive::Phi<T>) -> TextHmac {
         self.inner.keys.text_hmac(text)
@@ -254,6 +282,19 @@ impl AuditLog {
     pub fn inject_write_failures(&self, count: u32) {
         self.inner.shared.inject_failures.store(count, Ordering::SeqCst);
     }
+}
+
+/// The trail's health, as [`AuditLog::health`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditHealth {
+    /// Records can be written (false: fail closed — every inference is refused).
+    pub healthy: bool,
+    /// The log was closed (shutdown).
+    pub closed: bool,
+    /// Writes or syncs that failed since the log was opened.
+    pub write_failures: u64,
+    /// When a record last became durable (unix ms); `None` before the first.
+    pub last_durable_unix_ms: Option<u64>,
 }
 
 impl Drop for Inner {
@@ -542,7 +583,7 @@ impl Writer {
 
     /// Fails every pending record and rolls the chain back to before them.
     fn fail_pending(&mut self, e: &std::io::Error) {
-        self.shared.healthy.store(false, Ordering::Release);
+        self.shared.write_failed();
         if let Some(first) = self.pending.first() {
             (self.next_seq, self.last_hash) = (first.start.next_seq, first.start.last_hash);
         }
@@ -570,6 +611,9 @@ impl Writer {
         self.spare.truncate(4);
         match done.failed_at {
             None => {
+                if done.records > 0 {
+                    self.shared.durable_now();
+                }
                 if self.pending.is_empty() {
                     self.durable.last_hash = self.last_hash;
                 } else {
@@ -631,9 +675,10 @@ impl Writer {
                 self.seg.records += records;
                 self.since_ckpt += records;
                 self.shared.healthy.store(true, Ordering::Release);
+                self.shared.durable_now();
             }
             Err(e) => {
-                self.shared.healthy.store(false, Ordering::Release);
+                self.shared.write_failed();
                 tracing::error!(error = %e, segment = self.seg.index, "audit: write failed; failing closed");
             }
         }
@@ -662,7 +707,8 @@ impl Writer {
                     self.seg.dirty = false;
                 }
                 let p = self.cfg.dir.join(".probe");
-                let f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&p)?;
+                use std::os::unix::fs::OpenOptionsExt;
+                let f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&p)?;
                 f.write_all_at(&[0u8; 4096], 0)?;
                 f.sync_all()?;
                 std::fs::remove_file(&p)

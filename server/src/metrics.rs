@@ -146,8 +146,9 @@ impl Metrics {
         self.requests.lock().unwrap_or_else(|e| e.into_inner()).get(&(route, status)).copied().unwrap_or(0)
     }
 
-    /// The exposition text, with the engine's current load.
-    pub fn render(&self, engine: &EngineStats) -> String {
+    /// The exposition text, with the engine's current load and the audit
+    /// trail's health.
+    pub fn render(&self, engine: &EngineStats, audit: &salus_audit::AuditHealth) -> String {
         let mut out = String::with_capacity(8192);
         let model = format!("model=\"{}\"", self.model_id);
         out.push_str("# HELP salus_requests_total HTTP requests by route template and status.\n# TYPE salus_requests_total counter\n");
@@ -264,6 +265,25 @@ impl Metrics {
             engine.preemptions_total,
         );
         counter(&mut out, "salus_engine_steps_total", "Forward steps run by the engine.", "", engine.steps_total);
+        gauge(
+            &mut out,
+            "salus_audit_healthy",
+            "1 while the audit trail can be written; 0 means fail closed: every inference is refused.",
+            u64::from(audit.healthy),
+        );
+        counter(
+            &mut out,
+            "salus_audit_write_failures_total",
+            "Audit trail writes or syncs that failed.",
+            "",
+            audit.write_failures,
+        );
+        gauge(
+            &mut out,
+            "salus_audit_last_durable_timestamp_seconds",
+            "Unix time a record last became durable in the audit trail (0 before the first).",
+            audit.last_durable_unix_ms.map_or(0, |ms| ms / 1000),
+        );
         out
     }
 }
@@ -282,7 +302,16 @@ mod tests {
         m.request_done(route_label(Some("/nope/{x}")), 404);
         m.ttft.observe(0.03);
         m.add_tokens(5, 7);
-        let text = m.render(&EngineStats { waiting_seqs: 3, ..Default::default() });
+        let audit = salus_audit::AuditHealth {
+            healthy: false,
+            closed: false,
+            write_failures: 2,
+            last_durable_unix_ms: Some(1_700_000_000_123),
+        };
+        let text = m.render(&EngineStats { waiting_seqs: 3, ..Default::default() }, &audit);
+        assert!(text.contains("salus_audit_healthy 0"));
+        assert!(text.contains("salus_audit_write_failures_total 2"));
+        assert!(text.contains("salus_audit_last_durable_timestamp_seconds 1700000000"));
         assert!(text.contains("salus_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 2"));
         assert!(text.contains("salus_requests_total{route=\"other\",status=\"404\"} 1"));
         assert!(text.contains("salus_time_to_first_token_seconds_bucket{model=\"smol\",le=\"0.025\"} 0"));

@@ -163,7 +163,22 @@ impl AppState {
     /// Ready: accepting requests, the engine is up and the audit trail can be
     /// written (fail closed: no trail, no inference).
     pub fn is_ready(&self) -> bool {
-        self.0.accepting.load(Ordering::Acquire) && self.0.parts.engine.is_ready() && self.0.parts.audit.is_healthy()
+        self.not_ready_reasons().is_empty()
+    }
+    /// Why the server is not ready, as fixed codes: `shutting_down`,
+    /// `engine_not_running`, `audit_trail_unavailable` (fail closed).
+    pub fn not_ready_reasons(&self) -> Vec<&'static str> {
+        let mut reasons = Vec::new();
+        if !self.0.accepting.load(Ordering::Acquire) {
+            reasons.push("shutting_down");
+        }
+        if !self.0.parts.engine.is_ready() {
+            reasons.push("engine_not_running");
+        }
+        if !self.0.parts.audit.is_healthy() {
+            reasons.push("audit_trail_unavailable");
+        }
+        reasons
     }
     /// Called when shutdown starts: `/ready` turns false so balancers drain us.
     pub fn stop_accepting(&self) {

@@ -49,8 +49,47 @@ pub fn run() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes on one line, each cause once: a layer whose
+/// message already quotes its cause (`key store: {0}`) does not repeat it,
+/// and multi-line messages (TOML parse errors) are folded.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string().split('\n').map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("key store: {0}")]
+    struct Outer(#[source] std::io::Error);
+
+    /// Regression: `key store: X: X` (a layer quoting its cause, then the cause again).
+    #[test]
+    fn causes_are_printed_once_on_one_line() {
+        let inner = std::io::Error::other("k.json is writable by other users");
+        let e = anyhow::Error::new(Outer(inner)).context("opening the key store");
+        assert_eq!(one_line(&e), "opening the key store: key store: k.json is writable by other users");
+        let multi = anyhow::anyhow!("config c.toml: invalid string\nexpected `\"`\n");
+        assert_eq!(one_line(&multi), "config c.toml: invalid string; expected `\"`");
+        let chained = anyhow::Error::new(std::io::Error::other("disk full")).context("writing x");
+        assert_eq!(one_line(&chained), "writing x: disk full");
     }
 }

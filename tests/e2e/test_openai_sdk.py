@@ -205,9 +205,49 @@ def check_tls_versions():
         assert ok.returncode == 0, f"TLS {v} failed: {ok.returncode}"
 
 
+def raw_post(path, body_parts, headers):
+    """POSTs over TLS with http.client; returns (status, parsed JSON body)."""
+    import http.client
+    import json
+    from urllib.parse import urlparse
+    u = urlparse(BASE)
+    conn = http.client.HTTPSConnection(u.hostname, u.port, context=CTX, timeout=30)
+    try:
+        conn.putrequest("POST", path)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        for part in body_parts:
+            conn.send(part)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"null")
+    finally:
+        conn.close()
+
+
+def check_oversized_bodies_get_413():
+    """Regression: a body over limits.max_body_bytes gets the 413 (JSON), not a dropped connection."""
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    big = b'{"model":"x","prompt":"' + b"a" * (2 << 20) + b'"}'
+    # Declared by Content-Length: refused before reading, the client still sees the answer.
+    status, body = raw_post("/v1/completions", [big], {**auth, "Content-Length": str(len(big))})
+    assert status == 413 and body["error"]["code"] == "request_too_large", (status, body)
+    # Expect: 100-continue: the client is told before it sends the body.
+    status, body = raw_post("/v1/completions", [], {**auth, "Content-Length": str(50 << 20), "Expect": "100-continue"})
+    assert status == 413 and body["error"]["code"] == "request_too_large", (status, body)
+    # Chunked, no length: refused when the limit is crossed.
+    chunks = [f"{len(c):x}\r\n".encode() + c + b"\r\n" for c in (big[i:i + 65536] for i in range(0, len(big), 65536))]
+    status, body = raw_post("/v1/completions", chunks + [b"0\r\n\r\n"], {**auth, "Transfer-Encoding": "chunked"})
+    assert status == 413 and body["error"]["code"] == "request_too_large", (status, body)
+    # A duplicated key is refused, not resolved (parser differential).
+    dup = b'{"model":"x","model":"y","prompt":"hi"}'
+    status, body = raw_post("/v1/completions", [dup], {**auth, "Content-Length": str(len(dup))})
+    assert status == 400 and body["error"]["code"] == "invalid_json", (status, body)
+
+
 CHECKS = [check_non_streaming, check_streaming_with_usage, check_n2, check_stop, check_seed_reproducible,
           check_completions, check_models, check_errors, check_disconnect_cancels, check_prefix_cache, check_metrics,
-          check_tls_versions]
+          check_tls_versions, check_oversized_bodies_get_413]
 
 
 def main():

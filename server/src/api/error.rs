@@ -21,6 +21,10 @@ pub enum ApiError {
     /// 400: the body is not valid JSON (or not UTF-8). Fixed message.
     #[error("malformed JSON body")]
     MalformedJson,
+    /// 400: a JSON object in the body has the same key twice (the key is not
+    /// echoed).
+    #[error("a JSON object in the request body has a duplicate key")]
+    DuplicateKey,
     /// 400: the body is not a JSON object.
     #[error("request body must be a JSON object")]
     NotAnObject,
@@ -87,6 +91,7 @@ impl ApiError {
             ApiError::InvalidParam { .. }
             | ApiError::MalformedJson
             | ApiError::NotAnObject
+            | ApiError::DuplicateKey
             | ApiError::ContentType
             | ApiError::Unsupported(_)
             | ApiError::Unrecognized
@@ -128,7 +133,9 @@ impl ApiError {
     pub fn code(&self) -> Option<&'static str> {
         match self {
             ApiError::InvalidParam { .. } => Some("invalid_value"),
-            ApiError::MalformedJson | ApiError::NotAnObject | ApiError::ContentType => Some("invalid_json"),
+            ApiError::MalformedJson | ApiError::NotAnObject | ApiError::ContentType | ApiError::DuplicateKey => {
+                Some("invalid_json")
+            }
             ApiError::Unsupported(_) => Some("unsupported_parameter"),
             ApiError::Unrecognized => Some("unknown_parameter"),
             ApiError::ContextOverflow { .. } | ApiError::PromptTooLong { .. } => Some("context_length_exceeded"),

@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use axum::body::Body;
 use axum::extract::FromRequest;
 use axum::http::{header, Request};
+use serde::Deserialize as _;
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
@@ -36,18 +37,154 @@ impl FromRequest<AppState> for JsonObject {
             return Err(ApiError::ContentType);
         }
         let limit = state.limits().max_body_bytes;
-        let bytes =
-            axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| ApiError::PayloadTooLarge { limit })?;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let expects_continue = req
+            .headers()
+            .get(header::EXPECT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+        let mut body = req.into_body();
+        // Too large by its own declaration: refused before reading a byte (with
+        // `Expect: 100-continue` the client never sends it).
+        if declared.is_some_and(|n| n > limit as u64) {
+            if !expects_continue {
+                drain(&mut body).await;
+            }
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        let bytes = match read_limited(&mut body, limit).await {
+            Some(b) => b,
+            None => {
+                drain(&mut body).await;
+                return Err(ApiError::PayloadTooLarge { limit });
+            }
+        };
         parse_object(&bytes)
     }
 }
 
-/// Parses bytes into a JSON object with fixed error messages.
+/// Most bytes of an oversized body read and discarded after the limit, so
+/// the client is reading when the 413 arrives instead of seeing its upload
+/// reset; past this (or after [`DRAIN_TIMEOUT`]) the connection just closes.
+const DRAIN_MAX_BYTES: usize = 4 << 20;
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The body up to `limit` bytes, or `None` when it is longer (or breaks).
+async fn read_limited(body: &mut Body, limit: usize) -> Option<Vec<u8>> {
+    use http_body_util::BodyExt;
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.ok()?;
+        if let Some(data) = frame.data_ref() {
+            if out.len() + data.len() > limit {
+                return None;
+            }
+            out.extend_from_slice(data);
+        }
+    }
+    Some(out)
+}
+
+/// Reads and discards up to [`DRAIN_MAX_BYTES`] more of `body`, for at most
+/// [`DRAIN_TIMEOUT`].
+async fn drain(body: &mut Body) {
+    use http_body_util::BodyExt;
+    let work = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > DRAIN_MAX_BYTES {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, work).await;
+}
+
+/// Parses bytes into a JSON object with fixed error messages. A key that
+/// appears twice in one object is refused (anywhere in the document):
+/// parsers disagree on which one wins, and a proxy or filter in front of
+/// Salus must not see a different request than Salus does.
 pub fn parse_object(bytes: &[u8]) -> Result<JsonObject, ApiError> {
-    match serde_json::from_slice::<Value>(bytes) {
-        Ok(Value::Object(m)) => Ok(JsonObject(m)),
-        Ok(_) => Err(ApiError::NotAnObject),
-        Err(_) => Err(ApiError::MalformedJson),
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = match StrictValue::deserialize(&mut de).and_then(|v| de.end().map(|()| v)) {
+        Ok(StrictValue(v)) => v,
+        Err(e) if e.to_string().starts_with(DUPLICATE_KEY) => return Err(ApiError::DuplicateKey),
+        Err(_) => return Err(ApiError::MalformedJson),
+    };
+    match value {
+        Value::Object(m) => Ok(JsonObject(m)),
+        _ => Err(ApiError::NotAnObject),
+    }
+}
+
+/// The marker of the duplicate-key error (never shown to the client).
+const DUPLICATE_KEY: &str = "salus: duplicate key";
+
+/// A `serde_json::Value` that refuses duplicate object keys.
+struct StrictValue(Value);
+
+impl<'de> serde::Deserialize<'de> for StrictValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        StrictValue::deserialize(d).map(|v| v.0)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(StrictValue(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let StrictValue(v) = map.next_value()?;
+            if out.insert(key, v).is_some() {
+                return Err(serde::de::Error::custom(DUPLICATE_KEY));
+            }
+        }
+        Ok(Value::Object(out))
     }
 }
 
@@ -219,5 +356,25 @@ mod tests {
         assert!(!e.body().to_string().contains("CANARY"));
         let JsonObject(m) = parse_object(br#"{"tools":null}"#).ok().unwrap();
         assert!(Fields::new(m).finish(&["tools"]).is_ok());
+    }
+
+
+    /// Regression (parser differential): a duplicated key is refused at any
+    /// depth; the first or last value never silently wins.
+    #[test]
+    fn duplicate_keys_are_refused_anywhere() {
+        assert!(matches!(parse_object(br#"{"model":"a","model":"b"}"#), Err(ApiError::DuplicateKey)));
+        assert!(matches!(
+            parse_object(br#"{"messages":[{"role":"user","role":"system","content":"x"}]}"#),
+            Err(ApiError::DuplicateKey)
+        ));
+        let ok = parse_object(br#"{"a":{"b":[1,2.5,"x",null,true,{"c":-3}]},"d":"e"}"#).unwrap();
+        assert_eq!(Value::Object(ok.0), serde_json::json!({"a":{"b":[1,2.5,"x",null,true,{"c":-3}]},"d":"e"}));
+        assert!(matches!(parse_object(b"[1]"), Err(ApiError::NotAnObject)));
+        assert!(matches!(parse_object(b"{\"a\":1} trailing"), Err(ApiError::MalformedJson)));
+        assert!(matches!(parse_object(b"{\"a\":"), Err(ApiError::MalformedJson)));
+        // The duplicate key's name is not echoed.
+        let e = parse_object(br#"{"patient-Jane":1,"patient-Jane":2}"#).err().unwrap();
+        assert!(!e.to_string().contains("Jane"));
     }
 }

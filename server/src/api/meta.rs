@@ -58,16 +58,22 @@ pub async fn health() -> Response {
 /// `GET /ready`: model loaded, engine running, not shutting down.
 pub async fn ready(State(state): State<AppState>, principal: AuthenticatedPrincipal) -> Response {
     let _ = principal;
-    if state.is_ready() {
+    let reasons = state.not_ready_reasons();
+    if reasons.is_empty() {
         Json(json!({"status": "ready"})).into_response()
     } else {
-        ApiError::NotReady.into_response()
+        // The standard error body, plus which checks failed (fixed codes, no PHI).
+        let mut resp = ApiError::NotReady.into_response();
+        let mut body = ApiError::NotReady.body();
+        body["reasons"] = json!(reasons);
+        *resp.body_mut() = axum::body::Body::from(body.to_string());
+        resp
     }
 }
 
 /// Prometheus text for the metrics listener or an authorized principal.
 pub fn metrics_text(state: &AppState) -> Response {
-    let text = state.metrics().render(&state.engine().stats());
+    let text = state.metrics().render(&state.engine().stats(), &state.audit().health());
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 

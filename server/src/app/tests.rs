@@ -308,7 +308,7 @@ async fn chat_completion_non_streaming_shape_and_usage() {
     let (_, v, _) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     assert_eq!(v["choices"][0]["message"]["content"], "Hello");
-    let text = f.state.metrics().render(&EngineStats::default());
+    let text = f.state.metrics().render(&EngineStats::default(), &f.audit.health());
     assert!(text.contains("salus_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 2"), "{text}");
     assert!(text.contains("salus_completion_tokens_total{model=\"test-model\"} 5"));
 }
@@ -626,7 +626,13 @@ async fn audit_started_failure_is_503_and_the_engine_never_runs() {
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["error"]["type"], "service_unavailable");
     assert!(f.engine.seen.lock().unwrap().is_empty(), "the model must not run without a durable record");
-    assert_eq!(send(&f.state, "GET", "/ready", Some(&f.inference), None).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    let (s, ready, _) = send(&f.state, "GET", "/ready", Some(&f.inference), None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready["reasons"], json!(["audit_trail_unavailable"]), "/ready says why");
+    assert_eq!(ready["error"]["code"], "not_ready");
+    let (_, _, metrics) = send(&f.state, "GET", "/metrics", Some(&f.metrics_only), None).await;
+    assert!(metrics.contains("salus_audit_healthy 0"), "the fail-closed state is a metric");
+    assert!(!metrics.contains("salus_audit_write_failures_total 0"), "failures are counted");
     // Still refused while unhealthy (streaming too).
     let (s, _, _) = post_chat(&f, &chat_body(json!({"stream": true}))).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
