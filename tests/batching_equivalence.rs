@@ -154,3 +154,28 @@ fn idle_prefix_cache_blocks_expire() {
     assert!(t0.elapsed() >= std::time::Duration::from_millis(500), "expired long before the idle limit");
     assert_eq!(engine.stats().kv_blocks_used, 0);
 }
+
+/// Regression (a request past its deadline ended with a bare 500 and, when
+/// streamed, no error event): the engine tells the waiting client why.
+#[test]
+fn a_request_past_its_deadline_fails_with_deadline_exceeded() {
+    let Some(lm) = default_model() else { return };
+    let engine = ContinuousBatchingEngine::start(lm.clone(), SchedulerConfig::default()).unwrap();
+    let prompt = lm.tokenizer.encode("Count from one to one thousand.", true).unwrap();
+    let mut req = request(0, prompt);
+    req.decode.max_tokens = 4000;
+    // Never stop on an end token: only the deadline can end it.
+    req.decode.sampling.logit_bias = lm.info.eos_token_ids.iter().map(|&t| (t, -100.0)).collect();
+    req.deadline = Some(std::time::Instant::now() + std::time::Duration::from_millis(300));
+    let mut h = engine.submit(req).unwrap();
+    loop {
+        match h.events.blocking_recv().expect("the engine closed the stream without saying why") {
+            GenerationEvent::Delta { .. } => continue,
+            GenerationEvent::Finished { .. } => panic!("finished instead of timing out"),
+            GenerationEvent::Failed { error } => {
+                assert!(matches!(error, salus_server::engine::EngineError::DeadlineExceeded), "{error}");
+                break;
+            }
+        }
+    }
+}

@@ -75,6 +75,9 @@ pub enum ApiError {
     /// (fail closed; the model never ran). Generic on purpose.
     #[error("the server cannot serve requests right now; retry later")]
     AuditUnavailable,
+    /// 504: the generation ran past `limits.request_timeout_secs` and was stopped.
+    #[error("the request ran past the server's time limit and was stopped")]
+    Timeout,
     /// 500: anything else; the message carries only the request id.
     #[error("internal server error (request id {request_id})")]
     Internal { request_id: String },
@@ -104,6 +107,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::QueueFull { .. } | ApiError::AuthRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotReady | ApiError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -149,6 +153,7 @@ impl ApiError {
             ApiError::AuthRateLimited { .. } => Some("too_many_auth_failures"),
             ApiError::NotReady => Some("not_ready"),
             ApiError::AuditUnavailable => Some("service_unavailable"),
+            ApiError::Timeout => Some("request_timeout"),
             ApiError::Internal { .. } => None,
         }
     }
@@ -173,6 +178,7 @@ impl ApiError {
                 ApiError::ContextOverflow { needed: *needed, prompt: 0, completion: 0, limit: *capacity }
             }
             EngineError::NotRunning => ApiError::NotReady,
+            EngineError::DeadlineExceeded => ApiError::Timeout,
             EngineError::Internal => ApiError::Internal { request_id: request_id.to_string() },
         }
     }

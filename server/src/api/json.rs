@@ -358,7 +358,6 @@ mod tests {
         assert!(Fields::new(m).finish(&["tools"]).is_ok());
     }
 
-
     /// Regression (parser differential): a duplicated key is refused at any
     /// depth; the first or last value never silently wins.
     #[test]

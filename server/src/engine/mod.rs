@@ -74,6 +74,9 @@ pub enum EngineError {
     /// The request can never fit the KV cache, even alone.
     #[error("request needs {needed} KV cache tokens but the cache holds {capacity}")]
     TooLarge { needed: usize, capacity: usize },
+    /// The request ran past its deadline (`limits.request_timeout_secs`).
+    #[error("the request ran past its time limit")]
+    DeadlineExceeded,
     /// The engine is shutting down or not started.
     #[error("engine is not running")]
     NotRunning,

@@ -32,7 +32,11 @@ struct RequestState {
 
 impl RequestState {
     fn is_cancelled(&self, now: Instant) -> bool {
-        self.cancel.is_cancelled() || self.events.is_closed() || self.deadline.is_some_and(|d| now >= d)
+        self.cancel.is_cancelled() || self.events.is_closed() || self.is_past_deadline(now)
+    }
+
+    fn is_past_deadline(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|d| now >= d)
     }
 }
 
@@ -173,7 +177,13 @@ impl Worker {
         let gone: Vec<u64> = self.requests.iter().filter(|(_, r)| r.is_cancelled(now)).map(|(k, _)| *k).collect();
         for rid in gone {
             if let Some(r) = self.requests.remove(&rid) {
-                tracing::debug!(request_id = %r.id.0, "request cancelled");
+                if r.is_past_deadline(now) && !r.cancel.is_cancelled() {
+                    // The client is still there: tell it why the request ended.
+                    tracing::info!(request_id = %r.id.0, "request timed out");
+                    let _ = r.events.send(GenerationEvent::Failed { error: EngineError::DeadlineExceeded });
+                } else {
+                    tracing::debug!(request_id = %r.id.0, "request cancelled");
+                }
                 for s in r.seqs {
                     self.policy.remove(s);
                     self.seqs.remove(&s);
