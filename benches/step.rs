@@ -6,10 +6,11 @@
 //! B / step time, and a request's first token waits for the prefills ahead of it.
 //!
 //! Run: `cargo bench --bench step`. Environment: `SALUS_MODEL` (model path; see
-//! `models/tests/common/default_model.rs` for where else it looks),
+//! `salus_models::dev_model` for where else it looks),
 //! `SALUS_BENCH_BATCHES` (default `1,4,8,16`), `SALUS_BENCH_CTX` (cached tokens
 //! per sequence, default 200), `SALUS_BENCH_STEPS` (decode steps timed, 32),
-//! `SALUS_BENCH_KV` (dtypes, default `f32,f16,bf16`), `SALUS_BENCH_PROMPT`
+//! `SALUS_BENCH_KV` (dtypes, default `f32,f16,bf16`), `SALUS_BENCH_CPU_PATH`
+//! (kernel path, default the fastest), `SALUS_BENCH_PROMPT`
 //! (prefill length, default 256).
 
 use std::time::Instant;
@@ -54,7 +55,11 @@ fn main() {
         })
         .collect();
     let source = ModelSource::read_plaintext(&path).expect("read model");
-    let lm = load(&source, &LoadOptions::default()).expect("load model");
+    // `SALUS_BENCH_CPU_PATH=avx2` (or scalar, avx512vnni) measures another kernel path.
+    let kernels = std::env::var("SALUS_BENCH_CPU_PATH")
+        .ok()
+        .map(|cpu_path| salus_models::KernelConfig { cpu_path, ..Default::default() });
+    let lm = load(&source, &LoadOptions { kernels, ..LoadOptions::default() }).expect("load model");
     let cfg = lm.model.config().clone();
     let vocab = cfg.vocab_size as u32;
     // Deterministic pseudo-random tokens (the speed does not depend on them).

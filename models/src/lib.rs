@@ -19,6 +19,7 @@ pub mod detok;
 pub mod dev_model;
 pub mod device_check;
 pub mod error;
+mod host_memory;
 pub mod kernel_config;
 pub mod kv_cache;
 pub mod layers;

@@ -36,6 +36,7 @@ impl Linear {
     /// A dense layer; `weight` is `[out, in]`.
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
+        crate::host_memory::protect_tensor(&weight);
         Ok(Linear { kind: LinearKind::Dense(weight), bias, in_features, out_features })
     }
 
@@ -44,7 +45,11 @@ impl Linear {
     pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>, dtype: DType) -> Result<Self> {
         let (out_features, in_features) = weight.shape().dims2()?;
         let kind = match QMatMul::from_arc(weight.clone())? {
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => LinearKind::Dense(t.to_dtype(dtype)?),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                let dense = t.to_dtype(dtype)?;
+                crate::host_memory::protect_tensor(&dense);
+                LinearKind::Dense(dense)
+            }
             q if crate::qlinear::salus_kernels_enabled() => match crate::qlinear::QLinear::from_qtensor(weight)? {
                 k @ crate::qlinear::QLinear::Salus(_) => LinearKind::Kernel(k),
                 crate::qlinear::QLinear::Candle(_) => LinearKind::Quantized(q),

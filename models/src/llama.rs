@@ -318,6 +318,7 @@ pub struct LlamaDecoder {
 impl LlamaDecoder {
     pub fn load(w: &Weights<'_>, cfg: &DecoderConfig) -> Result<Self> {
         let (embed, lm_head) = w.embedding_and_head(cfg.vocab_size, cfg.hidden_size, cfg.tie_embeddings)?;
+        crate::host_memory::protect_tensor(&embed);
         let blocks = (0..cfg.num_layers).map(|l| Block::load(w, cfg, l)).collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(w.tensor(TensorName::FinalNorm, &[cfg.hidden_size])?, cfg.rms_norm_eps);
         Ok(LlamaDecoder {

@@ -70,3 +70,53 @@ fn empty_prompt_is_rejected() {
     let e = run_single_stream(&lm, &[], &SingleStreamParams::default(), |_| {}).unwrap_err();
     assert!(matches!(e, ModelError::InvalidPrompt(_)), "{e}");
 }
+
+/// `kB` value of a `/proc/self/status` line such as `VmLck:`.
+fn status_kb(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Bytes of the mappings whose `VmFlags` in `/proc/self/smaps` carry `flag`.
+fn smaps_bytes_with_flag(flag: &str) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let (mut total, mut size) = (0u64, 0u64);
+    for line in smaps.lines() {
+        if let Some(rest) = line.strip_prefix("Size:") {
+            size = rest.split_whitespace().next().unwrap().parse::<u64>().unwrap() * 1024;
+        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if flags.split_whitespace().any(|f| f == flag) {
+                total += size;
+            }
+        }
+    }
+    total
+}
+
+/// Regression (a serving process showed VmLck 0 kB and its weight region
+/// neither locked nor excluded from dumps): the loaded weights are locked in
+/// RAM and marked `MADV_DONTDUMP`, read back from `/proc/self/status` and
+/// `smaps`, wherever the memlock limit allows it.
+#[test]
+fn loaded_weights_are_locked_and_excluded_from_core_dumps() {
+    let Some(lm) = load_default_model() else {
+        return;
+    };
+    // The default model's weights as loaded: well over 80 MB.
+    let min = 80u64 << 20;
+    let r = salus_kernels::memory::protection_report();
+    assert!(r.excluded_bytes >= min, "only {} bytes excluded from dumps", r.excluded_bytes);
+    assert!(smaps_bytes_with_flag("dd") >= min, "smaps shows too little marked dontdump");
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Memlock).current;
+    let is_root =
+        std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
+    if !is_root && limit.is_some_and(|l| l < 1 << 30) {
+        eprintln!("SKIPPED the locking half: RLIMIT_MEMLOCK is {limit:?} bytes (not root)");
+        return;
+    }
+    assert_eq!(r.lock_failed_bytes, 0, "locking failed with the limit allowing it");
+    assert!(r.locked_bytes >= min, "only {} bytes locked", r.locked_bytes);
+    assert!(status_kb("VmLck:") * 1024 >= min, "VmLck is {} kB", status_kb("VmLck:"));
+    drop(lm);
+}

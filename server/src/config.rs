@@ -49,6 +49,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub scheduler: SchedulerConfig,
     pub kernels: KernelConfig,
+    pub memory: MemoryConfig,
     pub audit: AuditConfig,
     pub logging: LoggingConfig,
 }
@@ -370,6 +371,41 @@ impl SchedulerConfig {
     }
 }
 
+/// `memory.lock`: whether weights and the KV cache are locked in RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryLock {
+    /// Locked, or the server refuses to start (naming the memlock limit needed).
+    Required,
+    /// Locked where the memlock limit allows; otherwise a warning and a metric.
+    #[default]
+    BestEffort,
+    /// Not locked (still excluded from core dumps).
+    Off,
+}
+
+/// `[memory]`: how the host memory that holds weights and K/V is protected.
+/// Both are PHI-grade, so their pages are always excluded from core dumps
+/// (`MADV_DONTDUMP`, besides the process being non-dumpable) and, per `lock`,
+/// locked so they are never written to swap.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    pub lock: MemoryLock,
+}
+
+impl MemoryLock {
+    /// The kernels' policy for this setting.
+    pub fn policy(self) -> salus_kernels::memory::LockPolicy {
+        use salus_kernels::memory::LockPolicy;
+        match self {
+            MemoryLock::Required => LockPolicy::Required,
+            MemoryLock::BestEffort => LockPolicy::BestEffort,
+            MemoryLock::Off => LockPolicy::Off,
+        }
+    }
+}
+
 /// `[audit]`: the tamper-evident audit trail.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -683,6 +719,7 @@ mod tests {
         assert_eq!(c.limits, LimitsConfig::default());
         assert_eq!(c.scheduler, SchedulerConfig::default());
         assert_eq!(c.kernels, KernelConfig::default());
+        assert_eq!(c.memory.lock, MemoryLock::BestEffort);
         assert_eq!((c.server.idle_timeout_secs, c.server.max_connections), (60, 4096));
         assert_eq!(c.auth.denial_record_interval_secs, AuthConfig::default().denial_record_interval_secs);
         assert_eq!(c.audit.denial_reserve_bytes, AuditConfig::default().denial_reserve_bytes);

@@ -265,6 +265,19 @@ impl Metrics {
             engine.preemptions_total,
         );
         counter(&mut out, "salus_engine_steps_total", "Forward steps run by the engine.", "", engine.steps_total);
+        let memory = salus_kernels::memory::protection_report();
+        gauge(
+            &mut out,
+            "salus_memory_locked_bytes",
+            "Bytes of weights and KV cache locked in RAM (memory.lock).",
+            memory.locked_bytes,
+        );
+        gauge(
+            &mut out,
+            "salus_memory_lock_failed_bytes",
+            "Bytes of weights and KV cache that could not be locked (memlock limit too small).",
+            memory.lock_failed_bytes,
+        );
         gauge(
             &mut out,
             "salus_audit_healthy",

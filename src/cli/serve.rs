@@ -29,7 +29,7 @@ use salus_server::auth::denials::DenialRecorder;
 use salus_server::auth::key_baseline;
 use salus_server::auth::store::{parse_expiry, OffsetDateTime};
 use salus_server::auth::{KeyStore, KeyStoreHandle, Permission, PrincipalKind};
-use salus_server::config::{valid_model_id, Config};
+use salus_server::config::{valid_model_id, Config, MemoryLock};
 use salus_server::engine::Engine;
 use salus_server::listener::{raise_fd_limit, serve, ConnectionSettings};
 use salus_server::metrics::Metrics;
@@ -291,6 +291,41 @@ fn build_state(
     }))
 }
 
+/// After the weights and the KV cache are allocated: `memory.lock = required`
+/// refuses to go on unless all of them are locked (naming the limit needed);
+/// `best_effort` warns once.
+fn check_memory_protection(lock: MemoryLock) -> anyhow::Result<()> {
+    let r = salus_kernels::memory::protection_report();
+    let total = r.locked_bytes + r.lock_failed_bytes;
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Memlock).current;
+    let shown = limit.map_or_else(|| "unlimited".to_string(), |l| format!("{l} bytes"));
+    if r.lock_failed_bytes == 0 {
+        tracing::info!(
+            locked_bytes = r.locked_bytes,
+            excluded_from_dumps_bytes = r.excluded_bytes,
+            "weights and KV cache protected"
+        );
+        return Ok(());
+    }
+    // Locked bytes plus the process's other locked memory (the sealed loader's buffers are freed by now).
+    let needed = total + (64 << 20);
+    match lock {
+        MemoryLock::Required => bail!(
+            "memory.lock = \"required\": {} of {total} bytes of weights and KV cache could not be locked; the memlock limit is {shown}: raise it to at least {needed} bytes (systemd LimitMEMLOCK=infinity; docker --ulimit memlock=-1 --cap-add IPC_LOCK; Kubernetes: the IPC_LOCK capability), or set memory.lock = \"best_effort\"",
+            r.lock_failed_bytes
+        ),
+        MemoryLock::BestEffort => tracing::warn!(
+            locked_bytes = r.locked_bytes,
+            lock_failed_bytes = r.lock_failed_bytes,
+            memlock_limit = %shown,
+            needed_bytes = needed,
+            "memory.lock = best_effort: part of the weights and KV cache is not locked in RAM (may be swapped); raise the memlock limit"
+        ),
+        MemoryLock::Off => {}
+    }
+    Ok(())
+}
+
 /// Serves the API (and the metrics listener) until SIGTERM/SIGINT, then drains.
 async fn serve_until_stopped(
     config: &Config,
@@ -335,8 +370,10 @@ fn run_with_audit(
     audit: AuditLog,
 ) -> anyhow::Result<()> {
     let (keys, dev_key) = set_up_keys(args, &config, &audit)?;
+    salus_kernels::memory::set_lock_policy(config.memory.lock.policy());
     let model = load_served_model(&config, &audit)?;
     let state = build_state(&config, &model, keys.clone(), audit.clone())?;
+    check_memory_protection(config.memory.lock)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let print = || {
         if let (Some(key), Some(dir)) = (&dev_key, &dev_dir) {

@@ -63,6 +63,8 @@ impl AlignedBuf {
         let raw = vec![0u8; len + 64];
         // Weights stream every step: fewer TLB misses (see `crate::memory`).
         crate::memory::advise_huge_pages(&raw);
+        // Weights are PHI-grade: locked, and kept out of core dumps.
+        crate::memory::protect_sensitive(&raw);
         let off = raw.as_ptr().align_offset(64).min(64);
         AlignedBuf { raw, off, len }
     }
