@@ -123,3 +123,61 @@ fn serve_refuses_plain_http_off_loopback_and_tls_without_certificate() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("server.listen"));
 }
+
+/// Regression (a 0666 key store, a 0666 config and a 0644 TLS key were
+/// accepted without a word): each is refused with the chmod that fixes it.
+#[test]
+fn files_others_can_write_or_read_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let chmod = |p: &std::path::Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    // A key store any local user could add a key to.
+    let keys = dir.path().join("k.json");
+    let out = salus(
+        &[
+            "keys",
+            "--api-keys",
+            keys.to_str().unwrap(),
+            "create",
+            "--principal",
+            "a",
+            "--kind",
+            "service",
+            "--role",
+            "inference",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    chmod(&keys, 0o666);
+    let out = salus(&["keys", "--api-keys", keys.to_str().unwrap(), "list"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("chmod go-w") && err.lines().count() == 1, "{err}");
+    assert_eq!(err.matches("writable by other users").count(), 1, "the cause is not repeated: {err}");
+    // A config any local user could add a `cmd:` key source to.
+    let config = dir.path().join("salus.toml");
+    std::fs::write(&config, "[server]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    chmod(&config, 0o666);
+    let out = salus(&["serve", "--config", config.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("salus.toml is writable by other users"), "{err}");
+    // A TLS private key every user can read.
+    chmod(&config, 0o600);
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    salus_server::tls::write_self_signed(&cert, &key, &["localhost".into()]).unwrap();
+    chmod(&key, 0o644);
+    let out = salus(
+        &[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("key.pem is readable by all users"), "{err}");
+}

@@ -11,6 +11,7 @@ use std::path::Path;
 use super::checkpoint::{latest_numbered, Checkpoint, CHECKPOINT_FILE};
 use super::event::{AuditRecord, EventKind};
 use super::format::*;
+use super::segment::{judge_tail, TailVerdict};
 use super::AuditError;
 use salus_sensitive::secret::SecretKey;
 
@@ -335,7 +336,20 @@ impl<'k, F: FnMut(&AuditRecord, &[u8])> Walk<'k, F> {
         }
         while pos < bytes.len() {
             let after = self.expect.map(|e| e.0.saturating_sub(1)).unwrap_or(0);
-            match decode_frame(&cipher, i, &bytes[pos..]) {
+            let frame = decode_frame(&cipher, i, &bytes[pos..]);
+            if is_last && !matches!(frame, Frame::Ok { .. }) {
+                if let TailVerdict::Torn { cut } = judge_tail(&cipher, i, &bytes, pos) {
+                    // Not tampering: a write cut short (a crash, a full disk). Still
+                    // an error: the trail is not whole until the server repairs it.
+                    return Err(integrity(
+                        &name,
+                        None,
+                        format!("torn tail at byte {pos} ({cut} bytes after seq {after}): a write cut short by a crash or a full disk, not tampering; the server cuts it and records audit.recovered at its next start"),
+                    )
+                    .into());
+                }
+            }
+            match frame {
                 Frame::Ok { seq, record, len } => {
                     if first {
                         let prev = serde_json::from_slice::<AuditRecord>(&record)

@@ -58,6 +58,34 @@ pub(super) struct Tail {
     pub(super) last_kind: Option<String>,
 }
 
+/// What unreadable data at the end of the last `.log` is. Both the writer's
+/// recovery (which cuts a torn tail) and the offline verifier (which names
+/// it) decide here, so they always agree.
+pub(super) enum TailVerdict {
+    /// An interrupted write: an incomplete or unauthenticated last frame, no
+    /// good frame after it, no longer than one write. Cut at the next start.
+    Torn { cut: usize },
+    /// A bad frame with a good one after it: damage.
+    FollowedByGood { seq: u64 },
+    /// Longer than any single write: damage.
+    TooLong { cut: usize },
+}
+
+/// Judges the unreadable data from `pos` on (`bytes` is the whole `.log`).
+pub(super) fn judge_tail(cipher: &SegmentCipher, index: u64, bytes: &[u8], pos: usize) -> TailVerdict {
+    if let Frame::BadAuth { seq, len } = decode_frame(cipher, index, &bytes[pos..]) {
+        if let Frame::Ok { .. } = decode_frame(cipher, index, &bytes[pos + len..]) {
+            return TailVerdict::FollowedByGood { seq };
+        }
+    }
+    let cut = bytes.len() - pos;
+    if cut > MAX_TORN_TAIL {
+        TailVerdict::TooLong { cut }
+    } else {
+        TailVerdict::Torn { cut }
+    }
+}
+
 /// Reopens the last `.log` for appending, cutting a torn tail.
 pub(super) fn reopen_log(
     dir: &Path,
@@ -79,35 +107,29 @@ pub(super) fn reopen_log(
     let mut next_seq = header.first_seq;
     let mut last: Option<Vec<u8>> = None;
     while pos < bytes.len() {
-        let torn = match decode_frame(&cipher, index, &bytes[pos..]) {
-            Frame::Ok { seq, record, len } => {
-                if seq != next_seq {
-                    return Err(integrity(&name, Some(seq), format!("expected seq {next_seq}")).into());
-                }
-                next_seq += 1;
-                pos += len;
-                last = Some(record);
-                continue;
+        if let Frame::Ok { seq, record, len } = decode_frame(&cipher, index, &bytes[pos..]) {
+            if seq != next_seq {
+                return Err(integrity(&name, Some(seq), format!("expected seq {next_seq}")).into());
             }
-            Frame::Incomplete | Frame::BadLength => true,
-            // A bad frame followed by a good one is damage, not a torn write.
-            Frame::BadAuth { seq, len } => match decode_frame(&cipher, index, &bytes[pos + len..]) {
-                Frame::Ok { .. } => {
-                    return Err(integrity(&name, Some(seq), "record failed authentication".into()).into())
-                }
-                _ => true,
-            },
-        };
-        if torn {
-            let cut = bytes.len() - pos;
-            if cut > MAX_TORN_TAIL {
+            next_seq += 1;
+            pos += len;
+            last = Some(record);
+            continue;
+        }
+        match judge_tail(&cipher, index, &bytes, pos) {
+            TailVerdict::Torn { cut } => {
+                file.set_len(pos as u64).map_err(io)?;
+                file.sync_all().map_err(io)?;
+                notes.insert("torn_tail".into(), json!({ "segment": name, "offset": pos, "bytes_cut": cut }));
+                break;
+            }
+            TailVerdict::FollowedByGood { seq } => {
+                return Err(integrity(&name, Some(seq), "record failed authentication".into()).into())
+            }
+            TailVerdict::TooLong { cut } => {
                 let p = format!("unreadable data from byte {pos} ({cut} bytes) is longer than any single write: damage, not a torn tail; not cutting");
                 return Err(integrity(&name, Some(next_seq), p).into());
             }
-            file.set_len(pos as u64).map_err(io)?;
-            file.sync_all().map_err(io)?;
-            notes.insert("torn_tail".into(), json!({ "segment": name, "offset": pos, "bytes_cut": cut }));
-            break;
         }
     }
     let seg = OpenSegment {
