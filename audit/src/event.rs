@@ -18,6 +18,9 @@ pub enum EventKind {
     InferenceCompleted,
     InferenceFailed,
     InferenceCancelled,
+    /// Written by the log at start-up for an inference the last session
+    /// started but never finished (the process died): every inference gets an outcome.
+    InferenceInterrupted,
     AuthDenied,
     AdminKeyCreated,
     AdminKeyRevoked,
@@ -31,11 +34,12 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 14] = [
+    pub const ALL: [EventKind; 15] = [
         EventKind::InferenceStarted,
         EventKind::InferenceCompleted,
         EventKind::InferenceFailed,
         EventKind::InferenceCancelled,
+        EventKind::InferenceInterrupted,
         EventKind::AuthDenied,
         EventKind::AdminKeyCreated,
         EventKind::AdminKeyRevoked,
@@ -55,6 +59,7 @@ impl EventKind {
             EventKind::InferenceCompleted => "inference.completed",
             EventKind::InferenceFailed => "inference.failed",
             EventKind::InferenceCancelled => "inference.cancelled",
+            EventKind::InferenceInterrupted => "inference.interrupted",
             EventKind::AuthDenied => "auth.denied",
             EventKind::AdminKeyCreated => "admin.key_created",
             EventKind::AdminKeyRevoked => "admin.key_revoked",
@@ -76,7 +81,11 @@ impl EventKind {
     pub fn is_reserved(self) -> bool {
         matches!(
             self,
-            EventKind::ServerStarted | EventKind::ServerStopped | EventKind::AuditRecovered | EventKind::AuditPurged
+            EventKind::ServerStarted
+                | EventKind::ServerStopped
+                | EventKind::AuditRecovered
+                | EventKind::AuditPurged
+                | EventKind::InferenceInterrupted
         )
     }
 
@@ -92,7 +101,7 @@ impl EventKind {
 
     fn default_outcome(self) -> Outcome {
         match self {
-            EventKind::InferenceFailed => Outcome::Failure,
+            EventKind::InferenceFailed | EventKind::InferenceInterrupted => Outcome::Failure,
             EventKind::InferenceCancelled => Outcome::Cancelled,
             EventKind::AuthDenied => Outcome::Denied,
             _ => Outcome::Success,

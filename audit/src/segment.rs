@@ -173,6 +173,29 @@ pub(super) fn sealed_tail(dir: &Path, keys: &AuditKeys, index: u64) -> Result<Ta
     Ok(Tail { next_seq: h.first_seq + h.count, last_hash: h.last_hash, last_kind })
 }
 
+/// The records of segment `index` (sealed, or the open `.log` up to its first
+/// unreadable frame), in order.
+pub(super) fn segment_records(
+    dir: &Path,
+    keys: &AuditKeys,
+    index: u64,
+    sealed: bool,
+) -> Result<Vec<Vec<u8>>, AuditError> {
+    let name = if sealed { sealed_name(index) } else { log_name(index) };
+    let bytes = std::fs::read(dir.join(&name)).map_err(|e| AuditError::io(format!("reading {name}"), e))?;
+    if sealed {
+        return Ok(decode_sealed(keys, &bytes).map_err(|p| integrity(&name, None, p))?.1);
+    }
+    let header = LogHeader::decode(&bytes, keys).map_err(|p| integrity(&name, None, p))?;
+    let cipher = keys.segment_cipher(index, &header.salt);
+    let (mut records, mut pos) = (Vec::new(), LOG_HEADER_LEN);
+    while let Frame::Ok { record, len, .. } = decode_frame(&cipher, index, bytes.get(pos..).unwrap_or(&[])) {
+        records.push(record);
+        pos += len;
+    }
+    Ok(records)
+}
+
 /// Seals `seg-<index>.log`: compress, encrypt, write `.sealed`, delete the log.
 pub(super) fn seal_log(dir: &Path, keys: &AuditKeys, index: u64) -> Result<(), AuditError> {
     let name = log_name(index);

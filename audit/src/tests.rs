@@ -678,3 +678,37 @@ fn every_file_of_the_trail_is_private() {
         }
     }
 }
+
+/// Regression (requests cut off by a crash had no outcome): on recovery,
+/// every `inference.started` of the dead session without an outcome gets
+/// `inference.interrupted`, and `audit.recovered` says how many; a clean
+/// shutdown or a second start adds none.
+#[test]
+fn inferences_a_crash_cut_off_are_recorded_as_interrupted() {
+    let t = Trail::new();
+    let log = t.open(4096); // small segments: the session spans sealed ones too
+    for i in 0..30 {
+        log.record_blocking(inference(&log, i)).unwrap();
+    }
+    for i in (0..30).filter(|i| i % 3 == 0) {
+        let done = AuditEvent::new(EventKind::InferenceCompleted).request_id(format!("req-{i}"));
+        log.record_blocking(done).unwrap();
+    }
+    drop(log); // no close: the process died
+    let log = t.open(4096);
+    log.close().unwrap();
+    t.open(4096).close().unwrap(); // a clean restart adds nothing
+    t.verify().unwrap();
+    let recs = t.records();
+    let interrupted: Vec<&str> =
+        recs.iter().filter(|r| r.kind == "inference.interrupted").map(|r| r.request_id.as_deref().unwrap()).collect();
+    let expected: Vec<String> = (0..30).filter(|i| i % 3 != 0).map(|i| format!("req-{i}")).collect();
+    assert_eq!(interrupted, expected);
+    let first = recs.iter().find(|r| r.kind == "inference.interrupted").unwrap();
+    assert_eq!(first.outcome_reason.as_deref(), Some("server_restarted"));
+    assert_eq!(first.principal.as_ref().map(|p| p.id.as_str()), Some("user-1"));
+    assert_eq!(first.operation.as_deref(), Some("chat.completions"));
+    let recovered: Vec<_> = recs.iter().filter(|r| r.kind == "audit.recovered").collect();
+    assert_eq!(recovered.len(), 1);
+    assert_eq!(recovered[0].detail.as_ref().unwrap()["interrupted_inferences"], 20);
+}

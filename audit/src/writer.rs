@@ -160,9 +160,14 @@ impl AuditLog {
             inject_failures: 0.into(),
         });
         let dir = cfg.dir.clone();
-        let (mut writer, recovered) = Writer::recover(cfg, keys.clone(), shared.clone(), lock)?;
-        if let Some(detail) = recovered {
+        let recovery::Recovered { mut writer, notes, interrupted } =
+            Writer::recover(cfg, keys.clone(), shared.clone(), lock)?;
+        if let Some(detail) = notes {
             writer.commit_internal(AuditEvent::new(EventKind::AuditRecovered).detail(detail))?;
+        }
+        // Every inference gets an outcome: those the dead session left open end here.
+        for started in &interrupted {
+            writer.commit_internal(recovery::interrupted_event(started))?;
         }
         let mut started =
             json!({ "version": env!("CARGO_PKG_VERSION"), "key_id": keys.key_id(), "pid": std::process::id() });

@@ -4,6 +4,8 @@
 //! [`AuditLog::open`].
 
 use super::*;
+use crate::event::AuditRecord;
+use crate::segment::segment_records;
 
 impl Writer {
     /// Brings the directory to a consistent state and positions the writer at its end.
@@ -12,7 +14,7 @@ impl Writer {
         keys: Arc<AuditKeys>,
         shared: Arc<Shared>,
         lock: File,
-    ) -> Result<(Writer, Option<serde_json::Value>), AuditError> {
+    ) -> Result<Recovered, AuditError> {
         let dir = cfg.dir.clone();
         let io = |what: String| move |e| AuditError::io(what, e);
         let mut notes = serde_json::Map::new();
@@ -61,8 +63,16 @@ impl Writer {
                 (seg, tail)
             }
         };
+        let mut interrupted = Vec::new();
         if tail.last_kind.as_deref().is_some_and(|k| k != EventKind::ServerStopped.as_str()) {
             notes.insert("unclean_shutdown".into(), json!(true));
+            // Newest first: the open segment, then every sealed one.
+            let mut segments: Vec<(u64, bool)> = sealed.iter().map(|&i| (i, true)).collect();
+            segments.extend(logs.iter().filter(|&&i| Some(i) != last_log).map(|&i| (i, true)));
+            segments.extend(last_log.map(|i| (i, false)));
+            segments.sort_unstable_by_key(|s| std::cmp::Reverse(s.0));
+            interrupted = unfinished_inferences(&dir, &keys, &segments)?;
+            notes.insert("interrupted_inferences".into(), json!(interrupted.len()));
         }
         let writer = Writer {
             cfg,
@@ -88,6 +98,68 @@ impl Writer {
             sync_ewma: Duration::ZERO,
             session: None,
         };
-        Ok((writer, (!notes.is_empty()).then_some(serde_json::Value::Object(notes))))
+        let notes = (!notes.is_empty()).then_some(serde_json::Value::Object(notes));
+        Ok(Recovered { writer, notes, interrupted })
     }
+}
+
+/// What opening a trail found.
+pub(super) struct Recovered {
+    pub writer: Writer,
+    /// The detail of `audit.recovered`, when anything was repaired or the
+    /// last session did not end cleanly.
+    pub notes: Option<serde_json::Value>,
+    /// The `inference.started` records of the last session with no outcome.
+    pub interrupted: Vec<AuditRecord>,
+}
+
+/// The `inference.started` records of the last session (back to its
+/// `server.started`) that have no outcome record, oldest first. `segments`
+/// are (index, sealed), newest first; only the last session's are read.
+fn unfinished_inferences(
+    dir: &Path,
+    keys: &AuditKeys,
+    segments: &[(u64, bool)],
+) -> Result<Vec<AuditRecord>, AuditError> {
+    let mut finished = std::collections::HashSet::new();
+    let mut open = Vec::new();
+    for &(index, sealed) in segments {
+        for raw in segment_records(dir, keys, index, sealed)?.iter().rev() {
+            let Ok(r) = serde_json::from_slice::<AuditRecord>(raw) else { continue };
+            match r.kind.as_str() {
+                k if k == EventKind::ServerStarted.as_str() => {
+                    open.reverse();
+                    return Ok(open);
+                }
+                k if k == EventKind::InferenceStarted.as_str()
+                    && r.request_id.as_ref().is_some_and(|id| !finished.contains(id)) =>
+                {
+                    open.push(r);
+                }
+                k if k == EventKind::InferenceStarted.as_str() => {}
+                k if k.starts_with("inference.") => {
+                    finished.extend(r.request_id);
+                }
+                _ => {}
+            }
+        }
+    }
+    open.reverse();
+    Ok(open)
+}
+
+/// The `inference.interrupted` event for an inference that never finished:
+/// the same request, principal, source, operation and model as its start.
+pub(super) fn interrupted_event(started: &AuditRecord) -> AuditEvent {
+    let mut ev = AuditEvent::new(EventKind::InferenceInterrupted).outcome_reason("server_restarted");
+    ev.request_id = started.request_id.clone();
+    ev.principal = started.principal.clone();
+    ev.source_addr = started.source_addr.as_deref().and_then(|a| a.parse().ok());
+    ev.operation = match started.operation.as_deref() {
+        Some("chat.completions") => Some("chat.completions"),
+        Some("completions") => Some("completions"),
+        _ => None,
+    };
+    ev.model = started.model.clone();
+    ev
 }
