@@ -69,7 +69,67 @@ pub fn new_request_id() -> String {
     format!("req_{}", uuid::Uuid::new_v4().simple())
 }
 
-async fn observe(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+/// A request body that, when dropped before its end (a request refused
+/// without reading it: 401, 403, 413), reads and discards what is left in the
+/// background, bounded. Over HTTP/2 an unread body made the server reset the
+/// stream, and clients then reported a reset instead of the error response.
+struct DrainOnDrop {
+    inner: Option<axum::body::Body>,
+}
+
+/// Most bytes of an unread request body discarded after the response.
+const DRAIN_UNREAD_MAX_BYTES: usize = 8 << 20;
+const DRAIN_UNREAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl http_body::Body for DrainOnDrop {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        match self.inner.as_mut() {
+            Some(b) => std::pin::Pin::new(b).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.as_ref().map(http_body::Body::size_hint).unwrap_or_default()
+    }
+}
+
+impl Drop for DrainOnDrop {
+    fn drop(&mut self) {
+        let Some(mut body) = self.inner.take() else { return };
+        if http_body::Body::is_end_stream(&body) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        rt.spawn(async move {
+            use http_body_util::BodyExt;
+            let drain = async {
+                let mut seen = 0usize;
+                while let Some(Ok(frame)) = body.frame().await {
+                    seen += frame.data_ref().map_or(0, |d| d.len());
+                    if seen > DRAIN_UNREAD_MAX_BYTES {
+                        return;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_UNREAD_TIMEOUT, drain).await;
+        });
+    }
+}
+
+async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let mut req = Request::from_parts(parts, axum::body::Body::new(DrainOnDrop { inner: Some(body) }));
     let started = Instant::now();
     let route = route_label(req.extensions().get::<MatchedPath>().map(|m| m.as_str()));
     let method = method_label(req.method());

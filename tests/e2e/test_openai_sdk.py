@@ -245,9 +245,24 @@ def check_oversized_bodies_get_413():
     assert status == 400 and body["error"]["code"] == "invalid_json", (status, body)
 
 
+def check_http2_rejections_reach_the_client():
+    """Regression: over HTTP/2, rejected POSTs ended as stream resets (curl error 92), not the 401."""
+    import tempfile
+    with tempfile.NamedTemporaryFile("wb", suffix=".json") as f:
+        f.write(b'{"model":"x","prompt":"' + b"a" * (256 << 10) + b'"}')
+        f.flush()
+        results = []
+        for _ in range(20):
+            r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--http2", "--cacert", CA,
+                                "-H", "Content-Type: application/json", "--data-binary", f"@{f.name}",
+                                f"{BASE}/v1/completions"], capture_output=True, text=True, timeout=30)
+            results.append((r.returncode, r.stdout))
+    assert all(rc == 0 and code == "401" for rc, code in results), results
+
+
 CHECKS = [check_non_streaming, check_streaming_with_usage, check_n2, check_stop, check_seed_reproducible,
           check_completions, check_models, check_errors, check_disconnect_cancels, check_prefix_cache, check_metrics,
-          check_tls_versions, check_oversized_bodies_get_413]
+          check_tls_versions, check_oversized_bodies_get_413, check_http2_rejections_reach_the_client]
 
 
 def main():
