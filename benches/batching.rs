@@ -103,8 +103,7 @@ fn one(engine: &ContinuousBatchingEngine, prompt: &[u32], i: usize, max_tokens: 
         decode: DecodeParams {
             max_tokens,
             sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
-            stop_strings: Vec::new(),
-            stop_token_ids: Vec::new(),
+            ..DecodeParams::default()
         },
         deadline: None,
         prefix_scope: PrefixScope::new("bench"),

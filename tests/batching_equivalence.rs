@@ -31,8 +31,7 @@ fn request(i: usize, prompt: Vec<u32>) -> GenerationRequest {
             max_tokens: MAX_TOKENS,
             // top_logprobs = 0 makes every delta carry its token ids.
             sampling: SamplingParams { temperature: 0.0, top_logprobs: Some(0), ..SamplingParams::default() },
-            stop_strings: Vec::new(),
-            stop_token_ids: Vec::new(),
+            ..DecodeParams::default()
         },
         deadline: None,
         prefix_scope: PrefixScope::new("test"),

@@ -542,11 +542,22 @@ fn campaign(model_file: &Path, log_to_file: bool) -> Campaign {
     let r = s.post("/v1/chat/completions", &body);
     expect_error(p, r, 400, &mut errors);
 
+    // An unknown parameter whose name is not a plain path (here with a `-`,
+    // like `mrn-…`) is never named in the error.
     let p = "unknown parameter name";
     let mut body = chat(&model, msg(cn.mint("message of an unknown-parameter request")));
-    body[cn.mint(p)] = cn.mint("unknown parameter value").into();
+    body[format!("mrn-{}", cn.mint(p))] = cn.mint("unknown parameter value").into();
     let r = s.post("/v1/chat/completions", &body);
     expect_error(p, r, 400, &mut errors);
+
+    // A plain one is named in the client's own error (so a typo can be found),
+    // and nowhere else: every output below is scanned for it too.
+    let plain = cn.mint("plain unknown parameter name (named only in its own error)");
+    let mut body = chat(&model, msg(cn.mint("message of a plain-unknown-parameter request")));
+    body[plain.clone()] = 1.into();
+    let r = s.post("/v1/chat/completions", &body);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains(&plain), "the plain unknown name is named in its error: {}", r.text());
 
     let p = "unknown model name";
     let body = chat(&cn.mint(p), msg(cn.mint("message of an unknown-model request")));

@@ -21,7 +21,7 @@
 //! decoder only counts. The text it returns is PHI and stays in [`Phi`].
 
 use crate::sampling::{Sampler, SamplingParams};
-use crate::stop::StopMatcher;
+use crate::stop::{StopMatcher, StopStep};
 use crate::tokenizer::Tokenizer;
 use crate::{Phi, Result};
 
@@ -65,6 +65,31 @@ pub struct DecodeParams {
     pub stop_strings: Vec<Phi<String>>,
     /// Token ids that end generation besides the model's end-of-sequence ids.
     pub stop_token_ids: Vec<u32>,
+    /// The model's end-of-sequence ids do not end generation (`stop_token_ids`
+    /// still do): benchmarks generate exactly `max_tokens`.
+    pub ignore_eos: bool,
+    /// Until this many tokens are generated, end tokens cannot be sampled
+    /// (their logits are masked) and stop strings are not looked for.
+    pub min_tokens: usize,
+    /// Emit a matched stop string at the end of the output.
+    pub include_stop_str_in_output: bool,
+    /// Special (control) tokens produce no text (default true).
+    pub skip_special_tokens: bool,
+}
+
+impl Default for DecodeParams {
+    fn default() -> Self {
+        DecodeParams {
+            sampling: SamplingParams::default(),
+            max_tokens: 256,
+            stop_strings: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            min_tokens: 0,
+            include_stop_str_in_output: false,
+            skip_special_tokens: true,
+        }
+    }
 }
 
 /// The seed of choice `index` of a request whose base seed is `seed`: choices
@@ -104,8 +129,11 @@ pub struct ChoiceDecoder {
     stops: StopMatcher,
     end_ids: Vec<u32>,
     max_tokens: usize,
+    min_tokens: usize,
     generated: usize,
     finished: Option<FinishReason>,
+    /// The step's logits with the end tokens masked (while under `min_tokens`).
+    masked: Vec<f32>,
 }
 
 impl ChoiceDecoder {
@@ -115,16 +143,23 @@ impl ChoiceDecoder {
     pub fn new(params: &DecodeParams, choice_index: usize, eos_token_ids: &[u32], vocab_size: usize) -> Result<Self> {
         let mut sampling = params.sampling.clone();
         sampling.seed = sampling.seed.map(|s| choice_seed(s, choice_index));
-        let mut end_ids = eos_token_ids.to_vec();
-        end_ids.extend(params.stop_token_ids.iter().copied().filter(|t| !eos_token_ids.contains(t)));
+        let mut end_ids = if params.ignore_eos { Vec::new() } else { eos_token_ids.to_vec() };
+        for &t in &params.stop_token_ids {
+            if !end_ids.contains(&t) {
+                end_ids.push(t);
+            }
+        }
         Ok(ChoiceDecoder {
             sampler: Sampler::new(sampling, vocab_size)?,
-            detok: crate::detok::StreamDecoder::new(true),
-            stops: StopMatcher::new(params.stop_strings.clone()),
+            detok: crate::detok::StreamDecoder::new(params.skip_special_tokens),
+            stops: StopMatcher::new(params.stop_strings.clone())
+                .including_stop_string(params.include_stop_str_in_output),
             end_ids,
             max_tokens: params.max_tokens,
+            min_tokens: params.min_tokens.min(params.max_tokens),
             generated: 0,
             finished: None,
+            masked: Vec::new(),
         })
     }
 
@@ -160,7 +195,21 @@ impl ChoiceDecoder {
         if self.generated >= self.max_tokens {
             return Ok(self.finish(FinishReason::Length, String::new(), None, None));
         }
-        let sampled = self.sampler.sample(logits, context, prompt_len)?;
+        let below_min = self.generated < self.min_tokens;
+        let sampled = if below_min && !self.end_ids.is_empty() {
+            // End tokens cannot be chosen yet: masked before sampling (and so
+            // before the reported logprobs, as a logits processor would).
+            self.masked.clear();
+            self.masked.extend_from_slice(logits);
+            for &t in &self.end_ids {
+                if let Some(l) = self.masked.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            self.sampler.sample(&self.masked, context, prompt_len)?
+        } else {
+            self.sampler.sample(logits, context, prompt_len)?
+        };
         if self.end_ids.contains(&sampled.token) {
             return Ok(self.finish_flushing(tokenizer, FinishReason::Stop, String::new(), None, None));
         }
@@ -168,7 +217,8 @@ impl ChoiceDecoder {
         let logprob =
             sampled.logprob.map(|logprob| TokenLogprob { token_id: sampled.token, logprob, top: sampled.top_logprobs });
         let piece = self.detok.push(tokenizer, sampled.token)?;
-        let stop = self.stops.push(&piece);
+        // Stop strings are looked for once `min_tokens` are out.
+        let stop = if below_min { StopStep { emit: piece, stopped: false } } else { self.stops.push(&piece) };
         let token = Some(sampled.token);
         if stop.stopped {
             return Ok(self.finish(FinishReason::Stop, stop.emit, token, logprob));
@@ -235,7 +285,7 @@ mod tests {
             sampling: SamplingParams::greedy(),
             max_tokens,
             stop_strings: stops.iter().map(|s| Phi::new(s.to_string())).collect(),
-            stop_token_ids: Vec::new(),
+            ..DecodeParams::default()
         }
     }
 
@@ -334,5 +384,66 @@ mod tests {
         assert_eq!(draws(1, &p), draws(0, &q));
         assert_eq!(draws(1, &p), draws(1, &p));
         assert_ne!(draws(0, &p), draws(1, &p));
+    }
+
+    #[test]
+    fn ignore_eos_keeps_going_and_stop_token_ids_still_end() {
+        let t = tokenizer();
+        let mut ids = t.encode("hello world", false).unwrap();
+        ids.extend([2, ids[0]]);
+        let mut p = params(ids.len(), &[]);
+        p.ignore_eos = true;
+        let (_, reason, n, _) = run(&p, &[2], &ids);
+        assert_eq!((reason, n), (Some(FinishReason::Length), ids.len()), "EOS did not end the choice");
+        p.stop_token_ids = vec![2];
+        let (_, reason, _, _) = run(&p, &[2], &ids);
+        assert_eq!(reason, Some(FinishReason::Stop), "a stop token id still ends it");
+    }
+
+    #[test]
+    fn min_tokens_masks_end_tokens_and_defers_stop_strings() {
+        let t = tokenizer();
+        let vocab = t.vocab_size();
+        let mut p = params(10, &["hello"]);
+        p.min_tokens = 3;
+        let mut d = ChoiceDecoder::new(&p, 0, &[2], vocab).unwrap();
+        let hello = t.encode("hello", false).unwrap()[0];
+        let mut ctx = vec![1u32];
+        // The model wants EOS every step; under min_tokens it cannot have it.
+        let mut eos_first = vec![0.0; vocab];
+        eos_first[2] = 10.0;
+        eos_first[hello as usize] = 5.0;
+        for i in 0..3 {
+            let s = d.step(&t, &eos_first, &ctx, 1).unwrap();
+            assert_eq!(s.token, Some(hello), "step {i}: EOS must be masked");
+            assert!(s.finished.is_none(), "step {i}: the stop string is not looked for yet");
+            ctx.push(hello);
+        }
+        let s = d.step(&t, &eos_first, &ctx, 1).unwrap();
+        assert_eq!(s.finished, Some(FinishReason::Stop), "from min_tokens on, EOS ends it");
+        assert_eq!(d.generated(), 3);
+    }
+
+    #[test]
+    fn the_stop_string_can_be_kept_in_the_output() {
+        let t = tokenizer();
+        let ids = t.encode("hello world hello", false).unwrap();
+        let mut p = params(100, &[" wor"]);
+        p.include_stop_str_in_output = true;
+        let (text, reason, _, _) = run(&p, &[2], &ids);
+        assert_eq!((text.as_str(), reason), ("hello wor", Some(FinishReason::Stop)));
+    }
+
+    #[test]
+    fn special_tokens_can_be_kept_in_the_text() {
+        let t = tokenizer();
+        let mut ids = t.encode("hello", false).unwrap();
+        ids.push(2); // </s>, a special token, not an end token here
+        let mut p = params(ids.len(), &[]);
+        let (kept_out, ..) = run(&p, &[], &ids);
+        p.skip_special_tokens = false;
+        let (kept_in, ..) = run(&p, &[], &ids);
+        assert_eq!(kept_out, "hello");
+        assert_eq!(kept_in, t.decode(&ids, false).unwrap());
     }
 }

@@ -12,7 +12,6 @@ use candle_core::IndexOp;
 use crate::batch::{PackedBatch, SeqId};
 use crate::decoder::{ChoiceDecoder, DecodeParams, FinishReason};
 use crate::model::LoadedModel;
-use crate::sampling::SamplingParams;
 use crate::{ModelError, Phi, Result};
 
 /// Default prefill chunk: long prompts are fed in pieces so one step's
@@ -31,15 +30,7 @@ pub struct SingleStreamParams {
 
 impl Default for SingleStreamParams {
     fn default() -> Self {
-        SingleStreamParams {
-            decode: DecodeParams {
-                sampling: SamplingParams::default(),
-                max_tokens: 256,
-                stop_strings: Vec::new(),
-                stop_token_ids: Vec::new(),
-            },
-            prefill_chunk: DEFAULT_PREFILL_CHUNK,
-        }
+        SingleStreamParams { decode: DecodeParams::default(), prefill_chunk: DEFAULT_PREFILL_CHUNK }
     }
 }
 

@@ -42,6 +42,8 @@ pub struct StopMatcher {
     /// Text received but not yet emitted (a possible start of a stop string). PHI.
     pending: String,
     stopped: bool,
+    /// Emit the stop string itself at the end (vLLM's `include_stop_str_in_output`).
+    include_stop: bool,
 }
 
 impl std::fmt::Debug for StopMatcher {
@@ -59,7 +61,13 @@ impl StopMatcher {
     /// immediately and are rejected by request validation anyway).
     pub fn new(stop_strings: Vec<Phi<String>>) -> Self {
         let stops = stop_strings.into_iter().filter(|s| !s.expose().is_empty()).collect();
-        StopMatcher { stops, pending: String::new(), stopped: false }
+        StopMatcher { stops, pending: String::new(), stopped: false, include_stop: false }
+    }
+
+    /// Ends the output *after* the stop string instead of before it.
+    pub fn including_stop_string(mut self, include: bool) -> Self {
+        self.include_stop = include;
+        self
     }
 
     /// Whether a stop string has been found.
@@ -82,12 +90,16 @@ impl StopMatcher {
         // earlier position was already ruled out (it is not a prefix of a stop).
         self.pending.push_str(text);
 
-        // Earliest full occurrence of any stop string.
-        let earliest = self.stops.iter().filter_map(|s| self.pending.find(s.expose().as_str())).min();
-        if let Some(at) = earliest {
+        // Earliest full occurrence of any stop string (the longest on a tie).
+        let earliest = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.expose().as_str()).map(|at| (at, std::cmp::Reverse(s.expose().len()))))
+            .min();
+        if let Some((at, std::cmp::Reverse(len))) = earliest {
             self.stopped = true;
             let mut emit = std::mem::take(&mut self.pending);
-            emit.truncate(at);
+            emit.truncate(if self.include_stop { at + len } else { at });
             return StopStep { emit, stopped: true };
         }
 

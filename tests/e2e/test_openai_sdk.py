@@ -260,9 +260,37 @@ def check_http2_rejections_reach_the_client():
     assert all(rc == 0 and code == "401" for rc, code in results), results
 
 
+def check_vllm_extensions_are_honoured():
+    """What benchmark harnesses send: ignore_eos really generates max_tokens, min_tokens really defers EOS."""
+    hi = [{"role": "user", "content": "Say hi."}]
+    short = C.chat.completions.create(model=MODEL, messages=hi, max_tokens=200, temperature=0)
+    n = short.usage.completion_tokens
+    assert short.choices[0].finish_reason == "stop" and n < 60, (n, short.choices[0].finish_reason)
+    full = C.chat.completions.create(model=MODEL, messages=hi, max_tokens=n + 40, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert full.usage.completion_tokens == n + 40 and full.choices[0].finish_reason == "length", full.usage
+    least = C.chat.completions.create(model=MODEL, messages=hi, max_tokens=200, temperature=0,
+                                      extra_body={"min_tokens": n + 20})
+    assert least.usage.completion_tokens >= n + 20, (least.usage, n)
+    # An unknown parameter is named (a typo is never silently ignored).
+    try:
+        C.chat.completions.create(model=MODEL, messages=hi, max_tokens=2, extra_body={"ignore_eoss": True})
+        raise AssertionError("unknown parameter accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "ignore_eoss" and e.body["code"] == "unknown_parameter", e.body
+    # vLLM's continuous usage: every chunk carries the counts so far.
+    chunks = list(C.chat.completions.create(model=MODEL, messages=hi, max_tokens=8, stream=True,
+                                            extra_body={"stream_options": {"include_usage": True,
+                                                                           "continuous_usage_stats": True}}))
+    assert all(c.usage is not None for c in chunks), [c.usage for c in chunks]
+    models = httpx.get(f"{BASE}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, verify=CTX).json()
+    assert models["data"][0]["max_model_len"] > 0, models
+
+
 CHECKS = [check_non_streaming, check_streaming_with_usage, check_n2, check_stop, check_seed_reproducible,
           check_completions, check_models, check_errors, check_disconnect_cancels, check_prefix_cache, check_metrics,
-          check_tls_versions, check_oversized_bodies_get_413, check_http2_rejections_reach_the_client]
+          check_tls_versions, check_oversized_bodies_get_413, check_http2_rejections_reach_the_client,
+          check_vllm_extensions_are_honoured]
 
 
 def main():

@@ -14,7 +14,7 @@ use super::generation::{self, Generation};
 use super::inference_audit::{InferenceAudit, InferenceSubject, SourceAddr};
 use super::json::JsonObject;
 use super::response::{respond_whole, Endpoint, ResponseBuilder};
-use super::sse::respond_stream;
+use super::sse::{respond_stream, StreamUsage};
 use super::types::{GenerationParams, ValidatedChatRequest, ValidatedCompletionRequest};
 use crate::auth::{AuthenticatedPrincipal, Permission};
 use crate::state::{AppState, PromptError, RequestContext};
@@ -87,7 +87,8 @@ impl Inference<'_> {
         let generation: Generation = plan.submit(self.state, self.ctx, audit).await?;
         let builder = ResponseBuilder::new(self.state, self.ctx, endpoint, params.logprobs);
         if params.stream {
-            Ok(respond_stream(generation, builder, params.include_usage))
+            let usage = StreamUsage { include: params.include_usage, continuous: params.continuous_usage };
+            Ok(respond_stream(generation, builder, usage))
         } else {
             respond_whole(generation, builder).await
         }

@@ -34,9 +34,11 @@ pub enum ApiError {
     /// 400: a parameter OpenAI defines but Salus does not support.
     #[error("parameter {0} is not supported by this server")]
     Unsupported(&'static str),
-    /// 400: a parameter neither OpenAI nor Salus knows (its name is not echoed).
-    #[error("unrecognized request parameter")]
-    Unrecognized,
+    /// 400: a parameter neither OpenAI nor Salus knows. The name is client
+    /// data: it is echoed (in the message and `param`) only when it is a
+    /// short path of `[A-Za-z0-9_.]` ([`ApiError::unrecognized`]).
+    #[error("unrecognized request parameter{}", .0.as_deref().map(|n| format!(" '{n}'")).unwrap_or_default())]
+    Unrecognized(Option<String>),
     /// 400: prompt + max_tokens exceed the context window or the prompt limit.
     #[error("this request needs {needed} tokens ({prompt} in the prompt, {completion} for the completion) but the limit is {limit}")]
     ContextOverflow { needed: usize, prompt: usize, completion: usize, limit: usize },
@@ -84,6 +86,15 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// 400 for an unknown parameter at JSON path `path`, naming it only when
+    /// it is at most 64 characters of `[A-Za-z0-9_.]`.
+    pub fn unrecognized(path: &str) -> Self {
+        let safe = path.len() <= 64
+            && !path.is_empty()
+            && path.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+        ApiError::Unrecognized(safe.then(|| path.to_string()))
+    }
+
     /// 400 naming `param`.
     pub fn invalid(param: impl Into<Cow<'static, str>>, message: impl Into<Cow<'static, str>>) -> Self {
         ApiError::InvalidParam { param: param.into(), message: message.into() }
@@ -97,7 +108,7 @@ impl ApiError {
             | ApiError::DuplicateKey
             | ApiError::ContentType
             | ApiError::Unsupported(_)
-            | ApiError::Unrecognized
+            | ApiError::Unrecognized(_)
             | ApiError::ContextOverflow { .. }
             | ApiError::PromptTooLong { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -128,6 +139,7 @@ impl ApiError {
         match self {
             ApiError::InvalidParam { param, .. } => Some(param.clone()),
             ApiError::Unsupported(p) => Some(Cow::Borrowed(p)),
+            ApiError::Unrecognized(Some(name)) => Some(Cow::Owned(name.clone())),
             ApiError::ContextOverflow { .. } | ApiError::PromptTooLong { .. } => Some(Cow::Borrowed("messages")),
             ApiError::ModelNotFound => Some(Cow::Borrowed("model")),
             _ => None,
@@ -141,7 +153,7 @@ impl ApiError {
                 Some("invalid_json")
             }
             ApiError::Unsupported(_) => Some("unsupported_parameter"),
-            ApiError::Unrecognized => Some("unknown_parameter"),
+            ApiError::Unrecognized(_) => Some("unknown_parameter"),
             ApiError::ContextOverflow { .. } | ApiError::PromptTooLong { .. } => Some("context_length_exceeded"),
             ApiError::Unauthorized => Some("invalid_api_key"),
             ApiError::Forbidden { .. } => Some("insufficient_permissions"),

@@ -54,6 +54,10 @@ pub fn plan(
     if params.sampling.logit_bias.iter().any(|(id, _)| *id as usize >= vocab) {
         return Err(ApiError::invalid("logit_bias", format!("logit_bias token ids must be below {vocab}")));
     }
+    let x = &params.extensions;
+    if x.stop_token_ids.iter().any(|id| *id as usize >= vocab) {
+        return Err(ApiError::invalid("stop_token_ids", format!("stop_token_ids must be below {vocab}")));
+    }
     let prompt_limit = limits.max_prompt_tokens.min(context.saturating_sub(1));
     let deadline = Some(started + Duration::from_secs(limits.request_timeout_secs));
     let prefix_scope = PrefixScope::new(principal.id());
@@ -90,7 +94,11 @@ pub fn plan(
                 sampling: params.sampling.clone(),
                 max_tokens,
                 stop_strings: params.stop.clone(),
-                stop_token_ids: Vec::new(),
+                stop_token_ids: x.stop_token_ids.clone(),
+                ignore_eos: x.ignore_eos,
+                min_tokens: x.min_tokens.min(max_tokens),
+                include_stop_str_in_output: x.include_stop_str_in_output,
+                skip_special_tokens: x.skip_special_tokens,
             },
             deadline,
             prefix_scope: prefix_scope.clone(),
@@ -148,6 +156,7 @@ impl Plan {
             prompt_tokens: self.prompt_tokens,
             started: self.started,
             last_delta: None,
+            streamed_tokens: 0,
             failure: None,
             audit,
         })
@@ -205,6 +214,8 @@ pub struct Generation {
     prompt_tokens: usize,
     started: Instant,
     last_delta: Option<Instant>,
+    /// Tokens generated so far, over all choices.
+    streamed_tokens: usize,
     /// Set when the generation failed; [`Self::finish`] records it.
     failure: Option<ApiError>,
     audit: InferenceAudit,
@@ -214,6 +225,11 @@ impl Generation {
     /// The request id (for logs; never request text).
     pub fn request_id(&self) -> &str {
         &self.request_id
+    }
+
+    /// Token counts so far (`stream_options.continuous_usage_stats`).
+    pub fn usage_so_far(&self) -> Usage {
+        Usage { prompt_tokens: self.prompt_tokens, completion_tokens: self.streamed_tokens, cached_prompt_tokens: 0 }
     }
 
     /// Number of choices (over all prompts).
@@ -236,7 +252,8 @@ impl Generation {
                 return None;
             }
             match event {
-                GenerationEvent::Delta { text, logprobs, .. } => {
+                GenerationEvent::Delta { text, logprobs, tokens, .. } => {
+                    self.streamed_tokens += tokens;
                     self.observe_delta();
                     if text.expose().is_empty() && logprobs.is_empty() {
                         continue;

@@ -302,9 +302,11 @@ impl Fields {
     }
 
     /// Rejects what is left: OpenAI parameters Salus does not support by name,
-    /// anything else without echoing its name.
+    /// anything else as unrecognized (named only when the name is a safe
+    /// path: see [`ApiError::unrecognized`]). Keys are checked in order, so
+    /// the error names the first one.
     pub fn finish(self, unsupported: &[&'static str]) -> Result<(), ApiError> {
-        let mut first_unknown = false;
+        let mut unknown = None;
         for key in self.map.keys() {
             if self.map[key].is_null() {
                 continue;
@@ -312,12 +314,12 @@ impl Fields {
             if let Some(p) = unsupported.iter().find(|p| **p == key.as_str()) {
                 return Err(ApiError::Unsupported(p));
             }
-            first_unknown = true;
+            unknown.get_or_insert(key);
         }
-        if first_unknown {
-            Err(ApiError::Unrecognized)
-        } else {
-            Ok(())
+        match unknown {
+            Some(key) if self.prefix.is_empty() => Err(ApiError::unrecognized(key)),
+            Some(key) => Err(ApiError::unrecognized(&format!("{}.{key}", self.prefix))),
+            None => Ok(()),
         }
     }
 }
@@ -348,10 +350,15 @@ mod tests {
     }
 
     #[test]
-    fn leftovers_are_rejected_by_name_only_if_known() {
+    fn leftovers_are_rejected_by_name_only_if_known_or_plain() {
         let JsonObject(m) = parse_object(br#"{"tools":[1]}"#).ok().unwrap();
         assert!(matches!(Fields::new(m).finish(&["tools"]), Err(ApiError::Unsupported("tools"))));
-        let JsonObject(m) = parse_object(br#"{"CANARY_FIELD":1}"#).ok().unwrap();
+        // A short plain name is named (a typo must be findable)…
+        let JsonObject(m) = parse_object(br#"{"temprature":1}"#).ok().unwrap();
+        let e = Fields::new(m).finish(&["tools"]).unwrap_err();
+        assert_eq!(e.body()["error"]["param"], "temprature");
+        // …anything else is not echoed (a key is client data).
+        let JsonObject(m) = parse_object(br#"{"CANARY field-1":1}"#).ok().unwrap();
         let e = Fields::new(m).finish(&["tools"]).unwrap_err();
         assert!(!e.body().to_string().contains("CANARY"));
         let JsonObject(m) = parse_object(br#"{"tools":null}"#).ok().unwrap();

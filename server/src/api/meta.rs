@@ -18,6 +18,8 @@ fn model_object(state: &AppState) -> Value {
         "object": "model",
         "created": m.created,
         "owned_by": "salus",
+        // vLLM's field: harnesses read the context window from it.
+        "max_model_len": state.codec().context_length(),
         "metadata": {
             "weights_fingerprint": m.fingerprint,
             "weights_sealed": m.sealed,

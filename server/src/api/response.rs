@@ -188,7 +188,7 @@ impl ResponseBuilder {
 }
 
 /// OpenAI's usage object.
-fn usage_json(u: &Usage) -> Value {
+pub(super) fn usage_json(u: &Usage) -> Value {
     json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,

@@ -16,8 +16,17 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use tokio::sync::mpsc::Sender;
 
-use super::generation::{Generation, Update};
-use super::response::ResponseBuilder;
+use super::generation::{Generation, Update, Usage};
+use super::response::{usage_json, ResponseBuilder};
+
+/// What a stream reports of its token counts (`stream_options`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StreamUsage {
+    /// A final usage chunk before `[DONE]` (`include_usage`).
+    pub include: bool,
+    /// The counts so far in every chunk (vLLM's `continuous_usage_stats`).
+    pub continuous: bool,
+}
 
 fn sse_data(v: &Value) -> Bytes {
     let mut s = String::with_capacity(256);
@@ -27,17 +36,21 @@ fn sse_data(v: &Value) -> Bytes {
     Bytes::from(s)
 }
 
-/// The chunk sender; `include_usage` adds `"usage": null` to every chunk
-/// (the final usage chunk carries the numbers).
+/// The chunk sender. `include_usage` adds `"usage": null` to every chunk (the
+/// final usage chunk carries the numbers); `continuous_usage` (vLLM) puts the
+/// counts so far in every chunk instead.
 struct ChunkSender {
     tx: Sender<Result<Bytes, Infallible>>,
     include_usage: bool,
+    continuous_usage: bool,
 }
 
 impl ChunkSender {
     /// Sends one chunk; false when the client is gone.
-    async fn send(&self, mut chunk: Value) -> bool {
-        if self.include_usage {
+    async fn send(&self, mut chunk: Value, so_far: &Usage) -> bool {
+        if self.continuous_usage {
+            chunk["usage"] = usage_json(so_far);
+        } else if self.include_usage {
             chunk["usage"] = Value::Null;
         }
         self.send_raw(sse_data(&chunk)).await
@@ -48,15 +61,15 @@ impl ChunkSender {
     }
 }
 
-/// Streams `generation` as SSE. `include_usage` (`stream_options`) adds a final
-/// usage chunk before `[DONE]`.
-pub fn respond_stream(mut generation: Generation, builder: ResponseBuilder, include_usage: bool) -> Response {
+/// Streams `generation` as SSE, with usage as `usage` asks.
+pub fn respond_stream(mut generation: Generation, builder: ResponseBuilder, usage: StreamUsage) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(32);
+    let include_usage = usage.include;
     tokio::spawn(async move {
-        let out = ChunkSender { tx, include_usage };
+        let out = ChunkSender { tx, include_usage, continuous_usage: usage.continuous };
         for choice in 0..generation.num_choices() {
             if let Some(chunk) = builder.preamble_chunk(choice) {
-                if !out.send(chunk).await {
+                if !out.send(chunk, &generation.usage_so_far()).await {
                     return;
                 }
             }
@@ -74,7 +87,7 @@ pub fn respond_stream(mut generation: Generation, builder: ResponseBuilder, incl
                 Some(Update::Delta { choice, text, logprobs }) => builder.delta_chunk(choice, text.expose(), &logprobs),
                 Some(Update::Finished { choice, reason }) => builder.finish_chunk(choice, reason),
             };
-            if !out.send(chunk).await {
+            if !out.send(chunk, &generation.usage_so_far()).await {
                 return;
             }
         }

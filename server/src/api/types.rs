@@ -23,11 +23,7 @@ pub const UNSUPPORTED_CHAT: &[&str] = &[
     "parallel_tool_calls",
     "response_format",
     "audio",
-    "modalities",
-    "prediction",
-    "store",
-    "metadata",
-    "service_tier",
+    // The served models have no reasoning mode: refused by name, not ignored.
     "reasoning_effort",
     "web_search_options",
     "verbosity",
@@ -50,8 +46,96 @@ pub struct GenerationParams {
     pub logprobs: bool,
     pub stream: bool,
     pub include_usage: bool,
+    /// vLLM's `stream_options.continuous_usage_stats`: usage in every chunk.
+    pub continuous_usage: bool,
     /// The client's end-user id (may identify a patient: treated as PHI).
     pub user: Option<Phi<String>>,
+    /// vLLM's decoding extensions (benchmark and evaluation harnesses send them).
+    pub extensions: DecodeExtensions,
+}
+
+/// vLLM's sampling extensions, validated: see `salus_models::DecodeParams`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeExtensions {
+    pub ignore_eos: bool,
+    pub min_tokens: usize,
+    /// Checked against the vocabulary at planning.
+    pub stop_token_ids: Vec<u32>,
+    pub include_stop_str_in_output: bool,
+    pub skip_special_tokens: bool,
+}
+
+impl Default for DecodeExtensions {
+    fn default() -> Self {
+        DecodeExtensions {
+            ignore_eos: false,
+            min_tokens: 0,
+            stop_token_ids: Vec::new(),
+            include_stop_str_in_output: false,
+            skip_special_tokens: true,
+        }
+    }
+}
+
+/// Most `stop_token_ids` in one request.
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
+
+fn parse_extensions(f: &mut Fields, limits: &LimitsConfig) -> Result<DecodeExtensions, ApiError> {
+    let mut x = DecodeExtensions { ignore_eos: f.bool("ignore_eos")?.unwrap_or(false), ..Default::default() };
+    x.min_tokens = f.u64_in("min_tokens", 0, limits.max_tokens as u64)?.unwrap_or(0) as usize;
+    if let Some(v) = f.take("stop_token_ids") {
+        let bad = || ApiError::invalid("stop_token_ids", "stop_token_ids must be an array of token ids");
+        let Value::Array(items) = v else { return Err(bad()) };
+        if items.len() > MAX_STOP_TOKEN_IDS {
+            return Err(ApiError::invalid(
+                "stop_token_ids",
+                format!("at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed"),
+            ));
+        }
+        for item in items {
+            let id = item.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(bad)?;
+            x.stop_token_ids.push(id);
+        }
+    }
+    x.include_stop_str_in_output = f.bool("include_stop_str_in_output")?.unwrap_or(false);
+    x.skip_special_tokens = f.bool("skip_special_tokens")?.unwrap_or(true);
+    // Our detokenizer always joins special tokens without spaces: only the
+    // default can be honoured.
+    if f.bool("spaces_between_special_tokens")? == Some(false) {
+        return Err(ApiError::Unsupported("spaces_between_special_tokens"));
+    }
+    Ok(x)
+}
+
+/// OpenAI fields that carry no behaviour on a self-hosted server, checked and
+/// dropped: `store` (only `false`: storing completions would put PHI at rest),
+/// `metadata` (client data: never logged, stored or labelled), `service_tier`
+/// (`auto` / `default`), `modalities` (`["text"]`), `prediction` (there is no
+/// speculative path; accepted and ignored).
+fn drop_inert_fields(f: &mut Fields) -> Result<(), ApiError> {
+    match f.take("store") {
+        None | Some(Value::Bool(false)) => {}
+        Some(Value::Bool(true)) => return Err(ApiError::Unsupported("store")),
+        Some(_) => return Err(ApiError::invalid("store", "store must be a boolean")),
+    }
+    match f.take("metadata") {
+        None | Some(Value::Object(_)) => {}
+        Some(_) => return Err(ApiError::invalid("metadata", "metadata must be an object")),
+    }
+    match f.string("service_tier")?.as_deref() {
+        None | Some("auto") | Some("default") => {}
+        Some(_) => return Err(ApiError::Unsupported("service_tier")),
+    }
+    match f.take("modalities") {
+        None => {}
+        Some(Value::Array(m)) if m.iter().all(|v| v.as_str() == Some("text")) => {}
+        Some(_) => return Err(ApiError::Unsupported("modalities")),
+    }
+    match f.take("prediction") {
+        None | Some(Value::Object(_)) => {}
+        Some(_) => return Err(ApiError::invalid("prediction", "prediction must be an object")),
+    }
+    Ok(())
 }
 
 /// A `/v1/chat/completions` request that passed validation.
@@ -171,16 +255,35 @@ fn parse_common(
     sampling.seed = f.i64("seed")?.map(|s| s as u64);
     sampling.logit_bias = parse_logit_bias(f)?;
     let stream = f.bool("stream")?.unwrap_or(false);
-    let mut include_usage = false;
+    let (mut include_usage, mut continuous_usage) = (false, false);
     if let Some(mut so) = f.object("stream_options")? {
         include_usage = so.bool("include_usage")?.unwrap_or(false);
+        continuous_usage = so.bool("continuous_usage_stats")?.unwrap_or(false);
         so.finish(&[])?;
         if !stream {
             return Err(ApiError::invalid("stream_options", "stream_options is only allowed when stream is true"));
         }
     }
     let user = f.string("user")?.map(Phi::new);
-    Ok(GenerationParams { max_tokens, n, stop, sampling, logprobs: false, stream, include_usage, user })
+    let extensions = parse_extensions(f, limits)?;
+    if let (Some(max), min) = (max_tokens, extensions.min_tokens) {
+        if min > max {
+            return Err(ApiError::invalid("min_tokens", "min_tokens must not exceed max_tokens"));
+        }
+    }
+    drop_inert_fields(f)?;
+    Ok(GenerationParams {
+        max_tokens,
+        n,
+        stop,
+        sampling,
+        logprobs: false,
+        stream,
+        include_usage,
+        continuous_usage,
+        user,
+        extensions,
+    })
 }
 
 fn parse_content(v: Value, i: usize) -> Result<String, ApiError> {
@@ -257,7 +360,7 @@ fn parse_messages(v: Value, limits: &LimitsConfig) -> Result<Vec<ChatMessage>, A
                 ApiError::Unsupported(p) if p == "tool_calls" || p == "tool_call_id" || p == "function_call" => {
                     ApiError::Unsupported("tools")
                 }
-                ApiError::Unsupported(_) | ApiError::Unrecognized => ApiError::invalid(
+                ApiError::Unsupported(_) | ApiError::Unrecognized(_) => ApiError::invalid(
                     format!("messages[{i}]"),
                     format!("messages[{i}] may only contain role and content"),
                 ),

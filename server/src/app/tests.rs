@@ -43,6 +43,8 @@ struct ScriptedEngine {
     break_audit_on_submit: Mutex<Option<AuditLog>>,
     /// The prefix-cache scope of every request, in order.
     scopes: Mutex<Vec<PrefixScope>>,
+    /// The decoding parameters of every request, in order.
+    decodes: Mutex<Vec<salus_models::DecodeParams>>,
 }
 
 impl Engine for ScriptedEngine {
@@ -53,6 +55,7 @@ impl Engine for ScriptedEngine {
         let seed = r.decode.sampling.seed.map(|s| salus_models::choice_seed(s, r.first_choice));
         self.seen.lock().unwrap().push((r.prompt_tokens.expose().len(), r.n, seed, r.decode.max_tokens));
         self.scopes.lock().unwrap().push(r.prefix_scope.clone());
+        self.decodes.lock().unwrap().push(r.decode.clone());
         if let Some(log) = &*self.break_audit_on_submit.lock().unwrap() {
             log.inject_write_failures(1_000_000);
         }
@@ -71,7 +74,7 @@ impl Engine for ScriptedEngine {
                     }],
                     None => Vec::new(),
                 };
-                let _ = tx.send(GenerationEvent::Delta { choice, text: Phi::new(w.to_string()), logprobs });
+                let _ = tx.send(GenerationEvent::Delta { choice, text: Phi::new(w.to_string()), logprobs, tokens: 1 });
                 if self.hang.load(Ordering::Relaxed) {
                     std::mem::forget(tx);
                     return Ok(GenerationHandle::new(rx, cancel));
@@ -720,5 +723,7 @@ async fn audit_auth_denied_and_cancelled_are_recorded() {
     assert!(!contains(&raw, b"sk-salus-wrong") && !contains(&raw, f.inference.as_bytes()));
 }
 
+/// What benchmark and evaluation clients send (vLLM extensions, inert OpenAI fields).
+mod compatibility;
 /// Denial-of-service regressions (audit flood, blocking tokenization, oversized prompts).
 mod hardening;

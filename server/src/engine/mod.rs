@@ -56,6 +56,9 @@ pub enum GenerationEvent {
         text: Phi<String>,
         /// One entry per token this delta covers, when logprobs were requested.
         logprobs: Vec<TokenLogprob>,
+        /// Generated tokens this delta covers (a token whose text is still
+        /// held back is reported with empty `text`).
+        tokens: usize,
     },
     /// `choice` finished; `completion_tokens` counts its generated tokens and
     /// `cached_prompt_tokens` the prompt tokens its sequence took from the

@@ -318,9 +318,10 @@ fn send_step(
     completion_tokens: usize,
     cached_prompt_tokens: usize,
 ) {
-    let DecodeStep { text, logprob, finished, .. } = step;
-    if !text.expose().is_empty() || logprob.is_some() {
-        let _ = events.send(GenerationEvent::Delta { choice, text, logprobs: logprob.into_iter().collect() });
+    let DecodeStep { text, token, logprob, finished } = step;
+    let tokens = usize::from(token.is_some());
+    if !text.expose().is_empty() || logprob.is_some() || tokens > 0 {
+        let _ = events.send(GenerationEvent::Delta { choice, text, logprobs: logprob.into_iter().collect(), tokens });
     }
     if let Some(reason) = finished {
         let _ = events.send(GenerationEvent::Finished { choice, reason, completion_tokens, cached_prompt_tokens });

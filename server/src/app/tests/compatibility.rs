@@ -1,0 +1,125 @@
+//! What benchmark and evaluation harnesses send, through the router: vLLM's
+//! decoding extensions reach the engine, inert OpenAI fields are accepted,
+//! unknown parameters are named when their name is safe to echo.
+
+use super::*;
+
+#[tokio::test]
+async fn vllm_decoding_extensions_reach_the_engine() {
+    let f = fixture();
+    let body = chat_body(json!({
+        "max_tokens": 10, "ignore_eos": true, "min_tokens": 4, "stop_token_ids": [7, 9],
+        "include_stop_str_in_output": true, "skip_special_tokens": false, "spaces_between_special_tokens": true,
+    }));
+    let (s, _, text) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    let d = f.engine.decodes.lock().unwrap()[0].clone();
+    assert!(d.ignore_eos && d.include_stop_str_in_output && !d.skip_special_tokens);
+    assert_eq!((d.min_tokens, d.max_tokens, d.stop_token_ids), (4, 10, vec![7, 9]));
+    // The defaults when absent.
+    let (s, _, _) = send(
+        &f.state,
+        "POST",
+        "/v1/completions",
+        Some(&f.inference),
+        Some(&serde_json::to_vec(&json!({"model": "test-model", "prompt": "hi"})).unwrap()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let d = f.engine.decodes.lock().unwrap()[1].clone();
+    assert!(!d.ignore_eos && !d.include_stop_str_in_output && d.skip_special_tokens && d.min_tokens == 0);
+}
+
+#[tokio::test]
+async fn invalid_extensions_are_refused_by_name() {
+    let f = fixture();
+    for (extra, param, code) in [
+        (json!({"stop_token_ids": [256]}), "stop_token_ids", "invalid_value"),
+        (json!({"stop_token_ids": ["x"]}), "stop_token_ids", "invalid_value"),
+        (json!({"max_tokens": 3, "min_tokens": 5}), "min_tokens", "invalid_value"),
+        (json!({"ignore_eos": "yes"}), "ignore_eos", "invalid_value"),
+        (json!({"spaces_between_special_tokens": false}), "spaces_between_special_tokens", "unsupported_parameter"),
+        (json!({"store": true}), "store", "unsupported_parameter"),
+        (json!({"service_tier": "flex"}), "service_tier", "unsupported_parameter"),
+        (json!({"modalities": ["text", "audio"]}), "modalities", "unsupported_parameter"),
+        (json!({"reasoning_effort": "low"}), "reasoning_effort", "unsupported_parameter"),
+    ] {
+        let (s, v, text) =
+            send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&chat_body(extra.clone()))).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{extra}: {text}");
+        assert_eq!((v["error"]["param"].as_str(), v["error"]["code"].as_str()), (Some(param), Some(code)), "{extra}");
+    }
+    assert!(f.engine.seen.lock().unwrap().is_empty(), "nothing refused reached the engine");
+}
+
+#[tokio::test]
+async fn inert_openai_fields_are_accepted_and_dropped() {
+    let f = fixture();
+    let body = chat_body(json!({
+        "store": false, "metadata": {"ticket": "CANARY-META"}, "service_tier": "auto",
+        "modalities": ["text"], "prediction": {"type": "content", "content": "CANARY-PRED"},
+    }));
+    let (s, _, text) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    let raw = raw_bytes(f.audit_dir.path());
+    assert!(!contains(&raw, b"CANARY-META") && !contains(&raw, b"CANARY-PRED"));
+}
+
+/// Regression: an unknown parameter got "unrecognized request parameter" with
+/// no name; now it is named when its path is short and plain.
+#[tokio::test]
+async fn unknown_parameters_are_named_when_safe() {
+    let f = fixture();
+    let cases = [
+        (chat_body(json!({"temprature": 0.5})), Some("temprature")),
+        (
+            chat_body(json!({"stream": true, "stream_options": {"include_usage": true, "chunk_size": 3}})),
+            Some("stream_options.chunk_size"),
+        ),
+        (chat_body(json!({"patient Jane Doe": 1})), None),
+        (chat_body(json!({"x".repeat(100): 1})), None),
+        (chat_body(json!({"messages": [{"role": "user", "content": "hi", "mood": "ok"}]})), Some("messages[0]")),
+    ];
+    for (body, name) in cases {
+        let (s, v, text) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{text}");
+        assert_eq!(v["error"]["param"].as_str(), name, "{text}");
+        if let Some(n) = name.filter(|n| !n.starts_with("messages")) {
+            assert!(v["error"]["message"].as_str().unwrap().contains(n), "{text}");
+            assert_eq!(v["error"]["code"], "unknown_parameter");
+        }
+        assert!(!text.contains("Jane") && !text.contains("xxxxxxxxxx"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn continuous_usage_stats_put_usage_in_every_chunk() {
+    let f = fixture();
+    let body = chat_body(json!({"stream": true, "stream_options": {"continuous_usage_stats": true}}));
+    let (s, _, text) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
+    assert_eq!(s, StatusCode::OK);
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(chunks.len() >= 3, "{text}");
+    let mut last = 0;
+    for c in &chunks {
+        let u = &c["usage"];
+        let done = u["completion_tokens"].as_u64().unwrap();
+        assert!(done >= last, "counts never go back: {text}");
+        assert_eq!(u["total_tokens"].as_u64().unwrap(), u["prompt_tokens"].as_u64().unwrap() + done);
+        last = done;
+    }
+    assert_eq!(last, 2, "the scripted engine generates two tokens");
+}
+
+#[tokio::test]
+async fn models_report_max_model_len() {
+    let f = fixture();
+    let (s, v, _) = send(&f.state, "GET", "/v1/models", Some(&f.inference), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["data"][0]["max_model_len"], 64);
+}
