@@ -131,7 +131,12 @@ impl AppState {
         let codec = self.0.parts.codec.clone();
         match tokio::task::spawn_blocking(move || f(&*codec)).await {
             Ok(v) => v,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            // A panic in the codec surfaces here, where the request's panic
+            // guard turns it into a 500 (its payload is dropped unread).
+            Err(e) => match e.try_into_panic() {
+                Ok(payload) => std::panic::resume_unwind(payload),
+                Err(_) => panic!("prompt encoding was cancelled: the runtime is shutting down"),
+            },
         }
     }
     pub fn keys(&self) -> &KeyStoreHandle {

@@ -43,7 +43,11 @@ fn check_servable(state: &AppState, model: &str) -> Result<(), ApiError> {
 /// Rejects a prompt of `bytes` bytes that cannot fit the prompt limit, from
 /// its size alone (a token stands for at most `max_bytes_per_token` bytes),
 /// so an oversized prompt costs no tokenization.
-fn check_prompt_size(state: &AppState, bytes: usize) -> Result<(), ApiError> {
+fn check_prompt_size(state: &AppState, params: &GenerationParams, bytes: usize) -> Result<(), ApiError> {
+    if params.extensions.truncate_prompt_tokens.is_some() {
+        // Left-truncated after tokenizing: its size says nothing yet.
+        return Ok(());
+    }
     let limit = state.limits().max_prompt_tokens.min(state.codec().context_length().saturating_sub(1));
     let at_least = bytes.div_ceil(state.codec().max_bytes_per_token().max(1));
     if at_least > limit {
@@ -106,7 +110,7 @@ pub async fn chat_completions(
     principal.require(Permission::Inference)?;
     let ValidatedChatRequest { model, messages, params } = ValidatedChatRequest::parse(body, state.limits())?;
     check_servable(&state, &model)?;
-    check_prompt_size(&state, messages.iter().map(|m| m.content.expose().len()).sum())?;
+    check_prompt_size(&state, &params, messages.iter().map(|m| m.content.expose().len()).sum())?;
     let prompt = state
         .with_codec_off_runtime(move |codec| codec.encode_chat(&messages))
         .await
@@ -129,7 +133,7 @@ pub async fn completions(
         ValidatedCompletionRequest::parse(body, state.limits())?;
     check_servable(&state, &model)?;
     for p in &texts {
-        check_prompt_size(&state, p.expose().len())?;
+        check_prompt_size(&state, &params, p.expose().len())?;
     }
     // The canonical prompt of the audit HMAC: the prompts concatenated in order.
     let mut canonical = Phi::new(String::new());

@@ -63,7 +63,13 @@ pub fn plan(
     let prefix_scope = PrefixScope::new(principal.id());
     let mut requests = Vec::with_capacity(prompts.len());
     let mut prompt_tokens = 0;
-    for (i, prompt) in prompts.into_iter().enumerate() {
+    for (i, mut prompt) in prompts.into_iter().enumerate() {
+        if let Some(keep) = x.truncate_prompt_tokens {
+            // vLLM's left truncation: the last `keep` tokens stay.
+            let ids = prompt.expose_mut();
+            let cut = ids.len().saturating_sub(keep);
+            ids.drain(..cut);
+        }
         let len = prompt.expose().len();
         if len == 0 {
             return Err(ApiError::invalid("prompt", "the prompt encodes to no tokens"));

@@ -57,6 +57,8 @@ pub struct GenerationParams {
 /// vLLM's sampling extensions, validated: see `salus_models::DecodeParams`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecodeExtensions {
+    /// vLLM's `truncate_prompt_tokens`: keep only the last this many prompt tokens.
+    pub truncate_prompt_tokens: Option<usize>,
     pub ignore_eos: bool,
     pub min_tokens: usize,
     /// Checked against the vocabulary at planning.
@@ -68,6 +70,7 @@ pub struct DecodeExtensions {
 impl Default for DecodeExtensions {
     fn default() -> Self {
         DecodeExtensions {
+            truncate_prompt_tokens: None,
             ignore_eos: false,
             min_tokens: 0,
             stop_token_ids: Vec::new(),
@@ -98,6 +101,11 @@ fn parse_extensions(f: &mut Fields, limits: &LimitsConfig) -> Result<DecodeExten
         }
     }
     x.include_stop_str_in_output = f.bool("include_stop_str_in_output")?.unwrap_or(false);
+    x.truncate_prompt_tokens = f.u64_in("truncate_prompt_tokens", 1, u32::MAX as u64)?.map(|n| n as usize);
+    // Requests are served in arrival order: only the default priority is honoured.
+    if f.i64("priority")?.is_some_and(|p| p != 0) {
+        return Err(ApiError::Unsupported("priority"));
+    }
     x.skip_special_tokens = f.bool("skip_special_tokens")?.unwrap_or(true);
     // Our detokenizer always joins special tokens without spaces: only the
     // default can be honoured.

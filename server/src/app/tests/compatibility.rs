@@ -117,6 +117,31 @@ async fn continuous_usage_stats_put_usage_in_every_chunk() {
 }
 
 #[tokio::test]
+async fn truncate_prompt_tokens_keeps_the_last_tokens_and_priority_is_refused() {
+    let f = fixture();
+    let body = serde_json::to_vec(&json!({"model": "test-model", "prompt": "abcdefghij", "truncate_prompt_tokens": 4}))
+        .unwrap();
+    let (s, _, text) = send(&f.state, "POST", "/v1/completions", Some(&f.inference), Some(&body)).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert_eq!(f.engine.seen.lock().unwrap()[0].0, 4, "the engine saw the last 4 tokens only");
+    // Longer than the context, truncated into it: served.
+    let long = "x".repeat(500);
+    let body = serde_json::to_vec(
+        &json!({"model": "test-model", "prompt": long, "max_tokens": 2, "truncate_prompt_tokens": 10}),
+    )
+    .unwrap();
+    assert_eq!(send(&f.state, "POST", "/v1/completions", Some(&f.inference), Some(&body)).await.0, StatusCode::OK);
+    let (s, v, _) =
+        send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&chat_body(json!({"priority": 5}))))
+            .await;
+    assert_eq!((s, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("priority")));
+    let (s, _, _) =
+        send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&chat_body(json!({"priority": 0}))))
+            .await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
 async fn models_report_max_model_len() {
     let f = fixture();
     let (s, v, _) = send(&f.state, "GET", "/v1/models", Some(&f.inference), None).await;
