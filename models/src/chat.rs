@@ -175,20 +175,80 @@ impl ChatTemplate {
     /// Renders the prompt for `messages`; with `add_generation_prompt` the text
     /// ends with the header of an assistant turn.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Phi<String>> {
+        self.render_with(messages, &RenderOptions { add_generation_prompt, ..RenderOptions::default() })
+    }
+
+    /// Renders with the request's template options (vLLM's
+    /// `chat_template_kwargs`, `add_generation_prompt`, `continue_final_message`).
+    pub fn render_with(&self, messages: &[ChatMessage], opts: &RenderOptions) -> Result<Phi<String>> {
         let msgs: Vec<HashMap<&str, &str>> = messages
             .iter()
             .map(|m| HashMap::from([("role", m.role.as_str()), ("content", m.content.expose().as_str())]))
             .collect();
         let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(|e| sanitize("the chat template is missing", &e))?;
+        let extra = minijinja::Value::from_serialize(opts.kwargs.expose());
         let out = tmpl
             .render(context! {
                 messages => msgs,
-                add_generation_prompt => add_generation_prompt,
+                add_generation_prompt => opts.add_generation_prompt && !opts.continue_final_message,
                 bos_token => self.bos.as_deref().unwrap_or(""),
                 eos_token => self.eos.as_deref().unwrap_or(""),
+                ..extra
             })
             .map_err(|e| sanitize("the chat template failed to render", &e))?;
-        Ok(Phi::new(out))
+        let mut out = Phi::new(out);
+        if opts.continue_final_message {
+            // The final message stays open: the text ends right after its
+            // content, without the template's end-of-turn.
+            let last = messages.last().map(|m| m.content.expose().as_str()).unwrap_or("");
+            let end = match out.expose().rfind(last) {
+                Some(at) if !last.is_empty() => at + last.len(),
+                _ => {
+                    return Err(ModelError::ChatTemplate(
+                        "continue_final_message: the final message's content is not in the rendered template".into(),
+                    ))
+                }
+            };
+            out.expose_mut().truncate(end);
+        }
+        Ok(out)
+    }
+}
+
+/// Per-request options of [`ChatTemplate::render_with`].
+#[derive(Debug, Clone)]
+pub struct RenderOptions {
+    /// Append the assistant turn's opening (default true).
+    pub add_generation_prompt: bool,
+    /// Leave the final message open for the model to continue (no generation
+    /// prompt, no end-of-turn after it).
+    pub continue_final_message: bool,
+    /// Extra template variables (`enable_thinking`, …); names are validated
+    /// by the caller and never shadow `messages`, `bos_token`, `eos_token`,
+    /// `add_generation_prompt` (those win). Client data: PHI.
+    pub kwargs: TemplateKwargs,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        RenderOptions { add_generation_prompt: true, continue_final_message: false, kwargs: TemplateKwargs::default() }
+    }
+}
+
+/// Extra template variables from a request. Client data, so `Debug` shows
+/// only how many there are.
+#[derive(Clone, Default, PartialEq)]
+pub struct TemplateKwargs(pub std::collections::BTreeMap<String, serde_json::Value>);
+
+impl TemplateKwargs {
+    pub fn expose(&self) -> &std::collections::BTreeMap<String, serde_json::Value> {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for TemplateKwargs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TemplateKwargs([PHI; {} entries])", self.0.len())
     }
 }
 
@@ -364,5 +424,25 @@ mod tests {
         assert_eq!("user".parse::<Role>().unwrap(), Role::User);
         assert_eq!("developer".parse::<Role>().unwrap(), Role::System);
         assert!("tool".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn render_options_kwargs_and_an_open_final_message() {
+        let src = "{% if enable_thinking %}T:{% endif %}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}<end>{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}";
+        let t = ChatTemplate::new(src, None, None).unwrap();
+        let msgs = [ChatMessage::new(Role::User, "Hi"), ChatMessage::new(Role::Assistant, "Hello, I am")];
+        let mut opts = RenderOptions::default();
+        opts.kwargs.0.insert("enable_thinking".into(), serde_json::json!(true));
+        // A kwarg cannot replace the conversation.
+        opts.kwargs.0.insert("messages".into(), serde_json::json!([]));
+        assert_eq!(
+            t.render_with(&msgs, &opts).unwrap().expose(),
+            "T:[user]Hi<end>[assistant]Hello, I am<end>[assistant]"
+        );
+        opts.continue_final_message = true;
+        assert_eq!(t.render_with(&msgs, &opts).unwrap().expose(), "T:[user]Hi<end>[assistant]Hello, I am");
+        let empty = [ChatMessage::new(Role::User, "Hi"), ChatMessage::new(Role::Assistant, "")];
+        assert!(t.render_with(&empty, &opts).is_err(), "nothing to continue");
+        assert_eq!(format!("{:?}", opts.kwargs), "TemplateKwargs([PHI; 2 entries])");
     }
 }

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use salus_models::chat::ChatMessage;
+use salus_models::chat::{ChatMessage, RenderOptions};
 use salus_models::{KernelConfig, LoadOptions, LoadedModel, Phi};
 
 use crate::config::ModelConfig;
@@ -163,9 +163,9 @@ impl PromptCodec for ModelCodec {
     fn vocab_size(&self) -> usize {
         self.lm.info.vocab_size
     }
-    fn encode_chat(&self, messages: &[ChatMessage]) -> Result<EncodedChat, PromptError> {
+    fn encode_chat(&self, messages: &[ChatMessage], options: &RenderOptions) -> Result<EncodedChat, PromptError> {
         let template = self.lm.chat_template.as_ref().ok_or(PromptError::Template)?;
-        let text = template.render(messages, true).map_err(|_| PromptError::Template)?;
+        let text = template.render_with(messages, options).map_err(|_| PromptError::Template)?;
         // The template writes any BOS itself (as Hugging Face's apply_chat_template).
         let ids = self.lm.tokenizer.encode(text.expose(), false).map_err(|_| PromptError::Tokenizer)?;
         if ids.is_empty() {

@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use salus_models::chat::ChatMessage;
+use salus_models::chat::{ChatMessage, RenderOptions};
 use salus_models::Phi;
 
 use crate::auth::denials::DenialRecorder;
@@ -53,7 +53,7 @@ pub trait PromptCodec: Send + Sync + 'static {
     /// Vocabulary size (bounds `logit_bias` token ids).
     fn vocab_size(&self) -> usize;
     /// Applies the chat template (with the generation prompt) and tokenizes.
-    fn encode_chat(&self, messages: &[ChatMessage]) -> Result<EncodedChat, PromptError>;
+    fn encode_chat(&self, messages: &[ChatMessage], template: &RenderOptions) -> Result<EncodedChat, PromptError>;
     /// Tokenizes a raw completion prompt (with the model's BOS handling).
     fn encode_text(&self, text: &Phi<String>) -> Result<Phi<Vec<u32>>, PromptError>;
     /// The text of one token (for logprobs).

@@ -283,6 +283,15 @@ def check_vllm_extensions_are_honoured():
                                             extra_body={"stream_options": {"include_usage": True,
                                                                            "continuous_usage_stats": True}}))
     assert all(c.usage is not None for c in chunks), [c.usage for c in chunks]
+    # Template options: kwargs reach the template; an open final message is continued.
+    r = C.chat.completions.create(model=MODEL, messages=hi, max_tokens=4, temperature=0,
+                                  extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert r.choices[0].message.content is not None
+    prefix = [{"role": "user", "content": "Name the capital of France."},
+              {"role": "assistant", "content": "The capital of France is"}]
+    r = C.chat.completions.create(model=MODEL, messages=prefix, max_tokens=6, temperature=0,
+                                  extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert "Paris" in r.choices[0].message.content, r.choices[0].message.content
     models = httpx.get(f"{BASE}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, verify=CTX).json()
     assert models["data"][0]["max_model_len"] > 0, models
 

@@ -108,11 +108,11 @@ pub async fn chat_completions(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Inference)?;
-    let ValidatedChatRequest { model, messages, params } = ValidatedChatRequest::parse(body, state.limits())?;
+    let ValidatedChatRequest { model, messages, params, template } = ValidatedChatRequest::parse(body, state.limits())?;
     check_servable(&state, &model)?;
     check_prompt_size(&state, &params, messages.iter().map(|m| m.content.expose().len()).sum())?;
     let prompt = state
-        .with_codec_off_runtime(move |codec| codec.encode_chat(&messages))
+        .with_codec_off_runtime(move |codec| codec.encode_chat(&messages, &template))
         .await
         .map_err(|e| prompt_error(e, "messages", ctx.request_id()))?;
     // The canonical prompt of the audit HMAC: the text after the chat template.

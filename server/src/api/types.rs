@@ -5,7 +5,7 @@
 //! unrecognized. Text (messages, prompts, stop strings, `user`) is wrapped in
 //! [`Phi`] as soon as it leaves the JSON value.
 
-use salus_models::chat::{ChatMessage, Role};
+use salus_models::chat::{ChatMessage, RenderOptions, Role};
 use salus_models::sampling::{SamplingParams, MAX_TOP_LOGPROBS};
 use salus_models::Phi;
 use serde_json::Value;
@@ -152,6 +152,8 @@ pub struct ValidatedChatRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
     pub params: GenerationParams,
+    /// How the chat template renders this request.
+    pub template: RenderOptions,
 }
 
 /// A `/v1/completions` request that passed validation.
@@ -395,9 +397,55 @@ impl ValidatedChatRequest {
         if logprobs {
             params.sampling.top_logprobs = Some(top.unwrap_or(0) as usize);
         }
+        let template = parse_template_options(&mut f)?;
         f.finish(UNSUPPORTED_CHAT)?;
-        Ok(ValidatedChatRequest { model, messages, params })
+        Ok(ValidatedChatRequest { model, messages, params, template })
     }
+}
+
+/// Most `chat_template_kwargs` entries.
+pub const MAX_TEMPLATE_KWARGS: usize = 32;
+
+/// vLLM's chat-template options: `add_generation_prompt`,
+/// `continue_final_message`, `chat_template_kwargs` (names are identifiers
+/// and cannot be the variables Salus itself sets).
+fn parse_template_options(f: &mut Fields) -> Result<RenderOptions, ApiError> {
+    let mut opts = RenderOptions {
+        add_generation_prompt: f.bool("add_generation_prompt")?.unwrap_or(true),
+        continue_final_message: f.bool("continue_final_message")?.unwrap_or(false),
+        ..RenderOptions::default()
+    };
+    if opts.continue_final_message && opts.add_generation_prompt {
+        // vLLM's rule: an open final message and a new assistant turn exclude each other.
+        let given = f.param("add_generation_prompt");
+        return Err(ApiError::invalid(given, "set add_generation_prompt to false with continue_final_message"));
+    }
+    if let Some(v) = f.take("chat_template_kwargs") {
+        let Value::Object(map) = v else {
+            return Err(ApiError::invalid("chat_template_kwargs", "chat_template_kwargs must be an object"));
+        };
+        if map.len() > MAX_TEMPLATE_KWARGS {
+            return Err(ApiError::invalid(
+                "chat_template_kwargs",
+                format!("chat_template_kwargs may hold at most {MAX_TEMPLATE_KWARGS} entries"),
+            ));
+        }
+        const RESERVED: [&str; 5] = ["messages", "add_generation_prompt", "bos_token", "eos_token", "tools"];
+        for (k, v) in map {
+            let identifier = !k.is_empty()
+                && k.len() <= 64
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !RESERVED.contains(&k.as_str());
+            if !identifier {
+                return Err(ApiError::invalid(
+                    "chat_template_kwargs",
+                    "chat_template_kwargs names must be identifiers other than messages, add_generation_prompt, bos_token, eos_token and tools",
+                ));
+            }
+            opts.kwargs.0.insert(k, v);
+        }
+    }
+    Ok(opts)
 }
 
 impl ValidatedCompletionRequest {

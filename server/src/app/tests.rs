@@ -24,7 +24,7 @@ use crate::engine::{
 use crate::metrics::Metrics;
 use crate::state::{AppParts, AppState, EncodedChat, PromptCodec, PromptError, ServedModelInfo};
 use salus_audit::{read_trail, AuditLog, AuditLogSettings, AuditRecord};
-use salus_models::chat::ChatMessage;
+use salus_models::chat::{ChatMessage, RenderOptions};
 use salus_sensitive::secret::{write_new_key_file, KeySource};
 
 /// What the engine saw of a request: (prompt length, n, seed, max_tokens).
@@ -107,7 +107,7 @@ impl PromptCodec for ByteCodec {
         256
     }
     /// The "template" is each role name followed by the content.
-    fn encode_chat(&self, messages: &[ChatMessage]) -> Result<EncodedChat, PromptError> {
+    fn encode_chat(&self, messages: &[ChatMessage], _template: &RenderOptions) -> Result<EncodedChat, PromptError> {
         let mut text = String::new();
         for m in messages {
             if m.content.expose().starts_with("PANIC") {

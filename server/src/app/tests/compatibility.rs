@@ -148,3 +148,23 @@ async fn models_report_max_model_len() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["data"][0]["max_model_len"], 64);
 }
+
+#[tokio::test]
+async fn chat_template_options_are_validated() {
+    let f = fixture();
+    let ok = chat_body(json!({"chat_template_kwargs": {"enable_thinking": false}, "add_generation_prompt": true}));
+    assert_eq!(send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&ok)).await.0, StatusCode::OK);
+    let open = chat_body(json!({"continue_final_message": true, "add_generation_prompt": false}));
+    assert_eq!(send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&open)).await.0, StatusCode::OK);
+    for (extra, param) in [
+        (json!({"continue_final_message": true}), "add_generation_prompt"),
+        (json!({"chat_template_kwargs": {"messages": []}}), "chat_template_kwargs"),
+        (json!({"chat_template_kwargs": {"bad name-CANARY": 1}}), "chat_template_kwargs"),
+        (json!({"chat_template_kwargs": [1]}), "chat_template_kwargs"),
+    ] {
+        let (s, v, text) =
+            send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&chat_body(extra.clone()))).await;
+        assert_eq!((s, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some(param)), "{extra}: {text}");
+        assert!(!text.contains("CANARY"), "{text}");
+    }
+}
