@@ -168,3 +168,29 @@ async fn chat_template_options_are_validated() {
         assert!(!text.contains("CANARY"), "{text}");
     }
 }
+
+/// The request bodies GuideLLM sends (its OpenAI backend's chat and text
+/// completion handlers: streaming with `include_usage` and
+/// `continuous_usage_stats`, `max_completion_tokens` / `max_tokens`,
+/// `"stop": null`, `ignore_eos`, text content parts), recorded as fixtures.
+/// Regression: every one of them was a 400.
+#[tokio::test]
+async fn guidellm_request_bodies_are_accepted() {
+    let f = fixture();
+    for (route, body) in [
+        ("/v1/chat/completions", include_str!("fixtures/guidellm_chat.json")),
+        ("/v1/completions", include_str!("fixtures/guidellm_completions.json")),
+    ] {
+        let (s, _, text) = send(&f.state, "POST", route, Some(&f.inference), Some(body.as_bytes())).await;
+        assert_eq!(s, StatusCode::OK, "{route}: {text}");
+        let last_usage = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .all(|c| c["usage"].is_object());
+        assert!(last_usage, "{route}: every chunk carries usage: {text}");
+    }
+    let seen = f.engine.decodes.lock().unwrap();
+    assert!(seen.iter().all(|d| d.ignore_eos && d.max_tokens == 8), "{seen:?}");
+}
