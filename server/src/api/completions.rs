@@ -51,7 +51,7 @@ fn check_prompt_size(state: &AppState, params: &GenerationParams, bytes: usize) 
     let limit = state.limits().max_prompt_tokens.min(state.codec().context_length().saturating_sub(1));
     let at_least = bytes.div_ceil(state.codec().max_bytes_per_token().max(1));
     if at_least > limit {
-        return Err(ApiError::PromptTooLong { at_least, limit });
+        return Err(ApiError::PromptTooLong { at_least, limit, param: "messages" });
     }
     Ok(())
 }
@@ -133,7 +133,7 @@ pub async fn completions(
         ValidatedCompletionRequest::parse(body, state.limits())?;
     check_servable(&state, &model)?;
     for p in &texts {
-        check_prompt_size(&state, &params, p.expose().len())?;
+        check_prompt_size(&state, &params, p.expose().len()).map_err(|e| e.for_prompt_field("prompt"))?;
     }
     // The canonical prompt of the audit HMAC: the prompts concatenated in order.
     let mut canonical = Phi::new(String::new());
@@ -145,5 +145,6 @@ pub async fn completions(
         .await
         .map_err(|e| prompt_error(e, "prompt", ctx.request_id()))?;
     let inference = Inference { state: &state, ctx: &ctx, principal: &principal, source };
-    inference.run(Endpoint::Completion, &params, prompts, canonical).await
+    // Length errors name this endpoint's prompt field.
+    inference.run(Endpoint::Completion, &params, prompts, canonical).await.map_err(|e| e.for_prompt_field("prompt"))
 }

@@ -41,11 +41,12 @@ pub enum ApiError {
     Unrecognized(Option<String>),
     /// 400: prompt + max_tokens exceed the context window or the prompt limit.
     #[error("this request needs {needed} tokens ({prompt} in the prompt, {completion} for the completion) but the limit is {limit}")]
-    ContextOverflow { needed: usize, prompt: usize, completion: usize, limit: usize },
+    /// `param` is the prompt's field: `messages` or `prompt`.
+    ContextOverflow { needed: usize, prompt: usize, completion: usize, limit: usize, param: &'static str },
     /// 400: the prompt is longer than the limit, known from its size alone
     /// (it was not tokenized).
     #[error("the prompt is at least {at_least} tokens long but the limit is {limit}")]
-    PromptTooLong { at_least: usize, limit: usize },
+    PromptTooLong { at_least: usize, limit: usize, param: &'static str },
     /// 401: missing, unknown, revoked or expired API key (indistinguishable on purpose).
     #[error("invalid or missing API key")]
     Unauthorized,
@@ -140,7 +141,9 @@ impl ApiError {
             ApiError::InvalidParam { param, .. } => Some(param.clone()),
             ApiError::Unsupported(p) => Some(Cow::Borrowed(p)),
             ApiError::Unrecognized(Some(name)) => Some(Cow::Owned(name.clone())),
-            ApiError::ContextOverflow { .. } | ApiError::PromptTooLong { .. } => Some(Cow::Borrowed("messages")),
+            ApiError::ContextOverflow { param, .. } | ApiError::PromptTooLong { param, .. } => {
+                Some(Cow::Borrowed(param))
+            }
             ApiError::ModelNotFound => Some(Cow::Borrowed("model")),
             _ => None,
         }
@@ -186,9 +189,13 @@ impl ApiError {
     pub fn from_engine(e: &EngineError, request_id: &str) -> Self {
         match e {
             EngineError::QueueFull { retry_after } => ApiError::QueueFull { retry_after: *retry_after },
-            EngineError::TooLarge { needed, capacity } => {
-                ApiError::ContextOverflow { needed: *needed, prompt: 0, completion: 0, limit: *capacity }
-            }
+            EngineError::TooLarge { needed, capacity } => ApiError::ContextOverflow {
+                needed: *needed,
+                prompt: 0,
+                completion: 0,
+                limit: *capacity,
+                param: "messages",
+            },
             EngineError::NotRunning => ApiError::NotReady,
             EngineError::DeadlineExceeded => ApiError::Timeout,
             EngineError::Internal => ApiError::Internal { request_id: request_id.to_string() },
@@ -197,6 +204,20 @@ impl ApiError {
 }
 
 impl ApiError {
+    /// The same error naming `param` as the prompt's field (`prompt` on
+    /// `/v1/completions`).
+    pub fn for_prompt_field(self, field: &'static str) -> Self {
+        match self {
+            ApiError::ContextOverflow { needed, prompt, completion, limit, .. } => {
+                ApiError::ContextOverflow { needed, prompt, completion, limit, param: field }
+            }
+            ApiError::PromptTooLong { at_least, limit, .. } => {
+                ApiError::PromptTooLong { at_least, limit, param: field }
+            }
+            other => other,
+        }
+    }
+
     /// Whether this refuses the caller (not the request): a missing or bad
     /// key, a missing permission, or too many failed attempts. These are
     /// counted and recorded as `auth.denied`.

@@ -80,12 +80,19 @@ pub fn plan(
                 prompt: len,
                 completion: 1,
                 limit: prompt_limit + 1,
+                param: "messages",
             });
         }
         let room = context - len;
         let max_tokens = match params.max_tokens {
             Some(m) if m > room => {
-                return Err(ApiError::ContextOverflow { needed: len + m, prompt: len, completion: m, limit: context })
+                return Err(ApiError::ContextOverflow {
+                    needed: len + m,
+                    prompt: len,
+                    completion: m,
+                    limit: context,
+                    param: "messages",
+                })
             }
             Some(m) => m,
             None => limits.default_max_tokens.min(room),

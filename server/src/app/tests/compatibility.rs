@@ -194,3 +194,21 @@ async fn guidellm_request_bodies_are_accepted() {
     let seen = f.engine.decodes.lock().unwrap();
     assert!(seen.iter().all(|d| d.ignore_eos && d.max_tokens == 8), "{seen:?}");
 }
+
+/// Regression: a too-long prompt on `/v1/completions` named `messages` as the
+/// offending field.
+#[tokio::test]
+async fn length_errors_name_the_prompt_field_of_their_endpoint() {
+    let f = fixture();
+    let long = "x".repeat(200);
+    let body = serde_json::to_vec(&json!({"model": "test-model", "prompt": long})).unwrap();
+    let (s, v, _) = send(&f.state, "POST", "/v1/completions", Some(&f.inference), Some(&body)).await;
+    assert_eq!((s, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("prompt")));
+    let body = serde_json::to_vec(&json!({"model": "test-model", "prompt": "abc", "max_tokens": 80})).unwrap();
+    let (s, v, _) = send(&f.state, "POST", "/v1/completions", Some(&f.inference), Some(&body)).await;
+    assert_eq!((s, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("prompt")));
+    let (s, v, _) =
+        send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&chat_body(json!({"max_tokens": 80}))))
+            .await;
+    assert_eq!((s, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("messages")));
+}
