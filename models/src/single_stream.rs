@@ -112,12 +112,13 @@ pub fn run_single_stream(
             on_text(step.text.expose());
             text.expose_mut().push_str(step.text.expose());
         }
-        if let Some(reason) = step.finished {
-            context_ids.extend(step.token);
-            break reason;
-        }
-        let Some(token) = step.next_token() else { unreachable!("an unfinished step has a token") };
-        context_ids.push(token);
+        context_ids.extend(step.token);
+        let token = match (step.finished, step.token) {
+            (Some(reason), _) => break reason,
+            (None, Some(token)) => token,
+            // The decoder gives every unfinished step a token.
+            (None, None) => break FinishReason::Stop,
+        };
         let mut b = PackedBatch::new();
         b.push(seq, &[token], context_ids.len() - 1)?;
         logits = model.forward(&b, cache.as_mut())?.i(0)?.to_vec1::<f32>()?;

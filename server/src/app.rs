@@ -112,17 +112,7 @@ impl Drop for DrainOnDrop {
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
         rt.spawn(async move {
-            use http_body_util::BodyExt;
-            let drain = async {
-                let mut seen = 0usize;
-                while let Some(Ok(frame)) = body.frame().await {
-                    seen += frame.data_ref().map_or(0, |d| d.len());
-                    if seen > DRAIN_UNREAD_MAX_BYTES {
-                        return;
-                    }
-                }
-            };
-            let _ = tokio::time::timeout(DRAIN_UNREAD_TIMEOUT, drain).await;
+            crate::api::json::drain_bounded(&mut body, DRAIN_UNREAD_MAX_BYTES, DRAIN_UNREAD_TIMEOUT).await
         });
     }
 }

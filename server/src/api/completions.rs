@@ -44,7 +44,7 @@ fn check_servable(state: &AppState, model: &str) -> Result<(), ApiError> {
 /// its size alone (a token stands for at most `max_bytes_per_token` bytes),
 /// so an oversized prompt costs no tokenization.
 fn check_prompt_size(state: &AppState, params: &GenerationParams, bytes: usize) -> Result<(), ApiError> {
-    if params.extensions.truncate_prompt_tokens.is_some() {
+    if params.truncate_prompt_tokens.is_some() {
         // Left-truncated after tokenizing: its size says nothing yet.
         return Ok(());
     }

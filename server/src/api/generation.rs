@@ -33,7 +33,6 @@ use crate::state::{AppState, RequestContext};
 /// Requests that passed the limit checks, not yet submitted.
 pub struct Plan {
     requests: Vec<GenerationRequest>,
-    choices: usize,
     prompt_tokens: usize,
     started: Instant,
 }
@@ -51,11 +50,10 @@ pub fn plan(
     let limits = state.limits();
     let context = state.codec().context_length();
     let vocab = state.codec().vocab_size();
-    if params.sampling.logit_bias.iter().any(|(id, _)| *id as usize >= vocab) {
+    if params.decode.sampling.logit_bias.iter().any(|(id, _)| *id as usize >= vocab) {
         return Err(ApiError::invalid("logit_bias", format!("logit_bias token ids must be below {vocab}")));
     }
-    let x = &params.extensions;
-    if x.stop_token_ids.iter().any(|id| *id as usize >= vocab) {
+    if params.decode.stop_token_ids.iter().any(|id| *id as usize >= vocab) {
         return Err(ApiError::invalid("stop_token_ids", format!("stop_token_ids must be below {vocab}")));
     }
     let prompt_limit = limits.max_prompt_tokens.min(context.saturating_sub(1));
@@ -64,7 +62,7 @@ pub fn plan(
     let mut requests = Vec::with_capacity(prompts.len());
     let mut prompt_tokens = 0;
     for (i, mut prompt) in prompts.into_iter().enumerate() {
-        if let Some(keep) = x.truncate_prompt_tokens {
+        if let Some(keep) = params.truncate_prompt_tokens {
             // vLLM's left truncation: the last `keep` tokens stay.
             let ids = prompt.expose_mut();
             let cut = ids.len().saturating_sub(keep);
@@ -103,22 +101,13 @@ pub fn plan(
             prompt_tokens: prompt,
             n: params.n,
             first_choice: i * params.n,
-            decode: DecodeParams {
-                sampling: params.sampling.clone(),
-                max_tokens,
-                stop_strings: params.stop.clone(),
-                stop_token_ids: x.stop_token_ids.clone(),
-                ignore_eos: x.ignore_eos,
-                min_tokens: x.min_tokens.min(max_tokens),
-                include_stop_str_in_output: x.include_stop_str_in_output,
-                skip_special_tokens: x.skip_special_tokens,
-            },
+            // `min_tokens` above the chosen `max_tokens` is bounded by the decoder.
+            decode: DecodeParams { max_tokens, ..params.decode.clone() },
             deadline,
             prefix_scope: prefix_scope.clone(),
         });
     }
-    let choices = requests.len() * params.n;
-    Ok(Plan { requests, choices, prompt_tokens, started })
+    Ok(Plan { requests, prompt_tokens, started })
 }
 
 /// An engine event with its choice index across all prompts of the request.
@@ -146,6 +135,7 @@ impl Plan {
         ctx: &Arc<RequestContext>,
         mut audit: InferenceAudit,
     ) -> Result<Generation, ApiError> {
+        let choices: usize = self.requests.iter().map(|r| r.n).sum();
         let mut streams = Vec::with_capacity(self.requests.len());
         for request in self.requests {
             let offset = request.first_choice;
@@ -164,8 +154,8 @@ impl Plan {
             ctx: ctx.clone(),
             request_id: ctx.request_id().to_string(),
             events: futures::stream::select_all(streams).boxed(),
-            choices: (0..self.choices).map(|_| ChoiceOutput::default()).collect(),
-            remaining: self.choices,
+            choices: (0..choices).map(|_| ChoiceOutput::default()).collect(),
+            remaining: choices,
             prompt_tokens: self.prompt_tokens,
             started: self.started,
             last_delta: None,

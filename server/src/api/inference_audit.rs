@@ -66,7 +66,7 @@ pub fn audit_principal(p: &AuthenticatedPrincipal) -> AuditPrincipal {
 
 /// The non-PHI parameters of a request (stop strings only counted).
 pub fn audit_params(p: &GenerationParams) -> InferenceParams {
-    let s = &p.sampling;
+    let s = &p.decode.sampling;
     InferenceParams {
         temperature: Some(s.temperature),
         top_p: Some(s.top_p),
@@ -78,7 +78,7 @@ pub fn audit_params(p: &GenerationParams) -> InferenceParams {
         presence_penalty: (s.presence_penalty != 0.0).then_some(s.presence_penalty),
         frequency_penalty: (s.frequency_penalty != 0.0).then_some(s.frequency_penalty),
         repetition_penalty: (s.repetition_penalty != 1.0).then_some(s.repetition_penalty),
-        stop_sequences: (!p.stop.is_empty()).then_some(p.stop.len() as u32),
+        stop_sequences: (!p.decode.stop_strings.is_empty()).then_some(p.decode.stop_strings.len() as u32),
     }
 }
 

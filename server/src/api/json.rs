@@ -52,14 +52,14 @@ impl FromRequest<AppState> for JsonObject {
         // `Expect: 100-continue` the client never sends it).
         if declared.is_some_and(|n| n > limit as u64) {
             if !expects_continue {
-                drain(&mut body).await;
+                drain_bounded(&mut body, DRAIN_MAX_BYTES, DRAIN_TIMEOUT).await;
             }
             return Err(ApiError::PayloadTooLarge { limit });
         }
         let bytes = match read_limited(&mut body, limit).await {
             Some(b) => b,
             None => {
-                drain(&mut body).await;
+                drain_bounded(&mut body, DRAIN_MAX_BYTES, DRAIN_TIMEOUT).await;
                 return Err(ApiError::PayloadTooLarge { limit });
             }
         };
@@ -89,20 +89,20 @@ async fn read_limited(body: &mut Body, limit: usize) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Reads and discards up to [`DRAIN_MAX_BYTES`] more of `body`, for at most
-/// [`DRAIN_TIMEOUT`].
-async fn drain(body: &mut Body) {
+/// Reads and discards up to `max_bytes` more of `body`, for at most `timeout`
+/// (a refused request's body, so the client sees the answer, not a reset).
+pub(crate) async fn drain_bounded(body: &mut Body, max_bytes: usize, timeout: std::time::Duration) {
     use http_body_util::BodyExt;
     let work = async {
         let mut seen = 0usize;
         while let Some(Ok(frame)) = body.frame().await {
             seen += frame.data_ref().map_or(0, |d| d.len());
-            if seen > DRAIN_MAX_BYTES {
+            if seen > max_bytes {
                 return;
             }
         }
     };
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, work).await;
+    let _ = tokio::time::timeout(timeout, work).await;
 }
 
 /// Parses bytes into a JSON object with fixed error messages. A key that

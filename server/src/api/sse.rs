@@ -62,45 +62,15 @@ impl ChunkSender {
 }
 
 /// Streams `generation` as SSE, with usage as `usage` asks.
-pub fn respond_stream(mut generation: Generation, builder: ResponseBuilder, usage: StreamUsage) -> Response {
+pub fn respond_stream(generation: Generation, builder: ResponseBuilder, usage: StreamUsage) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(32);
-    let include_usage = usage.include;
     tokio::spawn(async move {
-        let out = ChunkSender { tx, include_usage, continuous_usage: usage.continuous };
-        for choice in 0..generation.num_choices() {
-            if let Some(chunk) = builder.preamble_chunk(choice) {
-                if !out.send(chunk, &generation.usage_so_far()).await {
-                    return;
-                }
-            }
-        }
-        loop {
-            let update = tokio::select! {
-                u = generation.next() => u,
-                _ = out.tx.closed() => {
-                    tracing::info!(request_id = generation.request_id(), "client disconnected; generation cancelled");
-                    return;
-                }
-            };
-            let chunk = match update {
-                None => break,
-                Some(Update::Delta { choice, text, logprobs }) => builder.delta_chunk(choice, text.expose(), &logprobs),
-                Some(Update::Finished { choice, reason }) => builder.finish_chunk(choice, reason),
-            };
-            if !out.send(chunk, &generation.usage_so_far()).await {
-                return;
-            }
-        }
-        match generation.finish().await {
-            Ok(done) => {
-                if include_usage && !out.send_raw(sse_data(&builder.usage_chunk(&done.usage))).await {
-                    return;
-                }
-                out.send_raw(Bytes::from_static(b"data: [DONE]\n\n")).await;
-            }
-            Err(err) => {
-                out.send_raw(sse_data(&err.body())).await;
-            }
+        let out = ChunkSender { tx, include_usage: usage.include, continuous_usage: usage.continuous };
+        let request_id = generation.request_id().to_string();
+        if stream_chunks(generation, &builder, &out).await.is_none() {
+            // However the disconnect was noticed (waiting or sending), one
+            // line; the generation was dropped, which cancels the engine's work.
+            tracing::info!(request_id = %request_id, "client disconnected; generation cancelled");
         }
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -110,4 +80,39 @@ pub fn respond_stream(mut generation: Generation, builder: ResponseBuilder, usag
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     resp
+}
+
+/// Sends every chunk, then the outcome; `None` as soon as the client is gone.
+async fn stream_chunks(mut generation: Generation, builder: &ResponseBuilder, out: &ChunkSender) -> Option<()> {
+    let alive = |sent: bool| sent.then_some(());
+    for choice in 0..generation.num_choices() {
+        if let Some(chunk) = builder.preamble_chunk(choice) {
+            alive(out.send(chunk, &generation.usage_so_far()).await)?;
+        }
+    }
+    loop {
+        let update = tokio::select! {
+            u = generation.next() => u,
+            _ = out.tx.closed() => return None,
+        };
+        let chunk = match update {
+            None => break,
+            Some(Update::Delta { choice, text, logprobs }) => builder.delta_chunk(choice, text.expose(), &logprobs),
+            Some(Update::Finished { choice, reason }) => builder.finish_chunk(choice, reason),
+        };
+        alive(out.send(chunk, &generation.usage_so_far()).await)?;
+    }
+    // The outcome is recorded now: a client that leaves during the last
+    // chunks cancels nothing.
+    match generation.finish().await {
+        Ok(done) => {
+            if !out.include_usage || out.send_raw(sse_data(&builder.usage_chunk(&done.usage))).await {
+                out.send_raw(Bytes::from_static(b"data: [DONE]\n\n")).await;
+            }
+        }
+        Err(err) => {
+            out.send_raw(sse_data(&err.body())).await;
+        }
+    }
+    Some(())
 }

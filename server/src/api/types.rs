@@ -7,6 +7,7 @@
 
 use salus_models::chat::{ChatMessage, RenderOptions, Role};
 use salus_models::sampling::{SamplingParams, MAX_TOP_LOGPROBS};
+use salus_models::DecodeParams;
 use salus_models::Phi;
 use serde_json::Value;
 
@@ -40,8 +41,12 @@ pub struct GenerationParams {
     /// The client's `max_tokens` / `max_completion_tokens`, if any (bounded by the config).
     pub max_tokens: Option<usize>,
     pub n: usize,
-    pub stop: Vec<Phi<String>>,
-    pub sampling: SamplingParams,
+    /// How each choice is decoded: sampling, stop strings and vLLM's
+    /// extensions. Its `max_tokens` is set per prompt at planning, where the
+    /// prompt's length is known.
+    pub decode: DecodeParams,
+    /// vLLM's `truncate_prompt_tokens`: keep only the last this many prompt tokens.
+    pub truncate_prompt_tokens: Option<usize>,
     /// Return logprobs of the chosen tokens.
     pub logprobs: bool,
     pub stream: bool,
@@ -50,41 +55,15 @@ pub struct GenerationParams {
     pub continuous_usage: bool,
     /// The client's end-user id (may identify a patient: treated as PHI).
     pub user: Option<Phi<String>>,
-    /// vLLM's decoding extensions (benchmark and evaluation harnesses send them).
-    pub extensions: DecodeExtensions,
-}
-
-/// vLLM's sampling extensions, validated: see `salus_models::DecodeParams`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DecodeExtensions {
-    /// vLLM's `truncate_prompt_tokens`: keep only the last this many prompt tokens.
-    pub truncate_prompt_tokens: Option<usize>,
-    pub ignore_eos: bool,
-    pub min_tokens: usize,
-    /// Checked against the vocabulary at planning.
-    pub stop_token_ids: Vec<u32>,
-    pub include_stop_str_in_output: bool,
-    pub skip_special_tokens: bool,
-}
-
-impl Default for DecodeExtensions {
-    fn default() -> Self {
-        DecodeExtensions {
-            truncate_prompt_tokens: None,
-            ignore_eos: false,
-            min_tokens: 0,
-            stop_token_ids: Vec::new(),
-            include_stop_str_in_output: false,
-            skip_special_tokens: true,
-        }
-    }
 }
 
 /// Most `stop_token_ids` in one request.
 pub const MAX_STOP_TOKEN_IDS: usize = 64;
 
-fn parse_extensions(f: &mut Fields, limits: &LimitsConfig) -> Result<DecodeExtensions, ApiError> {
-    let mut x = DecodeExtensions { ignore_eos: f.bool("ignore_eos")?.unwrap_or(false), ..Default::default() };
+/// vLLM's decoding extensions (benchmark and evaluation harnesses send them),
+/// read into `x`.
+fn parse_extensions(f: &mut Fields, limits: &LimitsConfig, x: &mut DecodeParams) -> Result<(), ApiError> {
+    x.ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
     x.min_tokens = f.u64_in("min_tokens", 0, limits.max_tokens as u64)?.unwrap_or(0) as usize;
     if let Some(v) = f.take("stop_token_ids") {
         let bad = || ApiError::invalid("stop_token_ids", "stop_token_ids must be an array of token ids");
@@ -101,7 +80,6 @@ fn parse_extensions(f: &mut Fields, limits: &LimitsConfig) -> Result<DecodeExten
         }
     }
     x.include_stop_str_in_output = f.bool("include_stop_str_in_output")?.unwrap_or(false);
-    x.truncate_prompt_tokens = f.u64_in("truncate_prompt_tokens", 1, u32::MAX as u64)?.map(|n| n as usize);
     // Requests are served in arrival order: only the default priority is honoured.
     if f.i64("priority")?.is_some_and(|p| p != 0) {
         return Err(ApiError::Unsupported("priority"));
@@ -112,7 +90,7 @@ fn parse_extensions(f: &mut Fields, limits: &LimitsConfig) -> Result<DecodeExten
     if f.bool("spaces_between_special_tokens")? == Some(false) {
         return Err(ApiError::Unsupported("spaces_between_special_tokens"));
     }
-    Ok(x)
+    Ok(())
 }
 
 /// OpenAI fields that carry no behaviour on a self-hosted server, checked and
@@ -275,24 +253,23 @@ fn parse_common(
         }
     }
     let user = f.string("user")?.map(Phi::new);
-    let extensions = parse_extensions(f, limits)?;
-    if let (Some(max), min) = (max_tokens, extensions.min_tokens) {
-        if min > max {
-            return Err(ApiError::invalid("min_tokens", "min_tokens must not exceed max_tokens"));
-        }
+    let mut decode = DecodeParams { sampling, stop_strings: stop, max_tokens: 0, ..DecodeParams::default() };
+    parse_extensions(f, limits, &mut decode)?;
+    if max_tokens.is_some_and(|max| decode.min_tokens > max) {
+        return Err(ApiError::invalid("min_tokens", "min_tokens must not exceed max_tokens"));
     }
+    let truncate_prompt_tokens = f.u64_in("truncate_prompt_tokens", 1, u32::MAX as u64)?.map(|n| n as usize);
     drop_inert_fields(f)?;
     Ok(GenerationParams {
         max_tokens,
         n,
-        stop,
-        sampling,
+        decode,
+        truncate_prompt_tokens,
         logprobs: false,
         stream,
         include_usage,
         continuous_usage,
         user,
-        extensions,
     })
 }
 
@@ -395,7 +372,7 @@ impl ValidatedChatRequest {
         }
         params.logprobs = logprobs;
         if logprobs {
-            params.sampling.top_logprobs = Some(top.unwrap_or(0) as usize);
+            params.decode.sampling.top_logprobs = Some(top.unwrap_or(0) as usize);
         }
         let template = parse_template_options(&mut f)?;
         f.finish(UNSUPPORTED_CHAT)?;
@@ -476,7 +453,7 @@ impl ValidatedCompletionRequest {
         let mut params = parse_common(&mut f, limits, &["max_tokens"])?;
         if let Some(k) = f.u64_in("logprobs", 0, 5)? {
             params.logprobs = true;
-            params.sampling.top_logprobs = Some(k as usize);
+            params.decode.sampling.top_logprobs = Some(k as usize);
         }
         // Values equal to OpenAI's defaults are harmless; anything else is unsupported.
         match f.take("echo") {
