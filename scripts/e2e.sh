@@ -27,9 +27,10 @@ else
   BIN="$TARGET_DIR/debug/salus"
 fi
 VENV="${SALUS_E2E_VENV:-$TARGET_DIR/e2e-venv}"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai, jsonschema" 2>/dev/null; then
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3"
+  # jsonschema validates the structured outputs (tests/e2e/test_structured_outputs.py).
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3" "jsonschema>=4.18,<5"
 fi
 MODEL="$("$ROOT/scripts/fetch-model.sh")"
 
@@ -85,6 +86,11 @@ status=0
 SALUS_E2E_BASE="https://127.0.0.1:$PORT" SALUS_E2E_CA="$WORK/cert.pem" SALUS_E2E_MODEL=smollm2-135m \
 SALUS_E2E_KEY="$INFERENCE_KEY" SALUS_E2E_METRICS_KEY="$METRICS_KEY" SALUS_E2E_REVOKED_KEY="$REVOKED_KEY" \
   "$VENV/bin/python" "$ROOT/tests/e2e/test_openai_sdk.py" || status=$?
+
+# Structured outputs through the SDK: every output validates against its schema.
+SALUS_E2E_BASE="https://127.0.0.1:$PORT" SALUS_E2E_CA="$WORK/cert.pem" SALUS_E2E_MODEL=smollm2-135m \
+SALUS_E2E_KEY="$INFERENCE_KEY" \
+  "$VENV/bin/python" "$ROOT/tests/e2e/test_structured_outputs.py" || status=$?
 
 # The production steps of docs/deployment.md, run verbatim with a server of their
 # own (plus: every configs/salus.toml key is in docs/configuration.md, every test

@@ -9,7 +9,9 @@
 //! `logit_bias` keys, the model name, parameter names and values of the wrong
 //! type, the query string, the URL path, the method, custom headers, a bad API
 //! key, malformed JSON, invalid UTF-8, an oversized body, a context overflow,
-//! `n=2`, a completed stream and a stream cancelled midway — stops the server with
+//! `n=2`, a completed stream and a stream cancelled midway, structured-output
+//! schemas (enum values, descriptions, property names, consts, choices) accepted
+//! and refused, regexes and grammars that do not compile — stops the server with
 //! SIGTERM and scans every byte the process produced outside the HTTP responses
 //! (stdout, stderr, log file, `/metrics`, the dev (with the audit trail), home,
 //! temp and working directories, and the decrypted audit records) for
@@ -501,6 +503,24 @@ fn campaign(model_file: &Path, log_to_file: bool) -> Campaign {
     );
     assert_eq!(r.status, 200, "{}", r.text());
 
+    // 4b. Structured outputs: a schema carrying canaries in an enum value, a
+    // description, a property name and a const (succeeds), and a regex choice.
+    let (enum_c, desc_c, prop_c) =
+        (cn.mint("schema enum value"), cn.mint("schema description"), cn.mint("schema property name"));
+    let mut body = chat(&model, serde_json::json!([{"role": "user", "content": cn.mint("structured-output message")}]));
+    body["max_tokens"] = 12.into();
+    body["response_format"] = serde_json::json!({"type": "json_schema", "json_schema": {"name": "triage", "strict": true,
+        "description": cn.mint("json_schema description"),
+        "schema": {"type": "object", "description": desc_c,
+            "properties": {prop_c.clone(): {"enum": [enum_c, "routine"]}, "k": {"const": cn.mint("schema const")}},
+            "required": [prop_c]}}});
+    let r = s.post("/v1/chat/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut body = chat(&model, serde_json::json!([{"role": "user", "content": "x"}]));
+    body["structured_outputs"] = serde_json::json!({"choice": [cn.mint("structured_outputs choice"), "no"]});
+    let r = s.post("/v1/chat/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+
     // 5. Error paths, each with its own canary.
     let msg = |c: String| serde_json::json!([{"role": "user", "content": c}]);
     let mut body = chat(&model, msg(cn.mint("message of a bad logit_bias request")));
@@ -541,6 +561,26 @@ fn campaign(model_file: &Path, log_to_file: bool) -> Campaign {
         chat(&model, serde_json::json!([{"role": cn.mint(p), "content": cn.mint("content with an unknown role")}]));
     let r = s.post("/v1/chat/completions", &body);
     expect_error(p, r, 400, &mut errors);
+
+    // Refused constraints: an unenforceable keyword beside canaries, a schema
+    // that is not JSON, a bad regex and a bad grammar.
+    let p = "schema with an unsupported keyword";
+    let mut body = chat(&model, msg(cn.mint("message of an unsupported-schema request")));
+    body["response_format"] = serde_json::json!({"type": "json_schema", "json_schema": {"name": "n", "schema":
+        {"type": "array", "uniqueItems": true, "description": cn.mint(p), "items": {"enum": [cn.mint("refused schema enum")]}}}});
+    let r = s.post("/v1/chat/completions", &body);
+    expect_error(p, r, 400, &mut errors);
+    let p = "schema that is not JSON";
+    let mut body = chat(&model, msg(cn.mint("message of a non-JSON-schema request")));
+    body["structured_outputs"] = serde_json::json!({"json": format!("{{\"enum\": [\"{}\"", cn.mint(p))});
+    let r = s.post("/v1/chat/completions", &body);
+    expect_error(p, r, 400, &mut errors);
+    for (p, field) in [("invalid regex", "regex"), ("invalid Lark grammar", "grammar")] {
+        let mut body = chat(&model, msg(cn.mint(&format!("message of the {p} request"))));
+        body["structured_outputs"] = serde_json::json!({ field: format!("start: ({}", cn.mint(p)) });
+        let r = s.post("/v1/chat/completions", &body);
+        expect_error(p, r, 400, &mut errors);
+    }
 
     // An unknown parameter whose name is not a plain path (here with a `-`,
     // like `mrn-…`) is never named in the error.

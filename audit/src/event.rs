@@ -219,6 +219,14 @@ pub struct InferenceParams {
     pub repetition_penalty: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_sequences: Option<u32>,
+    /// The structured-output constraint's kind (`json_object`, `json_schema`,
+    /// `regex`, `choice`, `grammar`), when the request had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraint: Option<String>,
+    /// HMAC of the constraint's canonical text (the schema, regex, choices or
+    /// grammar may hold PHI: never stored itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraint_hmac: Option<String>,
 }
 
 /// `HMAC-SHA256(audit HMAC key, text)` in hex. Only the audit log (or

@@ -13,13 +13,20 @@
 //! 4. ends the choice on a stop string or when `max_tokens` tokens were generated;
 //! 5. on the end, flushes what the detokenizer and the matcher still hold.
 //!
-//! Constraints that shape decoding (grammar masks before sampling, tool-call
-//! parsing of the text) belong here too, so that every path applies them the same way.
+//! A grammar constraint (structured outputs, [`crate::grammar`]) shapes step 1: the
+//! tokens the grammar does not allow next get −∞ logits before sampling (so the
+//! reported logprobs are those of the constrained distribution), the end tokens
+//! are allowed exactly when the grammar is complete, and the choice ends (`stop`)
+//! when the grammar allows nothing more. Constrained and unconstrained choices
+//! share a batch: the mask is per choice.
 //!
 //! Limits are checked before a decoder is built: `max_tokens` is already bounded
 //! by the context window at validation (prompt + `max_tokens` ≤ context), so the
 //! decoder only counts. The text it returns is PHI and stays in [`Phi`].
 
+use std::sync::Arc;
+
+use crate::grammar::{CompiledGrammar, ConstraintMatcher, GrammarError};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stop::{StopMatcher, StopStep};
 use crate::tokenizer::Tokenizer;
@@ -75,6 +82,9 @@ pub struct DecodeParams {
     pub include_stop_str_in_output: bool,
     /// Special (control) tokens produce no text (default true).
     pub skip_special_tokens: bool,
+    /// The grammar the output must follow (structured outputs). With one,
+    /// `ignore_eos` has no effect: a complete output ends.
+    pub constraint: Option<Arc<CompiledGrammar>>,
 }
 
 impl Default for DecodeParams {
@@ -88,6 +98,7 @@ impl Default for DecodeParams {
             min_tokens: 0,
             include_stop_str_in_output: false,
             skip_special_tokens: true,
+            constraint: None,
         }
     }
 }
@@ -132,8 +143,13 @@ pub struct ChoiceDecoder {
     min_tokens: usize,
     generated: usize,
     finished: Option<FinishReason>,
-    /// The step's logits with the end tokens masked (while under `min_tokens`).
+    /// The step's logits with the end tokens masked (while under `min_tokens`),
+    /// or with the grammar's mask applied.
     masked: Vec<f32>,
+    constraint: Option<ConstraintMatcher>,
+    /// With a constraint: the tokens that end the output once the grammar is
+    /// complete (the model's end ids and the stop token ids).
+    grammar_end_ids: Vec<u32>,
 }
 
 impl ChoiceDecoder {
@@ -144,9 +160,13 @@ impl ChoiceDecoder {
         let mut sampling = params.sampling.clone();
         sampling.seed = sampling.seed.map(|s| choice_seed(s, choice_index));
         let mut end_ids = if params.ignore_eos { Vec::new() } else { eos_token_ids.to_vec() };
+        let mut grammar_end_ids = eos_token_ids.to_vec();
         for &t in &params.stop_token_ids {
             if !end_ids.contains(&t) {
                 end_ids.push(t);
+            }
+            if !grammar_end_ids.contains(&t) {
+                grammar_end_ids.push(t);
             }
         }
         Ok(ChoiceDecoder {
@@ -160,7 +180,25 @@ impl ChoiceDecoder {
             generated: 0,
             finished: None,
             masked: Vec::new(),
+            constraint: params.constraint.as_ref().map(|g| g.matcher()),
+            grammar_end_ids,
         })
+    }
+
+    /// Whether a grammar constrains this choice.
+    pub fn is_constrained(&self) -> bool {
+        self.constraint.is_some()
+    }
+
+    /// Computes the grammar's mask for the next step ahead of it (a no-op
+    /// without a constraint, or when already computed). The mask depends only on
+    /// the tokens accepted so far, so this may run while the model computes the
+    /// step's logits; [`ChoiceDecoder::step`] computes it itself otherwise.
+    pub fn prepare(&mut self) -> Result<()> {
+        match self.constraint.as_mut() {
+            Some(c) if self.finished.is_none() => Ok(c.prepare()?),
+            _ => Ok(()),
+        }
     }
 
     /// Tokens generated (counted) so far.
@@ -196,7 +234,34 @@ impl ChoiceDecoder {
             return Ok(self.finish(FinishReason::Length, String::new(), None, None));
         }
         let below_min = self.generated < self.min_tokens;
-        let sampled = if below_min && !self.end_ids.is_empty() {
+        let sampled = if let Some(c) = self.constraint.as_mut() {
+            let allowed = c.mask_logits(logits, &mut self.masked)?;
+            // The end tokens: allowed once the grammar is complete (and, while
+            // under `min_tokens`, only if the grammar allows nothing else).
+            let mut ends_in_mask = 0;
+            for &t in &self.grammar_end_ids {
+                if let Some(l) = self.masked.get_mut(t as usize) {
+                    if l.is_finite() {
+                        ends_in_mask += 1;
+                    }
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            let others = allowed.saturating_sub(ends_in_mask);
+            let mut ends = 0;
+            if c.is_accepting()? && (!below_min || others == 0) {
+                for &t in &self.grammar_end_ids {
+                    if let (Some(l), Some(&orig)) = (self.masked.get_mut(t as usize), logits.get(t as usize)) {
+                        *l = orig;
+                        ends += 1;
+                    }
+                }
+            }
+            if others + ends == 0 {
+                return Err(GrammarError::Runtime.into());
+            }
+            self.sampler.sample(&self.masked, context, prompt_len)?
+        } else if below_min && !self.end_ids.is_empty() {
             // End tokens cannot be chosen yet: masked before sampling (and so
             // before the reported logprobs, as a logits processor would).
             self.masked.clear();
@@ -210,9 +275,17 @@ impl ChoiceDecoder {
         } else {
             self.sampler.sample(logits, context, prompt_len)?
         };
-        if self.end_ids.contains(&sampled.token) {
+        let ends_choice = match self.constraint {
+            Some(_) => self.grammar_end_ids.contains(&sampled.token),
+            None => self.end_ids.contains(&sampled.token),
+        };
+        if ends_choice {
             return Ok(self.finish_flushing(tokenizer, FinishReason::Stop, String::new(), None, None));
         }
+        let complete = match self.constraint.as_mut() {
+            Some(c) => c.commit(sampled.token)?,
+            None => false,
+        };
         self.generated += 1;
         let logprob =
             sampled.logprob.map(|logprob| TokenLogprob { token_id: sampled.token, logprob, top: sampled.top_logprobs });
@@ -222,6 +295,9 @@ impl ChoiceDecoder {
         let token = Some(sampled.token);
         if stop.stopped {
             return Ok(self.finish(FinishReason::Stop, stop.emit, token, logprob));
+        }
+        if complete {
+            return Ok(self.finish_flushing(tokenizer, FinishReason::Stop, stop.emit, token, logprob));
         }
         if self.generated >= self.max_tokens {
             return Ok(self.finish_flushing(tokenizer, FinishReason::Length, stop.emit, token, logprob));

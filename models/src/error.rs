@@ -47,4 +47,7 @@ pub enum ModelError {
     /// (no CUDA device, out of device memory, kernel compile or launch failure).
     #[error("device: {0}")]
     Device(String),
+    /// A structured-output constraint was refused or failed (never quotes it).
+    #[error("{0}")]
+    Grammar(#[from] crate::grammar::GrammarError),
 }

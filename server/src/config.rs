@@ -203,6 +203,13 @@ pub struct LimitsConfig {
     pub max_prompts: usize,
     /// Seconds a generation may run before it is cancelled.
     pub request_timeout_secs: u64,
+    /// Largest structured-output constraint in bytes (a JSON schema's text, a
+    /// regex, a grammar, the choices together); 400 above.
+    pub max_schema_bytes: usize,
+    /// Milliseconds a constraint may take to compile; 400 above.
+    pub grammar_compile_timeout_ms: u64,
+    /// Compiled constraints kept for reuse (per principal, by exact bytes).
+    pub grammar_cache_entries: usize,
 }
 
 impl Default for LimitsConfig {
@@ -217,6 +224,9 @@ impl Default for LimitsConfig {
             max_stop: 4,
             max_prompts: 16,
             request_timeout_secs: 600,
+            max_schema_bytes: 64 * 1024,
+            grammar_compile_timeout_ms: 2000,
+            grammar_cache_entries: 64,
         }
     }
 }
@@ -292,6 +302,12 @@ pub struct SchedulerConfig {
     /// than under load, and serving never pays for first-touch page faults.
     /// Costs the whole cache in resident memory from the start.
     pub kv_prefault: bool,
+    /// Compute the grammar masks of constrained sequences (structured outputs)
+    /// on a helper thread while the forward pass runs, instead of after it.
+    /// Default (unset): always on a GPU (the host idles during the pass); on a
+    /// CPU only for steps with at least 4 constrained sequences (the pass
+    /// already uses every core; see docs/performance.md).
+    pub constraint_mask_overlap: Option<bool>,
 }
 
 impl Default for SchedulerConfig {
@@ -311,9 +327,15 @@ impl Default for SchedulerConfig {
             prefix_cache: true,
             prefix_cache_idle_secs: 600,
             kv_prefault: false,
+            constraint_mask_overlap: None,
         }
     }
 }
+
+/// On a CPU, with `constraint_mask_overlap` unset, grammar masks are computed
+/// beside the forward pass only when a step has at least this many constrained
+/// sequences.
+pub const CPU_MASK_OVERLAP_MIN_SEQS: usize = 4;
 
 /// Prompt tokens per step on a CPU when `max_prefill_tokens` is not set: a CPU
 /// step is compute-bound from a few dozen rows on, so larger steps gain little
@@ -640,6 +662,8 @@ impl Config {
             ("limits.default_max_tokens", l.default_max_tokens),
             ("limits.max_n", l.max_n),
             ("limits.max_prompts", l.max_prompts),
+            ("limits.max_schema_bytes", l.max_schema_bytes),
+            ("limits.grammar_compile_timeout_ms", l.grammar_compile_timeout_ms.min(usize::MAX as u64) as usize),
         ] {
             if v == 0 {
                 return Err(ConfigError::Value { key, reason: "must be at least 1".into() });

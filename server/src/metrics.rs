@@ -15,6 +15,31 @@ use crate::engine::EngineStats;
 const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 const TOKEN_LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56];
 
+const COMPILE_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+/// What became of a request's output constraint (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConstraintResult {
+    CacheHit,
+    Compiled,
+    Refused,
+    TimedOut,
+}
+
+impl ConstraintResult {
+    const ALL: [ConstraintResult; 4] =
+        [ConstraintResult::CacheHit, ConstraintResult::Compiled, ConstraintResult::Refused, ConstraintResult::TimedOut];
+
+    fn label(self) -> &'static str {
+        match self {
+            ConstraintResult::CacheHit => "cache_hit",
+            ConstraintResult::Compiled => "compiled",
+            ConstraintResult::Refused => "refused",
+            ConstraintResult::TimedOut => "timed_out",
+        }
+    }
+}
+
 /// A cumulative histogram with fixed buckets.
 pub struct Histogram {
     bounds: &'static [f64],
@@ -78,6 +103,10 @@ pub struct Metrics {
     auth_rate_limited: AtomicU64,
     auth_denials_pending: AtomicU64,
     audit_volume_free_bytes: AtomicU64,
+    /// Output-constraint lookups by result: cache hit, compiled, refused, timed out.
+    constraints: [AtomicU64; 4],
+    /// Time to compile an output constraint (cache misses).
+    pub grammar_compile: Histogram,
     pub ttft: Histogram,
     pub inter_token: Histogram,
     pub e2e: Histogram,
@@ -104,6 +133,8 @@ impl Metrics {
             auth_rate_limited: AtomicU64::new(0),
             auth_denials_pending: AtomicU64::new(0),
             audit_volume_free_bytes: AtomicU64::new(0),
+            constraints: Default::default(),
+            grammar_compile: Histogram::new(COMPILE_BUCKETS),
             ttft: Histogram::new(TOKEN_LATENCY_BUCKETS_TTFT),
             inter_token: Histogram::new(TOKEN_LATENCY_BUCKETS),
             e2e: Histogram::new(LATENCY_BUCKETS),
@@ -141,6 +172,10 @@ impl Metrics {
     /// Free bytes on the audit trail's volume, as last measured.
     pub fn set_audit_volume_free_bytes(&self, n: u64) {
         self.audit_volume_free_bytes.store(n, Ordering::Relaxed);
+    }
+    /// One request's output constraint: looked up, compiled or refused.
+    pub fn constraint(&self, result: ConstraintResult) {
+        self.constraints[result as usize].fetch_add(1, Ordering::Relaxed);
     }
     pub fn requests_total(&self, route: &'static str, status: u16) -> u64 {
         self.requests.lock().unwrap_or_else(|e| e.into_inner()).get(&(route, status)).copied().unwrap_or(0)
@@ -214,6 +249,17 @@ impl Metrics {
             "salus_audit_volume_free_bytes",
             "Free bytes on the audit trail's volume, as last measured.",
             self.audit_volume_free_bytes.load(Ordering::Relaxed),
+        );
+        out.push_str("# HELP salus_output_constraints_total Requests with an output constraint (structured outputs), by result.\n# TYPE salus_output_constraints_total counter\n");
+        for r in ConstraintResult::ALL {
+            let n = self.constraints[r as usize].load(Ordering::Relaxed);
+            let _ = writeln!(out, "salus_output_constraints_total{{result=\"{}\"}} {n}", r.label());
+        }
+        self.grammar_compile.render(
+            &mut out,
+            "salus_grammar_compile_seconds",
+            "Time to compile an output constraint (cache misses).",
+            "",
         );
         self.ttft.render(
             &mut out,

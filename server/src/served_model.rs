@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use salus_models::chat::{ChatMessage, RenderOptions};
+use salus_models::grammar::{CompiledGrammar, ConstraintSpec, GrammarCompiler, GrammarError};
 use salus_models::{KernelConfig, LoadOptions, LoadedModel, Phi};
 
 use crate::config::ModelConfig;
@@ -141,6 +142,9 @@ impl ServedModel {
 pub struct ModelCodec {
     lm: Arc<LoadedModel>,
     max_bytes_per_token: usize,
+    /// `None` when the tokenizer's vocabulary cannot be read as bytes
+    /// (structured outputs are then refused with a clear error).
+    grammar: Result<GrammarCompiler, GrammarError>,
 }
 
 impl ModelCodec {
@@ -152,7 +156,11 @@ impl ModelCodec {
             .map(|t| t.len())
             .max()
             .unwrap_or(0);
-        ModelCodec { lm, max_bytes_per_token: longest + 1 }
+        let grammar = GrammarCompiler::new(&lm.tokenizer, lm.info.vocab_size, &lm.info.eos_token_ids);
+        if let Err(e) = &grammar {
+            tracing::warn!(error = %e, "structured outputs are unavailable for this model");
+        }
+        ModelCodec { lm, max_bytes_per_token: longest + 1, grammar }
     }
 }
 
@@ -185,6 +193,9 @@ impl PromptCodec for ModelCodec {
     }
     fn max_bytes_per_token(&self) -> usize {
         self.max_bytes_per_token
+    }
+    fn compile_constraint(&self, spec: &ConstraintSpec) -> Result<CompiledGrammar, GrammarError> {
+        self.grammar.as_ref().map_err(Clone::clone)?.compile(spec)
     }
 }
 

@@ -13,8 +13,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use salus_models::chat::{ChatMessage, RenderOptions};
+use salus_models::grammar::{CompiledGrammar, ConstraintSpec, GrammarError};
 use salus_models::Phi;
 
+use crate::api::structured::GrammarCache;
 use crate::auth::denials::DenialRecorder;
 use crate::auth::KeyStoreHandle;
 use crate::config::LimitsConfig;
@@ -62,6 +64,9 @@ pub trait PromptCodec: Send + Sync + 'static {
     /// least `n / max_bytes_per_token` tokens, which rejects an oversized
     /// prompt before tokenizing it.
     fn max_bytes_per_token(&self) -> usize;
+    /// Compiles an output constraint over the model's vocabulary (blocking CPU
+    /// work: called on the blocking pool).
+    fn compile_constraint(&self, spec: &ConstraintSpec) -> Result<CompiledGrammar, GrammarError>;
 }
 
 /// What `/v1/models` says about the served model.
@@ -95,7 +100,12 @@ struct Inner {
     parts: AppParts,
     accepting: AtomicBool,
     encode_permits: tokio::sync::Semaphore,
+    grammars: GrammarCache,
 }
+
+/// Constraints compiled at once on the blocking pool (more wait their turn, up
+/// to the compile timeout).
+pub const COMPILE_CONCURRENCY: usize = 2;
 
 /// Prompts encoded at once on the blocking pool (more wait their turn).
 pub const ENCODE_CONCURRENCY: usize = 4;
@@ -106,11 +116,23 @@ pub struct AppState(Arc<Inner>);
 
 impl AppState {
     pub fn new(parts: AppParts) -> Self {
+        let grammars = GrammarCache::new(parts.limits.grammar_cache_entries, COMPILE_CONCURRENCY);
         AppState(Arc::new(Inner {
             parts,
             accepting: AtomicBool::new(true),
             encode_permits: tokio::sync::Semaphore::new(ENCODE_CONCURRENCY),
+            grammars,
         }))
+    }
+
+    /// Compiled output constraints, cached per principal.
+    pub fn grammars(&self) -> &GrammarCache {
+        &self.0.grammars
+    }
+
+    /// The codec, shared (for work moved to the blocking pool).
+    pub fn codec_arc(&self) -> Arc<dyn PromptCodec> {
+        self.0.parts.codec.clone()
     }
 
     pub fn engine(&self) -> &dyn Engine {

@@ -120,10 +120,12 @@ def check_errors():
             assert e.status_code == 401
     try:
         C.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2,
-                                  response_format={"type": "json_object"})
-        raise AssertionError("unsupported parameter accepted")
+                                  response_format={"type": "json_schema", "json_schema": {
+                                      "name": "n", "schema": {"type": "array", "uniqueItems": True}}})
+        raise AssertionError("an unenforceable schema was accepted")
     except openai.BadRequestError as e:
         assert e.status_code == 400 and e.body["param"] == "response_format", e.body
+        assert "uniqueItems" in e.body["message"], e.body
     try:
         C.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2, tools=[{
             "type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])

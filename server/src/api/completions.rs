@@ -15,6 +15,7 @@ use super::inference_audit::{InferenceAudit, InferenceSubject, SourceAddr};
 use super::json::JsonObject;
 use super::response::{respond_whole, Endpoint, ResponseBuilder};
 use super::sse::{respond_stream, StreamUsage};
+use super::structured::compile_requested;
 use super::types::{GenerationParams, ValidatedChatRequest, ValidatedCompletionRequest};
 use crate::auth::{AuthenticatedPrincipal, Permission};
 use crate::state::{AppState, PromptError, RequestContext};
@@ -108,8 +109,10 @@ pub async fn chat_completions(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Inference)?;
-    let ValidatedChatRequest { model, messages, params, template } = ValidatedChatRequest::parse(body, state.limits())?;
+    let ValidatedChatRequest { model, messages, mut params, template } =
+        ValidatedChatRequest::parse(body, state.limits())?;
     check_servable(&state, &model)?;
+    compile_requested(&state, &principal, &mut params).await?;
     check_prompt_size(&state, &params, messages.iter().map(|m| m.content.expose().len()).sum())?;
     let prompt = state
         .with_codec_off_runtime(move |codec| codec.encode_chat(&messages, &template))
@@ -129,9 +132,10 @@ pub async fn completions(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Inference)?;
-    let ValidatedCompletionRequest { model, prompts: texts, params } =
+    let ValidatedCompletionRequest { model, prompts: texts, mut params } =
         ValidatedCompletionRequest::parse(body, state.limits())?;
     check_servable(&state, &model)?;
+    compile_requested(&state, &principal, &mut params).await?;
     for p in &texts {
         check_prompt_size(&state, &params, p.expose().len()).map_err(|e| e.for_prompt_field("prompt"))?;
     }

@@ -10,6 +10,8 @@ use std::time::Duration;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use salus_models::GrammarError;
+
 use crate::engine::EngineError;
 
 /// Everything a request can fail with.
@@ -47,6 +49,22 @@ pub enum ApiError {
     /// (it was not tokenized).
     #[error("the prompt is at least {at_least} tokens long but the limit is {limit}")]
     PromptTooLong { at_least: usize, limit: usize, param: &'static str },
+    /// 400: the output constraint (`param`: `response_format`,
+    /// `structured_outputs` or `guided_json`) is refused: a keyword that cannot
+    /// be enforced, an invalid schema, regex or grammar. The message names a
+    /// keyword and a JSON pointer, never a value from the constraint.
+    #[error("{param}: {error}")]
+    Constraint { param: &'static str, error: salus_models::GrammarError },
+    /// 400: the constraint is larger than `limits.max_schema_bytes`.
+    #[error("{param} is larger than the limit of {limit} bytes")]
+    ConstraintTooLarge { param: &'static str, limit: usize },
+    /// 400: the constraint did not compile within `limits.grammar_compile_timeout_ms`.
+    #[error("{param} did not compile within {ms} ms")]
+    ConstraintTimeout { param: &'static str, ms: u64 },
+    /// 500: the output constraint failed while generating (its per-token work
+    /// budget ran out); the request's choices end with this error.
+    #[error("the output constraint could not be continued while generating (request id {request_id})")]
+    ConstraintFailed { request_id: String },
     /// 401: missing, unknown, revoked or expired API key (indistinguishable on purpose).
     #[error("invalid or missing API key")]
     Unauthorized,
@@ -111,7 +129,10 @@ impl ApiError {
             | ApiError::Unsupported(_)
             | ApiError::Unrecognized(_)
             | ApiError::ContextOverflow { .. }
-            | ApiError::PromptTooLong { .. } => StatusCode::BAD_REQUEST,
+            | ApiError::PromptTooLong { .. }
+            | ApiError::Constraint { .. }
+            | ApiError::ConstraintTooLarge { .. }
+            | ApiError::ConstraintTimeout { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ApiError::ModelNotFound | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
@@ -120,7 +141,7 @@ impl ApiError {
             ApiError::QueueFull { .. } | ApiError::AuthRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotReady | ApiError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Internal { .. } | ApiError::ConstraintFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -145,6 +166,9 @@ impl ApiError {
                 Some(Cow::Borrowed(param))
             }
             ApiError::ModelNotFound => Some(Cow::Borrowed("model")),
+            ApiError::Constraint { param, .. }
+            | ApiError::ConstraintTooLarge { param, .. }
+            | ApiError::ConstraintTimeout { param, .. } => Some(Cow::Borrowed(param)),
             _ => None,
         }
     }
@@ -169,6 +193,20 @@ impl ApiError {
             ApiError::NotReady => Some("not_ready"),
             ApiError::AuditUnavailable => Some("service_unavailable"),
             ApiError::Timeout => Some("request_timeout"),
+            ApiError::Constraint { error, .. } => Some(match error {
+                GrammarError::UnsupportedKeyword { .. } => "unsupported_schema_keyword",
+                GrammarError::UnsupportedFormat { .. } => "unsupported_schema_format",
+                GrammarError::InvalidSchema { .. } => "invalid_schema",
+                GrammarError::Unsatisfiable => "unsatisfiable_schema",
+                GrammarError::InvalidRegex { .. } => "invalid_regex",
+                GrammarError::InvalidGrammar => "invalid_grammar",
+                GrammarError::InvalidChoice(_) => "invalid_choice",
+                GrammarError::TooComplex => "constraint_too_complex",
+                GrammarError::Runtime | GrammarError::Tokenizer(_) => "constraint_unavailable",
+            }),
+            ApiError::ConstraintTooLarge { .. } => Some("schema_too_large"),
+            ApiError::ConstraintTimeout { .. } => Some("grammar_compile_timeout"),
+            ApiError::ConstraintFailed { .. } => Some("constraint_failed"),
             ApiError::Internal { .. } => None,
         }
     }
@@ -199,6 +237,7 @@ impl ApiError {
             EngineError::NotRunning => ApiError::NotReady,
             EngineError::DeadlineExceeded => ApiError::Timeout,
             EngineError::Internal => ApiError::Internal { request_id: request_id.to_string() },
+            EngineError::ConstraintFailed => ApiError::ConstraintFailed { request_id: request_id.to_string() },
         }
     }
 }

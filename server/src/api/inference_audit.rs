@@ -33,6 +33,11 @@
 //! * `completion_hmac`: the concatenation of every choice's full text in choice
 //!   index order (no separator), UTF-8 — for `n = 1` simply the completion text.
 //!   For a failed or cancelled generation no completion HMAC is recorded.
+//! * `params.constraint_hmac`: the output constraint's canonical text
+//!   (`salus_models::ConstraintSpec::canonical_text`): a JSON schema's JSON
+//!   text as received (member order kept; a `whitespace_pattern` follows after
+//!   a newline), a regex's or grammar's text, the JSON array of the choices.
+//!   `params.constraint` names its kind.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -79,7 +84,19 @@ pub fn audit_params(p: &GenerationParams) -> InferenceParams {
         frequency_penalty: (s.frequency_penalty != 0.0).then_some(s.frequency_penalty),
         repetition_penalty: (s.repetition_penalty != 1.0).then_some(s.repetition_penalty),
         stop_sequences: (!p.decode.stop_strings.is_empty()).then_some(p.decode.stop_strings.len() as u32),
+        ..InferenceParams::default()
     }
+}
+
+/// [`audit_params`] plus the output constraint: its kind and the HMAC of its
+/// canonical text (see `ConstraintSpec::canonical_text`).
+fn audit_params_with_constraint(log: &AuditLog, p: &GenerationParams) -> InferenceParams {
+    let mut params = audit_params(p);
+    if let Some(c) = &p.constraint {
+        params.constraint = Some(c.spec.kind().as_str().to_string());
+        params.constraint_hmac = Some(log.hmac(&c.spec.canonical_text()).as_str().to_string());
+    }
+    params
 }
 
 /// What an inference request is, for its audit records.
@@ -129,7 +146,7 @@ impl InferenceAudit {
             .principal(audit_principal(subject.principal))
             .operation(subject.operation)
             .model(model.id.clone(), model.fingerprint.clone())
-            .params(audit_params(subject.params))
+            .params(audit_params_with_constraint(&log, subject.params))
             .prompt_hmac(log.hmac(subject.prompt));
         if let Some(addr) = subject.source.0 {
             base = base.source_addr(addr);

@@ -1,7 +1,8 @@
 //! The OpenAI-compatible HTTP API.
 //!
 //! A generation request flows: [`completions`] (handlers: validate with
-//! [`types`], encode the prompt) → [`generation`] (limits, audit start,
+//! [`types`], compile any output constraint with [`structured`], encode the
+//! prompt) → [`generation`] (limits, audit start,
 //! submission to the engine, accounting and the audit outcome) → one of two
 //! consumers: [`response::respond_whole`] (one JSON body) or
 //! [`sse::respond_stream`] (Server-Sent Events), both building their JSON with
@@ -15,6 +16,7 @@ pub mod json;
 pub mod meta;
 pub mod response;
 pub mod sse;
+pub mod structured;
 pub mod types;
 
 pub use error::ApiError;

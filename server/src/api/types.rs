@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::json::Fields;
+use super::structured::{parse_constraint, RequestedConstraint};
 use crate::config::LimitsConfig;
 
 /// Chat parameters OpenAI defines that Salus does not implement (400 naming them).
@@ -22,7 +23,6 @@ pub const UNSUPPORTED_CHAT: &[&str] = &[
     "functions",
     "function_call",
     "parallel_tool_calls",
-    "response_format",
     "audio",
     // The served models have no reasoning mode: refused by name, not ignored.
     "reasoning_effort",
@@ -55,6 +55,9 @@ pub struct GenerationParams {
     pub continuous_usage: bool,
     /// The client's end-user id (may identify a patient: treated as PHI).
     pub user: Option<Phi<String>>,
+    /// The output constraint (structured outputs) as requested; compiled into
+    /// `decode.constraint` before the request is audited and submitted.
+    pub constraint: Option<RequestedConstraint>,
 }
 
 /// Most `stop_token_ids` in one request.
@@ -260,6 +263,7 @@ fn parse_common(
     }
     let truncate_prompt_tokens = f.u64_in("truncate_prompt_tokens", 1, u32::MAX as u64)?.map(|n| n as usize);
     drop_inert_fields(f)?;
+    let constraint = parse_constraint(f, limits)?;
     Ok(GenerationParams {
         max_tokens,
         n,
@@ -270,6 +274,7 @@ fn parse_common(
         include_usage,
         continuous_usage,
         user,
+        constraint,
     })
 }
 

@@ -132,6 +132,14 @@ impl PromptCodec for ByteCodec {
     fn max_bytes_per_token(&self) -> usize {
         1
     }
+    /// Byte tokens; byte 0 ends the output.
+    fn compile_constraint(
+        &self,
+        spec: &salus_models::ConstraintSpec,
+    ) -> Result<salus_models::CompiledGrammar, salus_models::GrammarError> {
+        let tokens = (0..=255u8).map(|b| if b == 0 { Vec::new() } else { vec![b] }).collect();
+        salus_models::GrammarCompiler::from_token_bytes(tokens, 256, &[0])?.compile(spec)
+    }
 }
 
 struct Fixture {
@@ -377,9 +385,21 @@ async fn errors_never_echo_the_body() {
         (chat_body(json!({"CANARY-5": 1})), StatusCode::BAD_REQUEST, Value::Null),
         (chat_body(json!({"tools": [{"CANARY-6": 1}]})), StatusCode::BAD_REQUEST, json!("tools")),
         (
-            chat_body(json!({"response_format": {"type": "json_object"}})),
+            chat_body(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+                "type": "object", "description": "CANARY-12", "properties": {"CANARY-13 x": {"enum": ["CANARY-14"], "not": {}}}
+            }}}})),
             StatusCode::BAD_REQUEST,
             json!("response_format"),
+        ),
+        (
+            chat_body(json!({"structured_outputs": {"regex": "(CANARY-15"}})),
+            StatusCode::BAD_REQUEST,
+            json!("structured_outputs"),
+        ),
+        (
+            chat_body(json!({"structured_outputs": {"grammar": "start: CANARY-16 ::= ("}})),
+            StatusCode::BAD_REQUEST,
+            json!("structured_outputs"),
         ),
         (chat_body(json!({"logit_bias": {"CANARY-7": 1}})), StatusCode::BAD_REQUEST, json!("logit_bias")),
         (
@@ -727,3 +747,5 @@ async fn audit_auth_denied_and_cancelled_are_recorded() {
 mod compatibility;
 /// Denial-of-service regressions (audit flood, blocking tokenization, oversized prompts).
 mod hardening;
+/// Structured outputs: constraints compiled, cached, audited, refused.
+mod structured;

@@ -86,6 +86,10 @@ pub enum EngineError {
     /// A model or kernel error while generating (details logged by id only).
     #[error("internal engine error")]
     Internal,
+    /// A choice's output constraint failed while generating (its grammar ran
+    /// out of its per-token work budget); the request ends, the batch goes on.
+    #[error("output constraint failed")]
+    ConstraintFailed,
 }
 
 /// Cancels a request when dropped (or explicitly).

@@ -25,8 +25,8 @@ use std::time::Duration;
 use salus_models::paged_cache::{PagedCacheConfig, PagedKvCache};
 
 pub use crate::config::{
-    KvDtypeConfig, SchedulerConfig, DEFAULT_CPU_MAX_ADMISSIONS_PER_STEP, DEFAULT_CPU_MAX_PREFILL_TOKENS,
-    DEFAULT_KV_CACHE_BYTES,
+    KvDtypeConfig, SchedulerConfig, CPU_MASK_OVERLAP_MIN_SEQS, DEFAULT_CPU_MAX_ADMISSIONS_PER_STEP,
+    DEFAULT_CPU_MAX_PREFILL_TOKENS, DEFAULT_KV_CACHE_BYTES,
 };
 use salus_models::LoadedModel;
 
@@ -116,10 +116,21 @@ impl ContinuousBatchingEngine {
             }),
         };
         let w_shared = shared.clone();
-        let cache_idle = Duration::from_secs(cfg.prefix_cache_idle_secs);
+        let settings = worker::WorkerSettings {
+            cache_idle: Duration::from_secs(cfg.prefix_cache_idle_secs),
+            mask_overlap_min: match cfg.constraint_mask_overlap {
+                Some(true) => Some(1),
+                Some(false) => None,
+                // On a GPU the host idles during the pass; on a CPU the pass
+                // uses every core, and a helper thread pays off only when
+                // several masks are due (docs/performance.md).
+                None if !device.is_cpu() => Some(1),
+                None => Some(CPU_MASK_OVERLAP_MIN_SEQS),
+            },
+        };
         std::thread::Builder::new()
             .name("salus-batch-engine".into())
-            .spawn(move || worker::run(lm, cache, limits, cache_idle, rx, w_shared))
+            .spawn(move || worker::run(lm, cache, limits, settings, rx, w_shared))
             .map_err(SchedulerError::Thread)?;
         tracing::info!(
             kv_blocks = cache_cfg.num_blocks,
@@ -131,6 +142,7 @@ impl ContinuousBatchingEngine {
             prefix_cache = cfg.prefix_cache,
             prefix_cache_idle_secs = cfg.prefix_cache_idle_secs,
             kv_prefault = cfg.kv_prefault,
+            constraint_mask_overlap_min_seqs = settings.mask_overlap_min.unwrap_or(0),
             "continuous batching engine started"
         );
         Ok(ContinuousBatchingEngine {

@@ -58,13 +58,24 @@ struct Worker {
     /// Cached prefix blocks idle for longer are dropped.
     cache_idle: Duration,
     last_expiry: Instant,
+    mask_overlap_min: Option<usize>,
+}
+
+/// How the worker runs (from the scheduler config).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WorkerSettings {
+    /// Cached prefix blocks idle for longer are dropped.
+    pub cache_idle: Duration,
+    /// Grammar masks are computed on a helper thread during the forward pass
+    /// when a step has at least this many constrained sequences (`None`: never).
+    pub mask_overlap_min: Option<usize>,
 }
 
 pub(crate) fn run(
     lm: Arc<LoadedModel>,
     cache: PagedKvCache,
     limits: PolicyLimits,
-    cache_idle: Duration,
+    settings: WorkerSettings,
     rx: Receiver<Submission>,
     shared: Arc<Shared>,
 ) {
@@ -77,8 +88,9 @@ pub(crate) fn run(
         next_request: 0,
         next_seq: 0,
         steps: 0,
-        cache_idle,
+        cache_idle: settings.cache_idle,
         last_expiry: Instant::now(),
+        mask_overlap_min: settings.mask_overlap_min,
     };
     loop {
         w.expire_cached();
@@ -194,8 +206,12 @@ impl Worker {
 
     /// Fails a request: one `Failed` event, all its sequences removed.
     fn fail_request(&mut self, rid: u64) {
+        self.fail_request_with(rid, EngineError::Internal);
+    }
+
+    fn fail_request_with(&mut self, rid: u64, error: EngineError) {
         if let Some(r) = self.requests.remove(&rid) {
-            let _ = r.events.send(GenerationEvent::Failed { error: EngineError::Internal });
+            let _ = r.events.send(GenerationEvent::Failed { error });
             for s in r.seqs {
                 self.policy.remove(s);
                 self.seqs.remove(&s);
@@ -237,11 +253,44 @@ impl Worker {
             return;
         }
         let lm = self.lm.clone();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> salus_models::Result<Vec<f32>> {
-            let batch = self.policy.build_batch(&plan)?;
-            let logits = lm.model.forward(&batch, self.policy.blocks_mut())?;
+        let policy = &mut self.policy;
+        let forward = std::panic::AssertUnwindSafe(|| -> salus_models::Result<Vec<f32>> {
+            let batch = policy.build_batch(&plan)?;
+            let logits = lm.model.forward(&batch, policy.blocks_mut())?;
             Ok(logits.flatten_all()?.to_vec1::<f32>()?)
-        }));
+        });
+        // The grammar masks of this step's constrained sequences depend only on
+        // the tokens they accepted: computed beside the forward pass when
+        // overlapping is on, else by each decoder's step after it.
+        let mut constrained: Vec<&mut ChoiceDecoder> = Vec::new();
+        if let Some(min) = self.mask_overlap_min {
+            let sampling: std::collections::HashSet<SeqId> =
+                plan.seqs.iter().filter(|s| s.samples).map(|s| s.seq).collect();
+            constrained = self
+                .seqs
+                .iter_mut()
+                .filter(|(id, c)| sampling.contains(id) && c.decoder.is_constrained())
+                .map(|(_, c)| &mut c.decoder)
+                .collect();
+            if constrained.len() < min {
+                constrained.clear();
+            }
+        }
+        let result = if constrained.is_empty() {
+            std::panic::catch_unwind(forward)
+        } else {
+            std::thread::scope(|scope| {
+                let masks = scope.spawn(move || {
+                    for d in constrained {
+                        // A failure is reported by the decoder's step.
+                        let _ = d.prepare();
+                    }
+                });
+                let r = std::panic::catch_unwind(forward);
+                let _ = masks.join();
+                r
+            })
+        };
         self.steps += 1;
         let logits = match result {
             Ok(Ok(l)) => l,
@@ -284,6 +333,11 @@ impl Worker {
         let tokens = self.policy.tokens(seq);
         let step = match ctx.decoder.step(&self.lm.tokenizer, logits, tokens, self.policy.prompt_len(seq)) {
             Ok(s) => s,
+            Err(salus_models::ModelError::Grammar(e)) => {
+                tracing::warn!(request_id = %req.id.0, error = %e, "output constraint failed");
+                self.fail_request_with(rid, EngineError::ConstraintFailed);
+                return;
+            }
             Err(e) => {
                 tracing::error!(request_id = %req.id.0, error = %e, "decoding step failed");
                 self.fail_request(rid);
