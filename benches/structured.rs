@@ -9,9 +9,15 @@
 //!   (same prompts, greedy, `max_tokens` 128), with the masks computed after
 //!   the forward pass and beside it (`scheduler.constraint_mask_overlap`).
 //!
-//! Decode tok/s = tokens after each request's first / (wall time − mean TTFT):
-//! constrained outputs end when their JSON is complete, so whole-request tok/s
-//! would mix prefill into the comparison.
+//! * tool calling with `tool_choice: "required"` (three tools, the generic
+//!   Hermes rendering of the default model): latency from submission to the
+//!   complete call, p50/p95, at 1 and 8 streams, and the decode tok/s of the
+//!   arguments against unconstrained generation from the same prompts.
+//!
+//! Decode tok/s = streams × Σ(tokens after the first) / Σ(time after the first
+//! token), over the requests of a level: the rate while decoding. Constrained
+//! outputs end when their JSON is complete, and tool-calling prompts are long,
+//! so whole-request tok/s would mix prefill into the comparison.
 //!
 //! Run: `cargo bench --bench structured`. Environment: `SALUS_MODEL` (model
 //! path), `SALUS_BENCH_LEVELS` (default `1,8`), `SALUS_BENCH_MAX_TOKENS` (128),
@@ -204,6 +210,87 @@ fn main() {
             default / free
         );
     }
+    tool_calls(&lm, &compiler, &levels, max_tokens);
+}
+
+/// The tool-calling part: `required` over three tools, Hermes format.
+fn tool_calls(lm: &Arc<LoadedModel>, compiler: &GrammarCompiler, levels: &[usize], max_tokens: usize) {
+    use salus_models::chat::{ChatMessage, RenderOptions, Role, ToolDefinitions};
+    use salus_models::tool_calls::ToolCallFormat;
+    let tools = serde_json::json!([
+        {"type": "function", "function": {"name": "get_lab_results", "description": "Latest lab results of a patient",
+            "parameters": {"type": "object", "properties": {"mrn": {"type": "string", "maxLength": 12},
+                "test": {"enum": ["potassium", "sodium", "creatinine"]}}, "required": ["mrn", "test"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "schedule_appointment", "description": "Book a clinic visit",
+            "parameters": {"type": "object", "properties": {"mrn": {"type": "string", "maxLength": 12},
+                "date": {"type": "string", "format": "date"}}, "required": ["mrn", "date"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "check_formulary", "description": "Whether a drug is on the formulary",
+            "parameters": {"type": "object", "properties": {"drug": {"type": "string", "maxLength": 30}},
+                "required": ["drug"], "additionalProperties": false}}}
+    ]);
+    let defs: Vec<serde_json::Value> = tools.as_array().unwrap().clone();
+    let named: Vec<(String, serde_json::Value)> = defs
+        .iter()
+        .map(|t| (t["function"]["name"].as_str().unwrap().to_string(), t["function"]["parameters"].clone()))
+        .collect();
+    let allowed: Vec<(&str, &serde_json::Value)> = named.iter().map(|(n, p)| (n.as_str(), p)).collect();
+    let lark = ToolCallFormat::Hermes.call_grammar(&allowed, false);
+    let t = Instant::now();
+    let grammar = Arc::new(compiler.compile(&ConstraintSpec::Grammar(Phi::new(lark))).expect("call grammar"));
+    println!("\ntool calling (required, 3 tools): call grammar compiled in {:.2} ms", ms(t.elapsed()));
+    let template = lm.chat_template.as_ref().expect("chat template");
+    let asks = [
+        "What is the latest potassium of patient MRN 4471?",
+        "Book patient MRN 2210 into the diabetes clinic next Monday.",
+        "Is apixaban 5 mg on the formulary?",
+        "Check the creatinine of MRN 9034 before the contrast scan.",
+    ];
+    let prompts: Vec<Vec<u32>> = asks
+        .iter()
+        .map(|a| {
+            let opts = RenderOptions { tools: ToolDefinitions(defs.clone()), ..RenderOptions::default() };
+            let text = template.render_with(&[ChatMessage::new(Role::User, *a)], &opts).expect("render");
+            lm.tokenizer.encode(text.expose(), false).expect("tokenize")
+        })
+        .collect();
+    let prompts = Arc::new(prompts);
+    println!(
+        "{:>7} {:>12} {:>12} {:>14} {:>14} {:>7}",
+        "streams", "call p50 ms", "call p95 ms", "args tok/s", "free tok/s", "ratio"
+    );
+    for &c in levels {
+        let n = (2 * c).max(4);
+        let e = engine(lm, None);
+        let free = level(&e, &prompts, c, n, max_tokens, None);
+        let counter = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..c)
+            .map(|_| {
+                let (e, prompts, counter, g) = (e.clone(), prompts.clone(), counter.clone(), grammar.clone());
+                std::thread::spawn(move || {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = counter.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break out;
+                        }
+                        let start = Instant::now();
+                        let (ttft, ids) = run_one(&e, &prompts[i % prompts.len()], i, max_tokens, Some(g.clone()));
+                        out.push((start.elapsed(), ttft, ids.len()));
+                    }
+                })
+            })
+            .collect();
+        let results: Vec<(Duration, Duration, usize)> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        let args = decode_rate(c, results.iter().map(|r| (r.0.saturating_sub(r.1), r.2)));
+        let mut lat: Vec<f64> = results.iter().map(|r| ms(r.0)).collect();
+        lat.sort_by(f64::total_cmp);
+        println!(
+            "{c:>7} {:>12.0} {:>12.0} {args:>14.1} {free:>14.1} {:>7.2}",
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.95),
+            args / free
+        );
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -226,7 +313,6 @@ fn level(
     grammar: Option<Arc<CompiledGrammar>>,
 ) -> f64 {
     let counter = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
     let threads: Vec<_> = (0..c)
         .map(|_| {
             let (engine, prompts, counter, grammar) =
@@ -238,17 +324,26 @@ fn level(
                     if i >= n {
                         break out;
                     }
+                    let start = Instant::now();
                     let (ttft, ids) = run_one(&engine, &prompts[i % prompts.len()], i, max_tokens, grammar.clone());
-                    out.push((ttft, ids.len()));
+                    out.push((start.elapsed().saturating_sub(ttft), ids.len()));
                 }
             })
         })
         .collect();
     let results: Vec<(Duration, usize)> = threads.into_iter().flat_map(|t| t.join().expect("bench thread")).collect();
-    let wall = start.elapsed().as_secs_f64();
-    let mean_ttft = results.iter().map(|r| r.0.as_secs_f64()).sum::<f64>() / results.len().max(1) as f64;
-    let decoded: usize = results.iter().map(|r| r.1.saturating_sub(1)).sum();
-    decoded as f64 / (wall - mean_ttft).max(1e-9)
+    decode_rate(c, results.iter().map(|r| (r.0, r.1)))
+}
+
+/// `streams` × tokens after the first / time after the first token, summed
+/// over requests given as (time after the first token, tokens).
+fn decode_rate(streams: usize, requests: impl Iterator<Item = (Duration, usize)>) -> f64 {
+    let (mut time, mut tokens) = (0.0, 0usize);
+    for (d, n) in requests {
+        time += d.as_secs_f64();
+        tokens += n.saturating_sub(1);
+    }
+    streams as f64 * tokens as f64 / time.max(1e-9)
 }
 
 /// One greedy request: its time to first token and its token ids.

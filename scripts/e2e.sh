@@ -27,10 +27,12 @@ else
   BIN="$TARGET_DIR/debug/salus"
 fi
 VENV="${SALUS_E2E_VENV:-$TARGET_DIR/e2e-venv}"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai, jsonschema" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai, jsonschema, langchain_openai" 2>/dev/null; then
   python3 -m venv "$VENV"
-  # jsonschema validates the structured outputs (tests/e2e/test_structured_outputs.py).
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3" "jsonschema>=4.18,<5"
+  # jsonschema validates structured outputs and tool arguments; LangChain is a
+  # real tool-calling client (tests/e2e/test_structured_outputs.py, test_tools.py).
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3" "jsonschema>=4.18,<5" \
+    "langchain-openai>=0.2,<2"
 fi
 MODEL="$("$ROOT/scripts/fetch-model.sh")"
 
@@ -91,6 +93,11 @@ SALUS_E2E_KEY="$INFERENCE_KEY" SALUS_E2E_METRICS_KEY="$METRICS_KEY" SALUS_E2E_RE
 SALUS_E2E_BASE="https://127.0.0.1:$PORT" SALUS_E2E_CA="$WORK/cert.pem" SALUS_E2E_MODEL=smollm2-135m \
 SALUS_E2E_KEY="$INFERENCE_KEY" \
   "$VENV/bin/python" "$ROOT/tests/e2e/test_structured_outputs.py" || status=$?
+
+# Tool calling through the SDK and LangChain.
+SALUS_E2E_BASE="https://127.0.0.1:$PORT" SALUS_E2E_CA="$WORK/cert.pem" SALUS_E2E_MODEL=smollm2-135m \
+SALUS_E2E_KEY="$INFERENCE_KEY" \
+  "$VENV/bin/python" "$ROOT/tests/e2e/test_tools.py" || status=$?
 
 # The production steps of docs/deployment.md, run verbatim with a server of their
 # own (plus: every configs/salus.toml key is in docs/configuration.md, every test

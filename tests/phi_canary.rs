@@ -11,7 +11,9 @@
 //! key, malformed JSON, invalid UTF-8, an oversized body, a context overflow,
 //! `n=2`, a completed stream and a stream cancelled midway, structured-output
 //! schemas (enum values, descriptions, property names, consts, choices) accepted
-//! and refused, regexes and grammars that do not compile — stops the server with
+//! and refused, regexes and grammars that do not compile, tools (a description,
+//! generated call arguments, a history call's arguments, a tool result) — stops
+//! the server with
 //! SIGTERM and scans every byte the process produced outside the HTTP responses
 //! (stdout, stderr, log file, `/metrics`, the dev (with the audit trail), home,
 //! temp and working directories, and the decrypted audit records) for
@@ -520,6 +522,29 @@ fn campaign(model_file: &Path, log_to_file: bool) -> Campaign {
     body["structured_outputs"] = serde_json::json!({"choice": [cn.mint("structured_outputs choice"), "no"]});
     let r = s.post("/v1/chat/completions", &body);
     assert_eq!(r.status, 200, "{}", r.text());
+
+    // 4c. Tool calling: canaries in a tool's description and in the only value
+    // its arguments may take (so the generated call carries it), in a history
+    // call's arguments and in a tool result.
+    let (arg_c, result_c) = (cn.mint("history call arguments"), cn.mint("tool result"));
+    let mut body = chat(
+        &model,
+        serde_json::json!([
+            {"role": "user", "content": cn.mint("tool-calling user message")},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_h1", "type": "function",
+                "function": {"name": "get_lab", "arguments": format!("{{\"mrn\": \"{arg_c}\"}}")}}]},
+            {"role": "tool", "tool_call_id": "call_h1", "content": format!("potassium 4.1 for {result_c}")},
+        ]),
+    );
+    body["max_tokens"] = 60.into();
+    body["tools"] = serde_json::json!([{"type": "function", "function": {"name": "get_lab",
+        "description": cn.mint("tool description"),
+        "parameters": {"type": "object", "properties": {"mrn": {"enum": [cn.mint("generated call arguments")]}},
+            "required": ["mrn"], "additionalProperties": false}}}]);
+    body["tool_choice"] = "required".into();
+    let r = s.post("/v1/chat/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("tool_calls"), "{}", r.text());
 
     // 5. Error paths, each with its own canary.
     let msg = |c: String| serde_json::json!([{"role": "user", "content": c}]);

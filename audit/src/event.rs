@@ -227,6 +227,13 @@ pub struct InferenceParams {
     /// grammar may hold PHI: never stored itself).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub constraint_hmac: Option<String>,
+    /// The names of the tools offered (app-defined identifiers, never their
+    /// descriptions or schemas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools_offered: Option<Vec<String>>,
+    /// The names of the tools the output called (`inference.completed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools_called: Option<Vec<String>>,
 }
 
 /// `HMAC-SHA256(audit HMAC key, text)` in hex. Only the audit log (or

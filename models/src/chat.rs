@@ -12,6 +12,12 @@
 //! `apply_chat_template` (`trim_blocks`, `lstrip_blocks`, Python string methods
 //! through minijinja-contrib's pycompat, `raise_exception`, `strftime_now`).
 //!
+//! Tool calling: templates get the request's `tools` and messages with
+//! `tool_calls` and `tool_call_id`, as Hugging Face passes them. A template that
+//! knows no tools (SmolLM2's ChatML) gets a generic rendering instead
+//! ([`tools`]): the tool list in the system prompt and calls written in the
+//! Hermes `<tool_call>` format.
+//!
 //! Messages are PHI. The rendered prompt is returned as [`Phi`]; render errors
 //! carry only the error kind and template line, never a message's text
 //! (minijinja's own error text may quote template source or values).
@@ -24,6 +30,12 @@ use serde_json::Value as Json;
 
 use crate::{ModelError, ModelSource, Phi, Result};
 
+pub mod tools;
+
+pub use tools::{HistoryToolCall, ToolDefinitions};
+
+use crate::tool_calls::ToolCallFormat;
+
 const TEMPLATE_NAME: &str = "chat";
 
 /// The author of a chat message.
@@ -32,6 +44,8 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// A tool's result (`tool_call_id` names the call it answers).
+    Tool,
 }
 
 impl Role {
@@ -41,6 +55,7 @@ impl Role {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
 }
@@ -52,21 +67,26 @@ impl std::str::FromStr for Role {
             "system" | "developer" => Ok(Role::System),
             "user" => Ok(Role::User),
             "assistant" => Ok(Role::Assistant),
+            "tool" => Ok(Role::Tool),
             _ => Err(ModelError::ChatTemplate("unknown message role".into())),
         }
     }
 }
 
-/// One chat message. `content` is PHI.
+/// One chat message. `content` and the calls' arguments are PHI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatMessage {
     pub role: Role,
     pub content: Phi<String>,
+    /// The calls an assistant message made (its `content` may then be empty).
+    pub tool_calls: Vec<HistoryToolCall>,
+    /// The call a tool message answers.
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        ChatMessage { role, content: Phi::new(content.into()) }
+        ChatMessage { role, content: Phi::new(content.into()), tool_calls: Vec::new(), tool_call_id: None }
     }
 }
 
@@ -75,6 +95,11 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos: Option<String>,
     eos: Option<String>,
+    /// The template renders `tools` itself (its source mentions them).
+    knows_tools: bool,
+    /// How this model writes tool calls: detected from the template, set by
+    /// the configuration, or Hermes for the generic rendering.
+    tool_format: Option<ToolCallFormat>,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -96,9 +121,33 @@ impl ChatTemplate {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", strftime_now);
+        // Python's `json.dumps` separators, no HTML escaping (minijinja's own
+        // `tojson` writes compact JSON with `<` as `\u003c`: tool lists and
+        // call arguments would not read as the model was trained on).
+        env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, template_source.to_owned())
             .map_err(|e| sanitize("the chat template does not compile", &e))?;
-        Ok(ChatTemplate { env, bos, eos })
+        let knows_tools = template_source.contains("tools");
+        let tool_format =
+            if knows_tools { ToolCallFormat::detect(template_source) } else { Some(ToolCallFormat::Hermes) };
+        Ok(ChatTemplate { env, bos, eos, knows_tools, tool_format })
+    }
+
+    /// Sets how the model writes tool calls (the `model.tool_parser` override).
+    pub fn with_tool_format(mut self, format: ToolCallFormat) -> Self {
+        self.tool_format = Some(format);
+        self
+    }
+
+    /// How this model writes tool calls; `None` when its template renders tools
+    /// in a format Salus does not parse (tool calling is then refused).
+    pub fn tool_format(&self) -> Option<ToolCallFormat> {
+        self.tool_format
+    }
+
+    /// Whether the template renders tools itself (else the generic rendering).
+    pub fn knows_tools(&self) -> bool {
+        self.knows_tools
     }
 
     /// The template configured for a model: `override_template` if given, else
@@ -181,15 +230,24 @@ impl ChatTemplate {
     /// Renders with the request's template options (vLLM's
     /// `chat_template_kwargs`, `add_generation_prompt`, `continue_final_message`).
     pub fn render_with(&self, messages: &[ChatMessage], opts: &RenderOptions) -> Result<Phi<String>> {
-        let msgs: Vec<HashMap<&str, &str>> = messages
-            .iter()
-            .map(|m| HashMap::from([("role", m.role.as_str()), ("content", m.content.expose().as_str())]))
-            .collect();
+        let uses_tools =
+            !opts.tools.is_empty() || messages.iter().any(|m| !m.tool_calls.is_empty() || m.role == Role::Tool);
+        let generic;
+        let (messages, tools) = if uses_tools && !self.knows_tools {
+            // The template knows no tools: the tool list goes into the system
+            // prompt, calls and results into ordinary turns.
+            generic = tools::generic_messages(messages, &opts.tools);
+            (generic.as_slice(), None)
+        } else {
+            (messages, (!opts.tools.is_empty()).then(|| minijinja::Value::from_serialize(opts.tools.expose())))
+        };
+        let msgs: Vec<minijinja::Value> = messages.iter().map(tools::template_message).collect();
         let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(|e| sanitize("the chat template is missing", &e))?;
         let extra = minijinja::Value::from_serialize(opts.kwargs.expose());
         let out = tmpl
             .render(context! {
                 messages => msgs,
+                tools => tools,
                 add_generation_prompt => opts.add_generation_prompt && !opts.continue_final_message,
                 bos_token => self.bos.as_deref().unwrap_or(""),
                 eos_token => self.eos.as_deref().unwrap_or(""),
@@ -227,11 +285,18 @@ pub struct RenderOptions {
     /// by the caller and never shadow `messages`, `bos_token`, `eos_token`,
     /// `add_generation_prompt` (those win). Client data: PHI.
     pub kwargs: TemplateKwargs,
+    /// The tools offered (`tools` of the request, OpenAI's shape); empty: none.
+    pub tools: ToolDefinitions,
 }
 
 impl Default for RenderOptions {
     fn default() -> Self {
-        RenderOptions { add_generation_prompt: true, continue_final_message: false, kwargs: TemplateKwargs::default() }
+        RenderOptions {
+            add_generation_prompt: true,
+            continue_final_message: false,
+            kwargs: TemplateKwargs::default(),
+            tools: ToolDefinitions::default(),
+        }
     }
 }
 
@@ -268,6 +333,29 @@ fn sanitize(what: &str, e: &minijinja::Error) -> ModelError {
         Some(line) => ModelError::ChatTemplate(format!("{what} ({kind}, template line {line})")),
         None => ModelError::ChatTemplate(format!("{what} ({kind})")),
     }
+}
+
+/// `tojson` as Hugging Face renders it (`json.dumps(value, ensure_ascii=False,
+/// indent=indent)`).
+fn tojson(
+    value: minijinja::Value,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<minijinja::Value, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let text = match indent {
+        Some(n) => {
+            let pad = vec![b' '; n.min(16)];
+            let mut out = Vec::new();
+            let fmt = serde_json::ser::PrettyFormatter::with_indent(&pad);
+            let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+            serde::Serialize::serialize(&value, &mut ser)
+                .map_err(|_| minijinja::Error::new(ErrorKind::InvalidOperation, "tojson"))?;
+            String::from_utf8(out).unwrap_or_default()
+        }
+        None => crate::tool_calls::python_style_json(&value),
+    };
+    Ok(minijinja::Value::from_safe_string(text))
 }
 
 /// `strftime_now(format)` as Hugging Face templates use it (Llama 3.x):
@@ -423,7 +511,8 @@ mod tests {
     fn roles_parse() {
         assert_eq!("user".parse::<Role>().unwrap(), Role::User);
         assert_eq!("developer".parse::<Role>().unwrap(), Role::System);
-        assert!("tool".parse::<Role>().is_err());
+        assert_eq!("tool".parse::<Role>().unwrap(), Role::Tool);
+        assert!("function".parse::<Role>().is_err());
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub mod single_stream;
 pub mod source;
 pub mod stop;
 pub mod tokenizer;
+pub mod tool_calls;
 pub mod weights;
 
 pub use batch::{PackedBatch, SeqId, SeqSpan};

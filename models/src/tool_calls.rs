@@ -35,7 +35,6 @@
 
 use std::io;
 
-use serde::Serialize;
 use serde_json::Value as Json;
 
 use crate::Phi;
@@ -114,11 +113,9 @@ impl ToolCallFormat {
         }
         let objects: Vec<String> = calls.iter().map(|(name, args)| self.call_object(name, args)).collect();
         match self {
-            ToolCallFormat::Hermes => objects
-                .iter()
-                .map(|o| format!("{HERMES_OPEN}\n{o}\n{HERMES_CLOSE}"))
-                .collect::<Vec<_>>()
-                .join("\n"),
+            ToolCallFormat::Hermes => {
+                objects.iter().map(|o| format!("{HERMES_OPEN}\n{o}\n{HERMES_CLOSE}")).collect::<Vec<_>>().join("\n")
+            }
             ToolCallFormat::Llama3Json => objects.join("; "),
             ToolCallFormat::Mistral => format!("{MISTRAL_MARKER}[{}]", objects.join(", ")),
         }
@@ -143,8 +140,8 @@ impl ToolCallFormat {
     /// which they are special tokens.
     ///
     /// The schemas should have passed [`crate::grammar::schema_check::check`].
-    /// A `null` schema means no parameters (`{}`). With no tools the grammar does
-    /// not compile.
+    /// A `null` schema means no parameters (`{}`). With no tools the grammar is
+    /// empty, which [`crate::grammar::GrammarCompiler::compile`] refuses.
     pub fn call_grammar(self, tools: &[(&str, &Json)], parallel: bool) -> String {
         self.call_grammar_with_special_tokens(tools, parallel, &[])
     }
@@ -160,6 +157,9 @@ impl ToolCallFormat {
         parallel: bool,
         special_tokens: &[(&str, u32)],
     ) -> String {
+        if tools.is_empty() {
+            return String::new();
+        }
         let marker = |text: &str| match special_tokens.iter().find(|(t, _)| *t == text) {
             Some((_, id)) => format!("<[{id}]>"),
             None => lark_string(text),
@@ -204,7 +204,8 @@ fn arguments_schema(parameters: &Json) -> Json {
         other => serde_json::json!({ "allOf": [other] }),
     };
     if let Json::Object(map) = &mut schema {
-        // The arguments are an object whatever the schema says about its type.
+        // A call's arguments are an object. (A schema whose `type` is not
+        // `object` is the caller's to refuse: parse would not take such a call.)
         map.entry("type").or_insert_with(|| Json::String("object".into()));
         map.insert(
             "x-guidance".into(),
@@ -229,6 +230,13 @@ fn json_text_compact(value: &Json) -> String {
 
 /// JSON text with the separators `", "` and `": "` and no other whitespace.
 fn json_text(value: &Json) -> String {
+    python_style_json(value)
+}
+
+/// JSON text as Python's `json.dumps` writes it by default (separators `", "`
+/// and `": "`, no HTML escaping): what Hugging Face chat templates' `tojson`
+/// produces, so prompts match the ones the models were trained on.
+pub(crate) fn python_style_json<T: serde::Serialize + ?Sized>(value: &T) -> String {
     let mut out = Vec::new();
     let mut serializer = serde_json::Serializer::with_formatter(&mut out, SpacedFormatter);
     if value.serialize(&mut serializer).is_err() {
@@ -411,9 +419,19 @@ impl ToolCallStreamer {
                     Some(at) => {
                         let close = self.searched + at;
                         let end = close + HERMES_CLOSE.len();
-                        match hermes_call(&pending[HERMES_OPEN.len()..close]) {
-                            Some(call) => self.splitter.call(call),
-                            None => self.splitter.text(&pending[..end]),
+                        let inner = pending[HERMES_OPEN.len()..close].trim();
+                        match serde_json::from_str::<Json>(inner) {
+                            Ok(v) => match call_from_value(v) {
+                                Some(call) => self.splitter.call(call),
+                                None => self.splitter.text(&pending[..end]),
+                            },
+                            // The JSON is still open (a string holding
+                            // "</tool_call>"): the block ends at a later tag.
+                            Err(e) if e.is_eof() => {
+                                self.searched = end;
+                                continue;
+                            }
+                            Err(_) => self.splitter.text(&pending[..end]),
                         }
                         self.pending.expose_mut().drain(..end);
                         self.mode = Mode::Scan;

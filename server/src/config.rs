@@ -166,6 +166,10 @@ pub struct ModelConfig {
     pub chat_template: Option<PathBuf>,
     /// Compute device: `cpu` or `cuda:N`.
     pub device: String,
+    /// How the model writes tool calls: `hermes`, `llama3_json` or `mistral`.
+    /// Unset: detected from the chat template (a template without tools gets
+    /// the generic rendering, in the Hermes format).
+    pub tool_parser: Option<String>,
 }
 
 impl Default for ModelConfig {
@@ -177,6 +181,7 @@ impl Default for ModelConfig {
             allow_plaintext_weights: false,
             chat_template: None,
             device: "cpu".into(),
+            tool_parser: None,
         }
     }
 }
@@ -652,6 +657,14 @@ impl Config {
                 key: "server.max_connections_per_source",
                 reason: "must not exceed server.max_connections".into(),
             });
+        }
+        if let Some(p) = &self.model.tool_parser {
+            if salus_models::tool_calls::ToolCallFormat::from_name(p).is_none() {
+                return Err(ConfigError::Value {
+                    key: "model.tool_parser",
+                    reason: "must be hermes, llama3_json or mistral".into(),
+                });
+            }
         }
         let l = &self.limits;
         for (key, v) in [

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use salus_models::chat::{ChatMessage, RenderOptions};
 use salus_models::grammar::{CompiledGrammar, ConstraintSpec, GrammarCompiler, GrammarError};
+use salus_models::tool_calls::ToolCallFormat;
 use salus_models::{KernelConfig, LoadOptions, LoadedModel, Phi};
 
 use crate::config::ModelConfig;
@@ -26,6 +27,8 @@ pub enum ServedModelError {
     Model(#[from] salus_models::ModelError),
     #[error("chat template file {path}: {reason}")]
     Template { path: String, reason: String },
+    #[error("model.tool_parser must be hermes, llama3_json or mistral")]
+    ToolParser,
     #[error("model.device '{0}' is not a device (use \"cpu\" or \"cuda:N\")")]
     Device(String),
     #[error("model.device '{0}': this build has no CUDA support (build with `--features cuda`, or use \"cpu\")")]
@@ -96,6 +99,10 @@ impl ServedModel {
             None => None,
         };
         let device = open_device(&cfg.device)?;
+        let tool_format = match cfg.tool_parser.as_deref() {
+            Some(name) => Some(ToolCallFormat::from_name(name).ok_or(ServedModelError::ToolParser)?),
+            None => None,
+        };
         let template_override = match &cfg.chat_template {
             Some(p) => Some(
                 std::fs::read_to_string(p)
@@ -107,7 +114,10 @@ impl ServedModel {
         let dtype = compute_dtype(&device);
         let opts =
             LoadOptions { device, dtype, chat_template_override: template_override, kernels: Some(kernels.clone()) };
-        let lm = salus_models::load(&loaded.source, &opts)?;
+        let mut lm = salus_models::load(&loaded.source, &opts)?;
+        if let Some(format) = tool_format {
+            lm.chat_template = lm.chat_template.map(|t| t.with_tool_format(format));
+        }
         // Uploads to a GPU are finished before the engine's thread (another CUDA
         // stream) reads the weights, and before the host copy is released below.
         lm.model.device().synchronize().map_err(salus_models::ModelError::from)?;
@@ -196,6 +206,12 @@ impl PromptCodec for ModelCodec {
     }
     fn compile_constraint(&self, spec: &ConstraintSpec) -> Result<CompiledGrammar, GrammarError> {
         self.grammar.as_ref().map_err(Clone::clone)?.compile(spec)
+    }
+    fn tool_format(&self) -> Option<ToolCallFormat> {
+        self.lm.chat_template.as_ref()?.tool_format()
+    }
+    fn special_token_id(&self, text: &str) -> Option<u32> {
+        self.lm.tokenizer.token_to_id(text).filter(|&id| self.lm.tokenizer.is_special(id))
     }
 }
 

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use salus_models::chat::{ChatMessage, RenderOptions};
 use salus_models::grammar::{CompiledGrammar, ConstraintSpec, GrammarError};
+use salus_models::tool_calls::ToolCallFormat;
 use salus_models::Phi;
 
 use crate::api::structured::GrammarCache;
@@ -67,6 +68,11 @@ pub trait PromptCodec: Send + Sync + 'static {
     /// Compiles an output constraint over the model's vocabulary (blocking CPU
     /// work: called on the blocking pool).
     fn compile_constraint(&self, spec: &ConstraintSpec) -> Result<CompiledGrammar, GrammarError>;
+    /// How the model writes tool calls; `None` when tool calling is not
+    /// available (no chat template, or one whose call format is unknown).
+    fn tool_format(&self) -> Option<ToolCallFormat>;
+    /// The id of `text` when it is a special (control) token of the vocabulary.
+    fn special_token_id(&self, text: &str) -> Option<u32>;
 }
 
 /// What `/v1/models` says about the served model.

@@ -127,11 +127,11 @@ def check_errors():
         assert e.status_code == 400 and e.body["param"] == "response_format", e.body
         assert "uniqueItems" in e.body["message"], e.body
     try:
-        C.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2, tools=[{
-            "type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
-        raise AssertionError("tools accepted")
+        C.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2, extra_body={"functions": [{
+            "name": "f", "parameters": {"type": "object"}}]})
+        raise AssertionError("the deprecated functions parameter was accepted")
     except openai.BadRequestError as e:
-        assert e.body["param"] == "tools"
+        assert e.body["param"] == "functions", e.body
     try:
         C.chat.completions.create(model="no-such-model", messages=MSG, max_tokens=2)
         raise AssertionError("unknown model accepted")

@@ -10,7 +10,7 @@ use axum::response::Response;
 use salus_models::Phi;
 
 use super::error::ApiError;
-use super::generation::{self, Generation};
+use super::generation::{self, Generation, ToolCallMode};
 use super::inference_audit::{InferenceAudit, InferenceSubject, SourceAddr};
 use super::json::JsonObject;
 use super::response::{respond_whole, Endpoint, ResponseBuilder};
@@ -29,6 +29,9 @@ fn prompt_error(e: PromptError, param: &'static str, request_id: &str) -> ApiErr
         }
     }
 }
+
+/// Tool-call markers of the supported formats (special tokens in some vocabularies).
+const MARKERS: [&str; 4] = ["[TOOL_CALLS]", "<tool_call>", "</tool_call>", "<|python_tag|>"];
 
 /// The request names the served model, and the server is ready to serve it.
 fn check_servable(state: &AppState, model: &str) -> Result<(), ApiError> {
@@ -74,6 +77,7 @@ impl Inference<'_> {
         params: &GenerationParams,
         prompts: Vec<Phi<Vec<u32>>>,
         canonical_prompt: Phi<String>,
+        tool_calls: Option<ToolCallMode>,
     ) -> Result<Response, ApiError> {
         let plan = generation::plan(self.state, self.ctx, self.principal, prompts, params)?;
         let operation = match endpoint {
@@ -89,7 +93,10 @@ impl Inference<'_> {
         };
         let audit = InferenceAudit::start(self.state, self.ctx, subject).await?;
         drop(canonical_prompt);
-        let generation: Generation = plan.submit(self.state, self.ctx, audit).await?;
+        let mut generation: Generation = plan.submit(self.state, self.ctx, audit).await?;
+        if let Some(mode) = tool_calls {
+            generation = generation.with_tool_calls(mode);
+        }
         let builder = ResponseBuilder::new(self.state, self.ctx, endpoint, params.logprobs);
         if params.stream {
             let usage = StreamUsage { include: params.include_usage, continuous: params.continuous_usage };
@@ -109,9 +116,39 @@ pub async fn chat_completions(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Inference)?;
-    let ValidatedChatRequest { model, messages, mut params, template } =
+    let ValidatedChatRequest { model, messages, mut params, template, tools } =
         ValidatedChatRequest::parse(body, state.limits())?;
     check_servable(&state, &model)?;
+    let tool_calls = match tools.as_ref().filter(|t| t.may_call()) {
+        Some(t) => {
+            let format = state.codec().tool_format().ok_or_else(|| {
+                ApiError::invalid(
+                    "tools",
+                    "this model's chat template writes tool calls in a format Salus does not parse (set model.tool_parser)",
+                )
+            })?;
+            // Markers that are special tokens must be allowed by id, and kept in
+            // the decoded text for the parser to see.
+            let specials: Vec<(&str, u32)> =
+                MARKERS.iter().filter_map(|m| state.codec().special_token_id(m).map(|id| (*m, id))).collect();
+            if !specials.is_empty() {
+                params.decode.skip_special_tokens = false;
+            }
+            let constraint = t.constraint(format, &specials);
+            let calls_only = constraint.is_some();
+            if let Some(c) = constraint {
+                if params.constraint.is_some() {
+                    return Err(ApiError::invalid(
+                        "tool_choice",
+                        "tool_choice required or a named function cannot be combined with an output constraint",
+                    ));
+                }
+                params.constraint = Some(c);
+            }
+            Some(ToolCallMode { format, parallel: t.parallel, calls_only })
+        }
+        None => None,
+    };
     compile_requested(&state, &principal, &mut params).await?;
     check_prompt_size(&state, &params, messages.iter().map(|m| m.content.expose().len()).sum())?;
     let prompt = state
@@ -120,7 +157,7 @@ pub async fn chat_completions(
         .map_err(|e| prompt_error(e, "messages", ctx.request_id()))?;
     // The canonical prompt of the audit HMAC: the text after the chat template.
     let inference = Inference { state: &state, ctx: &ctx, principal: &principal, source };
-    inference.run(Endpoint::Chat, &params, vec![prompt.ids], prompt.text).await
+    inference.run(Endpoint::Chat, &params, vec![prompt.ids], prompt.text, tool_calls).await
 }
 
 /// `POST /v1/completions`.
@@ -150,5 +187,8 @@ pub async fn completions(
         .map_err(|e| prompt_error(e, "prompt", ctx.request_id()))?;
     let inference = Inference { state: &state, ctx: &ctx, principal: &principal, source };
     // Length errors name this endpoint's prompt field.
-    inference.run(Endpoint::Completion, &params, prompts, canonical).await.map_err(|e| e.for_prompt_field("prompt"))
+    inference
+        .run(Endpoint::Completion, &params, prompts, canonical, None)
+        .await
+        .map_err(|e| e.for_prompt_field("prompt"))
 }

@@ -21,10 +21,12 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{BoxStream, StreamExt};
 use salus_models::paged_cache::PrefixScope;
+use salus_models::tool_calls::{StreamPiece, ToolCallFormat, ToolCallStreamer};
 use salus_models::{DecodeParams, Phi};
 
 use super::error::ApiError;
 use super::inference_audit::InferenceAudit;
+use super::tools::{new_call_id, ToolCall};
 use super::types::GenerationParams;
 use crate::auth::AuthenticatedPrincipal;
 use crate::engine::{FinishReason, GenerationEvent, GenerationHandle, GenerationRequest, RequestId, TokenLogprob};
@@ -162,15 +164,34 @@ impl Plan {
             streamed_tokens: 0,
             failure: None,
             audit,
+            tool_calls: None,
+            pending: None,
         })
     }
+}
+
+/// How a generation's output is parsed for tool calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ToolCallMode {
+    /// How the model writes calls.
+    pub format: ToolCallFormat,
+    /// More than one call per choice (`parallel_tool_calls`).
+    pub parallel: bool,
+    /// Decoding was constrained to calls only (`tool_choice` required or named).
+    pub calls_only: bool,
 }
 
 /// One choice as it accumulates.
 #[derive(Debug, Default)]
 pub struct ChoiceOutput {
-    /// The text so far (PHI).
+    /// The text so far, as generated (PHI): calls included. The completion
+    /// HMAC covers it.
     pub text: Phi<String>,
+    /// With tool calling: the text outside calls (PHI), and the calls.
+    pub content: Option<Phi<String>>,
+    pub tool_calls: Vec<ToolCall>,
+    /// Splits the text into content and calls while it streams.
+    streamer: Option<ToolCallStreamer>,
     /// Every token's logprobs so far, when requested.
     pub logprobs: Vec<TokenLogprob>,
     pub finish: Option<FinishReason>,
@@ -180,13 +201,30 @@ pub struct ChoiceOutput {
     pub cached_prompt_tokens: usize,
 }
 
+impl ChoiceOutput {
+    /// The message text: the content outside tool calls, or all of it.
+    pub fn content(&self) -> &Phi<String> {
+        self.content.as_ref().unwrap_or(&self.text)
+    }
+
+    /// OpenAI's `finish_reason`: `tool_calls` when the choice called tools.
+    pub fn finish_reason(&self) -> &'static str {
+        match self.finish {
+            _ if !self.tool_calls.is_empty() => "tool_calls",
+            Some(r) => r.as_str(),
+            None => FinishReason::Stop.as_str(),
+        }
+    }
+}
+
 /// What a consumer forwards to the client.
 #[derive(Debug)]
 pub enum Update {
-    /// New text (possibly empty when only logprobs are new) of `choice`.
-    Delta { choice: usize, text: Phi<String>, logprobs: Vec<TokenLogprob> },
-    /// `choice` ended.
-    Finished { choice: usize, reason: FinishReason },
+    /// New text (possibly empty when only logprobs or calls are new) of
+    /// `choice`, and the tool calls that became complete.
+    Delta { choice: usize, text: Phi<String>, logprobs: Vec<TokenLogprob>, tool_calls: Vec<ToolCall> },
+    /// `choice` ended; `reason` is OpenAI's `finish_reason`.
+    Finished { choice: usize, reason: &'static str },
 }
 
 /// Token counts of a finished generation.
@@ -222,6 +260,10 @@ pub struct Generation {
     /// Set when the generation failed; [`Self::finish`] records it.
     failure: Option<ApiError>,
     audit: InferenceAudit,
+    /// Tool calling: how calls are written, and how many may be made.
+    tool_calls: Option<ToolCallMode>,
+    /// An update held back by [`Self::next`] (a choice's end, after its flush).
+    pending: Option<Update>,
 }
 
 impl Generation {
@@ -240,10 +282,50 @@ impl Generation {
         self.choices.len()
     }
 
+    /// Parses every choice's output for tool calls (see [`ToolCallMode`]).
+    pub fn with_tool_calls(mut self, mode: ToolCallMode) -> Self {
+        self.tool_calls = Some(mode);
+        for c in &mut self.choices {
+            c.content = Some(Phi::new(String::new()));
+            c.streamer = Some(ToolCallStreamer::new(mode.format));
+        }
+        self
+    }
+
+    /// Takes a piece of the tool-call splitter into choice `index`: its content
+    /// text, and its calls (ids assigned; beyond the first dropped unless parallel).
+    fn split_piece(&mut self, index: usize, piece: StreamPiece) -> (Phi<String>, Vec<ToolCall>) {
+        let Some(mode) = self.tool_calls else { return (piece.content, Vec::new()) };
+        let parallel = mode.parallel;
+        let c = &mut self.choices[index];
+        let mut calls = Vec::new();
+        for call in piece.calls {
+            if !parallel && !c.tool_calls.is_empty() {
+                break;
+            }
+            let call =
+                ToolCall { index: c.tool_calls.len(), id: new_call_id(), name: call.name, arguments: call.arguments };
+            c.tool_calls.push(call.clone());
+            calls.push(call);
+        }
+        if mode.calls_only {
+            // Decoding allowed nothing but calls: what is left is a call that
+            // `max_tokens` cut off, not content.
+            return (Phi::new(String::new()), calls);
+        }
+        if let Some(content) = &mut c.content {
+            content.expose_mut().push_str(piece.content.expose());
+        }
+        (piece.content, calls)
+    }
+
     /// The next update to forward, after accounting for it; `None` once every
     /// choice has finished or the generation failed (then call [`Self::finish`]).
     /// Cancel-safe: it awaits only the engine's event stream.
     pub async fn next(&mut self) -> Option<Update> {
+        if let Some(u) = self.pending.take() {
+            return Some(u);
+        }
         while self.remaining > 0 && self.failure.is_none() {
             let Some((index, event)) = self.events.next().await else {
                 tracing::error!(request_id = %self.request_id, "engine closed the event stream early");
@@ -264,7 +346,14 @@ impl Generation {
                     let c = &mut self.choices[index];
                     c.text.expose_mut().push_str(text.expose());
                     c.logprobs.extend(logprobs.iter().cloned());
-                    return Some(Update::Delta { choice: index, text, logprobs });
+                    let (text, tool_calls) = match c.streamer.as_mut().map(|st| st.push(text.expose())) {
+                        Some(piece) => self.split_piece(index, piece),
+                        None => (text, Vec::new()),
+                    };
+                    if text.expose().is_empty() && logprobs.is_empty() && tool_calls.is_empty() {
+                        continue;
+                    }
+                    return Some(Update::Delta { choice: index, text, logprobs, tool_calls });
                 }
                 GenerationEvent::Finished { choice, reason, completion_tokens, cached_prompt_tokens } => {
                     let c = &mut self.choices[index];
@@ -276,7 +365,17 @@ impl Generation {
                     // A prompt's cached tokens count once: on its first choice.
                     c.cached_prompt_tokens = if choice == 0 { cached_prompt_tokens } else { 0 };
                     self.remaining -= 1;
-                    return Some(Update::Finished { choice: index, reason });
+                    let flushed = c.streamer.take().map(|mut st| st.finish());
+                    let Some(piece) = flushed else {
+                        return Some(Update::Finished { choice: index, reason: self.choices[index].finish_reason() });
+                    };
+                    let (text, tool_calls) = self.split_piece(index, piece);
+                    let finished = Update::Finished { choice: index, reason: self.choices[index].finish_reason() };
+                    if text.expose().is_empty() && tool_calls.is_empty() {
+                        return Some(finished);
+                    }
+                    self.pending = Some(finished);
+                    return Some(Update::Delta { choice: index, text, logprobs: Vec::new(), tool_calls });
                 }
                 GenerationEvent::Failed { error } => {
                     self.failure = Some(ApiError::from_engine(&error, &self.request_id));
@@ -290,6 +389,11 @@ impl Generation {
     /// Drains the generation to its end (the non-streaming consumer).
     pub async fn run_to_end(&mut self) {
         while self.next().await.is_some() {}
+    }
+
+    /// The names of the tools the choices called, in order (for the audit record).
+    fn tools_called(&self) -> Vec<String> {
+        self.choices.iter().flat_map(|c| c.tool_calls.iter().map(|t| t.name.clone())).collect()
     }
 
     /// Records the outcome and returns it: `inference.completed` (durable
@@ -325,7 +429,8 @@ impl Generation {
         }
         let texts: Vec<&Phi<String>> = self.choices.iter().map(|c| &c.text).collect();
         let hmac = self.audit.completion_hmac(&texts);
-        if let Err(e) = self.audit.completed(usage.prompt_tokens, usage.completion_tokens, hmac).await {
+        let called = self.tools_called();
+        if let Err(e) = self.audit.completed(usage.prompt_tokens, usage.completion_tokens, hmac, called).await {
             // Fail closed: no durable record of this inference, no (further) output.
             tracing::error!(request_id = %self.request_id, error = %e, "audit: inference.completed not recorded; output withheld");
             return Err(self.internal_error());

@@ -92,6 +92,9 @@ pub fn audit_params(p: &GenerationParams) -> InferenceParams {
 /// canonical text (see `ConstraintSpec::canonical_text`).
 fn audit_params_with_constraint(log: &AuditLog, p: &GenerationParams) -> InferenceParams {
     let mut params = audit_params(p);
+    if !p.tools_offered.is_empty() {
+        params.tools_offered = Some(p.tools_offered.clone());
+    }
     if let Some(c) = &p.constraint {
         params.constraint = Some(c.spec.kind().as_str().to_string());
         params.constraint_hmac = Some(log.hmac(&c.spec.canonical_text()).as_str().to_string());
@@ -170,17 +173,25 @@ impl InferenceAudit {
     }
 
     /// Records `inference.completed`; an error means it is NOT recorded.
+    /// `tools_called` are the names of the tools the choices called (app-defined
+    /// identifiers; the arguments are covered by the completion HMAC only).
     pub async fn completed(
         &mut self,
         prompt_tokens: usize,
         completion_tokens: usize,
         completion_hmac: TextHmac,
+        tools_called: Vec<String>,
     ) -> Result<(), salus_audit::AuditError> {
         self.done = true;
-        let ev = with_kind(&self.base, EventKind::InferenceCompleted)
+        let mut ev = with_kind(&self.base, EventKind::InferenceCompleted)
             .tokens(clamp(prompt_tokens), clamp(completion_tokens))
             .latency(self.started.elapsed())
             .completion_hmac(completion_hmac);
+        if !tools_called.is_empty() {
+            if let Some(p) = ev.params.as_mut() {
+                p.tools_called = Some(tools_called);
+            }
+        }
         self.log.record(ev).await.map(|_| ())
     }
 

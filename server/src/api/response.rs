@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::generation::{ChoiceOutput, Completed, Generation, Usage};
-use crate::engine::{FinishReason, TokenLogprob};
+use super::tools::ToolCall;
+use crate::engine::TokenLogprob;
 use crate::state::{AppState, RequestContext};
 
 /// Which endpoint a response belongs to: decides `object` and the shape of a choice.
@@ -23,10 +24,10 @@ pub enum Endpoint {
 enum ChoicePart<'a> {
     /// The chat role delta sent before any token (streaming).
     Preamble,
-    /// New text and its logprobs (streaming).
-    Delta(&'a str, &'a [TokenLogprob]),
-    /// The end of the choice (streaming).
-    Finish(FinishReason),
+    /// New text, its logprobs and the tool calls that became complete (streaming).
+    Delta(&'a str, &'a [TokenLogprob], &'a [ToolCall]),
+    /// The end of the choice (streaming): OpenAI's `finish_reason`.
+    Finish(&'static str),
     /// The complete choice (non-streaming).
     Whole(&'a ChoiceOutput),
 }
@@ -81,10 +82,10 @@ impl ResponseBuilder {
     fn choice(&self, index: usize, part: ChoicePart<'_>) -> Value {
         let (text, logprobs, finish) = match &part {
             ChoicePart::Preamble => ("", None, None),
-            ChoicePart::Delta(text, lps) => (*text, Some(*lps), None),
+            ChoicePart::Delta(text, lps, _) => (*text, Some(*lps), None),
             ChoicePart::Finish(reason) => ("", None, Some(*reason)),
             ChoicePart::Whole(c) => {
-                (c.text.expose().as_str(), Some(c.logprobs.as_slice()), Some(c.finish.unwrap_or(FinishReason::Stop)))
+                (c.content().expose().as_str(), Some(c.logprobs.as_slice()), Some(c.finish_reason()))
             }
         };
         let logprobs = match logprobs {
@@ -94,14 +95,36 @@ impl ResponseBuilder {
             },
             _ => Value::Null,
         };
-        let finish_reason = finish.map_or(Value::Null, |r| Value::from(r.as_str()));
+        let finish_reason = finish.map_or(Value::Null, Value::from);
         if self.endpoint == Endpoint::Completion {
             return json!({"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason});
         }
         let (key, message) = match part {
             ChoicePart::Preamble => ("delta", json!({"role": "assistant", "content": "", "refusal": null})),
+            ChoicePart::Delta(_, _, calls) if !calls.is_empty() => {
+                let mut delta = json!({"tool_calls": calls.iter().map(call_json).collect::<Vec<_>>()});
+                if !text.is_empty() {
+                    delta["content"] = text.into();
+                }
+                ("delta", delta)
+            }
             ChoicePart::Delta(..) => ("delta", json!({"content": text})),
             ChoicePart::Finish(_) => ("delta", json!({})),
+            ChoicePart::Whole(c) if !c.tool_calls.is_empty() => {
+                // OpenAI: content is null when the message only calls tools.
+                let content = if text.trim().is_empty() { Value::Null } else { text.into() };
+                let calls: Vec<Value> = c
+                    .tool_calls
+                    .iter()
+                    .map(|t| {
+                        let mut v = call_json(t);
+                        // `index` belongs to stream deltas only.
+                        v.as_object_mut().map(|o| o.remove("index"));
+                        v
+                    })
+                    .collect();
+                ("message", json!({"role": "assistant", "content": content, "refusal": null, "tool_calls": calls}))
+            }
             ChoicePart::Whole(_) => ("message", json!({"role": "assistant", "content": text, "refusal": null})),
         };
         let mut choice = serde_json::Map::new();
@@ -169,13 +192,13 @@ impl ResponseBuilder {
         }
     }
 
-    /// A content delta (`text` may be empty when only logprobs are new).
-    pub fn delta_chunk(&self, choice: usize, text: &str, logprobs: &[TokenLogprob]) -> Value {
-        self.chunk(json!([self.choice(choice, ChoicePart::Delta(text, logprobs))]))
+    /// A content delta (`text` may be empty when only logprobs or calls are new).
+    pub fn delta_chunk(&self, choice: usize, text: &str, logprobs: &[TokenLogprob], calls: &[ToolCall]) -> Value {
+        self.chunk(json!([self.choice(choice, ChoicePart::Delta(text, logprobs, calls))]))
     }
 
     /// The chunk carrying `finish_reason`.
-    pub fn finish_chunk(&self, choice: usize, reason: FinishReason) -> Value {
+    pub fn finish_chunk(&self, choice: usize, reason: &'static str) -> Value {
         self.chunk(json!([self.choice(choice, ChoicePart::Finish(reason))]))
     }
 
@@ -185,6 +208,16 @@ impl ResponseBuilder {
         v["usage"] = usage_json(usage);
         v
     }
+}
+
+/// A tool call as OpenAI writes it (in a message, and whole in a stream's
+/// delta: `index`, `id`, `type`, `function.name` and all of `function.arguments`
+/// in one chunk, which the SDK's accumulators read like several).
+fn call_json(c: &ToolCall) -> Value {
+    json!({
+        "index": c.index, "id": c.id, "type": "function",
+        "function": {"name": c.name, "arguments": c.arguments.expose()},
+    })
 }
 
 /// OpenAI's usage object.

@@ -97,7 +97,9 @@ async fn stream_chunks(mut generation: Generation, builder: &ResponseBuilder, ou
         };
         let chunk = match update {
             None => break,
-            Some(Update::Delta { choice, text, logprobs }) => builder.delta_chunk(choice, text.expose(), &logprobs),
+            Some(Update::Delta { choice, text, logprobs, tool_calls }) => {
+                builder.delta_chunk(choice, text.expose(), &logprobs, &tool_calls)
+            }
             Some(Update::Finished { choice, reason }) => builder.finish_chunk(choice, reason),
         };
         alive(out.send(chunk, &generation.usage_so_far()).await)?;

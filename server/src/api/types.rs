@@ -5,7 +5,7 @@
 //! unrecognized. Text (messages, prompts, stop strings, `user`) is wrapped in
 //! [`Phi`] as soon as it leaves the JSON value.
 
-use salus_models::chat::{ChatMessage, RenderOptions, Role};
+use salus_models::chat::{ChatMessage, HistoryToolCall, RenderOptions, Role};
 use salus_models::sampling::{SamplingParams, MAX_TOP_LOGPROBS};
 use salus_models::DecodeParams;
 use salus_models::Phi;
@@ -14,15 +14,14 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::json::Fields;
 use super::structured::{parse_constraint, RequestedConstraint};
+use super::tools::{parse_tools, ValidatedTools};
 use crate::config::LimitsConfig;
 
 /// Chat parameters OpenAI defines that Salus does not implement (400 naming them).
 pub const UNSUPPORTED_CHAT: &[&str] = &[
-    "tools",
-    "tool_choice",
+    // The deprecated predecessors of `tools` / `tool_choice`.
     "functions",
     "function_call",
-    "parallel_tool_calls",
     "audio",
     // The served models have no reasoning mode: refused by name, not ignored.
     "reasoning_effort",
@@ -58,6 +57,8 @@ pub struct GenerationParams {
     /// The output constraint (structured outputs) as requested; compiled into
     /// `decode.constraint` before the request is audited and submitted.
     pub constraint: Option<RequestedConstraint>,
+    /// The names of the tools offered (chat with `tools`; for the audit record).
+    pub tools_offered: Vec<String>,
 }
 
 /// Most `stop_token_ids` in one request.
@@ -133,8 +134,10 @@ pub struct ValidatedChatRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
     pub params: GenerationParams,
-    /// How the chat template renders this request.
+    /// How the chat template renders this request (with the tools it offers).
     pub template: RenderOptions,
+    /// `tools`, `tool_choice`, `parallel_tool_calls`.
+    pub tools: Option<ValidatedTools>,
 }
 
 /// A `/v1/completions` request that passed validation.
@@ -275,6 +278,7 @@ fn parse_common(
         continuous_usage,
         user,
         constraint,
+        tools_offered: Vec::new(),
     })
 }
 
@@ -310,6 +314,53 @@ fn parse_content(v: Value, i: usize) -> Result<String, ApiError> {
     }
 }
 
+/// Most tool calls in one assistant message of the history.
+const MAX_HISTORY_CALLS: usize = 128;
+
+/// A tool-call id of the history: an identifier (they come back in tool
+/// messages and are compared, never logged).
+fn valid_call_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b))
+}
+
+/// `messages[i].tool_calls` of an assistant message.
+fn parse_history_calls(v: Value, i: usize) -> Result<Vec<HistoryToolCall>, ApiError> {
+    let param = format!("messages[{i}].tool_calls");
+    let bad = |what: &str| ApiError::invalid(param.clone(), format!("{param}: {what}"));
+    let Value::Array(items) = v else { return Err(bad("must be an array")) };
+    if items.len() > MAX_HISTORY_CALLS {
+        return Err(bad("too many calls"));
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::Object(m) = item else { return Err(bad("each call must be an object")) };
+        let mut cf = Fields::nested(m, param.clone());
+        let id = cf.string("id")?.unwrap_or_default();
+        if !valid_call_id(&id) {
+            return Err(bad("each call needs an id of at most 128 letters, digits, _ - . :"));
+        }
+        if cf.string("type")?.as_deref().unwrap_or("function") != "function" {
+            return Err(bad("the type of a call must be function"));
+        }
+        let Some(mut func) = cf.object("function")? else { return Err(bad("each call needs a function")) };
+        let name = func.string("name")?.unwrap_or_default();
+        if name.is_empty()
+            || name.len() > 64
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(bad("a function name must be 1 to 64 characters of a-z, A-Z, 0-9, _ and -"));
+        }
+        let arguments = func.string("arguments")?.unwrap_or_else(|| "{}".into());
+        func.finish(&[])?;
+        // A streamed call's position, as some clients keep it when they send
+        // the message back: meaningless here.
+        cf.take("index");
+        cf.finish(&[])?;
+        out.push(HistoryToolCall { id, name, arguments: Phi::new(arguments) });
+    }
+    Ok(out)
+}
+
 fn parse_messages(v: Value, limits: &LimitsConfig) -> Result<Vec<ChatMessage>, ApiError> {
     let Value::Array(items) = v else {
         return Err(ApiError::invalid("messages", "messages must be an array"));
@@ -320,7 +371,7 @@ fn parse_messages(v: Value, limits: &LimitsConfig) -> Result<Vec<ChatMessage>, A
     if items.len() > limits.max_messages {
         return Err(ApiError::invalid("messages", format!("at most {} messages are allowed", limits.max_messages)));
     }
-    let mut out = Vec::with_capacity(items.len());
+    let mut out: Vec<ChatMessage> = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let Value::Object(m) = item else {
             return Err(ApiError::invalid(format!("messages[{i}]"), format!("messages[{i}] must be an object")));
@@ -330,16 +381,55 @@ fn parse_messages(v: Value, limits: &LimitsConfig) -> Result<Vec<ChatMessage>, A
             Some("system") | Some("developer") => Role::System,
             Some("user") => Role::User,
             Some("assistant") => Role::Assistant,
-            Some("tool") | Some("function") => return Err(ApiError::Unsupported("tools")),
+            Some("tool") => Role::Tool,
+            Some("function") => return Err(ApiError::Unsupported("functions")),
             _ => {
                 return Err(ApiError::invalid(
                     format!("messages[{i}].role"),
-                    format!("messages[{i}].role must be system, developer, user or assistant"),
+                    format!("messages[{i}].role must be system, developer, user, assistant or tool"),
                 ))
             }
         };
+        let tool_calls = match mf.take("tool_calls") {
+            Some(v) if role == Role::Assistant => parse_history_calls(v, i)?,
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].tool_calls"),
+                    format!("messages[{i}].tool_calls is only allowed in assistant messages"),
+                ))
+            }
+            None => Vec::new(),
+        };
+        let tool_call_id = match (role, mf.string("tool_call_id")?) {
+            (Role::Tool, Some(id)) => {
+                // It must answer a call made earlier in the conversation.
+                let known = out.iter().flat_map(|m| m.tool_calls.iter()).any(|c| c.id == id);
+                if !known {
+                    return Err(ApiError::invalid(
+                        format!("messages[{i}].tool_call_id"),
+                        format!("messages[{i}].tool_call_id matches no tool call of an earlier assistant message"),
+                    ));
+                }
+                Some(id)
+            }
+            (Role::Tool, None) => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].tool_call_id"),
+                    format!("messages[{i}].tool_call_id is required in tool messages"),
+                ))
+            }
+            (_, Some(_)) => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].tool_call_id"),
+                    format!("messages[{i}].tool_call_id is only allowed in tool messages"),
+                ))
+            }
+            (_, None) => None,
+        };
         let content = match mf.take("content") {
             Some(v) => parse_content(v, i)?,
+            // An assistant message that only calls tools has no content.
+            None if !tool_calls.is_empty() => String::new(),
             None => {
                 return Err(ApiError::invalid(
                     format!("messages[{i}].content"),
@@ -347,19 +437,15 @@ fn parse_messages(v: Value, limits: &LimitsConfig) -> Result<Vec<ChatMessage>, A
                 ))
             }
         };
-        mf.finish(&["name", "tool_calls", "tool_call_id", "function_call", "refusal", "audio"]).map_err(
-            |e| match e {
-                ApiError::Unsupported(p) if p == "tool_calls" || p == "tool_call_id" || p == "function_call" => {
-                    ApiError::Unsupported("tools")
-                }
-                ApiError::Unsupported(_) | ApiError::Unrecognized(_) => ApiError::invalid(
-                    format!("messages[{i}]"),
-                    format!("messages[{i}] may only contain role and content"),
-                ),
-                other => other,
-            },
-        )?;
-        out.push(ChatMessage { role, content: Phi::new(content) });
+        mf.finish(&["name", "function_call", "refusal", "audio"]).map_err(|e| match e {
+            ApiError::Unsupported("function_call") => ApiError::Unsupported("functions"),
+            ApiError::Unsupported(_) | ApiError::Unrecognized(_) => ApiError::invalid(
+                format!("messages[{i}]"),
+                format!("messages[{i}] may only contain role, content, tool_calls and tool_call_id"),
+            ),
+            other => other,
+        })?;
+        out.push(ChatMessage { role, content: Phi::new(content), tool_calls, tool_call_id });
     }
     Ok(out)
 }
@@ -379,9 +465,14 @@ impl ValidatedChatRequest {
         if logprobs {
             params.decode.sampling.top_logprobs = Some(top.unwrap_or(0) as usize);
         }
-        let template = parse_template_options(&mut f)?;
+        let mut template = parse_template_options(&mut f)?;
+        let tools = parse_tools(&mut f)?;
+        if let Some(t) = &tools {
+            template.tools = t.for_template();
+            params.tools_offered = t.names();
+        }
         f.finish(UNSUPPORTED_CHAT)?;
-        Ok(ValidatedChatRequest { model, messages, params, template })
+        Ok(ValidatedChatRequest { model, messages, params, template, tools })
     }
 }
 

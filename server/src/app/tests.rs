@@ -45,6 +45,8 @@ struct ScriptedEngine {
     scopes: Mutex<Vec<PrefixScope>>,
     /// The decoding parameters of every request, in order.
     decodes: Mutex<Vec<salus_models::DecodeParams>>,
+    /// When set, every choice replies with these deltas instead of "Hello world".
+    reply: Mutex<Option<Vec<String>>>,
 }
 
 impl Engine for ScriptedEngine {
@@ -62,7 +64,8 @@ impl Engine for ScriptedEngine {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let cancel = CancelToken::new();
         self.cancels.lock().unwrap().push(cancel.clone());
-        let words = ["Hello", " world"];
+        let words: Vec<String> =
+            self.reply.lock().unwrap().clone().unwrap_or_else(|| vec!["Hello".into(), " world".into()]);
         for choice in 0..r.n {
             let k = r.decode.max_tokens.min(words.len());
             for w in &words[..k] {
@@ -139,6 +142,12 @@ impl PromptCodec for ByteCodec {
     ) -> Result<salus_models::CompiledGrammar, salus_models::GrammarError> {
         let tokens = (0..=255u8).map(|b| if b == 0 { Vec::new() } else { vec![b] }).collect();
         salus_models::GrammarCompiler::from_token_bytes(tokens, 256, &[0])?.compile(spec)
+    }
+    fn tool_format(&self) -> Option<salus_models::tool_calls::ToolCallFormat> {
+        Some(salus_models::tool_calls::ToolCallFormat::Hermes)
+    }
+    fn special_token_id(&self, _text: &str) -> Option<u32> {
+        None
     }
 }
 
@@ -383,7 +392,18 @@ async fn errors_never_echo_the_body() {
         (chat_body(json!({"temperature": "CANARY-3"})), StatusCode::BAD_REQUEST, json!("temperature")),
         (chat_body(json!({"max_tokens": "CANARY-4"})), StatusCode::BAD_REQUEST, json!("max_tokens")),
         (chat_body(json!({"CANARY-5": 1})), StatusCode::BAD_REQUEST, Value::Null),
-        (chat_body(json!({"tools": [{"CANARY-6": 1}]})), StatusCode::BAD_REQUEST, json!("tools")),
+        (chat_body(json!({"tools": [{"CANARY-6": 1}]})), StatusCode::BAD_REQUEST, json!("tools[0].type")),
+        (
+            chat_body(json!({"tools": [{"type": "function", "function": {"name": "f", "description": "CANARY-17",
+                "parameters": {"type": "object", "properties": {"x": {"not": {"const": "CANARY-18"}}}}}}]})),
+            StatusCode::BAD_REQUEST,
+            json!("tools[0].function.parameters"),
+        ),
+        (
+            chat_body(json!({"messages": [{"role": "tool", "tool_call_id": "call_CANARY19", "content": "CANARY-20"}]})),
+            StatusCode::BAD_REQUEST,
+            json!("messages[0].tool_call_id"),
+        ),
         (
             chat_body(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
                 "type": "object", "description": "CANARY-12", "properties": {"CANARY-13 x": {"enum": ["CANARY-14"], "not": {}}}
@@ -749,3 +769,5 @@ mod compatibility;
 mod hardening;
 /// Structured outputs: constraints compiled, cached, audited, refused.
 mod structured;
+/// Tool calling: requests, history, parsed calls, streamed deltas, audit.
+mod tools;

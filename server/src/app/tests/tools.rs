@@ -1,0 +1,160 @@
+//! Tool calling through the router: the model's output (scripted here) is
+//! parsed into `tool_calls`, whole and streamed alike; `required` and named
+//! choices constrain decoding; the history's calls and results are accepted;
+//! the trail names the tools offered and called, never their arguments.
+
+use super::*;
+
+const ARGS_CANARY: &str = "CANARY-MRN-00417";
+
+fn tools_body(extra: Value) -> Vec<u8> {
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_lab", "description": "Latest lab results",
+            "parameters": {"type": "object", "properties": {"mrn": {"type": "string"}}, "required": ["mrn"]}}},
+        {"type": "function", "function": {"name": "schedule", "parameters": {"type": "object"}}}
+    ]);
+    let mut v: Value = serde_json::from_slice(&chat_body(json!({"tools": tools, "max_tokens": 50}))).unwrap();
+    for (k, x) in extra.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    serde_json::to_vec(&v).unwrap()
+}
+
+/// The scripted reply: text, then a call split over three deltas.
+fn script_call(f: &Fixture, calls: usize) {
+    let mut reply = vec!["Let me check.".to_string()];
+    for _ in 0..calls {
+        reply.push("\n<tool_call>\n{\"name\": \"get_lab\", ".into());
+        reply.push(format!("\"arguments\": {{\"mrn\": \"{ARGS_CANARY}\"}}}}"));
+        reply.push("\n</tool_call>".into());
+    }
+    *f.engine.reply.lock().unwrap() = Some(reply);
+}
+
+#[tokio::test]
+async fn calls_in_the_output_become_tool_calls_whole_and_streamed() {
+    let f = fixture();
+    script_call(&f, 1);
+    let (s, v, text) =
+        send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&tools_body(json!({})))).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{text}");
+    assert_eq!(choice["message"]["content"], "Let me check.");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!((call["type"].as_str(), call["function"]["name"].as_str()), (Some("function"), Some("get_lab")));
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, json!({"mrn": ARGS_CANARY}));
+    assert!(call["id"].as_str().unwrap().starts_with("call_"));
+
+    // Streamed: the same content and call, assembled from the deltas.
+    let (s, _, sse) =
+        send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&tools_body(json!({"stream": true}))))
+            .await;
+    assert_eq!(s, StatusCode::OK);
+    let chunks: Vec<Value> = sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let mut content = String::new();
+    let (mut name, mut arguments, mut finish) = (String::new(), String::new(), String::new());
+    for c in &chunks {
+        let d = &c["choices"][0]["delta"];
+        content.push_str(d["content"].as_str().unwrap_or(""));
+        if let Some(calls) = d["tool_calls"].as_array() {
+            assert_eq!(calls[0]["index"], 0);
+            name.push_str(calls[0]["function"]["name"].as_str().unwrap_or(""));
+            arguments.push_str(calls[0]["function"]["arguments"].as_str().unwrap_or(""));
+        }
+        if let Some(r) = c["choices"][0]["finish_reason"].as_str() {
+            finish = r.to_string();
+        }
+    }
+    assert_eq!((content.as_str(), name.as_str(), finish.as_str()), ("Let me check.", "get_lab", "tool_calls"));
+    assert_eq!(serde_json::from_str::<Value>(&arguments).unwrap(), args);
+    // No streamed chunk ever carried the call's markup as content.
+    assert!(!sse.contains("\\u003ctool_call") && !sse.contains("<tool_call>"), "{sse}");
+
+    // The trail: tools offered and called by name; the arguments nowhere.
+    let recs = trail(&f);
+    let started = recs.iter().find(|r| r.kind == "inference.started").unwrap();
+    assert_eq!(
+        started.params.as_ref().unwrap().tools_offered.as_deref(),
+        Some(&["get_lab".into(), "schedule".into()][..])
+    );
+    let done = recs.iter().find(|r| r.kind == "inference.completed").unwrap();
+    assert_eq!(done.params.as_ref().unwrap().tools_called.as_deref(), Some(&["get_lab".to_string()][..]));
+    assert!(!contains(&raw_bytes(f.audit_dir.path()), ARGS_CANARY.as_bytes()));
+    // `auto` does not constrain decoding.
+    assert!(f.engine.decodes.lock().unwrap()[0].constraint.is_none());
+}
+
+#[tokio::test]
+async fn parallel_tool_calls_false_keeps_one_call_and_none_parses_nothing() {
+    let f = fixture();
+    script_call(&f, 2);
+    let (_, v, text) =
+        send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&tools_body(json!({})))).await;
+    assert_eq!(v["choices"][0]["message"]["tool_calls"].as_array().map(Vec::len), Some(2), "{text}");
+    let body = tools_body(json!({"parallel_tool_calls": false}));
+    let (_, v, text) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
+    assert_eq!(v["choices"][0]["message"]["tool_calls"].as_array().map(Vec::len), Some(1), "{text}");
+    let body = tools_body(json!({"tool_choice": "none"}));
+    let (_, v, text) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
+    assert!(v["choices"][0]["message"]["tool_calls"].is_null(), "{text}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+}
+
+#[tokio::test]
+async fn required_and_named_choices_constrain_decoding() {
+    let f = fixture();
+    script_call(&f, 1);
+    for choice in [json!("required"), json!({"type": "function", "function": {"name": "get_lab"}})] {
+        let body = tools_body(json!({"tool_choice": choice}));
+        let (s, _, text) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
+        assert_eq!(s, StatusCode::OK, "{text}");
+    }
+    let decodes = f.engine.decodes.lock().unwrap().clone();
+    assert!(decodes
+        .iter()
+        .all(|d| d.constraint.as_ref().map(|g| g.kind()) == Some(salus_models::ConstraintKind::Grammar)));
+    // Not with a response_format as well.
+    let body = tools_body(json!({"tool_choice": "required", "response_format": {"type": "json_object"}}));
+    let (s, v, _) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
+    assert_eq!((s, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("tool_choice")));
+}
+
+#[tokio::test]
+async fn the_history_carries_calls_and_results() {
+    let f = fixture();
+    let messages = json!([
+        {"role": "user", "content": "Latest potassium?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_lab", "arguments": format!("{{\"mrn\": \"{ARGS_CANARY}\"}}")}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "K 4.1 mmol/L"}]},
+    ]);
+    let (s, v, text) = send(
+        &f.state,
+        "POST",
+        "/v1/chat/completions",
+        Some(&f.inference),
+        Some(&tools_body(json!({"messages": messages, "max_tokens": 2}))),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello world");
+    // A result for a call nobody made, and a call in a user message.
+    let bad = json!([{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "call_9", "content": "r"}]);
+    let (s, v, _) =
+        send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&tools_body(json!({"messages": bad}))))
+            .await;
+    assert_eq!((s, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("messages[1].tool_call_id")));
+    let bad = json!([{"role": "user", "content": "x", "tool_calls": []}]);
+    let (s, v, _) =
+        send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&tools_body(json!({"messages": bad}))))
+            .await;
+    assert_eq!((s, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("messages[0].tool_calls")));
+    assert!(!contains(&raw_bytes(f.audit_dir.path()), ARGS_CANARY.as_bytes()));
+}
