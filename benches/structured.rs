@@ -262,27 +262,9 @@ fn tool_calls(lm: &Arc<LoadedModel>, compiler: &GrammarCompiler, levels: &[usize
         let n = (2 * c).max(4);
         let e = engine(lm, None);
         let free = level(&e, &prompts, c, n, max_tokens, None);
-        let counter = Arc::new(AtomicUsize::new(0));
-        let threads: Vec<_> = (0..c)
-            .map(|_| {
-                let (e, prompts, counter, g) = (e.clone(), prompts.clone(), counter.clone(), grammar.clone());
-                std::thread::spawn(move || {
-                    let mut out = Vec::new();
-                    loop {
-                        let i = counter.fetch_add(1, Ordering::Relaxed);
-                        if i >= n {
-                            break out;
-                        }
-                        let start = Instant::now();
-                        let (ttft, ids) = run_one(&e, &prompts[i % prompts.len()], i, max_tokens, Some(g.clone()));
-                        out.push((start.elapsed(), ttft, ids.len()));
-                    }
-                })
-            })
-            .collect();
-        let results: Vec<(Duration, Duration, usize)> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
-        let args = decode_rate(c, results.iter().map(|r| (r.0.saturating_sub(r.1), r.2)));
-        let mut lat: Vec<f64> = results.iter().map(|r| ms(r.0)).collect();
+        let results = requests(&e, &prompts, c, n, max_tokens, Some(grammar.clone()));
+        let args = decode_rate(c, &results);
+        let mut lat: Vec<f64> = results.iter().map(|r| ms(r.e2e)).collect();
         lat.sort_by(f64::total_cmp);
         println!(
             "{c:>7} {:>12.0} {:>12.0} {args:>14.1} {free:>14.1} {:>7.2}",
@@ -303,6 +285,13 @@ fn engine(lm: &Arc<LoadedModel>, overlap: Option<bool>) -> Arc<ContinuousBatchin
     Arc::new(ContinuousBatchingEngine::start(lm.clone(), cfg).expect("start engine"))
 }
 
+/// One request of a level, as measured.
+struct Measured {
+    e2e: Duration,
+    ttft: Duration,
+    tokens: usize,
+}
+
 /// `n` requests from `c` threads; the aggregate decode rate.
 fn level(
     engine: &Arc<ContinuousBatchingEngine>,
@@ -312,6 +301,18 @@ fn level(
     max_tokens: usize,
     grammar: Option<Arc<CompiledGrammar>>,
 ) -> f64 {
+    decode_rate(c, &requests(engine, prompts, c, n, max_tokens, grammar))
+}
+
+/// Runs `n` requests from `c` threads (the prompts in turn).
+fn requests(
+    engine: &Arc<ContinuousBatchingEngine>,
+    prompts: &Arc<Vec<Vec<u32>>>,
+    c: usize,
+    n: usize,
+    max_tokens: usize,
+    grammar: Option<Arc<CompiledGrammar>>,
+) -> Vec<Measured> {
     let counter = Arc::new(AtomicUsize::new(0));
     let threads: Vec<_> = (0..c)
         .map(|_| {
@@ -326,23 +327,19 @@ fn level(
                     }
                     let start = Instant::now();
                     let (ttft, ids) = run_one(&engine, &prompts[i % prompts.len()], i, max_tokens, grammar.clone());
-                    out.push((start.elapsed().saturating_sub(ttft), ids.len()));
+                    out.push(Measured { e2e: start.elapsed(), ttft, tokens: ids.len() });
                 }
             })
         })
         .collect();
-    let results: Vec<(Duration, usize)> = threads.into_iter().flat_map(|t| t.join().expect("bench thread")).collect();
-    decode_rate(c, results.iter().map(|r| (r.0, r.1)))
+    threads.into_iter().flat_map(|t| t.join().expect("bench thread")).collect()
 }
 
 /// `streams` × tokens after the first / time after the first token, summed
-/// over requests given as (time after the first token, tokens).
-fn decode_rate(streams: usize, requests: impl Iterator<Item = (Duration, usize)>) -> f64 {
-    let (mut time, mut tokens) = (0.0, 0usize);
-    for (d, n) in requests {
-        time += d.as_secs_f64();
-        tokens += n.saturating_sub(1);
-    }
+/// over the requests.
+fn decode_rate(streams: usize, requests: &[Measured]) -> f64 {
+    let time: f64 = requests.iter().map(|r| r.e2e.saturating_sub(r.ttft).as_secs_f64()).sum();
+    let tokens: usize = requests.iter().map(|r| r.tokens.saturating_sub(1)).sum();
     streams as f64 * tokens as f64 / time.max(1e-9)
 }
 
