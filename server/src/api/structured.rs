@@ -59,8 +59,8 @@ pub fn parse_constraint(f: &mut Fields, limits: &LimitsConfig) -> Result<Option<
         let spec = parse_structured_outputs(so).map_err(|e| at_top("structured_outputs", e))?;
         found.push(RequestedConstraint { spec, param: "structured_outputs" });
     }
-    if let Some(spec) = parse_guided(f)? {
-        found.push(RequestedConstraint { spec, param: "guided_json" });
+    if let Some((spec, param)) = parse_guided(f)? {
+        found.push(RequestedConstraint { spec, param });
     }
     if found.len() > 1 {
         return Err(ApiError::invalid(
@@ -222,19 +222,21 @@ fn attach_whitespace(
     }
 }
 
-fn parse_guided(f: &mut Fields) -> Result<Option<ConstraintSpec>, ApiError> {
+/// vLLM's older top-level fields; the constraint and the field that carried it.
+fn parse_guided(f: &mut Fields) -> Result<Option<(ConstraintSpec, &'static str)>, ApiError> {
     let mut specs = Vec::new();
     if let Some(v) = f.take("guided_json") {
-        specs.push(ConstraintSpec::JsonSchema { schema: schema_value(v, "guided_json")?, whitespace_pattern: None });
+        let schema = schema_value(v, "guided_json")?;
+        specs.push((ConstraintSpec::JsonSchema { schema, whitespace_pattern: None }, "guided_json"));
     }
     if let Some(rx) = f.string("guided_regex")? {
-        specs.push(ConstraintSpec::Regex(Phi::new(rx)));
+        specs.push((ConstraintSpec::Regex(Phi::new(rx)), "guided_regex"));
     }
     if let Some(v) = f.take("guided_choice") {
-        specs.push(ConstraintSpec::Choice(choices(v, "guided_choice")?));
+        specs.push((ConstraintSpec::Choice(choices(v, "guided_choice")?), "guided_choice"));
     }
     if let Some(g) = f.string("guided_grammar")? {
-        specs.push(ConstraintSpec::Grammar(Phi::new(g)));
+        specs.push((ConstraintSpec::Grammar(Phi::new(g)), "guided_grammar"));
     }
     let whitespace = f.string("guided_whitespace_pattern")?;
     match specs.len() {
@@ -242,9 +244,12 @@ fn parse_guided(f: &mut Fields) -> Result<Option<ConstraintSpec>, ApiError> {
             Err(ApiError::invalid("guided_whitespace_pattern", "guided_whitespace_pattern applies to guided_json only"))
         }
         0 => Ok(None),
-        1 => Ok(Some(attach_whitespace(specs.pop().expect("one"), whitespace, "guided_whitespace_pattern")?)),
+        1 => {
+            let (spec, param) = specs.pop().expect("one");
+            Ok(Some((attach_whitespace(spec, whitespace, "guided_whitespace_pattern")?, param)))
+        }
         _ => Err(ApiError::invalid(
-            "guided_json",
+            specs[1].1,
             "a request may carry one of guided_json, guided_regex, guided_choice, guided_grammar",
         )),
     }

@@ -99,7 +99,7 @@ async fn refused_constraints_never_reach_the_engine_or_the_trail() {
             "invalid_value",
         ),
         (json!({"structured_outputs": {"regex": format!("({SCHEMA_CANARY}")}}), "structured_outputs", "invalid_regex"),
-        (json!({"guided_choice": big_enum}), "guided_json", "schema_too_large"),
+        (json!({"guided_choice": big_enum}), "guided_choice", "schema_too_large"),
     ];
     for (i, (extra, param, code)) in cases.into_iter().enumerate() {
         let body = serde_json::to_vec(&{
