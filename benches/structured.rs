@@ -34,6 +34,7 @@ use salus_models::{DecodeParams, LoadOptions, LoadedModel, ModelSource, Phi, Sam
 use salus_server::api::structured::GrammarCache;
 use salus_server::engine::{Engine, GenerationEvent, GenerationRequest, RequestId};
 use salus_server::scheduler::{ContinuousBatchingEngine, SchedulerConfig};
+use salus_tools::bench_report::percentile;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -71,13 +72,6 @@ const NOTES: [&str; 4] = [
     "82-year-old female admitted with pneumonia; on atorvastatin 40 mg nightly and aspirin 81 mg once daily. Allergies: sulfa drugs, latex.",
     "30-year-old male, sprained ankle after a fall, ibuprofen 400 mg three times daily. No allergies.",
 ];
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
 
 fn main() {
     let path = std::env::var("SALUS_MODEL").map(PathBuf::from).unwrap_or_else(|_| {
@@ -131,10 +125,10 @@ fn main() {
     cached.sort_by(f64::total_cmp);
     println!(
         "compile, extraction schema: cold p50 {:.2} ms p99 {:.2} ms; cached p50 {:.4} ms p99 {:.4} ms",
-        percentile(&cold, 0.5),
-        percentile(&cold, 0.99),
-        percentile(&cached, 0.5),
-        percentile(&cached, 0.99)
+        percentile(&cold, 50.0),
+        percentile(&cold, 99.0),
+        percentile(&cached, 50.0),
+        percentile(&cached, 99.0)
     );
     let grammar = Arc::new(compiler.compile(&spec).expect("compile"));
 
@@ -179,11 +173,11 @@ fn main() {
     println!(
         "mask per token over {} tokens: p50 {:.0} µs p99 {:.0} µs mean {:.0} µs; applying it to the logits p50 {:.0} µs; accepting the token p50 {:.0} µs",
         mask_us.len(),
-        percentile(&mask_us, 0.5),
-        percentile(&mask_us, 0.99),
+        percentile(&mask_us, 50.0),
+        percentile(&mask_us, 99.0),
         mask_us.iter().sum::<f64>() / mask_us.len().max(1) as f64,
-        percentile(&apply_us, 0.5),
-        percentile(&commit_us, 0.5)
+        percentile(&apply_us, 50.0),
+        percentile(&commit_us, 50.0)
     );
     drop(serial);
 
@@ -268,8 +262,8 @@ fn tool_calls(lm: &Arc<LoadedModel>, compiler: &GrammarCompiler, levels: &[usize
         lat.sort_by(f64::total_cmp);
         println!(
             "{c:>7} {:>12.0} {:>12.0} {args:>14.1} {free:>14.1} {:>7.2}",
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.95),
+            percentile(&lat, 50.0),
+            percentile(&lat, 95.0),
             args / free
         );
     }

@@ -239,12 +239,26 @@ async fn send(
     (status, json, text)
 }
 
-fn chat_body(extra: Value) -> Vec<u8> {
-    let mut v = json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}]});
+/// `base` with the top-level fields of `extra` set (replacing any of the same name).
+fn with_fields(mut base: Value, extra: &Value) -> Value {
     for (k, x) in extra.as_object().unwrap() {
-        v[k] = x.clone();
+        base[k] = x.clone();
     }
-    serde_json::to_vec(&v).unwrap()
+    base
+}
+
+fn chat_body(extra: Value) -> Vec<u8> {
+    let v = json!({"model": "test-model", "messages": [{"role": "user", "content": "hi"}]});
+    serde_json::to_vec(&with_fields(v, &extra)).unwrap()
+}
+
+/// The JSON chunks of an SSE body (without the final `[DONE]`).
+fn sse_chunks(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
 }
 
 #[tokio::test]

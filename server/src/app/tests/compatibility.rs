@@ -98,12 +98,7 @@ async fn continuous_usage_stats_put_usage_in_every_chunk() {
     let body = chat_body(json!({"stream": true, "stream_options": {"continuous_usage_stats": true}}));
     let (s, _, text) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
     assert_eq!(s, StatusCode::OK);
-    let chunks: Vec<Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = sse_chunks(&text);
     assert!(chunks.len() >= 3, "{text}");
     let mut last = 0;
     for c in &chunks {

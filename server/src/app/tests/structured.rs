@@ -12,14 +12,10 @@ fn schema_body(extra: Value) -> Vec<u8> {
         "properties": {"urgency": {"enum": [SCHEMA_CANARY, "routine"], "description": SCHEMA_CANARY}},
         "required": ["urgency"]
     });
-    let mut v: Value = serde_json::from_slice(&chat_body(json!({
+    let format = json!({
         "response_format": {"type": "json_schema", "json_schema": {"name": "triage", "strict": true, "schema": schema}}
-    })))
-    .unwrap();
-    for (k, x) in extra.as_object().unwrap() {
-        v[k] = x.clone();
-    }
-    serde_json::to_vec(&v).unwrap()
+    });
+    chat_body(with_fields(format, &extra))
 }
 
 #[tokio::test]
@@ -102,14 +98,7 @@ async fn refused_constraints_never_reach_the_engine_or_the_trail() {
         (json!({"guided_choice": big_enum}), "guided_choice", "schema_too_large"),
     ];
     for (i, (extra, param, code)) in cases.into_iter().enumerate() {
-        let body = serde_json::to_vec(&{
-            let mut v: Value = serde_json::from_slice(&chat_body(json!({}))).unwrap();
-            for (k, x) in extra.as_object().unwrap() {
-                v[k] = x.clone();
-            }
-            v
-        })
-        .unwrap();
+        let body = chat_body(extra);
         let limits_ok = body.len() <= f.state.limits().max_body_bytes;
         let (s, v, text) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
         if !limits_ok {

@@ -13,11 +13,7 @@ fn tools_body(extra: Value) -> Vec<u8> {
             "parameters": {"type": "object", "properties": {"mrn": {"type": "string"}}, "required": ["mrn"]}}},
         {"type": "function", "function": {"name": "schedule", "parameters": {"type": "object"}}}
     ]);
-    let mut v: Value = serde_json::from_slice(&chat_body(json!({"tools": tools, "max_tokens": 50}))).unwrap();
-    for (k, x) in extra.as_object().unwrap() {
-        v[k] = x.clone();
-    }
-    serde_json::to_vec(&v).unwrap()
+    chat_body(with_fields(json!({"tools": tools, "max_tokens": 50}), &extra))
 }
 
 /// The scripted reply: text, then a call split over three deltas.
@@ -52,12 +48,7 @@ async fn calls_in_the_output_become_tool_calls_whole_and_streamed() {
         send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&tools_body(json!({"stream": true}))))
             .await;
     assert_eq!(s, StatusCode::OK);
-    let chunks: Vec<Value> = sse
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = sse_chunks(&sse);
     let mut content = String::new();
     let (mut name, mut arguments, mut finish) = (String::new(), String::new(), String::new());
     for c in &chunks {
