@@ -9,10 +9,11 @@
 //!   (same prompts, greedy, `max_tokens` 128), with the masks computed after
 //!   the forward pass and beside it (`scheduler.constraint_mask_overlap`).
 //!
-//! * tool calling with `tool_choice: "required"` (three tools, the generic
+//! * tool calling with `tool_choice: "required"` and `"auto"` (three tools, the generic
 //!   Hermes rendering of the default model): latency from submission to the
 //!   complete call, p50/p95, at 1 and 8 streams, and the decode tok/s of the
-//!   arguments against unconstrained generation from the same prompts.
+//!   arguments against unconstrained generation from the same prompts; and the
+//!   decode tok/s of whole `auto` answers (text, under the text-or-calls grammar).
 //!
 //! Decode tok/s = streams × Σ(tokens after the first) / Σ(time after the first
 //! token), over the requests of a level: the rate while decoding. Constrained
@@ -232,6 +233,10 @@ fn tool_calls(lm: &Arc<LoadedModel>, compiler: &GrammarCompiler, levels: &[usize
     let t = Instant::now();
     let grammar = Arc::new(compiler.compile(&ConstraintSpec::Grammar(Phi::new(lark))).expect("call grammar"));
     println!("\ntool calling (required, 3 tools): call grammar compiled in {:.2} ms", ms(t.elapsed()));
+    let lark = ToolCallFormat::Hermes.text_or_calls_grammar(&allowed, true, &[]);
+    let t = Instant::now();
+    let auto = Arc::new(compiler.compile(&ConstraintSpec::Grammar(Phi::new(lark))).expect("auto grammar"));
+    println!("tool calling (auto, 3 strict tools): text-or-calls grammar compiled in {:.2} ms", ms(t.elapsed()));
     let template = lm.chat_template.as_ref().expect("chat template");
     let asks = [
         "What is the latest potassium of patient MRN 4471?",
@@ -249,8 +254,8 @@ fn tool_calls(lm: &Arc<LoadedModel>, compiler: &GrammarCompiler, levels: &[usize
         .collect();
     let prompts = Arc::new(prompts);
     println!(
-        "{:>7} {:>12} {:>12} {:>14} {:>14} {:>7}",
-        "streams", "call p50 ms", "call p95 ms", "args tok/s", "free tok/s", "ratio"
+        "{:>7} {:>12} {:>12} {:>14} {:>14} {:>7} {:>14} {:>7}",
+        "streams", "call p50 ms", "call p95 ms", "args tok/s", "free tok/s", "ratio", "auto tok/s", "ratio"
     );
     for &c in levels {
         let n = (2 * c).max(4);
@@ -258,13 +263,16 @@ fn tool_calls(lm: &Arc<LoadedModel>, compiler: &GrammarCompiler, levels: &[usize
         let free = level(&e, &prompts, c, n, max_tokens, None);
         let results = requests(&e, &prompts, c, n, max_tokens, Some(grammar.clone()));
         let args = decode_rate(c, &results);
+        // `auto`: the whole answer (mostly text) decoded under the text-or-calls grammar.
+        let auto = level(&e, &prompts, c, n, max_tokens, Some(auto.clone()));
         let mut lat: Vec<f64> = results.iter().map(|r| ms(r.e2e)).collect();
         lat.sort_by(f64::total_cmp);
         println!(
-            "{c:>7} {:>12.0} {:>12.0} {args:>14.1} {free:>14.1} {:>7.2}",
+            "{c:>7} {:>12.0} {:>12.0} {args:>14.1} {free:>14.1} {:>7.2} {auto:>14.1} {:>7.2}",
             percentile(&lat, 50.0),
             percentile(&lat, 95.0),
-            args / free
+            args / free,
+            auto / free
         );
     }
 }

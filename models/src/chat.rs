@@ -241,7 +241,11 @@ impl ChatTemplate {
         } else {
             (messages, (!opts.tools.is_empty()).then(|| minijinja::Value::from_serialize(opts.tools.expose())))
         };
-        let msgs: Vec<minijinja::Value> = messages.iter().map(tools::template_message).collect();
+        let ids = match self.tool_format {
+            Some(ToolCallFormat::Mistral) if self.knows_tools => tools::CallIds::LastNine,
+            _ => tools::CallIds::AsGiven,
+        };
+        let msgs: Vec<minijinja::Value> = messages.iter().map(|m| tools::template_message(m, ids)).collect();
         let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(|e| sanitize("the chat template is missing", &e))?;
         let extra = minijinja::Value::from_serialize(opts.kwargs.expose());
         let out = tmpl

@@ -13,10 +13,13 @@
 //!   call text never leaks into streamed content.
 //! * **Into the prompt:** [`ToolCallFormat::render_calls`] writes earlier calls
 //!   of the conversation the way the model would have written them.
-//! * **Forcing a call** (`tool_choice: required` or a named tool):
-//!   [`ToolCallFormat::call_grammar`] is an llguidance Lark grammar whose
-//!   language is exactly the calls [`ToolCallFormat::render_calls`] writes, with
-//!   arguments valid against the tool's JSON Schema.
+//! * **Constraining calls** ([`grammar`]): [`ToolCallFormat::call_grammar`]
+//!   (`tool_choice: required` or a named tool) is an llguidance Lark grammar
+//!   whose language is exactly the calls [`ToolCallFormat::render_calls`]
+//!   writes, with arguments valid against the tool's JSON Schema;
+//!   [`ToolCallFormat::text_or_calls_grammar`] (`auto`) allows text before them.
+//!   [`ToolCallStreamer::for_call_grammar`] reads output shaped by either as it
+//!   is written: a call's name first, then its arguments in fragments.
 //!
 //! Nothing the model wrote is lost: text that looks like a call but is not one
 //! (not JSON, no valid name, arguments not an object) stays in the content.
@@ -130,102 +133,6 @@ impl ToolCallFormat {
     fn call_prefix(self, name: &str) -> String {
         format!("{{\"name\": {}, \"{}\": ", json_text(&Json::String(name.to_owned())), self.arguments_key())
     }
-
-    /// An llguidance Lark grammar whose language is exactly one call (with
-    /// `parallel`, one or more calls) in this format, as
-    /// [`ToolCallFormat::render_calls`] writes them, each to one of `tools`
-    /// (name, JSON Schema of the parameters) with arguments valid against that
-    /// tool's schema. Markers are written as text; see
-    /// [`ToolCallFormat::call_grammar_with_special_tokens`] for tokenizers in
-    /// which they are special tokens.
-    ///
-    /// The schemas should have passed [`crate::grammar::schema_check::check`].
-    /// A `null` schema means no parameters (`{}`). With no tools the grammar is
-    /// empty, which [`crate::grammar::GrammarCompiler::compile`] refuses.
-    pub fn call_grammar(self, tools: &[(&str, &Json)], parallel: bool) -> String {
-        self.call_grammar_with_special_tokens(tools, parallel, &[])
-    }
-
-    /// [`ToolCallFormat::call_grammar`], with the markers listed in
-    /// `special_tokens` (`"[TOOL_CALLS]"`, `"<tool_call>"`, `"</tool_call>"`)
-    /// written as that token id (`<[id]>`): a special token is never matched by
-    /// text in llguidance, so a marker that is one in the model's tokenizer must
-    /// be allowed by id.
-    pub fn call_grammar_with_special_tokens(
-        self,
-        tools: &[(&str, &Json)],
-        parallel: bool,
-        special_tokens: &[(&str, u32)],
-    ) -> String {
-        if tools.is_empty() {
-            return String::new();
-        }
-        let marker = |text: &str| match special_tokens.iter().find(|(t, _)| *t == text) {
-            Some((_, id)) => format!("<[{id}]>"),
-            None => lark_string(text),
-        };
-        let (prefix, call, separator, suffix) = match self {
-            ToolCallFormat::Hermes => (
-                String::new(),
-                format!("{} \"\\n\" tool \"\\n\" {}", marker(HERMES_OPEN), marker(HERMES_CLOSE)),
-                "\n",
-                String::new(),
-            ),
-            ToolCallFormat::Llama3Json => (String::new(), "tool".to_owned(), "; ", String::new()),
-            ToolCallFormat::Mistral => {
-                (format!("{} \"[\"", marker(MISTRAL_MARKER)), "tool".to_owned(), ", ", lark_string("]"))
-            }
-        };
-        let more = if parallel { format!(" ({} call)*", lark_string(separator)) } else { String::new() };
-        let mut lark = format!("start: {prefix} call{more} {suffix}\ncall: {call}\n");
-        let alternatives: Vec<String> = (0..tools.len()).map(|i| format!("tool_{i}")).collect();
-        lark.push_str(&format!("tool: {}\n", alternatives.join(" | ")));
-        for (i, (name, parameters)) in tools.iter().enumerate() {
-            lark.push_str(&format!(
-                "tool_{i}: {} %json {} \"}}\"\n",
-                lark_string(&self.call_prefix(name)),
-                json_text_compact(&arguments_schema(parameters))
-            ));
-        }
-        lark
-    }
-}
-
-/// The schema the arguments of a tool are constrained by: its parameters
-/// schema, as an object, with our fixed JSON options (`x-guidance`) at its top
-/// level. A client's own `x-guidance` is refused before this; it would be
-/// replaced here anyway.
-fn arguments_schema(parameters: &Json) -> Json {
-    let mut schema = match parameters {
-        Json::Object(_) => parameters.clone(),
-        // No parameters: OpenAI's "empty parameter list".
-        Json::Null => serde_json::json!({"properties": {}, "additionalProperties": false}),
-        Json::Bool(true) => serde_json::json!({}),
-        other => serde_json::json!({ "allOf": [other] }),
-    };
-    if let Json::Object(map) = &mut schema {
-        // A call's arguments are an object. (A schema whose `type` is not
-        // `object` is the caller's to refuse: parse would not take such a call.)
-        map.entry("type").or_insert_with(|| Json::String("object".into()));
-        map.insert(
-            "x-guidance".into(),
-            serde_json::json!({
-                "whitespace_flexible": false, "item_separator": ", ", "key_separator": ": ", "lenient": false
-            }),
-        );
-    }
-    schema
-}
-
-/// `text` as a Lark string literal (JSON string syntax; the Lark lexer also
-/// refuses a raw DEL).
-fn lark_string(text: &str) -> String {
-    json_text_compact(&Json::String(text.to_owned())).replace('\u{7f}', "\\u007f")
-}
-
-/// JSON text with no whitespace (as `serde_json` writes it).
-fn json_text_compact(value: &Json) -> String {
-    serde_json::to_string(value).unwrap_or_default()
 }
 
 /// JSON text with the separators `", "` and `": "` and no other whitespace.
@@ -288,13 +195,25 @@ pub struct ParsedOutput {
     pub calls: Vec<ParsedCall>,
 }
 
+/// A piece of a call, as [`ToolCallStreamer`] releases it: a call's first
+/// delta names the function; every delta may add to its arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallDelta {
+    /// Which call of the output this is (0, 1, …).
+    pub index: usize,
+    /// The function name, in the call's first delta only.
+    pub name: Option<String>,
+    /// More of the arguments' JSON text (compact). PHI.
+    pub arguments: Phi<String>,
+}
+
 /// What one [`ToolCallStreamer::push`] or [`ToolCallStreamer::finish`] releases.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StreamPiece {
     /// Content that is certainly not part of a call. PHI.
     pub content: Phi<String>,
-    /// Calls that became complete.
-    pub calls: Vec<ParsedCall>,
+    /// Calls, or pieces of calls, in order.
+    pub calls: Vec<CallDelta>,
 }
 
 /// Splits a complete output into content and calls (see the module's content
@@ -311,13 +230,29 @@ pub struct StreamPiece {
 ///   makes the rest of the output, from its marker on, content.
 pub fn parse(format: ToolCallFormat, text: &str) -> ParsedOutput {
     let mut streamer = ToolCallStreamer::new(format);
-    let first = streamer.push(text);
-    let last = streamer.finish();
-    let mut content = first.content;
-    content.expose_mut().push_str(last.content.expose());
-    let mut calls = first.calls;
-    calls.extend(last.calls);
-    ParsedOutput { content, calls }
+    let mut out = ParsedOutput::default();
+    for piece in [streamer.push(text), streamer.finish()] {
+        out.add(piece);
+    }
+    out
+}
+
+impl ParsedOutput {
+    /// Adds what a [`ToolCallStreamer`] released: the content, and the calls'
+    /// deltas joined into calls.
+    pub fn add(&mut self, piece: StreamPiece) {
+        self.content.expose_mut().push_str(piece.content.expose());
+        for delta in piece.calls {
+            match delta.name {
+                Some(name) => self.calls.push(ParsedCall { name, arguments: delta.arguments }),
+                None => {
+                    if let Some(call) = self.calls.last_mut() {
+                        call.arguments.expose_mut().push_str(delta.arguments.expose());
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Where a [`ToolCallStreamer`] is in the output.
@@ -331,6 +266,8 @@ enum Mode {
     Held,
     /// Llama3Json: the output is plain content; nothing is held.
     Plain,
+    /// Output that follows a call grammar, in its calls: read as they come.
+    Calls,
 }
 
 /// Incremental [`parse`] for streamed output: the concatenated pieces of all
@@ -341,10 +278,16 @@ enum Mode {
 /// calls are released at their `</tool_call>`; from a Mistral `[TOOL_CALLS]`,
 /// or a Llama3Json output that starts with `{` or `<|python_tag|>`, everything
 /// is held until [`ToolCallStreamer::finish`].
+///
+/// [`ToolCallStreamer::for_call_grammar`] reads output that a call grammar
+/// shaped: its calls are released as they are written, the name first, then
+/// the arguments in fragments (see [`fragments`]).
 #[derive(Debug)]
 pub struct ToolCallStreamer {
     format: ToolCallFormat,
     mode: Mode,
+    /// Reads the calls of output that follows a call grammar.
+    fragments: Option<fragments::CallFragments>,
     /// Text received and not yet decided. PHI.
     pending: Phi<String>,
     /// Hermes, in a call: bytes of `pending` already searched for `</tool_call>`.
@@ -353,14 +296,24 @@ pub struct ToolCallStreamer {
 }
 
 impl ToolCallStreamer {
+    /// A streamer for any output: a call is released once it is complete.
     pub fn new(format: ToolCallFormat) -> Self {
         ToolCallStreamer {
             format,
             mode: Mode::Scan,
+            fragments: None,
             pending: Phi::default(),
             searched: 0,
             splitter: Splitter::default(),
         }
+    }
+
+    /// A streamer for output decoded under [`ToolCallFormat::call_grammar`] or
+    /// [`ToolCallFormat::text_or_calls_grammar`] in this format: content as
+    /// [`ToolCallStreamer::new`] releases it, then each call's name as soon as
+    /// it is written and its arguments in fragments.
+    pub fn for_call_grammar(format: ToolCallFormat) -> Self {
+        ToolCallStreamer { fragments: Some(fragments::CallFragments::new(format)), ..ToolCallStreamer::new(format) }
     }
 
     /// Feeds generated text; returns the content now known not to be part of a
@@ -372,15 +325,30 @@ impl ToolCallStreamer {
             ToolCallFormat::Mistral => self.advance_mistral(),
             ToolCallFormat::Llama3Json => self.advance_llama(),
         }
+        if self.mode == Mode::Calls {
+            self.read_calls();
+        }
         self.splitter.take()
+    }
+
+    /// In the calls of grammar-shaped output: passes on everything pending.
+    fn read_calls(&mut self) {
+        let pending = Phi::new(std::mem::take(self.pending.expose_mut()));
+        if let Some(fragments) = self.fragments.as_mut() {
+            fragments.push(pending.expose(), &mut self.splitter);
+        }
     }
 
     /// End of output: releases everything held (calls as [`parse`] finds them;
     /// malformed call text as content).
     pub fn finish(&mut self) -> StreamPiece {
+        if self.mode == Mode::Calls {
+            self.read_calls();
+        }
         let pending = Phi::new(std::mem::take(self.pending.expose_mut()));
         let text = pending.expose().as_str();
         match (self.format, self.mode) {
+            (_, Mode::Calls) => {}
             (ToolCallFormat::Hermes, Mode::InCall) => match hermes_call(&text[HERMES_OPEN.len()..]) {
                 Some(call) => self.splitter.call(call),
                 None => self.splitter.text(text),
@@ -407,6 +375,10 @@ impl ToolCallStreamer {
                     Some(start) => {
                         self.splitter.text(&pending[..start]);
                         self.pending.expose_mut().drain(..start);
+                        if self.fragments.is_some() {
+                            self.mode = Mode::Calls;
+                            return;
+                        }
                         self.mode = Mode::InCall;
                         self.searched = HERMES_OPEN.len();
                     }
@@ -443,7 +415,7 @@ impl ToolCallStreamer {
                         return;
                     }
                 },
-                Mode::Held | Mode::Plain => return,
+                Mode::Held | Mode::Plain | Mode::Calls => return,
             }
         }
     }
@@ -458,7 +430,7 @@ impl ToolCallStreamer {
             Some(start) => {
                 self.splitter.text(&pending[..start]);
                 self.pending.expose_mut().drain(..start);
-                self.mode = Mode::Held;
+                self.mode = if self.fragments.is_some() { Mode::Calls } else { Mode::Held };
             }
             None => self.release_before_partial_marker(MISTRAL_MARKER),
         }
@@ -472,7 +444,11 @@ impl ToolCallStreamer {
             if start.is_empty() || (PYTHON_TAG.starts_with(start) && start != PYTHON_TAG) {
                 return;
             }
-            self.mode = if start.starts_with('{') || start.starts_with(PYTHON_TAG) { Mode::Held } else { Mode::Plain };
+            self.mode = match start.chars().next() {
+                Some('{') if self.fragments.is_some() => Mode::Calls,
+                _ if start.starts_with('{') || start.starts_with(PYTHON_TAG) => Mode::Held,
+                _ => Mode::Plain,
+            };
         }
         if self.mode == Mode::Plain {
             let pending = Phi::new(std::mem::take(self.pending.expose_mut()));
@@ -519,7 +495,9 @@ struct Splitter {
     held_space: String,
     /// Released content not yet taken. PHI.
     content: Phi<String>,
-    calls: Vec<ParsedCall>,
+    calls: Vec<CallDelta>,
+    /// Calls started so far.
+    started_calls: usize,
 }
 
 impl Splitter {
@@ -546,11 +524,34 @@ impl Splitter {
         self.wrote_content = true;
     }
 
-    /// A call: the whitespace before it is dropped, and that after it.
+    /// A whole call: the whitespace before it is dropped, and that after it.
     fn call(&mut self, call: ParsedCall) {
+        self.call_start(call.name);
+        self.call_arguments(call.arguments.expose());
+    }
+
+    /// The start of a call, named (whitespace around it dropped as for a call).
+    fn call_start(&mut self, name: String) {
         self.held_space.clear();
         self.after_call = true;
-        self.calls.push(call);
+        self.calls.push(CallDelta { index: self.started_calls, name: Some(name), arguments: Phi::default() });
+        self.started_calls += 1;
+    }
+
+    /// More arguments of the call started last.
+    fn call_arguments(&mut self, text: &str) {
+        if text.is_empty() {
+            return;
+        }
+        match self.calls.last_mut() {
+            Some(delta) if delta.index + 1 == self.started_calls => delta.arguments.expose_mut().push_str(text),
+            _ if self.started_calls > 0 => self.calls.push(CallDelta {
+                index: self.started_calls - 1,
+                name: None,
+                arguments: Phi::new(text.to_owned()),
+            }),
+            _ => {}
+        }
     }
 
     /// End of output: held whitespace is content after all.
@@ -677,6 +678,9 @@ fn mistral_args_call(text: &str) -> Option<(ParsedCall, usize)> {
     let arguments = Phi::new(serde_json::to_string(&arguments).ok()?);
     Some((ParsedCall { name: name.to_owned(), arguments }, name_len + MISTRAL_ARGS.len() + used))
 }
+
+mod fragments;
+mod grammar;
 
 #[cfg(test)]
 mod tests;

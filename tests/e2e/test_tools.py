@@ -129,6 +129,42 @@ def check_none_and_auto():
     assert r.choices[0].message.content
 
 
+def check_auto_calls_follow_strict_schemas():
+    # Under `auto` the model may start a call on its own; from the call marker
+    # on, decoding is constrained: a strict tool's arguments follow its schema.
+    strict = [dict(t, function=dict(t["function"], strict=True)) for t in TOOLS]
+
+    def one(seed):
+        return C.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Use get_lab_results to fetch the potassium of MRN 4471."}],
+            tools=strict, max_tokens=160, temperature=1, seed=seed)
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(one, range(16)))
+    called = 0
+    for r in results:
+        choice = r.choices[0]
+        assert choice.finish_reason in ("stop", "length", "tool_calls"), choice
+        if choice.finish_reason == "tool_calls":
+            called += 1
+            for name, arguments in calls_of(choice.message):
+                assert_valid_call(name, arguments)
+    print(f"  auto: {called}/16 answers called a tool, every call valid")
+
+
+def check_streamed_calls_arrive_in_openai_deltas():
+    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=200, temperature=0)
+    firsts, fragments = {}, {}
+    for chunk in C.chat.completions.create(stream=True, **kw):
+        for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            if d.index not in firsts:
+                assert d.id and d.id.startswith("call_") and d.type == "function" and d.function.name, d
+                firsts[d.index] = d
+            else:
+                assert d.id is None and (d.function.name is None), d
+                fragments[d.index] = fragments.get(d.index, 0) + 1
+    assert firsts and all(fragments.get(i, 0) > 1 for i in firsts), (firsts, fragments)
+
+
 def check_parallel_tool_calls_false():
     r = C.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
                                   parallel_tool_calls=False, max_tokens=200, temperature=0)

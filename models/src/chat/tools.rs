@@ -79,8 +79,29 @@ fn arguments_value(arguments: &Phi<String>) -> Json {
     serde_json::from_str(arguments.expose()).unwrap_or_else(|_| Json::String(arguments.expose().clone()))
 }
 
+/// How a template expects call ids: as given, or (Mistral's templates, which
+/// refuse any other length) as their last nine characters, as vLLM passes
+/// them. Ids are ours (`call_` and hex) or the client's; never PHI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CallIds {
+    AsGiven,
+    LastNine,
+}
+
+impl CallIds {
+    fn apply(self, id: &str) -> &str {
+        match self {
+            CallIds::LastNine if id.chars().count() > 9 => {
+                let cut = id.char_indices().rev().nth(8).map_or(0, |(i, _)| i);
+                &id[cut..]
+            }
+            _ => id,
+        }
+    }
+}
+
 /// One message as a template sees it.
-pub(super) fn template_message(m: &ChatMessage) -> minijinja::Value {
+pub(super) fn template_message(m: &ChatMessage, ids: CallIds) -> minijinja::Value {
     let msg = TemplateMessage {
         role: m.role.as_str(),
         content: m.content.expose(),
@@ -88,12 +109,12 @@ pub(super) fn template_message(m: &ChatMessage) -> minijinja::Value {
             .tool_calls
             .iter()
             .map(|c| TemplateCall {
-                id: &c.id,
+                id: ids.apply(&c.id),
                 kind: "function",
                 function: TemplateFunction { name: &c.name, arguments: arguments_value(&c.arguments) },
             })
             .collect(),
-        tool_call_id: m.tool_call_id.as_deref(),
+        tool_call_id: m.tool_call_id.as_deref().map(|id| ids.apply(id)),
     };
     minijinja::Value::from_serialize(&msg)
 }
@@ -184,6 +205,62 @@ mod tests {
         let (messages, tools) = conversation();
         let out = t.render_with(&messages, &RenderOptions { tools, ..RenderOptions::default() }).unwrap();
         assert_eq!(out.expose().as_str(), include_str!("qwen2_5_tools.golden"));
+    }
+
+    /// The golden files of these reference templates are what Hugging Face's
+    /// own renderer makes of them (`scripts/chat-template-goldens.py`).
+    fn renders_like_hugging_face(
+        template: &str,
+        golden: &str,
+        call_id: &str,
+        opts: RenderOptions,
+        bos_eos: (&str, &str),
+    ) {
+        let t = ChatTemplate::new(template, Some(bos_eos.0.into()), Some(bos_eos.1.into())).unwrap();
+        assert!(t.knows_tools());
+        let (mut messages, tools) = conversation();
+        messages[1].tool_calls[0].id = call_id.into();
+        messages[2].tool_call_id = Some(call_id.into());
+        let out = t.render_with(&messages, &RenderOptions { tools, ..opts }).unwrap();
+        assert_eq!(out.expose().as_str(), golden);
+    }
+
+    #[test]
+    fn llama3_2_template_renders_tools_calls_and_results_like_hugging_face() {
+        let t = ChatTemplate::new(include_str!("llama3_2_tools.jinja"), None, None).unwrap();
+        assert_eq!(t.tool_format(), Some(ToolCallFormat::Llama3Json));
+        let kwargs = crate::chat::TemplateKwargs([("date_string".to_string(), "26 Jul 2024".into())].into());
+        renders_like_hugging_face(
+            include_str!("llama3_2_tools.jinja"),
+            include_str!("llama3_2_tools.golden"),
+            "call_1",
+            RenderOptions { kwargs, ..RenderOptions::default() },
+            ("<|begin_of_text|>", "<|eot_id|>"),
+        );
+    }
+
+    #[test]
+    fn mistral_template_renders_tools_calls_and_results_like_hugging_face() {
+        let t = ChatTemplate::new(include_str!("mistral_nemo_tools.jinja"), None, None).unwrap();
+        assert_eq!(t.tool_format(), Some(ToolCallFormat::Mistral));
+        let opts = RenderOptions { add_generation_prompt: false, ..RenderOptions::default() };
+        let golden = include_str!("mistral_nemo_tools.golden");
+        renders_like_hugging_face(
+            include_str!("mistral_nemo_tools.jinja"),
+            golden,
+            "a1B2c3D4e",
+            opts.clone(),
+            ("<s>", "</s>"),
+        );
+        // Our own ids (`call_` and 24 hex digits), which Mistral's templates
+        // refuse, reach them as their last nine characters.
+        renders_like_hugging_face(
+            include_str!("mistral_nemo_tools.jinja"),
+            golden,
+            "call_0123456789abcdefa1B2c3D4e",
+            opts,
+            ("<s>", "</s>"),
+        );
     }
 
     /// A template without tools (ChatML, as SmolLM2's) gets the generic

@@ -134,18 +134,20 @@ pub async fn chat_completions(
             if !specials.is_empty() {
                 params.decode.skip_special_tokens = false;
             }
-            let constraint = t.constraint(format, &specials);
-            let calls_only = constraint.is_some();
-            if let Some(c) = constraint {
-                if params.constraint.is_some() {
-                    return Err(ApiError::invalid(
-                        "tool_choice",
-                        "tool_choice required or a named function cannot be combined with an output constraint",
-                    ));
-                }
-                params.constraint = Some(c);
+            let calls_only = t.calls_only();
+            if calls_only && params.constraint.is_some() {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    "tool_choice required or a named function cannot be combined with an output constraint",
+                ));
             }
-            Some(ToolCallMode { format, parallel: t.parallel, calls_only })
+            // `auto` with an output constraint: that one applies, and calls are
+            // parsed from its output.
+            let follows_grammar = params.constraint.is_none();
+            if follows_grammar {
+                params.constraint = t.constraint(format, &specials);
+            }
+            Some(ToolCallMode { format, parallel: t.parallel, calls_only, follows_grammar })
         }
         None => None,
     };

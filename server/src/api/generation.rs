@@ -26,7 +26,7 @@ use salus_models::{DecodeParams, Phi};
 
 use super::error::ApiError;
 use super::inference_audit::InferenceAudit;
-use super::tools::{new_call_id, ToolCall};
+use super::tools::{new_call_id, ToolCall, ToolCallDelta};
 use super::types::GenerationParams;
 use crate::auth::AuthenticatedPrincipal;
 use crate::engine::{FinishReason, GenerationEvent, GenerationHandle, GenerationRequest, RequestId, TokenLogprob};
@@ -179,6 +179,9 @@ pub struct ToolCallMode {
     pub parallel: bool,
     /// Decoding was constrained to calls only (`tool_choice` required or named).
     pub calls_only: bool,
+    /// Decoding followed the tools' call grammar (otherwise an output
+    /// constraint of the request's): calls stream as they are written.
+    pub follows_grammar: bool,
 }
 
 /// One choice as it accumulates.
@@ -192,6 +195,9 @@ pub struct ChoiceOutput {
     pub tool_calls: Vec<ToolCall>,
     /// Splits the text into content and calls while it streams.
     streamer: Option<ToolCallStreamer>,
+    /// The output's call now being written is one of `tool_calls` (not one
+    /// beyond the first when calls are not parallel).
+    current_call_kept: bool,
     /// Every token's logprobs so far, when requested.
     pub logprobs: Vec<TokenLogprob>,
     pub finish: Option<FinishReason>,
@@ -207,9 +213,11 @@ impl ChoiceOutput {
         self.content.as_ref().unwrap_or(&self.text)
     }
 
-    /// OpenAI's `finish_reason`: `tool_calls` when the choice called tools.
+    /// OpenAI's `finish_reason`: `tool_calls` when the choice called tools
+    /// (`length` when the limit cut it off, in a call or after one).
     pub fn finish_reason(&self) -> &'static str {
         match self.finish {
+            Some(FinishReason::Length) => FinishReason::Length.as_str(),
             _ if !self.tool_calls.is_empty() => "tool_calls",
             Some(r) => r.as_str(),
             None => FinishReason::Stop.as_str(),
@@ -221,8 +229,8 @@ impl ChoiceOutput {
 #[derive(Debug)]
 pub enum Update {
     /// New text (possibly empty when only logprobs or calls are new) of
-    /// `choice`, and the tool calls that became complete.
-    Delta { choice: usize, text: Phi<String>, logprobs: Vec<TokenLogprob>, tool_calls: Vec<ToolCall> },
+    /// `choice`, and new pieces of its tool calls.
+    Delta { choice: usize, text: Phi<String>, logprobs: Vec<TokenLogprob>, tool_calls: Vec<ToolCallDelta> },
     /// `choice` ended; `reason` is OpenAI's `finish_reason`.
     Finished { choice: usize, reason: &'static str },
 }
@@ -287,36 +295,53 @@ impl Generation {
         self.tool_calls = Some(mode);
         for c in &mut self.choices {
             c.content = Some(Phi::new(String::new()));
-            c.streamer = Some(ToolCallStreamer::new(mode.format));
+            c.streamer = Some(match mode.follows_grammar {
+                true => ToolCallStreamer::for_call_grammar(mode.format),
+                false => ToolCallStreamer::new(mode.format),
+            });
         }
         self
     }
 
     /// Takes a piece of the tool-call splitter into choice `index`: its content
-    /// text, and its calls (ids assigned; beyond the first dropped unless parallel).
-    fn split_piece(&mut self, index: usize, piece: StreamPiece) -> (Phi<String>, Vec<ToolCall>) {
+    /// text, and its calls' pieces (ids assigned; calls beyond the first
+    /// dropped unless parallel).
+    fn split_piece(&mut self, index: usize, piece: StreamPiece) -> (Phi<String>, Vec<ToolCallDelta>) {
         let Some(mode) = self.tool_calls else { return (piece.content, Vec::new()) };
-        let parallel = mode.parallel;
         let c = &mut self.choices[index];
-        let mut calls = Vec::new();
-        for call in piece.calls {
-            if !parallel && !c.tool_calls.is_empty() {
-                break;
-            }
-            let call =
-                ToolCall { index: c.tool_calls.len(), id: new_call_id(), name: call.name, arguments: call.arguments };
-            c.tool_calls.push(call.clone());
-            calls.push(call);
+        let mut deltas = Vec::new();
+        for delta in piece.calls {
+            let head = match delta.name {
+                Some(name) => {
+                    c.current_call_kept = mode.parallel || c.tool_calls.is_empty();
+                    if !c.current_call_kept {
+                        continue;
+                    }
+                    let call = ToolCall {
+                        index: c.tool_calls.len(),
+                        id: new_call_id(),
+                        name: name.clone(),
+                        arguments: Phi::default(),
+                    };
+                    let head = (call.id.clone(), name);
+                    c.tool_calls.push(call);
+                    Some(head)
+                }
+                None => None,
+            };
+            let Some(call) = c.tool_calls.last_mut().filter(|_| c.current_call_kept) else { continue };
+            call.arguments.expose_mut().push_str(delta.arguments.expose());
+            deltas.push(ToolCallDelta { index: call.index, head, arguments: delta.arguments });
         }
         if mode.calls_only {
             // Decoding allowed nothing but calls: what is left is a call that
             // `max_tokens` cut off, not content.
-            return (Phi::new(String::new()), calls);
+            return (Phi::new(String::new()), deltas);
         }
         if let Some(content) = &mut c.content {
             content.expose_mut().push_str(piece.content.expose());
         }
-        (piece.content, calls)
+        (piece.content, deltas)
     }
 
     /// The next update to forward, after accounting for it; `None` once every

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::generation::{ChoiceOutput, Completed, Generation, Usage};
-use super::tools::ToolCall;
+use super::tools::ToolCallDelta;
 use crate::engine::TokenLogprob;
 use crate::state::{AppState, RequestContext};
 
@@ -25,7 +25,7 @@ enum ChoicePart<'a> {
     /// The chat role delta sent before any token (streaming).
     Preamble,
     /// New text, its logprobs and the tool calls that became complete (streaming).
-    Delta(&'a str, &'a [TokenLogprob], &'a [ToolCall]),
+    Delta(&'a str, &'a [TokenLogprob], &'a [ToolCallDelta]),
     /// The end of the choice (streaming): OpenAI's `finish_reason`.
     Finish(&'static str),
     /// The complete choice (non-streaming).
@@ -102,7 +102,7 @@ impl ResponseBuilder {
         let (key, message) = match part {
             ChoicePart::Preamble => ("delta", json!({"role": "assistant", "content": "", "refusal": null})),
             ChoicePart::Delta(_, _, calls) if !calls.is_empty() => {
-                let mut delta = json!({"tool_calls": calls.iter().map(call_json).collect::<Vec<_>>()});
+                let mut delta = json!({"tool_calls": calls.iter().map(call_delta_json).collect::<Vec<_>>()});
                 if !text.is_empty() {
                     delta["content"] = text.into();
                 }
@@ -117,10 +117,10 @@ impl ResponseBuilder {
                     .tool_calls
                     .iter()
                     .map(|t| {
-                        let mut v = call_json(t);
-                        // `index` belongs to stream deltas only.
-                        v.as_object_mut().map(|o| o.remove("index"));
-                        v
+                        json!({
+                            "id": t.id, "type": "function",
+                            "function": {"name": t.name, "arguments": t.arguments.expose()},
+                        })
                     })
                     .collect();
                 ("message", json!({"role": "assistant", "content": content, "refusal": null, "tool_calls": calls}))
@@ -193,7 +193,7 @@ impl ResponseBuilder {
     }
 
     /// A content delta (`text` may be empty when only logprobs or calls are new).
-    pub fn delta_chunk(&self, choice: usize, text: &str, logprobs: &[TokenLogprob], calls: &[ToolCall]) -> Value {
+    pub fn delta_chunk(&self, choice: usize, text: &str, logprobs: &[TokenLogprob], calls: &[ToolCallDelta]) -> Value {
         self.chunk(json!([self.choice(choice, ChoicePart::Delta(text, logprobs, calls))]))
     }
 
@@ -210,14 +210,17 @@ impl ResponseBuilder {
     }
 }
 
-/// A tool call as OpenAI writes it (in a message, and whole in a stream's
-/// delta: `index`, `id`, `type`, `function.name` and all of `function.arguments`
-/// in one chunk, which the SDK's accumulators read like several).
-fn call_json(c: &ToolCall) -> Value {
-    json!({
-        "index": c.index, "id": c.id, "type": "function",
-        "function": {"name": c.name, "arguments": c.arguments.expose()},
-    })
+/// A piece of a tool call as OpenAI streams it: `index`, then `id`, `type` and
+/// `function.name` in the call's first delta, and `function.arguments`
+/// fragments (their concatenation is the message's `arguments`).
+fn call_delta_json(c: &ToolCallDelta) -> Value {
+    match &c.head {
+        Some((id, name)) => json!({
+            "index": c.index, "id": id, "type": "function",
+            "function": {"name": name, "arguments": c.arguments.expose()},
+        }),
+        None => json!({"index": c.index, "function": {"arguments": c.arguments.expose()}}),
+    }
 }
 
 /// OpenAI's usage object.

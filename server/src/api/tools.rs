@@ -8,8 +8,12 @@
 //! one tool, `{"type": "function", "function": {"name"}}` calls that one. For
 //! `required` and a named choice decoding is constrained to well-formed calls
 //! whose arguments validate against the tool's `parameters` (structured
-//! outputs); for `auto` the output is parsed, and a call that does not parse
-//! stays text.
+//! outputs). For `auto` it is constrained to text or calls: the model writes
+//! what it likes until it writes the call marker, and from there a call to one
+//! of the tools, whose arguments follow the tool's `parameters` when it is
+//! `strict` and are any JSON object otherwise. (With a `response_format`
+//! besides, that constraint applies instead, and calls are parsed from the
+//! output: one that does not parse stays text.)
 //!
 //! Tool names are app-defined identifiers (`[A-Za-z0-9_-]`, 1–64): they are
 //! the only part of a tool that reaches the audit trail. Descriptions,
@@ -203,30 +207,62 @@ impl ValidatedTools {
         self.tools.iter().map(|t| t.name.clone()).collect()
     }
 
-    /// The decoding constraint of `required` and a named choice: well-formed
+    /// Whether decoding allows nothing but calls (`required`, a named tool).
+    pub fn calls_only(&self) -> bool {
+        matches!(self.choice, ToolChoice::Required | ToolChoice::Named(_))
+    }
+
+    /// The decoding constraint: for `required` and a named choice, well-formed
     /// calls in `format` to the allowed tools, arguments valid per their
-    /// parameters. `None` for `auto` and `none`. `special_markers` are the
-    /// format's markers that are special tokens of the vocabulary, with their ids.
+    /// parameters; for `auto`, text or such calls, arguments valid per the
+    /// parameters of `strict` tools and any object for the others. `None` for
+    /// `none`. `special_markers` are the format's markers that are special
+    /// tokens of the vocabulary, with their ids.
     pub fn constraint(&self, format: ToolCallFormat, special_markers: &[(&str, u32)]) -> Option<RequestedConstraint> {
-        let allowed: Vec<(&str, &Value)> = match self.choice {
-            ToolChoice::Required => self.tools.iter().map(|t| (t.name.as_str(), &t.parameters.0)).collect(),
-            ToolChoice::Named(i) => vec![(self.tools[i].name.as_str(), &self.tools[i].parameters.0)],
-            ToolChoice::None | ToolChoice::Auto => return None,
+        let any_object = Value::Bool(true);
+        let grammar = match self.choice {
+            ToolChoice::Required => {
+                let allowed: Vec<(&str, &Value)> =
+                    self.tools.iter().map(|t| (t.name.as_str(), &t.parameters.0)).collect();
+                format.call_grammar_with_special_tokens(&allowed, self.parallel, special_markers)
+            }
+            ToolChoice::Named(i) => {
+                let allowed = [(self.tools[i].name.as_str(), &self.tools[i].parameters.0)];
+                format.call_grammar_with_special_tokens(&allowed, false, special_markers)
+            }
+            ToolChoice::Auto => {
+                let allowed: Vec<(&str, &Value)> = self
+                    .tools
+                    .iter()
+                    .map(|t| (t.name.as_str(), if t.strict { &t.parameters.0 } else { &any_object }))
+                    .collect();
+                format.text_or_calls_grammar(&allowed, self.parallel, special_markers)
+            }
+            ToolChoice::None => return None,
         };
-        let parallel = self.parallel && self.choice == ToolChoice::Required;
-        let grammar = format.call_grammar_with_special_tokens(&allowed, parallel, special_markers);
         Some(RequestedConstraint { spec: ConstraintSpec::Grammar(Phi::new(grammar)), param: "tools" })
     }
 }
 
-/// A call the model made, as the response carries it. `arguments` is the JSON
-/// text of the arguments (PHI).
+/// A call the model made, as the response message carries it. `arguments` is
+/// the JSON text of the arguments (PHI).
 #[derive(Debug, Clone)]
 pub struct ToolCall {
     /// Its position among the choice's calls (`delta.tool_calls[].index`).
     pub index: usize,
     pub id: String,
     pub name: String,
+    pub arguments: Phi<String>,
+}
+
+/// A piece of a call, as a stream's `delta.tool_calls[]` carries it: the
+/// call's id and name in its first delta, and more of its arguments (PHI).
+#[derive(Debug, Clone)]
+pub struct ToolCallDelta {
+    /// The call's position among the choice's calls.
+    pub index: usize,
+    /// The call's id and function name: in its first delta only.
+    pub head: Option<(String, String)>,
     pub arguments: Phi<String>,
 }
 
@@ -286,6 +322,28 @@ mod tests {
         assert!(!body.contains("CANARY"), "{body}");
         assert_eq!(param(json!({"tools": [tool("a", json!([]))]})), "tools[0].function.parameters");
         assert_eq!(param(json!({"tools": []})), "tools");
+    }
+
+    #[test]
+    fn auto_constrains_the_arguments_of_strict_tools_only() {
+        let strict = json!({"type": "function", "function": {"name": "a", "strict": true,
+            "parameters": {"type": "object", "properties": {"only_strict": {"type": "string"}}}}});
+        let loose = tool("b", json!({"type": "object", "properties": {"only_loose": {"type": "string"}}}));
+        let t = parse(json!({"tools": [strict, loose]})).unwrap().unwrap();
+        let grammar = |t: &ValidatedTools| match t.constraint(ToolCallFormat::Hermes, &[]).map(|c| c.spec) {
+            Some(ConstraintSpec::Grammar(g)) => g.expose().clone(),
+            other => panic!("{other:?}"),
+        };
+        let auto = grammar(&t);
+        assert!(auto.contains("only_strict") && !auto.contains("only_loose"), "{auto}");
+        assert!(auto.contains("TEXT"), "auto allows text: {auto}");
+        let mut required = t.clone();
+        required.choice = ToolChoice::Required;
+        let required = grammar(&required);
+        assert!(required.contains("only_strict") && required.contains("only_loose") && !required.contains("TEXT"));
+        let mut none = t;
+        none.choice = ToolChoice::None;
+        assert!(none.constraint(ToolCallFormat::Hermes, &[]).is_none());
     }
 
     #[test]

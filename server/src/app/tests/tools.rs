@@ -16,12 +16,15 @@ fn tools_body(extra: Value) -> Vec<u8> {
     chat_body(with_fields(json!({"tools": tools, "max_tokens": 50}), &extra))
 }
 
-/// The scripted reply: text, then a call split over three deltas.
+/// The scripted reply: text, then calls, each split over four deltas (its
+/// arguments over two), as the call grammar of `auto` allows them.
 fn script_call(f: &Fixture, calls: usize) {
     let mut reply = vec!["Let me check.".to_string()];
+    let (head, tail) = ARGS_CANARY.split_at(8);
     for _ in 0..calls {
         reply.push("\n<tool_call>\n{\"name\": \"get_lab\", ".into());
-        reply.push(format!("\"arguments\": {{\"mrn\": \"{ARGS_CANARY}\"}}}}"));
+        reply.push(format!("\"arguments\": {{\"mrn\": \"{head}"));
+        reply.push(format!("{tail}\"}}}}"));
         reply.push("\n</tool_call>".into());
     }
     *f.engine.reply.lock().unwrap() = Some(reply);
@@ -51,6 +54,7 @@ async fn calls_in_the_output_become_tool_calls_whole_and_streamed() {
     let chunks = sse_chunks(&sse);
     let mut content = String::new();
     let (mut name, mut arguments, mut finish) = (String::new(), String::new(), String::new());
+    let mut call_deltas = Vec::new();
     for c in &chunks {
         let d = &c["choices"][0]["delta"];
         content.push_str(d["content"].as_str().unwrap_or(""));
@@ -58,13 +62,24 @@ async fn calls_in_the_output_become_tool_calls_whole_and_streamed() {
             assert_eq!(calls[0]["index"], 0);
             name.push_str(calls[0]["function"]["name"].as_str().unwrap_or(""));
             arguments.push_str(calls[0]["function"]["arguments"].as_str().unwrap_or(""));
+            call_deltas.push(calls[0].clone());
         }
         if let Some(r) = c["choices"][0]["finish_reason"].as_str() {
             finish = r.to_string();
         }
     }
     assert_eq!((content.as_str(), name.as_str(), finish.as_str()), ("Let me check.", "get_lab", "tool_calls"));
-    assert_eq!(serde_json::from_str::<Value>(&arguments).unwrap(), args);
+    assert_eq!(arguments, call["function"]["arguments"].as_str().unwrap(), "the same arguments text");
+    // OpenAI's delta shape: id, type and name first, then argument fragments.
+    assert!(call_deltas.len() >= 2, "{call_deltas:?}");
+    assert!(call_deltas[0]["id"].as_str().unwrap().starts_with("call_"));
+    assert_eq!(
+        (call_deltas[0]["type"].as_str(), call_deltas[0]["function"]["name"].as_str()),
+        (Some("function"), Some("get_lab"))
+    );
+    for later in &call_deltas[1..] {
+        assert!(later.get("id").is_none() && later["function"].get("name").is_none(), "{later}");
+    }
     // No streamed chunk ever carried the call's markup as content.
     assert!(!sse.contains("\\u003ctool_call") && !sse.contains("<tool_call>"), "{sse}");
 
@@ -78,8 +93,11 @@ async fn calls_in_the_output_become_tool_calls_whole_and_streamed() {
     let done = recs.iter().find(|r| r.kind == "inference.completed").unwrap();
     assert_eq!(done.params.as_ref().unwrap().tools_called.as_deref(), Some(&["get_lab".to_string()][..]));
     assert!(!contains(&raw_bytes(f.audit_dir.path()), ARGS_CANARY.as_bytes()));
-    // `auto` does not constrain decoding.
-    assert!(f.engine.decodes.lock().unwrap()[0].constraint.is_none());
+    // `auto` constrains decoding to text or calls.
+    let decodes = f.engine.decodes.lock().unwrap().clone();
+    assert!(decodes
+        .iter()
+        .all(|d| d.constraint.as_ref().map(|g| g.kind()) == Some(salus_models::ConstraintKind::Grammar)));
 }
 
 #[tokio::test]
@@ -111,7 +129,14 @@ async fn required_and_named_choices_constrain_decoding() {
     assert!(decodes
         .iter()
         .all(|d| d.constraint.as_ref().map(|g| g.kind()) == Some(salus_models::ConstraintKind::Grammar)));
-    // Not with a response_format as well.
+    // `auto` with a response_format: that constraint applies, calls are parsed.
+    let body = tools_body(json!({"response_format": {"type": "json_object"}}));
+    let (s, v, text) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert_eq!(v["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "get_lab", "{text}");
+    let last = f.engine.decodes.lock().unwrap().last().unwrap().clone();
+    assert_eq!(last.constraint.map(|g| g.kind()), Some(salus_models::ConstraintKind::JsonObject));
+    // `required` not with a response_format as well.
     let body = tools_body(json!({"tool_choice": "required", "response_format": {"type": "json_object"}}));
     let (s, v, _) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
     assert_eq!((s, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("tool_choice")));
@@ -148,4 +173,31 @@ async fn the_history_carries_calls_and_results() {
             .await;
     assert_eq!((s, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("messages[0].tool_calls")));
     assert!(!contains(&raw_bytes(f.audit_dir.path()), ARGS_CANARY.as_bytes()));
+}
+
+#[tokio::test]
+async fn a_call_cut_off_by_max_tokens_keeps_its_arguments_so_far_and_finishes_with_length() {
+    let f = fixture();
+    script_call(&f, 1);
+    // Three deltas: the text, the call's name, the first half of its arguments.
+    for stream in [false, true] {
+        let body = tools_body(json!({"max_tokens": 3, "stream": stream}));
+        let (s, v, text) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&body)).await;
+        assert_eq!(s, StatusCode::OK, "{text}");
+        let (finish, arguments) = if stream {
+            let chunks = sse_chunks(&text);
+            let finish = chunks.iter().find_map(|c| c["choices"][0]["finish_reason"].as_str().map(String::from));
+            let args: String = chunks
+                .iter()
+                .filter_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str())
+                .collect();
+            (finish.unwrap(), args)
+        } else {
+            let choice = &v["choices"][0];
+            let args = choice["message"]["tool_calls"][0]["function"]["arguments"].as_str().unwrap().to_string();
+            (choice["finish_reason"].as_str().unwrap().to_string(), args)
+        };
+        assert_eq!(finish, "length", "stream {stream}: {text}");
+        assert_eq!(arguments, format!("{{\"mrn\":\"{}", &ARGS_CANARY[..8]), "stream {stream}: {text}");
+    }
 }
