@@ -262,6 +262,15 @@ def check_http2_rejections_reach_the_client():
     assert all(rc == 0 and code == "401" for rc, code in results), results
 
 
+def check_token_id_prompts_match_their_text():
+    """lm-evaluation-harness sends completions prompts as token ids by default."""
+    text = C.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
+    # The same prompt as the default model's token ids (SmolLM2's tokenizer).
+    ids = C.completions.create(model=MODEL, prompt=[[504, 3575, 282, 4649, 314]], max_tokens=5, temperature=0)
+    assert ids.choices[0].text == text.choices[0].text, (ids.choices[0].text, text.choices[0].text)
+    assert ids.usage.prompt_tokens == text.usage.prompt_tokens == 5, (ids.usage, text.usage)
+
+
 def check_vllm_extensions_are_honoured():
     """What benchmark harnesses send: ignore_eos really generates max_tokens, min_tokens really defers EOS."""
     hi = [{"role": "user", "content": "Say hi."}]
@@ -301,7 +310,7 @@ def check_vllm_extensions_are_honoured():
 CHECKS = [check_non_streaming, check_streaming_with_usage, check_n2, check_stop, check_seed_reproducible,
           check_completions, check_models, check_errors, check_disconnect_cancels, check_prefix_cache, check_metrics,
           check_tls_versions, check_oversized_bodies_get_413, check_http2_rejections_reach_the_client,
-          check_vllm_extensions_are_honoured]
+          check_vllm_extensions_are_honoured, check_token_id_prompts_match_their_text]
 
 
 def main():

@@ -78,7 +78,10 @@ def streamed_calls(**kw):
 
 
 def check_required_round_trip():
-    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=200, temperature=0)
+    # One call: with parallel calls allowed the 135M model, greedy, can repeat
+    # calls until `max_tokens` (then `finish_reason` is `length`, as OpenAI's).
+    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+              max_tokens=200, temperature=0)
     r = C.chat.completions.create(**kw)
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls", choice
@@ -152,7 +155,7 @@ def check_auto_calls_follow_strict_schemas():
 
 
 def check_streamed_calls_arrive_in_openai_deltas():
-    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=200, temperature=0)
+    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=120, temperature=0)
     firsts, fragments = {}, {}
     for chunk in C.chat.completions.create(stream=True, **kw):
         for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
@@ -165,12 +168,20 @@ def check_streamed_calls_arrive_in_openai_deltas():
     assert firsts and all(fragments.get(i, 0) > 1 for i in firsts), (firsts, fragments)
 
 
-def check_parallel_tool_calls_false():
+def check_parallel_tool_calls():
     r = C.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
                                   parallel_tool_calls=False, max_tokens=200, temperature=0)
     calls = calls_of(r.choices[0].message)
-    assert len(calls) == 1, calls
+    assert len(calls) == 1 and r.choices[0].finish_reason == "tool_calls", (calls, r.choices[0].finish_reason)
     assert_valid_call(*calls[0])
+    # Parallel (the default): one or more calls; a call that `max_tokens` cut
+    # off (finish_reason `length`) is the last one, with partial arguments.
+    r = C.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                  max_tokens=200, temperature=0)
+    calls, finish = calls_of(r.choices[0].message), r.choices[0].finish_reason
+    assert calls and finish in ("tool_calls", "length"), (calls, finish)
+    for name, arguments in (calls if finish == "tool_calls" else calls[:-1]):
+        assert_valid_call(name, arguments)
 
 
 def check_refusals():

@@ -16,7 +16,7 @@ use super::json::JsonObject;
 use super::response::{respond_whole, Endpoint, ResponseBuilder};
 use super::sse::{respond_stream, StreamUsage};
 use super::structured::compile_requested;
-use super::types::{GenerationParams, ValidatedChatRequest, ValidatedCompletionRequest};
+use super::types::{CompletionPrompt, GenerationParams, ValidatedChatRequest, ValidatedCompletionRequest};
 use crate::auth::{AuthenticatedPrincipal, Permission};
 use crate::state::{AppState, PromptError, RequestContext};
 
@@ -171,20 +171,49 @@ pub async fn completions(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::Inference)?;
-    let ValidatedCompletionRequest { model, prompts: texts, mut params } =
+    let ValidatedCompletionRequest { model, prompts, mut params } =
         ValidatedCompletionRequest::parse(body, state.limits())?;
     check_servable(&state, &model)?;
     compile_requested(&state, &principal, &mut params).await?;
-    for p in &texts {
-        check_prompt_size(&state, &params, p.expose().len()).map_err(|e| e.for_prompt_field("prompt"))?;
+    let vocab = state.codec().vocab_size();
+    for p in &prompts {
+        match p {
+            CompletionPrompt::Text(text) => {
+                check_prompt_size(&state, &params, text.expose().len()).map_err(|e| e.for_prompt_field("prompt"))?
+            }
+            CompletionPrompt::Tokens(ids) => {
+                if ids.expose().iter().any(|&id| id as usize >= vocab) {
+                    return Err(ApiError::invalid(
+                        "prompt",
+                        format!("token ids must be below the vocabulary size {vocab}"),
+                    ));
+                }
+            }
+        }
     }
-    // The canonical prompt of the audit HMAC: the prompts concatenated in order.
+    // The canonical prompt of the audit HMAC: the prompts concatenated in
+    // order (a prompt of token ids as the text of its tokens).
     let mut canonical = Phi::new(String::new());
-    for p in &texts {
-        canonical.expose_mut().push_str(p.expose());
+    for p in &prompts {
+        match p {
+            CompletionPrompt::Text(text) => canonical.expose_mut().push_str(text.expose()),
+            CompletionPrompt::Tokens(ids) => {
+                for &id in ids.expose() {
+                    canonical.expose_mut().push_str(state.codec().token_text(id).expose());
+                }
+            }
+        }
     }
     let prompts = state
-        .with_codec_off_runtime(move |codec| texts.iter().map(|p| codec.encode_text(p)).collect::<Result<Vec<_>, _>>())
+        .with_codec_off_runtime(move |codec| {
+            prompts
+                .into_iter()
+                .map(|p| match p {
+                    CompletionPrompt::Text(text) => codec.encode_text(&text),
+                    CompletionPrompt::Tokens(ids) => Ok(ids),
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
         .await
         .map_err(|e| prompt_error(e, "prompt", ctx.request_id()))?;
     let inference = Inference { state: &state, ctx: &ctx, principal: &principal, source };

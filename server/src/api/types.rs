@@ -140,12 +140,28 @@ pub struct ValidatedChatRequest {
     pub tools: Option<ValidatedTools>,
 }
 
+/// One prompt of a `/v1/completions` request: text, or token ids (as OpenAI's
+/// legacy API and vLLM take them; lm-evaluation-harness sends ids by default).
+/// Both are PHI.
+#[derive(Debug)]
+pub enum CompletionPrompt {
+    Text(Phi<String>),
+    /// Ids not yet checked against the vocabulary (the handler does that).
+    Tokens(Phi<Vec<u32>>),
+}
+
 /// A `/v1/completions` request that passed validation.
 #[derive(Debug)]
 pub struct ValidatedCompletionRequest {
     pub model: String,
-    pub prompts: Vec<Phi<String>>,
+    pub prompts: Vec<CompletionPrompt>,
     pub params: GenerationParams,
+}
+
+/// A JSON array of token ids (`None` if an item is not an integer id). An
+/// item's value never reaches an error message.
+fn token_ids(items: &[Value]) -> Option<Vec<u32>> {
+    items.iter().map(|v| v.as_u64().and_then(|id| u32::try_from(id).ok())).collect()
 }
 
 fn parse_model(f: &mut Fields) -> Result<String, ApiError> {
@@ -525,20 +541,32 @@ impl ValidatedCompletionRequest {
     pub fn parse(body: serde_json::Map<String, Value>, limits: &LimitsConfig) -> Result<Self, ApiError> {
         let mut f = Fields::new(body);
         let model = parse_model(&mut f)?;
-        let bad_prompt = || ApiError::invalid("prompt", "prompt must be a string or an array of strings");
+        let bad_prompt = || {
+            ApiError::invalid(
+                "prompt",
+                "prompt must be a string, an array of strings, an array of token ids or an array of such arrays",
+            )
+        };
+        let too_many =
+            || ApiError::invalid("prompt", format!("prompt arrays must hold 1 to {} prompts", limits.max_prompts));
+        let tokens = |items: &[Value]| match token_ids(items) {
+            Some(ids) if !ids.is_empty() => Ok(CompletionPrompt::Tokens(Phi::new(ids))),
+            Some(_) => Err(ApiError::invalid("prompt", "a prompt of token ids must hold at least one id")),
+            None => Err(bad_prompt()),
+        };
         let prompts = match f.required("prompt")? {
-            Value::String(s) => vec![Phi::new(s)],
+            Value::String(s) => vec![CompletionPrompt::Text(Phi::new(s))],
+            // One prompt of token ids.
+            Value::Array(items) if items.first().is_some_and(Value::is_number) => vec![tokens(&items)?],
             Value::Array(items) => {
                 if items.is_empty() || items.len() > limits.max_prompts {
-                    return Err(ApiError::invalid(
-                        "prompt",
-                        format!("prompt arrays must hold 1 to {} strings", limits.max_prompts),
-                    ));
+                    return Err(too_many());
                 }
                 let mut out = Vec::with_capacity(items.len());
                 for item in items {
                     match item {
-                        Value::String(s) => out.push(Phi::new(s)),
+                        Value::String(s) => out.push(CompletionPrompt::Text(Phi::new(s))),
+                        Value::Array(ids) => out.push(tokens(&ids)?),
                         _ => return Err(bad_prompt()),
                     }
                 }
