@@ -107,6 +107,7 @@ fn one(engine: &ContinuousBatchingEngine, prompt: &[u32], i: usize, max_tokens: 
         },
         deadline: None,
         prefix_scope: PrefixScope::new("bench"),
+        prompt_logprobs: None,
     };
     let t0 = Instant::now();
     let mut h = match engine.submit(req) {
@@ -130,6 +131,7 @@ fn one(engine: &ContinuousBatchingEngine, prompt: &[u32], i: usize, max_tokens: 
                 s.output_tokens = completion_tokens;
                 break;
             }
+            GenerationEvent::PromptLogprobs { .. } => {}
             GenerationEvent::Failed { .. } => break,
         }
     }

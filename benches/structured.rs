@@ -367,6 +367,7 @@ fn run_one(
         },
         deadline: None,
         prefix_scope: PrefixScope::new("bench"),
+        prompt_logprobs: None,
     };
     let t0 = Instant::now();
     let mut h = engine.submit(req).expect("submit");
@@ -378,6 +379,7 @@ fn run_one(
                 ids.extend(logprobs.iter().map(|l| l.token_id));
             }
             GenerationEvent::Finished { .. } => break,
+            GenerationEvent::PromptLogprobs { .. } => {}
             GenerationEvent::Failed { error } => panic!("generation failed: {error}"),
         }
     }

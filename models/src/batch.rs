@@ -30,6 +30,9 @@ pub struct PackedBatch {
     tokens: Vec<u32>,
     positions: Vec<u32>,
     spans: Vec<SeqSpan>,
+    /// Sequences whose every position's logits the step returns (prompt
+    /// scoring, `echo`), not only the last.
+    every_position: Vec<SeqId>,
 }
 
 impl PackedBatch {
@@ -51,6 +54,34 @@ impl PackedBatch {
         self.positions.extend((start_pos..start_pos + tokens.len()).map(|p| p as u32));
         self.spans.push(SeqSpan { seq, offset, len: tokens.len(), start_pos });
         Ok(())
+    }
+
+    /// Asks for the logits of every position `seq` contributes to this step
+    /// (in order), where a step returns only each sequence's last by default.
+    pub fn want_every_position(&mut self, seq: SeqId) {
+        if !self.every_position.contains(&seq) {
+            self.every_position.push(seq);
+        }
+    }
+
+    /// How many logit rows a step returns for `span`: all its positions when
+    /// asked for with [`Self::want_every_position`], else one (its last).
+    pub fn logit_rows_of(&self, span: &SeqSpan) -> usize {
+        if self.every_position.contains(&span.seq) {
+            span.len
+        } else {
+            1
+        }
+    }
+
+    /// The packed token indices whose logits the step returns, span by span.
+    pub fn logit_rows(&self) -> Vec<u32> {
+        let mut rows = Vec::with_capacity(self.spans.len());
+        for s in &self.spans {
+            let n = self.logit_rows_of(s);
+            rows.extend((s.offset + s.len - n..s.offset + s.len).map(|i| i as u32));
+        }
+        rows
     }
 
     pub fn tokens(&self) -> &[u32] {
@@ -117,6 +148,10 @@ mod tests {
         assert_eq!(b.positions(), &[0, 1, 2, 12]);
         assert_eq!(b.spans()[1], SeqSpan { seq: SeqId(2), offset: 3, len: 1, start_pos: 12 });
         assert!(b.push(SeqId(1), &[1], 3).is_err());
+        assert_eq!(b.logit_rows(), [2, 3], "the last position of each");
+        b.want_every_position(SeqId(1));
+        assert_eq!(b.logit_rows(), [0, 1, 2, 3]);
+        assert_eq!((b.logit_rows_of(&b.spans()[0]), b.logit_rows_of(&b.spans()[1])), (3, 1));
         assert!(b.push(SeqId(3), &[], 0).is_err());
     }
 

@@ -343,8 +343,10 @@ impl LlamaDecoder {
         self.dtype
     }
 
-    /// Last-position logits `[num_seqs, vocab]` (f32) of each sequence in `batch`.
-    /// The batch must have been validated against the cache (see `Model::forward`).
+    /// Logits (f32) of each sequence's last position in `batch` (of every
+    /// position for the sequences [`PackedBatch::want_every_position`] names),
+    /// `[rows, vocab]` in span order. The batch must have been validated
+    /// against the cache (see `Model::forward`).
     pub fn forward(&self, batch: &PackedBatch, cache: &mut dyn KvCache) -> Result<Tensor> {
         let tokens = Tensor::new(batch.tokens(), &self.device)?;
         let mut x = self.embed.index_select(&tokens, 0)?;
@@ -353,11 +355,11 @@ impl LlamaDecoder {
         for (l, block) in self.blocks.iter().enumerate() {
             x = block.forward(&x, &step, l, cache)?;
         }
-        let last: Vec<u32> = batch.spans().iter().map(|s| (s.offset + s.len - 1) as u32).collect();
-        let x = if last.len() == batch.num_tokens() {
+        let rows = batch.logit_rows();
+        let x = if rows.len() == batch.num_tokens() {
             x
         } else {
-            x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?
+            x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?
         };
         let logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
         Ok(logits.to_dtype(DType::F32)?)

@@ -212,7 +212,9 @@ impl Model {
     }
 
     /// Runs one step over a packed batch and returns the last-position logits
-    /// `[num_seqs, vocab]` (f32) of each sequence, in span order.
+    /// (f32) of each sequence, in span order: `[num_seqs, vocab]`, or more rows
+    /// when the batch wants every position of some sequences
+    /// ([`PackedBatch::logit_rows`]).
     ///
     /// Every span must continue its sequence exactly where the cache ends
     /// (`start_pos == cache.seq_len(seq)`) and stay within the context window;

@@ -381,6 +381,29 @@ impl Sampler {
     }
 }
 
+/// How likely the model found `token` at a position: its log-probability
+/// under the raw `logits` (the model's own distribution; no sampling
+/// parameter applies) and the `top` most likely tokens with theirs, best
+/// first. This scores prompt tokens (`echo`), as OpenAI's legacy completions
+/// and vLLM do.
+pub fn score_token(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let clean = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(clean(x)));
+    let log_z = max + logits.iter().map(|&x| exp_nonpositive(clean(x) - max)).sum::<f32>().ln();
+    let logprob = logits.get(token as usize).map_or(f32::NEG_INFINITY, |&x| clean(x) - log_z);
+    if top == 0 {
+        return (logprob, Vec::new());
+    }
+    let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &x)| (i as u32, clean(x))).collect();
+    let n = top.min(cand.len());
+    if n < cand.len() {
+        select_best(&mut cand, n);
+        cand.truncate(n);
+    }
+    sort_best(&mut cand);
+    (logprob, cand.into_iter().map(|(t, x)| (t, x - log_z)).collect())
+}
+
 /// `Σ e^(x - max)` with eight independent accumulators (vectorizes; a single
 /// running float sum would serialize on the adds).
 fn sum_exp(v: &[f32], max: f32) -> f32 {

@@ -271,6 +271,30 @@ def check_token_id_prompts_match_their_text():
     assert ids.usage.prompt_tokens == text.usage.prompt_tokens == 5, (ids.usage, text.usage)
 
 
+def check_echo_scores_prompts_like_lm_eval():
+    """lm-evaluation-harness' loglikelihood request: echo, logprobs 1, max_tokens 1."""
+    def loglikelihood(context, continuation):
+        r = C.completions.create(model=MODEL, prompt=context + continuation, echo=True, logprobs=1, max_tokens=1,
+                                 temperature=0, seed=1234)
+        lp = r.choices[0].logprobs
+        assert r.choices[0].text.startswith(context + continuation), r.choices[0].text
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, lp.token_logprobs[:2]
+        ctxlen = len(C.completions.create(model=MODEL, prompt=context, echo=True, max_tokens=0,
+                                          logprobs=0).choices[0].logprobs.tokens)
+        scores = lp.token_logprobs[ctxlen:-1]
+        assert scores and all(s <= 0 for s in scores), scores
+        greedy = all(s >= max(t.values()) - 1e-4 for s, t in zip(scores, lp.top_logprobs[ctxlen:-1]))
+        return sum(scores), greedy
+    paris, paris_greedy = loglikelihood("The capital of France is", " Paris")
+    london, _ = loglikelihood("The capital of France is", " London")
+    assert paris > london, (paris, london)
+    assert paris_greedy, "greedy decoding writes Paris after this prompt"
+    # max_tokens 0: the prompt alone, scored; nothing generated.
+    r = C.completions.create(model=MODEL, prompt="The capital of France is", echo=True, logprobs=2, max_tokens=0)
+    assert r.choices[0].text == "The capital of France is" and r.usage.completion_tokens == 0, r
+    assert len(r.choices[0].logprobs.tokens) == r.usage.prompt_tokens
+
+
 def check_vllm_extensions_are_honoured():
     """What benchmark harnesses send: ignore_eos really generates max_tokens, min_tokens really defers EOS."""
     hi = [{"role": "user", "content": "Say hi."}]
@@ -310,7 +334,8 @@ def check_vllm_extensions_are_honoured():
 CHECKS = [check_non_streaming, check_streaming_with_usage, check_n2, check_stop, check_seed_reproducible,
           check_completions, check_models, check_errors, check_disconnect_cancels, check_prefix_cache, check_metrics,
           check_tls_versions, check_oversized_bodies_get_413, check_http2_rejections_reach_the_client,
-          check_vllm_extensions_are_honoured, check_token_id_prompts_match_their_text]
+          check_vllm_extensions_are_honoured, check_token_id_prompts_match_their_text,
+          check_echo_scores_prompts_like_lm_eval]
 
 
 def main():

@@ -10,7 +10,7 @@ use axum::response::Response;
 use salus_models::Phi;
 
 use super::error::ApiError;
-use super::generation::{self, Generation, ToolCallMode};
+use super::generation::{self, EchoedPrompt, Generation, ToolCallMode};
 use super::inference_audit::{InferenceAudit, InferenceSubject, SourceAddr};
 use super::json::JsonObject;
 use super::response::{respond_whole, Endpoint, ResponseBuilder};
@@ -78,7 +78,16 @@ impl Inference<'_> {
         prompts: Vec<Phi<Vec<u32>>>,
         canonical_prompt: Phi<String>,
         tool_calls: Option<ToolCallMode>,
+        echo_texts: Option<Vec<Phi<String>>>,
     ) -> Result<Response, ApiError> {
+        // `echo`: each prompt's text and token ids.
+        let echoed: Option<Vec<EchoedPrompt>> = echo_texts.map(|texts| {
+            texts
+                .into_iter()
+                .zip(prompts.iter().cloned())
+                .map(|(text, tokens)| EchoedPrompt { text, tokens, logprobs: Vec::new() })
+                .collect()
+        });
         let plan = generation::plan(self.state, self.ctx, self.principal, prompts, params)?;
         let operation = match endpoint {
             Endpoint::Chat => "chat.completions",
@@ -96,6 +105,9 @@ impl Inference<'_> {
         let mut generation: Generation = plan.submit(self.state, self.ctx, audit).await?;
         if let Some(mode) = tool_calls {
             generation = generation.with_tool_calls(mode);
+        }
+        if let Some(prompts) = echoed {
+            generation = generation.with_echo(prompts, params.n);
         }
         let builder = ResponseBuilder::new(self.state, self.ctx, endpoint, params.logprobs);
         if params.stream {
@@ -159,7 +171,7 @@ pub async fn chat_completions(
         .map_err(|e| prompt_error(e, "messages", ctx.request_id()))?;
     // The canonical prompt of the audit HMAC: the text after the chat template.
     let inference = Inference { state: &state, ctx: &ctx, principal: &principal, source };
-    inference.run(Endpoint::Chat, &params, vec![prompt.ids], prompt.text, tool_calls).await
+    inference.run(Endpoint::Chat, &params, vec![prompt.ids], prompt.text, tool_calls, None).await
 }
 
 /// `POST /v1/completions`.
@@ -191,19 +203,26 @@ pub async fn completions(
             }
         }
     }
-    // The canonical prompt of the audit HMAC: the prompts concatenated in
-    // order (a prompt of token ids as the text of its tokens).
-    let mut canonical = Phi::new(String::new());
-    for p in &prompts {
-        match p {
-            CompletionPrompt::Text(text) => canonical.expose_mut().push_str(text.expose()),
+    // Each prompt's text: as given, or the text of its token ids.
+    let texts: Vec<Phi<String>> = prompts
+        .iter()
+        .map(|p| match p {
+            CompletionPrompt::Text(text) => text.clone(),
             CompletionPrompt::Tokens(ids) => {
+                let mut text = Phi::new(String::new());
                 for &id in ids.expose() {
-                    canonical.expose_mut().push_str(state.codec().token_text(id).expose());
+                    text.expose_mut().push_str(state.codec().token_text(id).expose());
                 }
+                text
             }
-        }
+        })
+        .collect();
+    // The canonical prompt of the audit HMAC: the prompts' texts concatenated in order.
+    let mut canonical = Phi::new(String::new());
+    for text in &texts {
+        canonical.expose_mut().push_str(text.expose());
     }
+    let echo_texts = params.echo.then_some(texts);
     let prompts = state
         .with_codec_off_runtime(move |codec| {
             prompts
@@ -219,7 +238,7 @@ pub async fn completions(
     let inference = Inference { state: &state, ctx: &ctx, principal: &principal, source };
     // Length errors name this endpoint's prompt field.
     inference
-        .run(Endpoint::Completion, &params, prompts, canonical, None)
+        .run(Endpoint::Completion, &params, prompts, canonical, None, echo_texts)
         .await
         .map_err(|e| e.for_prompt_field("prompt"))
 }

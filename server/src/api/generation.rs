@@ -107,6 +107,7 @@ pub fn plan(
             decode: DecodeParams { max_tokens, ..params.decode.clone() },
             deadline,
             prefix_scope: prefix_scope.clone(),
+            prompt_logprobs: params.prompt_logprobs,
         });
     }
     Ok(Plan { requests, prompt_tokens, started })
@@ -119,7 +120,9 @@ fn handle_stream(handle: GenerationHandle, offset: usize) -> BoxStream<'static, 
     futures::stream::unfold(handle, move |mut h| async move {
         let ev = h.events.recv().await?;
         let index = match &ev {
-            GenerationEvent::Delta { choice, .. } | GenerationEvent::Finished { choice, .. } => choice + offset,
+            GenerationEvent::Delta { choice, .. }
+            | GenerationEvent::Finished { choice, .. }
+            | GenerationEvent::PromptLogprobs { choice, .. } => choice + offset,
             GenerationEvent::Failed { .. } => offset,
         };
         Some(((index, ev), h))
@@ -200,6 +203,8 @@ pub struct ChoiceOutput {
     current_call_kept: bool,
     /// Every token's logprobs so far, when requested.
     pub logprobs: Vec<TokenLogprob>,
+    /// `echo`: the prompt, and its tokens' scores after the first (with `logprobs`).
+    pub echo: Option<EchoedPrompt>,
     pub finish: Option<FinishReason>,
     pub completion_tokens: usize,
     /// Prompt tokens served from the prefix cache, counted on the first choice
@@ -223,6 +228,17 @@ impl ChoiceOutput {
             None => FinishReason::Stop.as_str(),
         }
     }
+}
+
+/// The prompt a choice echoes (`/v1/completions` `echo`, non-streaming).
+#[derive(Debug, Clone)]
+pub struct EchoedPrompt {
+    /// The prompt's text (PHI).
+    pub text: Phi<String>,
+    /// Its token ids (PHI).
+    pub tokens: Phi<Vec<u32>>,
+    /// The scores of its tokens after the first, when logprobs were requested.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// What a consumer forwards to the client.
@@ -288,6 +304,17 @@ impl Generation {
     /// Number of choices (over all prompts).
     pub fn num_choices(&self) -> usize {
         self.choices.len()
+    }
+
+    /// Echoes the prompts (`echo`): `prompts[i]` to the choices of prompt `i`
+    /// (`n` each), in order; their scores arrive from the engine.
+    pub fn with_echo(mut self, prompts: Vec<EchoedPrompt>, n: usize) -> Self {
+        for (i, prompt) in prompts.into_iter().enumerate() {
+            for c in self.choices.iter_mut().skip(i * n).take(n) {
+                c.echo = Some(prompt.clone());
+            }
+        }
+        self
     }
 
     /// Parses every choice's output for tool calls (see [`ToolCallMode`]).
@@ -401,6 +428,11 @@ impl Generation {
                     }
                     self.pending = Some(finished);
                     return Some(Update::Delta { choice: index, text, logprobs: Vec::new(), tool_calls });
+                }
+                GenerationEvent::PromptLogprobs { logprobs, .. } => {
+                    if let Some(echo) = self.choices[index].echo.as_mut() {
+                        echo.logprobs = logprobs;
+                    }
                 }
                 GenerationEvent::Failed { error } => {
                     self.failure = Some(ApiError::from_engine(&error, &self.request_id));

@@ -217,6 +217,11 @@ impl Fields {
         }
     }
 
+    /// The field's value as an unsigned integer, if it is one (left in place).
+    pub fn peek_u64(&self, name: &'static str) -> Option<u64> {
+        self.map.get(name).and_then(Value::as_u64)
+    }
+
     /// Removes a field; `None` if absent or null.
     pub fn take(&mut self, name: &'static str) -> Option<Value> {
         match self.map.remove(name) {

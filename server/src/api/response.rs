@@ -8,10 +8,11 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::generation::{ChoiceOutput, Completed, Generation, Usage};
+use super::generation::{ChoiceOutput, Completed, EchoedPrompt, Generation, Usage};
 use super::tools::ToolCallDelta;
 use crate::engine::TokenLogprob;
 use crate::state::{AppState, RequestContext};
+use salus_models::Phi;
 
 /// Which endpoint a response belongs to: decides `object` and the shape of a choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,16 +89,25 @@ impl ResponseBuilder {
                 (c.content().expose().as_str(), Some(c.logprobs.as_slice()), Some(c.finish_reason()))
             }
         };
+        let echo = match &part {
+            ChoicePart::Whole(c) => c.echo.as_ref(),
+            _ => None,
+        };
         let logprobs = match logprobs {
             Some(lps) if self.logprobs => match self.endpoint {
                 Endpoint::Chat => self.chat_logprobs(lps),
-                Endpoint::Completion => self.completion_logprobs(lps),
+                Endpoint::Completion => self.completion_logprobs(echo, lps),
             },
             _ => Value::Null,
         };
         let finish_reason = finish.map_or(Value::Null, Value::from);
         if self.endpoint == Endpoint::Completion {
-            return json!({"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason});
+            // `echo`: the text begins with the prompt.
+            let text = match echo {
+                Some(e) => Phi::new(format!("{}{text}", e.text.expose())),
+                None => Phi::new(text.to_owned()),
+            };
+            return json!({"text": text.expose(), "index": index, "logprobs": logprobs, "finish_reason": finish_reason});
         }
         let (key, message) = match part {
             ChoicePart::Preamble => ("delta", json!({"role": "assistant", "content": "", "refusal": null})),
@@ -153,12 +163,23 @@ impl ResponseBuilder {
     }
 
     /// The legacy completions shape; `text_offset` counts bytes from the start
-    /// of the part of the choice this object covers.
-    fn completion_logprobs(&self, lps: &[TokenLogprob]) -> Value {
+    /// of the part of the choice this object covers. With `echo`, the prompt's
+    /// tokens come first, the first of them with `null` (nothing precedes it).
+    fn completion_logprobs(&self, echo: Option<&EchoedPrompt>, lps: &[TokenLogprob]) -> Value {
         let codec = self.state.codec();
         let (mut tokens, mut token_logprobs, mut top, mut offsets) = (vec![], vec![], vec![], vec![]);
         let mut offset = 0;
-        for lp in lps {
+        let first = echo.and_then(|e| e.tokens.expose().first().copied());
+        if let Some(id) = first {
+            let t = codec.token_text(id);
+            offsets.push(offset);
+            offset += t.expose().len();
+            tokens.push(Value::String(t.expose().clone()));
+            token_logprobs.push(Value::Null);
+            top.push(Value::Null);
+        }
+        let prompt_scores = echo.map(|e| e.logprobs.as_slice()).unwrap_or_default();
+        for lp in prompt_scores.iter().chain(lps) {
             let t = codec.token_text(lp.token_id);
             offsets.push(offset);
             offset += t.expose().len();

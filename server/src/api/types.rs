@@ -32,7 +32,7 @@ pub const UNSUPPORTED_CHAT: &[&str] = &[
 ];
 
 /// Completion parameters OpenAI defines that Salus does not implement.
-pub const UNSUPPORTED_COMPLETION: &[&str] = &["suffix", "echo", "best_of"];
+pub const UNSUPPORTED_COMPLETION: &[&str] = &["suffix", "best_of"];
 
 /// Parameters shared by both generation endpoints, validated.
 #[derive(Debug, Clone)]
@@ -48,6 +48,12 @@ pub struct GenerationParams {
     pub truncate_prompt_tokens: Option<usize>,
     /// Return logprobs of the chosen tokens.
     pub logprobs: bool,
+    /// `/v1/completions` `echo`: each choice's text (and, with `logprobs`,
+    /// its logprobs) begins with the prompt.
+    pub echo: bool,
+    /// Score the prompt with this many alternatives per token (`echo` with
+    /// `logprobs`).
+    pub prompt_logprobs: Option<usize>,
     pub stream: bool,
     pub include_usage: bool,
     /// vLLM's `stream_options.continuous_usage_stats`: usage in every chunk.
@@ -289,6 +295,8 @@ fn parse_common(
         decode,
         truncate_prompt_tokens,
         logprobs: false,
+        echo: false,
+        prompt_logprobs: None,
         stream,
         include_usage,
         continuous_usage,
@@ -574,15 +582,34 @@ impl ValidatedCompletionRequest {
             }
             _ => return Err(bad_prompt()),
         };
+        let echo = f.bool("echo")?.unwrap_or(false);
+        // `echo` with `max_tokens: 0` scores the prompt and generates nothing
+        // (lm-evaluation-harness' loglikelihood requests, vLLM); without echo a
+        // request must generate at least one token.
+        let zero_max_tokens = echo && f.peek_u64("max_tokens") == Some(0);
+        if zero_max_tokens {
+            f.take("max_tokens");
+        }
         let mut params = parse_common(&mut f, limits, &["max_tokens"])?;
+        if zero_max_tokens {
+            params.max_tokens = Some(0);
+        }
         if let Some(k) = f.u64_in("logprobs", 0, 5)? {
             params.logprobs = true;
             params.decode.sampling.top_logprobs = Some(k as usize);
         }
-        // Values equal to OpenAI's defaults are harmless; anything else is unsupported.
-        match f.take("echo") {
-            None | Some(Value::Bool(false)) => {}
-            Some(_) => return Err(ApiError::Unsupported("echo")),
+        if echo {
+            if params.stream {
+                return Err(ApiError::invalid("echo", "echo cannot be combined with stream"));
+            }
+            if params.decode.constraint.is_some() || params.constraint.is_some() {
+                return Err(ApiError::invalid("echo", "echo cannot be combined with an output constraint"));
+            }
+            if params.truncate_prompt_tokens.is_some() {
+                return Err(ApiError::invalid("echo", "echo cannot be combined with truncate_prompt_tokens"));
+            }
+            params.echo = true;
+            params.prompt_logprobs = params.decode.sampling.top_logprobs.filter(|_| params.logprobs);
         }
         match f.take("suffix") {
             None => {}

@@ -67,6 +67,16 @@ impl Engine for ScriptedEngine {
         let words: Vec<String> =
             self.reply.lock().unwrap().clone().unwrap_or_else(|| vec!["Hello".into(), " world".into()]);
         for choice in 0..r.n {
+            if let Some(top) = r.prompt_logprobs {
+                // Scores every prompt token after the first: -1, -2, …
+                let ids = r.prompt_tokens.expose();
+                let logprobs = ids[1..]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &t)| TokenLogprob { token_id: t, logprob: -(i as f32) - 1.0, top: vec![(t, -0.5); top] })
+                    .collect();
+                let _ = tx.send(GenerationEvent::PromptLogprobs { choice, logprobs });
+            }
             let k = r.decode.max_tokens.min(words.len());
             for w in &words[..k] {
                 let logprobs = match r.decode.sampling.top_logprobs {

@@ -44,6 +44,11 @@ pub struct GenerationRequest {
     /// layer uses the authenticated principal, so callers never share (or can
     /// time) each other's prompts.
     pub prefix_scope: PrefixScope,
+    /// Score the prompt (`echo` with logprobs): every choice first sends a
+    /// [`GenerationEvent::PromptLogprobs`] with each prompt token's logprob
+    /// after the first, and this many alternatives. Its prompt is then computed
+    /// whole (no prefix-cache reuse), and `decode.max_tokens` may be 0.
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// What the engine streams back for one request.
@@ -64,6 +69,10 @@ pub enum GenerationEvent {
     /// `cached_prompt_tokens` the prompt tokens its sequence took from the
     /// prefix cache instead of computing them (at its first admission).
     Finished { choice: usize, reason: FinishReason, completion_tokens: usize, cached_prompt_tokens: usize },
+    /// The prompt's scores for `choice` (requests with `prompt_logprobs`),
+    /// before any other event of the choice: one entry per prompt token after
+    /// the first (the first has no context to be scored in).
+    PromptLogprobs { choice: usize, logprobs: Vec<TokenLogprob> },
     /// The request failed inside the engine; no further events follow.
     Failed { error: EngineError },
 }

@@ -14,8 +14,8 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use salus_models::paged_cache::{BlockManager, PagedKvCache};
-use salus_models::{ChoiceDecoder, DecodeStep, LoadedModel, SeqId};
+use salus_models::paged_cache::{BlockManager, PagedKvCache, PrefixScope};
+use salus_models::{ChoiceDecoder, DecodeStep, LoadedModel, SeqId, TokenLogprob};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::policy::{Policy, PolicyLimits, StepPlan};
@@ -44,6 +44,38 @@ struct SeqCtx {
     request: u64,
     choice: usize,
     decoder: ChoiceDecoder,
+    /// The prompt's scores while they are computed (`prompt_logprobs`).
+    prompt_scores: Option<PromptScores>,
+}
+
+/// The logprobs of a sequence's prompt tokens, filled in as its prefill chunks
+/// run: entry `p` scores prompt token `p + 1` from the logits at position `p`.
+struct PromptScores {
+    top: usize,
+    scores: Vec<Option<TokenLogprob>>,
+}
+
+impl PromptScores {
+    fn new(prompt_len: usize, top: usize) -> Self {
+        PromptScores { top, scores: vec![None; prompt_len.saturating_sub(1)] }
+    }
+
+    /// Scores the prompt tokens that the logits `rows` (of positions
+    /// `start_pos..`, `vocab` wide) predict.
+    fn record(&mut self, prompt: &[u32], start_pos: usize, rows: &[f32], vocab: usize) {
+        for (k, row) in rows.chunks_exact(vocab).enumerate() {
+            let p = start_pos + k;
+            if let (Some(slot), Some(&next)) = (self.scores.get_mut(p), prompt.get(p + 1)) {
+                let (logprob, top) = salus_models::sampling::score_token(row, next, self.top);
+                *slot = Some(TokenLogprob { token_id: next, logprob, top });
+            }
+        }
+    }
+
+    /// Every score, once the whole prompt has run.
+    fn take(self) -> Option<Vec<TokenLogprob>> {
+        self.scores.into_iter().collect()
+    }
 }
 
 struct Worker {
@@ -156,7 +188,12 @@ impl Worker {
         for choice in 0..n {
             let index = request.first_choice + choice;
             match ChoiceDecoder::new(&request.decode, index, &self.lm.info.eos_token_ids, vocab) {
-                Ok(decoder) => ctxs.push(SeqCtx { request: rid, choice, decoder }),
+                Ok(decoder) => ctxs.push(SeqCtx {
+                    request: rid,
+                    choice,
+                    decoder,
+                    prompt_scores: request.prompt_logprobs.map(|top| PromptScores::new(prompt.len(), top)),
+                }),
                 Err(e) => {
                     tracing::error!(request_id = %state.id.0, error = %e, "invalid decoding parameters reached the engine");
                     let _ = state.events.send(GenerationEvent::Failed { error: EngineError::Internal });
@@ -166,7 +203,7 @@ impl Worker {
         }
         // Nothing to generate (validation rejects both; kept so a malformed
         // request still gets its `Finished` events): every choice ends at once.
-        if prompt.is_empty() || request.decode.max_tokens == 0 {
+        if prompt.is_empty() || (request.decode.max_tokens == 0 && request.prompt_logprobs.is_none()) {
             for c in ctxs {
                 let done = DecodeStep { finished: Some(FinishReason::Length), ..Default::default() };
                 send_step(&state.events, c.choice, done, 0, 0);
@@ -176,7 +213,14 @@ impl Worker {
         for c in ctxs {
             let seq = SeqId(self.next_seq);
             self.next_seq += 1;
-            self.policy.add(seq, request.prefix_scope.clone(), prompt.clone());
+            // A scored prompt runs whole: positions served from the prefix
+            // cache would have no logits. Its own scope shares with nothing
+            // (a NUL never starts a principal id).
+            let scope = match c.prompt_scores {
+                Some(_) => PrefixScope::new(&format!("\0prompt-scoring/{}", seq.0)),
+                None => request.prefix_scope.clone(),
+            };
+            self.policy.add(seq, scope, prompt.clone());
             self.seqs.insert(seq, c);
             state.seqs.push(seq);
         }
@@ -253,9 +297,19 @@ impl Worker {
             return;
         }
         let lm = self.lm.clone();
+        // Sequences whose prompt is being scored: every position's logits.
+        let scored: Vec<SeqId> = plan
+            .seqs
+            .iter()
+            .filter(|s| self.seqs.get(&s.seq).is_some_and(|c| c.prompt_scores.is_some()))
+            .map(|s| s.seq)
+            .collect();
         let policy = &mut self.policy;
         let forward = std::panic::AssertUnwindSafe(|| -> salus_models::Result<Vec<f32>> {
-            let batch = policy.build_batch(&plan)?;
+            let mut batch = policy.build_batch(&plan)?;
+            for &seq in &scored {
+                batch.want_every_position(seq);
+            }
             let logits = lm.model.forward(&batch, policy.blocks_mut())?;
             Ok(logits.flatten_all()?.to_vec1::<f32>()?)
         });
@@ -308,13 +362,53 @@ impl Worker {
             }
         };
         self.policy.complete(&plan);
-        let vocab = logits.len() / plan.seqs.len();
-        for (i, s) in plan.seqs.iter().enumerate() {
+        let rows: usize = plan.seqs.iter().map(|s| if scored.contains(&s.seq) { s.len } else { 1 }).sum();
+        let vocab = logits.len() / rows.max(1);
+        let mut row = 0;
+        for s in &plan.seqs {
+            let n = if scored.contains(&s.seq) { s.len } else { 1 };
+            let seq_rows = &logits[row * vocab..(row + n) * vocab];
+            row += n;
+            if scored.contains(&s.seq) {
+                self.on_prompt_logits(s.seq, s.start_pos, seq_rows, vocab);
+            }
             if s.samples {
-                self.on_logits(s.seq, &logits[i * vocab..(i + 1) * vocab]);
+                if !self.send_prompt_scores(s.seq) {
+                    continue;
+                }
+                self.on_logits(s.seq, &seq_rows[(n - 1) * vocab..]);
             }
         }
         self.publish_stats(Some(&plan));
+    }
+
+    /// Scores the prompt tokens the logits of `seq`'s positions from
+    /// `start_pos` predict.
+    fn on_prompt_logits(&mut self, seq: SeqId, start_pos: usize, rows: &[f32], vocab: usize) {
+        let prompt_len = self.policy.prompt_len(seq);
+        let Some(scores) = self.seqs.get_mut(&seq).and_then(|c| c.prompt_scores.as_mut()) else { return };
+        scores.record(&self.policy.tokens(seq)[..prompt_len], start_pos, rows, vocab);
+    }
+
+    /// Once `seq`'s prompt has run: sends its scores, if it was scored.
+    /// `false` if the request failed (a position went unscored).
+    fn send_prompt_scores(&mut self, seq: SeqId) -> bool {
+        let Some(ctx) = self.seqs.get_mut(&seq) else { return false };
+        let Some(scores) = ctx.prompt_scores.take() else { return true };
+        let (rid, choice) = (ctx.request, ctx.choice);
+        match scores.take() {
+            Some(logprobs) => {
+                if let Some(req) = self.requests.get(&rid) {
+                    let _ = req.events.send(GenerationEvent::PromptLogprobs { choice, logprobs });
+                }
+                true
+            }
+            None => {
+                tracing::error!(seq = seq.0, "prompt scoring missed a position");
+                self.fail_request(rid);
+                false
+            }
+        }
     }
 
     fn fail_step(&mut self, plan: &StepPlan) {

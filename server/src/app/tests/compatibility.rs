@@ -218,11 +218,59 @@ async fn vllm_bench_and_lm_eval_request_bodies_are_accepted() {
     let seen = f.engine.seen.lock().unwrap().clone();
     assert_eq!(seen[seen.len() - 3].0, 14, "{seen:?}");
     assert_eq!(seen[seen.len() - 2].0, 7, "{seen:?}");
-    // lm-eval's loglikelihood requests need prompt logprobs (`echo`): not yet
-    // served, refused by name.
+    // lm-eval's loglikelihood requests: the prompt echoed with its scores,
+    // which lm-eval reads as `token_logprobs[ctxlen:-1]`.
     let body = include_str!("fixtures/lm_eval_loglikelihood.json");
     let (s, v, text) = send(&f.state, "POST", "/v1/completions", Some(&f.inference), Some(body.as_bytes())).await;
-    assert_eq!((s, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("echo")), "{text}");
+    assert_eq!(s, StatusCode::OK, "{text}");
+    let lps = &v["choices"][0]["logprobs"];
+    let prompt = "Question: 2+2?\nAnswer: 4";
+    assert_eq!(lps["token_logprobs"].as_array().unwrap().len(), prompt.len() + 1, "{text}");
+}
+
+/// `echo` on `/v1/completions`: the prompt begins each choice's text and, with
+/// `logprobs`, its tokens begin the logprobs (the first with `null`: nothing
+/// precedes it); `max_tokens: 0` then scores the prompt only.
+#[tokio::test]
+async fn echo_returns_the_prompt_with_its_scores() {
+    let f = fixture();
+    let body = |extra: Value| {
+        serde_json::to_vec(&with_fields(json!({"model": "test-model", "prompt": "Hi there", "echo": true}), &extra))
+            .unwrap()
+    };
+    let (s, v, text) =
+        send(&f.state, "POST", "/v1/completions", Some(&f.inference), Some(&body(json!({"max_tokens": 2})))).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert_eq!(v["choices"][0]["text"], "Hi thereHello world", "{text}");
+    assert!(v["choices"][0]["logprobs"].is_null(), "{text}");
+    assert_eq!(f.engine.seen.lock().unwrap().len(), 1);
+    let body2 = body(json!({"max_tokens": 0, "logprobs": 2, "n": 2}));
+    let (s, v, text) = send(&f.state, "POST", "/v1/completions", Some(&f.inference), Some(&body2)).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    for choice in v["choices"].as_array().unwrap() {
+        assert_eq!(choice["text"], "Hi there", "{text}");
+        let lps = &choice["logprobs"];
+        let tokens: Vec<&str> = lps["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        assert_eq!(tokens.concat(), "Hi there");
+        let scores = lps["token_logprobs"].as_array().unwrap();
+        assert_eq!(scores.len(), 8);
+        assert!(scores[0].is_null() && lps["top_logprobs"][0].is_null(), "{text}");
+        assert_eq!(scores[1], -1.0);
+        assert_eq!(scores[7], -7.0);
+        assert_eq!(lps["text_offset"][7], 7);
+    }
+    assert_eq!(v["usage"]["completion_tokens"], 0, "{text}");
+    let last = *f.engine.seen.lock().unwrap().last().unwrap();
+    assert_eq!(last.3, 0, "max_tokens 0 reached the engine");
+    // Refusals: with stream, and max_tokens 0 without echo.
+    for (extra, param) in [
+        (json!({"stream": true}), "echo"),
+        (json!({"truncate_prompt_tokens": 2}), "echo"),
+        (json!({"echo": false, "max_tokens": 0}), "max_tokens"),
+    ] {
+        let (s, v, text) = send(&f.state, "POST", "/v1/completions", Some(&f.inference), Some(&body(extra))).await;
+        assert_eq!((s, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some(param)), "{text}");
+    }
 }
 
 #[tokio::test]
