@@ -97,6 +97,8 @@ pub struct ChatTemplate {
     eos: Option<String>,
     /// The template renders `tools` itself (its source mentions them).
     knows_tools: bool,
+    /// The template's text (for `/tokenizer_info`; not PHI).
+    source: std::sync::Arc<str>,
     /// How this model writes tool calls: detected from the template, set by
     /// the configuration, or Hermes for the generic rendering.
     tool_format: Option<ToolCallFormat>,
@@ -130,7 +132,7 @@ impl ChatTemplate {
         let knows_tools = template_source.contains("tools");
         let tool_format =
             if knows_tools { ToolCallFormat::detect(template_source) } else { Some(ToolCallFormat::Hermes) };
-        Ok(ChatTemplate { env, bos, eos, knows_tools, tool_format })
+        Ok(ChatTemplate { env, bos, eos, knows_tools, tool_format, source: template_source.into() })
     }
 
     /// Sets how the model writes tool calls (the `model.tool_parser` override).
@@ -143,6 +145,11 @@ impl ChatTemplate {
     /// in a format Salus does not parse (tool calling is then refused).
     pub fn tool_format(&self) -> Option<ToolCallFormat> {
         self.tool_format
+    }
+
+    /// The template's source text.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Whether the template renders tools itself (else the generic rendering).

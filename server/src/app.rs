@@ -17,7 +17,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use futures::FutureExt;
 
-use crate::api::{completions, meta, ApiError};
+use crate::api::{completions, meta, tokenize, ApiError};
 use crate::metrics::route_label;
 use crate::state::{AppState, RequestContext};
 
@@ -33,6 +33,9 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(meta::list_models))
         .route("/v1/models/{*id}", get(meta::get_model))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
+        .route("/tokenizer_info", get(tokenize::tokenizer_info))
         .route("/health", get(meta::health))
         .route("/ready", get(meta::ready))
         .route("/metrics", get(meta::metrics))

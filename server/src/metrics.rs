@@ -114,8 +114,18 @@ pub struct Metrics {
 
 /// Maps a matched route template to a fixed label (unknown → `other`).
 pub fn route_label(template: Option<&str>) -> &'static str {
-    const ROUTES: &[&str] =
-        &["/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{*id}", "/health", "/ready", "/metrics"];
+    const ROUTES: &[&str] = &[
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/v1/models/{*id}",
+        "/tokenize",
+        "/detokenize",
+        "/tokenizer_info",
+        "/health",
+        "/ready",
+        "/metrics",
+    ];
     template.and_then(|t| ROUTES.iter().find(|r| **r == t).copied()).unwrap_or("other")
 }
 

@@ -11,7 +11,7 @@ use salus_models::tool_calls::ToolCallFormat;
 use salus_models::{KernelConfig, LoadOptions, LoadedModel, Phi};
 
 use crate::config::ModelConfig;
-use crate::state::{EncodedChat, PromptCodec, PromptError};
+use crate::state::{EncodedChat, PromptCodec, PromptError, TokenizerInfo};
 use salus_sensitive::secret::KeySource;
 
 /// Errors loading the served model. Messages name files and keys.
@@ -191,12 +191,23 @@ impl PromptCodec for ModelCodec {
         }
         Ok(EncodedChat { text, ids: Phi::new(ids) })
     }
-    fn encode_text(&self, text: &Phi<String>) -> Result<Phi<Vec<u32>>, PromptError> {
-        let ids = self.lm.tokenizer.encode(text.expose(), true).map_err(|_| PromptError::Tokenizer)?;
+    fn tokenize(&self, text: &Phi<String>, add_special_tokens: bool) -> Result<Phi<Vec<u32>>, PromptError> {
+        let ids = self.lm.tokenizer.encode(text.expose(), add_special_tokens).map_err(|_| PromptError::Tokenizer)?;
         if ids.is_empty() {
             return Err(PromptError::Empty);
         }
         Ok(Phi::new(ids))
+    }
+    fn detokenize(&self, ids: &[u32]) -> Result<Phi<String>, PromptError> {
+        self.lm.tokenizer.decode(ids, false).map(Phi::new).map_err(|_| PromptError::Tokenizer)
+    }
+    fn tokenizer_info(&self) -> TokenizerInfo {
+        let text = |id: u32| self.lm.tokenizer.decode(&[id], false).ok();
+        TokenizerInfo {
+            bos_token: self.lm.info.bos_token_id.and_then(text),
+            eos_token: self.lm.info.eos_token_ids.first().copied().and_then(text),
+            chat_template: self.lm.chat_template.as_ref().map(|t| t.source().to_owned()),
+        }
     }
     fn token_text(&self, id: u32) -> Phi<String> {
         Phi::new(self.lm.tokenizer.decode(&[id], false).unwrap_or_default())

@@ -57,8 +57,15 @@ pub trait PromptCodec: Send + Sync + 'static {
     fn vocab_size(&self) -> usize;
     /// Applies the chat template (with the generation prompt) and tokenizes.
     fn encode_chat(&self, messages: &[ChatMessage], template: &RenderOptions) -> Result<EncodedChat, PromptError>;
-    /// Tokenizes a raw completion prompt (with the model's BOS handling).
-    fn encode_text(&self, text: &Phi<String>) -> Result<Phi<Vec<u32>>, PromptError>;
+    /// Tokenizes raw text: a completion prompt (`add_special_tokens`: with the
+    /// model's BOS handling), or `/tokenize`'s text.
+    fn tokenize(&self, text: &Phi<String>, add_special_tokens: bool) -> Result<Phi<Vec<u32>>, PromptError>;
+    /// The text of token ids, special tokens included (`/detokenize`; ids
+    /// below the vocabulary size).
+    fn detokenize(&self, ids: &[u32]) -> Result<Phi<String>, PromptError>;
+    /// The texts of the BOS and EOS tokens, and the chat template's source
+    /// (`/tokenizer_info`).
+    fn tokenizer_info(&self) -> TokenizerInfo;
     /// The text of one token (for logprobs).
     fn token_text(&self, id: u32) -> Phi<String>;
     /// The most UTF-8 bytes one token stands for: a text of `n` bytes is at
@@ -73,6 +80,15 @@ pub trait PromptCodec: Send + Sync + 'static {
     fn tool_format(&self) -> Option<ToolCallFormat>;
     /// The id of `text` when it is a special (control) token of the vocabulary.
     fn special_token_id(&self, text: &str) -> Option<u32>;
+}
+
+/// What `/tokenizer_info` reports (vLLM's endpoint; lm-evaluation-harness
+/// reads it to tokenize through the server). Model facts, not PHI.
+#[derive(Debug, Clone, Default)]
+pub struct TokenizerInfo {
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub chat_template: Option<String>,
 }
 
 /// What `/v1/models` says about the served model.

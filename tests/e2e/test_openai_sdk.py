@@ -271,6 +271,18 @@ def check_token_id_prompts_match_their_text():
     assert ids.usage.prompt_tokens == text.usage.prompt_tokens == 5, (ids.usage, text.usage)
 
 
+def check_tokenizer_endpoints():
+    """vLLM's /tokenize, /detokenize, /tokenizer_info (lm-eval's remote tokenizer)."""
+    h = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(verify=CTX, base_url=BASE, headers=h) as http:
+        info = http.get("/tokenizer_info").json()
+        assert info["eos_token"] and info["chat_template"], info
+        r = http.post("/tokenize", json={"prompt": "The capital of France is", "add_special_tokens": False}).json()
+        assert r["tokens"] == [504, 3575, 282, 4649, 314] and r["count"] == 5, r
+        back = http.post("/detokenize", json={"tokens": r["tokens"]}).json()
+        assert back["prompt"] == "The capital of France is", back
+
+
 def check_echo_scores_prompts_like_lm_eval():
     """lm-evaluation-harness' loglikelihood request: echo, logprobs 1, max_tokens 1."""
     def loglikelihood(context, continuation):
@@ -335,7 +347,7 @@ CHECKS = [check_non_streaming, check_streaming_with_usage, check_n2, check_stop,
           check_completions, check_models, check_errors, check_disconnect_cancels, check_prefix_cache, check_metrics,
           check_tls_versions, check_oversized_bodies_get_413, check_http2_rejections_reach_the_client,
           check_vllm_extensions_are_honoured, check_token_id_prompts_match_their_text,
-          check_echo_scores_prompts_like_lm_eval]
+          check_echo_scores_prompts_like_lm_eval, check_tokenizer_endpoints]
 
 
 def main():

@@ -203,20 +203,15 @@ pub async fn completions(
             }
         }
     }
-    // Each prompt's text: as given, or the text of its token ids.
+    // Each prompt's text: as given, or its token ids decoded.
     let texts: Vec<Phi<String>> = prompts
         .iter()
         .map(|p| match p {
-            CompletionPrompt::Text(text) => text.clone(),
-            CompletionPrompt::Tokens(ids) => {
-                let mut text = Phi::new(String::new());
-                for &id in ids.expose() {
-                    text.expose_mut().push_str(state.codec().token_text(id).expose());
-                }
-                text
-            }
+            CompletionPrompt::Text(text) => Ok(text.clone()),
+            CompletionPrompt::Tokens(ids) => state.codec().detokenize(ids.expose()),
         })
-        .collect();
+        .collect::<Result<_, _>>()
+        .map_err(|e| prompt_error(e, "prompt", ctx.request_id()))?;
     // The canonical prompt of the audit HMAC: the prompts' texts concatenated in order.
     let mut canonical = Phi::new(String::new());
     for text in &texts {
@@ -228,7 +223,7 @@ pub async fn completions(
             prompts
                 .into_iter()
                 .map(|p| match p {
-                    CompletionPrompt::Text(text) => codec.encode_text(&text),
+                    CompletionPrompt::Text(text) => codec.tokenize(&text, true),
                     CompletionPrompt::Tokens(ids) => Ok(ids),
                 })
                 .collect::<Result<Vec<_>, _>>()

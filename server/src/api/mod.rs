@@ -17,6 +17,7 @@ pub mod meta;
 pub mod response;
 pub mod sse;
 pub mod structured;
+pub mod tokenize;
 pub mod tools;
 pub mod types;
 

@@ -136,8 +136,19 @@ impl PromptCodec for ByteCodec {
         let ids = text.bytes().map(u32::from).collect();
         Ok(EncodedChat { text: Phi::new(text), ids: Phi::new(ids) })
     }
-    fn encode_text(&self, text: &Phi<String>) -> Result<Phi<Vec<u32>>, PromptError> {
+    /// One token per byte (no BOS).
+    fn tokenize(&self, text: &Phi<String>, _add_special_tokens: bool) -> Result<Phi<Vec<u32>>, PromptError> {
         Ok(Phi::new(text.expose().bytes().map(u32::from).collect()))
+    }
+    fn detokenize(&self, ids: &[u32]) -> Result<Phi<String>, PromptError> {
+        Ok(Phi::new(ids.iter().map(|&id| char::from(id as u8)).collect()))
+    }
+    fn tokenizer_info(&self) -> crate::state::TokenizerInfo {
+        crate::state::TokenizerInfo {
+            bos_token: None,
+            eos_token: Some("\u{0}".into()),
+            chat_template: Some("{{ messages }}".into()),
+        }
     }
     fn token_text(&self, id: u32) -> Phi<String> {
         Phi::new(char::from(id as u8).to_string())

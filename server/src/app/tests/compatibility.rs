@@ -313,3 +313,46 @@ async fn length_errors_name_the_prompt_field_of_their_endpoint() {
             .await;
     assert_eq!((s, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("messages")));
 }
+
+/// vLLM's tokenizer endpoints, as lm-evaluation-harness' remote tokenizer
+/// calls them: `GET /tokenizer_info` (it needs `eos_token`), `POST /tokenize`
+/// `{"prompt", "add_special_tokens": false}` and `POST /detokenize`.
+#[tokio::test]
+async fn tokenizer_endpoints_answer_like_vllm() {
+    let f = fixture();
+    let (s, v, text) = send(&f.state, "GET", "/tokenizer_info", Some(&f.inference), None).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert!(v.get("eos_token").is_some() && v["model_max_length"] == 64, "{text}");
+    let body = serde_json::to_vec(&json!({"prompt": "Hi there", "add_special_tokens": false})).unwrap();
+    let (s, v, text) = send(&f.state, "POST", "/tokenize", Some(&f.inference), Some(&body)).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert_eq!(v["tokens"], json!([72, 105, 32, 116, 104, 101, 114, 101]), "{text}");
+    assert_eq!((v["count"].as_u64(), v["max_model_len"].as_u64()), (Some(8), Some(64)));
+    let body = serde_json::to_vec(&json!({"model": "test-model", "tokens": [72, 105]})).unwrap();
+    let (s, v, text) = send(&f.state, "POST", "/detokenize", Some(&f.inference), Some(&body)).await;
+    assert_eq!((s, v["prompt"].as_str()), (StatusCode::OK, Some("Hi")), "{text}");
+    // Refusals name the field and never echo the text or ids.
+    for (route, body, status, param) in [
+        ("/tokenize", json!({"prompt": 5}), StatusCode::BAD_REQUEST, Some("prompt")),
+        (
+            "/tokenize",
+            json!({"messages": [{"role": "user", "content": "CANARY-1"}]}),
+            StatusCode::BAD_REQUEST,
+            Some("prompt"),
+        ),
+        ("/tokenize", json!({"prompt": "CANARY-2", "model": "other"}), StatusCode::NOT_FOUND, Some("model")),
+        ("/detokenize", json!({"tokens": [72, 9999]}), StatusCode::BAD_REQUEST, Some("tokens")),
+        ("/detokenize", json!({"tokens": "CANARY-3"}), StatusCode::BAD_REQUEST, Some("tokens")),
+    ] {
+        let bytes = serde_json::to_vec(&body).unwrap();
+        let (s, v, text) = send(&f.state, "POST", route, Some(&f.inference), Some(&bytes)).await;
+        assert_eq!(s, status, "{route} {body}: {text}");
+        if status == StatusCode::BAD_REQUEST {
+            assert_eq!(v["error"]["param"].as_str(), param, "{text}");
+        }
+        assert!(!text.contains("CANARY") && !text.contains("9999"), "{text}");
+    }
+    // The inference permission is needed.
+    let (s, _, _) = send(&f.state, "GET", "/tokenizer_info", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
