@@ -17,18 +17,25 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use salus_models::Phi;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use super::json::{Fields, JsonObject};
 use crate::auth::{AuthenticatedPrincipal, Permission};
 use crate::state::{AppState, PromptError};
 
-/// An optional `model`: when given, it must be the served one.
-fn check_model(state: &AppState, f: &mut Fields) -> Result<(), ApiError> {
+/// The body's fields, once the caller may use the model and the body's
+/// optional `model` is the served one.
+fn read_body(
+    state: &AppState,
+    principal: &AuthenticatedPrincipal,
+    body: Map<String, Value>,
+) -> Result<Fields, ApiError> {
+    principal.require(Permission::Inference)?;
+    let mut f = Fields::new(body);
     match f.string("model")? {
         Some(m) if m != state.model().id => Err(ApiError::ModelNotFound),
-        _ => Ok(()),
+        _ => Ok(f),
     }
 }
 
@@ -40,9 +47,7 @@ pub async fn tokenize(
     principal: AuthenticatedPrincipal,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
-    principal.require(Permission::Inference)?;
-    let mut f = Fields::new(body);
-    check_model(&state, &mut f)?;
+    let mut f = read_body(&state, &principal, body)?;
     let Some(prompt) = f.string("prompt")? else {
         return Err(ApiError::invalid("prompt", "missing required parameter prompt"));
     };
@@ -71,9 +76,7 @@ pub async fn detokenize(
     principal: AuthenticatedPrincipal,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
-    principal.require(Permission::Inference)?;
-    let mut f = Fields::new(body);
-    check_model(&state, &mut f)?;
+    let mut f = read_body(&state, &principal, body)?;
     let bad = || ApiError::invalid("tokens", "tokens must be an array of token ids");
     let Some(Value::Array(items)) = f.take("tokens") else { return Err(bad()) };
     f.finish(&[])?;
