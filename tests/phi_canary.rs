@@ -546,6 +546,21 @@ fn campaign(model_file: &Path, log_to_file: bool) -> Campaign {
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.text().contains("tool_calls"), "{}", r.text());
 
+    // 4d. Evaluation harness paths: an echoed, scored prompt, and vLLM's
+    // tokenizer endpoints (the canary comes back to its sender only).
+    let echo_c = cn.mint("echoed scored prompt");
+    let r = s.post(
+        "/v1/completions",
+        &serde_json::json!({"model": model, "prompt": echo_c, "echo": true, "logprobs": 2, "max_tokens": 1}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains(&echo_c), "the prompt is echoed: {}", r.text());
+    let r = s.post("/tokenize", &serde_json::json!({"prompt": cn.mint("tokenize prompt"), "add_special_tokens": false}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ids: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let r = s.post("/detokenize", &serde_json::json!({"tokens": ids["tokens"]}));
+    assert_eq!(r.status, 200, "{}", r.text());
+
     // 5. Error paths, each with its own canary.
     let msg = |c: String| serde_json::json!([{"role": "user", "content": c}]);
     let mut body = chat(&model, msg(cn.mint("message of a bad logit_bias request")));
