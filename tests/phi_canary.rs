@@ -555,7 +555,8 @@ fn campaign(model_file: &Path, log_to_file: bool) -> Campaign {
     );
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.text().contains(&echo_c), "the prompt is echoed: {}", r.text());
-    let r = s.post("/tokenize", &serde_json::json!({"prompt": cn.mint("tokenize prompt"), "add_special_tokens": false}));
+    let r =
+        s.post("/tokenize", &serde_json::json!({"prompt": cn.mint("tokenize prompt"), "add_special_tokens": false}));
     assert_eq!(r.status, 200, "{}", r.text());
     let ids: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     let r = s.post("/detokenize", &serde_json::json!({"tokens": ids["tokens"]}));
