@@ -369,16 +369,22 @@ impl Sampler {
 
     /// The `n` most likely tokens of the processed logits, as logprobs.
     fn top_n(&mut self, n: usize, log_z: f32) -> Vec<(u32, f32)> {
-        self.cand.clear();
-        self.cand.extend(self.logits.iter().enumerate().map(|(i, &x)| (i as u32, x)));
-        let n = n.min(self.cand.len());
-        if n < self.cand.len() {
-            select_best(&mut self.cand, n);
-            self.cand.truncate(n);
-        }
-        sort_best(&mut self.cand);
-        self.cand.iter().map(|&(t, x)| (t, x - log_z)).collect()
+        top_logprobs(&self.logits, n, log_z, &mut self.cand)
     }
+}
+
+/// The `n` largest of `logits` (no NaN), best first, as logprobs under the
+/// normalizer `log_z`; `cand` is scratch space.
+fn top_logprobs(logits: &[f32], n: usize, log_z: f32, cand: &mut Vec<(u32, f32)>) -> Vec<(u32, f32)> {
+    cand.clear();
+    cand.extend(logits.iter().enumerate().map(|(i, &x)| (i as u32, x)));
+    let n = n.min(cand.len());
+    if n < cand.len() {
+        select_best(cand, n);
+        cand.truncate(n);
+    }
+    sort_best(cand);
+    cand.iter().map(|&(t, x)| (t, x - log_z)).collect()
 }
 
 /// How likely the model found `token` at a position: its log-probability
@@ -387,21 +393,13 @@ impl Sampler {
 /// first. This scores prompt tokens (`echo`), as OpenAI's legacy completions
 /// and vLLM do.
 pub fn score_token(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
-    let clean = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(clean(x)));
-    let log_z = max + logits.iter().map(|&x| exp_nonpositive(clean(x) - max)).sum::<f32>().ln();
-    let logprob = logits.get(token as usize).map_or(f32::NEG_INFINITY, |&x| clean(x) - log_z);
-    if top == 0 {
-        return (logprob, Vec::new());
-    }
-    let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &x)| (i as u32, clean(x))).collect();
-    let n = top.min(cand.len());
-    if n < cand.len() {
-        select_best(&mut cand, n);
-        cand.truncate(n);
-    }
-    sort_best(&mut cand);
-    (logprob, cand.into_iter().map(|(t, x)| (t, x - log_z)).collect())
+    // NaN as -inf, as the sampler reads logits.
+    let clean: Vec<f32> = logits.iter().map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x }).collect();
+    let max = max_of(&clean);
+    let log_z = max + sum_exp(&clean, max).ln();
+    let logprob = clean.get(token as usize).map_or(f32::NEG_INFINITY, |&x| x - log_z);
+    let top = if top == 0 { Vec::new() } else { top_logprobs(&clean, top, log_z, &mut Vec::new()) };
+    (logprob, top)
 }
 
 /// `Σ e^(x - max)` with eight independent accumulators (vectorizes; a single

@@ -53,9 +53,21 @@ fn check_prompt_size(state: &AppState, params: &GenerationParams, bytes: usize) 
         return Ok(());
     }
     let limit = state.limits().max_prompt_tokens.min(state.codec().context_length().saturating_sub(1));
+    reject_by_size(state, bytes, limit, "messages")
+}
+
+/// Refuses a text of `bytes` bytes that is sure to be more than `limit`
+/// tokens (a token stands for at most `max_bytes_per_token` bytes), before
+/// any tokenizing.
+pub(super) fn reject_by_size(
+    state: &AppState,
+    bytes: usize,
+    limit: usize,
+    param: &'static str,
+) -> Result<(), ApiError> {
     let at_least = bytes.div_ceil(state.codec().max_bytes_per_token().max(1));
     if at_least > limit {
-        return Err(ApiError::PromptTooLong { at_least, limit, param: "messages" });
+        return Err(ApiError::PromptTooLong { at_least, limit, param });
     }
     Ok(())
 }
@@ -203,33 +215,27 @@ pub async fn completions(
             }
         }
     }
-    // Each prompt's text: as given, or its token ids decoded.
-    let texts: Vec<Phi<String>> = prompts
-        .iter()
-        .map(|p| match p {
-            CompletionPrompt::Text(text) => Ok(text.clone()),
-            CompletionPrompt::Tokens(ids) => state.codec().detokenize(ids.expose()),
-        })
-        .collect::<Result<_, _>>()
-        .map_err(|e| prompt_error(e, "prompt", ctx.request_id()))?;
-    // The canonical prompt of the audit HMAC: the prompts' texts concatenated in order.
-    let mut canonical = Phi::new(String::new());
-    for text in &texts {
-        canonical.expose_mut().push_str(text.expose());
-    }
-    let echo_texts = params.echo.then_some(texts);
-    let prompts = state
+    // Each prompt's text and ids, off the async workers: text prompts are
+    // tokenized, token prompts decoded (for the audit HMAC and `echo`).
+    let encoded: Vec<(Phi<String>, Phi<Vec<u32>>)> = state
         .with_codec_off_runtime(move |codec| {
             prompts
                 .into_iter()
                 .map(|p| match p {
-                    CompletionPrompt::Text(text) => codec.tokenize(&text, true),
-                    CompletionPrompt::Tokens(ids) => Ok(ids),
+                    CompletionPrompt::Text(text) => codec.tokenize(&text, true).map(|ids| (text, ids)),
+                    CompletionPrompt::Tokens(ids) => codec.detokenize(ids.expose()).map(|text| (text, ids)),
                 })
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
         .map_err(|e| prompt_error(e, "prompt", ctx.request_id()))?;
+    // The canonical prompt of the audit HMAC: the prompts' texts concatenated in order.
+    let mut canonical = Phi::new(String::new());
+    for (text, _) in &encoded {
+        canonical.expose_mut().push_str(text.expose());
+    }
+    let (texts, prompts): (Vec<_>, Vec<_>) = encoded.into_iter().unzip();
+    let echo_texts = params.echo.then_some(texts);
     let inference = Inference { state: &state, ctx: &ctx, principal: &principal, source };
     // Length errors name this endpoint's prompt field.
     inference

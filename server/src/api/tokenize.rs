@@ -19,6 +19,7 @@ use axum::Json;
 use salus_models::Phi;
 use serde_json::{json, Map, Value};
 
+use super::completions::reject_by_size;
 use super::error::ApiError;
 use super::json::{Fields, JsonObject};
 use crate::auth::{AuthenticatedPrincipal, Permission};
@@ -53,11 +54,7 @@ pub async fn tokenize(
     };
     let add_special_tokens = f.bool("add_special_tokens")?.unwrap_or(true);
     f.finish(&["messages", "add_generation_prompt", "return_token_strs", "chat_template"])?;
-    let limit = state.limits().max_prompt_tokens;
-    let at_least = prompt.len().div_ceil(state.codec().max_bytes_per_token().max(1));
-    if at_least > limit {
-        return Err(ApiError::PromptTooLong { at_least, limit, param: "prompt" });
-    }
+    reject_by_size(&state, prompt.len(), state.limits().max_prompt_tokens, "prompt")?;
     let prompt = Phi::new(prompt);
     let ids = state.with_codec_off_runtime(move |codec| codec.tokenize(&prompt, add_special_tokens)).await;
     let ids = match ids {

@@ -305,13 +305,15 @@ impl Worker {
             .map(|s| s.seq)
             .collect();
         let policy = &mut self.policy;
-        let forward = std::panic::AssertUnwindSafe(|| -> salus_models::Result<Vec<f32>> {
+        // The logits, and how many rows of them each planned sequence has.
+        let forward = std::panic::AssertUnwindSafe(|| -> salus_models::Result<(Vec<f32>, Vec<usize>)> {
             let mut batch = policy.build_batch(&plan)?;
             for &seq in &scored {
                 batch.want_every_position(seq);
             }
+            let rows = batch.spans().iter().map(|s| batch.logit_rows_of(s)).collect();
             let logits = lm.model.forward(&batch, policy.blocks_mut())?;
-            Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+            Ok((logits.flatten_all()?.to_vec1::<f32>()?, rows))
         });
         // The grammar masks of this step's constrained sequences depend only on
         // the tokens they accepted: computed beside the forward pass when
@@ -346,7 +348,7 @@ impl Worker {
             })
         };
         self.steps += 1;
-        let logits = match result {
+        let (logits, rows) = match result {
             Ok(Ok(l)) => l,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, seqs = plan.seqs.len(), "forward step failed");
@@ -362,11 +364,10 @@ impl Worker {
             }
         };
         self.policy.complete(&plan);
-        let rows: usize = plan.seqs.iter().map(|s| if scored.contains(&s.seq) { s.len } else { 1 }).sum();
-        let vocab = logits.len() / rows.max(1);
+        let vocab = logits.len() / rows.iter().sum::<usize>().max(1);
         let mut row = 0;
-        for s in &plan.seqs {
-            let n = if scored.contains(&s.seq) { s.len } else { 1 };
+        // The batch holds the plan's sequences in order.
+        for (s, &n) in plan.seqs.iter().zip(&rows) {
             let seq_rows = &logits[row * vocab..(row + n) * vocab];
             row += n;
             if scored.contains(&s.seq) {
