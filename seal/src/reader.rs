@@ -176,11 +176,19 @@ impl SealedFile {
             self.decrypt_chunk(&cipher, 0, &mut [])?;
             return Ok(buf);
         }
-        buf.as_mut_slice()
+        // Every chunk is tried and the lowest failing one reported, so a damaged file
+        // names the same chunk on every load (a short-circuiting parallel loop would
+        // report whichever failing chunk a worker reached first).
+        let first_failure = buf
+            .as_mut_slice()
             .par_chunks_mut(self.header.chunk_size as usize)
             .enumerate()
-            .try_for_each(|(i, dest)| self.decrypt_chunk(&cipher, i as u64, dest))?;
-        Ok(buf)
+            .filter_map(|(i, dest)| self.decrypt_chunk(&cipher, i as u64, dest).err().map(|e| (i, e)))
+            .min_by_key(|(i, _)| *i);
+        match first_failure {
+            Some((_, e)) => Err(e),
+            None => Ok(buf),
+        }
     }
 
     /// Splits a decrypted stream into its manifest parts (validated against the header).

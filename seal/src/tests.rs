@@ -263,11 +263,13 @@ fn truncation_garbage_swaps_and_duplicates_are_detected() {
     let (c1, c2) = (chunk(&bytes, 1), chunk(&bytes, 2));
     put(&mut s, 1, &c2);
     put(&mut s, 2, &c1);
-    assert!(matches!(load_err(&path, &s, &fx.kek_src), SealError::ChunkAuth { chunk: 1, .. }));
+    let e = load_err(&path, &s, &fx.kek_src);
+    assert!(matches!(e, SealError::ChunkAuth { chunk: 1, .. }), "swapped chunks: {e}");
     // Chunk 0 duplicated over chunk 1.
     let mut d = bytes.clone();
     put(&mut d, 1, &chunk(&bytes, 0));
-    assert!(matches!(load_err(&path, &d, &fx.kek_src), SealError::ChunkAuth { chunk: 1, .. }));
+    let e = load_err(&path, &d, &fx.kek_src);
+    assert!(matches!(e, SealError::ChunkAuth { chunk: 1, .. }), "duplicated chunk: {e}");
     // Chunk 1 duplicated by insertion, header length fixed up: the header is bound
     // into every chunk, so the new length breaks them all.
     let mut ins = bytes[..HEADER_LEN + 2 * per_chunk].to_vec();
