@@ -27,12 +27,13 @@ else
   BIN="$TARGET_DIR/debug/salus"
 fi
 VENV="${SALUS_E2E_VENV:-$TARGET_DIR/e2e-venv}"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai, jsonschema, langchain_openai" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai, jsonschema, langchain_openai, jwt" 2>/dev/null; then
   python3 -m venv "$VENV"
   # jsonschema validates structured outputs and tool arguments; LangChain is a
-  # real tool-calling client (tests/e2e/test_structured_outputs.py, test_tools.py).
+  # real tool-calling client (tests/e2e/test_structured_outputs.py, test_tools.py);
+  # PyJWT mints the identity provider's tokens (test_access.py).
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3" "jsonschema>=4.18,<5" \
-    "langchain-openai>=0.2,<2"
+    "langchain-openai>=0.2,<2" "pyjwt[crypto]>=2.8,<3"
 fi
 MODEL="$("$ROOT/scripts/fetch-model.sh")"
 
@@ -61,6 +62,27 @@ INFERENCE_KEY="$("$BIN" keys --api-keys "$KEYS" create --principal e2e-client --
 METRICS_KEY="$("$BIN" keys --api-keys "$KEYS" create --principal e2e-prometheus --kind service --role metrics 2>/dev/null)"
 REVOKED_KEY="$("$BIN" keys --api-keys "$KEYS" create --principal e2e-revoked --kind human --role inference 2>/dev/null)"
 "$BIN" keys --api-keys "$KEYS" revoke e2e-revoked 2>/dev/null
+LIMITED_KEY="$("$BIN" keys --api-keys "$KEYS" create --principal e2e-limited --kind service --role inference \
+  --requests-per-minute 3 2>/dev/null)"
+
+# A stand-in identity provider: an ES256 signing key and its JWKS (tests/e2e/test_access.py
+# mints the tokens), and a port for the break-glass webhook receiver.
+ISSUER="https://idp.e2e.test/realms/hospital"
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$WORK/idp-key.pem" 2>/dev/null
+"$VENV/bin/python" - "$WORK/idp-key.pem" "$WORK/jwks.json" <<'PY'
+import base64, json, sys
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+n = load_pem_private_key(open(sys.argv[1], "rb").read(), None).public_key().public_numbers()
+b64 = lambda i: base64.urlsafe_b64encode(i.to_bytes(32, "big")).rstrip(b"=").decode()
+json.dump({"keys": [{"kty": "EC", "kid": "e2e-1", "crv": "P-256", "x": b64(n.x), "y": b64(n.y)}]}, open(sys.argv[2], "w"))
+PY
+HOOK_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')"
+# The receiver's certificate is a leaf (CA:FALSE): rustls, which Salus uses to
+# call out, refuses a CA certificate as a server's own.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+  -subj "/CN=hook.localhost" -addext "subjectAltName=IP:127.0.0.1" \
+  -addext "basicConstraints=critical,CA:FALSE" -addext "extendedKeyUsage=serverAuth" \
+  -keyout "$WORK/hook-key.pem" -out "$WORK/hook-cert.pem" 2>/dev/null
 
 # The audit trail is required: a fresh key and a private trail directory.
 "$BIN" audit keygen "$WORK/audit.key" >/dev/null
@@ -71,6 +93,8 @@ PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); 
 SALUS_MODEL__ALLOW_PLAINTEXT_WEIGHTS=true SALUS_MODEL__ID=smollm2-135m SALUS_SERVER__SHUTDOWN_TIMEOUT_SECS=60 \
 SALUS_LIMITS__MAX_TOKENS=4000 SALUS_LOGGING__FORMAT=json \
 SALUS_AUDIT__DIR="$WORK/audit" SALUS_AUDIT__KEY="file:$WORK/audit.key" \
+SALUS_AUTH__OIDC="[{alias = \"e2e-idp\", issuer = \"$ISSUER\", audience = \"salus\", jwks_file = \"$WORK/jwks.json\", roles = {clinician = {permissions = [\"inference\"]}, oncall = {permissions = [\"break_glass\"]}}}]" \
+SALUS_AUTH__BREAK_GLASS="{window_secs = 600, notify_url = \"https://127.0.0.1:$HOOK_PORT/break-glass\", notify_ca_file = \"$WORK/hook-cert.pem\"}" \
   "$BIN" serve --listen "127.0.0.1:$PORT" --model "$MODEL" \
     --tls-cert "$WORK/cert.pem" --tls-key "$WORK/key.pem" --api-keys "$KEYS" \
     >"$WORK/server.out" 2>"$WORK/server.err" &
@@ -98,6 +122,13 @@ SALUS_E2E_KEY="$INFERENCE_KEY" \
 SALUS_E2E_BASE="https://127.0.0.1:$PORT" SALUS_E2E_CA="$WORK/cert.pem" SALUS_E2E_MODEL=smollm2-135m \
 SALUS_E2E_KEY="$INFERENCE_KEY" \
   "$VENV/bin/python" "$ROOT/tests/e2e/test_tools.py" || status=$?
+
+# Signed-in people, per-principal limits and break-glass through the SDK.
+SALUS_E2E_BASE="https://127.0.0.1:$PORT" SALUS_E2E_CA="$WORK/cert.pem" SALUS_E2E_MODEL=smollm2-135m \
+SALUS_E2E_KEY="$INFERENCE_KEY" SALUS_E2E_LIMITED_KEY="$LIMITED_KEY" SALUS_E2E_ISSUER="$ISSUER" \
+SALUS_E2E_IDP_KEY="$WORK/idp-key.pem" SALUS_E2E_HOOK_PORT="$HOOK_PORT" SALUS_E2E_HOOK_CERT="$WORK/hook-cert.pem" SALUS_E2E_HOOK_KEY="$WORK/hook-key.pem" \
+SALUS_E2E_BIN="$BIN" SALUS_E2E_AUDIT_DIR="$WORK/audit" SALUS_E2E_AUDIT_KEY="$WORK/audit.key" \
+  "$VENV/bin/python" "$ROOT/tests/e2e/test_access.py" || status=$?
 
 # The production steps of docs/deployment.md, run verbatim with a server of their
 # own (plus: every configs/salus.toml key is in docs/configuration.md, every test

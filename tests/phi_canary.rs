@@ -12,13 +12,17 @@
 //! `n=2`, a completed stream and a stream cancelled midway, structured-output
 //! schemas (enum values, descriptions, property names, consts, choices) accepted
 //! and refused, regexes and grammars that do not compile, tools (a description,
-//! generated call arguments, a history call's arguments, a tool result) — stops
+//! generated call arguments, a history call's arguments, a tool result), JWT
+//! claims of signed-in users and break-glass reasons — stops
 //! the server with
 //! SIGTERM and scans every byte the process produced outside the HTTP responses
 //! (stdout, stderr, log file, `/metrics`, the dev (with the audit trail), home,
 //! temp and working directories, and the decrypted audit records) for
 //! each canary: raw, lowercase, hex (both cases) and base64 (standard and
 //! URL-safe, all three alignments). Error bodies must not echo any canary either.
+//! A signed-in user's display name and an accepted break-glass reason belong
+//! in the audit trail: they must be found in the decrypted records (and in
+//! nothing else, the trail's own files included).
 //!
 //! No request can force a 500 from outside: every internal-error path
 //! (tokenizer failure, engine failure, a panicking forward step) needs a broken
@@ -39,6 +43,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_salus");
+
+/// The source name of the decrypted audit records.
+const DECRYPTED_TRAIL: &str = "decrypted audit records";
+
+/// JWT claims and break-glass reasons.
+#[path = "phi_canary/access.rs"]
+mod access;
 
 fn random_bytes(n: usize) -> Vec<u8> {
     let mut b = vec![0u8; n];
@@ -73,11 +84,21 @@ fn base64(bytes: &[u8], url: bool) -> String {
 struct Canaries {
     /// (injection point, canary)
     list: Vec<(String, String)>,
+    /// Canaries that belong in the decrypted audit records (a signed-in
+    /// user's display name, an accepted break-glass reason) and nowhere else.
+    audit_only: Vec<usize>,
 }
 
 impl Canaries {
     fn new() -> Self {
-        Canaries { list: Vec::new() }
+        Canaries { list: Vec::new(), audit_only: Vec::new() }
+    }
+
+    /// A canary that must appear in the decrypted audit records, and nowhere else.
+    fn mint_audit_only(&mut self, point: &str) -> String {
+        let c = self.mint(point);
+        self.audit_only.push(self.list.len() - 1);
+        c
     }
 
     /// A fresh canary for an injection point: `CANARY` + 16 random upper-case hex digits.
@@ -114,7 +135,7 @@ impl Canaries {
             let key: [u8; 8] = needle.bytes[..8].try_into().unwrap();
             index.entry(key).or_default().push(n);
         }
-        Scanner { needles, index, points: self.list.clone() }
+        Scanner { needles, index, points: self.list.clone(), audit_only: self.audit_only.clone() }
     }
 }
 
@@ -128,11 +149,17 @@ struct Scanner {
     needles: Vec<Needle>,
     index: HashMap<[u8; 8], Vec<usize>>,
     points: Vec<(String, String)>,
+    audit_only: Vec<usize>,
 }
 
 impl Scanner {
     /// Every (injection point, form) found in `data`.
     fn find(&self, data: &[u8]) -> Vec<String> {
+        self.find_canaries(data).into_iter().map(|(_, hit)| hit).collect()
+    }
+
+    /// Every hit in `data` with its canary's index.
+    fn find_canaries(&self, data: &[u8]) -> Vec<(usize, String)> {
         let mut found = Vec::new();
         if data.len() < 8 {
             return found;
@@ -143,7 +170,8 @@ impl Scanner {
                 for &n in ns {
                     let needle = &self.needles[n];
                     if data[at..].starts_with(&needle.bytes) {
-                        found.push(format!("{} ({}) at byte {at}", self.points[needle.canary].0, needle.form));
+                        let hit = format!("{} ({}) at byte {at}", self.points[needle.canary].0, needle.form);
+                        found.push((needle.canary, hit));
                     }
                 }
             }
@@ -260,6 +288,7 @@ fn server_command(dirs: &Dirs, model: &Path, port: u16, log_to_file: bool) -> Co
         .env("TMPDIR", dirs.path("tmp"))
         .env("RUST_LOG", "trace")
         .env("SALUS_SERVER__SHUTDOWN_TIMEOUT_SECS", "5")
+        .envs([access::server_env(dirs)])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -428,6 +457,7 @@ struct Campaign {
 fn campaign(model_file: &Path, log_to_file: bool) -> Campaign {
     let dirs = Dirs::new();
     let client = tempfile::tempdir().unwrap();
+    let issuer = access::Issuer::new(&dirs);
     let t0 = Instant::now();
     let mut s = Server::start(&dirs, model_file, log_to_file, client.path().to_path_buf());
     let t_started = t0.elapsed().as_secs_f64();
@@ -702,14 +732,18 @@ fn campaign(model_file: &Path, log_to_file: bool) -> Campaign {
     let r = s.run(c);
     expect_error(p, r, 405, &mut errors);
 
-    // 6. Still serving; then /metrics with the metrics role.
+    // 6. Signed-in people and break-glass.
+    let hello = chat(&model, serde_json::json!([{"role": "user", "content": "Hello"}]));
+    access::inject(&mut s, &issuer, &mut cn, &hello, &mut errors);
+
+    // 7. Still serving; then /metrics with the metrics role.
     let r = s.get("/health", None, &[]);
     assert_eq!(r.status, 200, "the server must keep serving after every error");
     let metrics = s.get("/metrics", Some(&key), &[]);
     assert_eq!(metrics.status, 200, "{}", metrics.text());
     let requests = s.requests;
 
-    // 7. Stop and collect.
+    // 8. Stop and collect.
     let t_sent = t0.elapsed().as_secs_f64();
     let (stdout, stderr) = s.stop();
     let t_stopped = t0.elapsed().as_secs_f64();
@@ -753,10 +787,23 @@ fn campaign(model_file: &Path, log_to_file: bool) -> Campaign {
     }
 
     let mut leaks = Vec::new();
+    let mut in_trail = std::collections::BTreeSet::new();
     for (name, bytes) in &produced.sources {
-        for hit in scanner.find(bytes) {
-            leaks.push(format!("{name}: {hit}"));
+        let decrypted_trail = name == DECRYPTED_TRAIL;
+        for (canary, hit) in scanner.find_canaries(bytes) {
+            if decrypted_trail && scanner.audit_only.contains(&canary) {
+                in_trail.insert(canary);
+            } else {
+                leaks.push(format!("{name}: {hit}"));
+            }
         }
+    }
+    for &c in &scanner.audit_only {
+        assert!(
+            in_trail.contains(&c),
+            "'{}' should be in the decrypted audit records (the harness sent it)",
+            cn.list[c].0
+        );
     }
     assert!(leaks.is_empty(), "PHI canaries leaked:\n{}", leaks.join("\n"));
     for (name, bytes) in &produced.sources {
@@ -791,7 +838,7 @@ fn audit_records(dirs: &Dirs, produced: &mut Produced) {
     let records = out.stdout.iter().filter(|b| **b == b'\n').count();
     assert!(records > 0, "the audit trail has files but no records");
     println!("  decrypted {records} audit records");
-    produced.add("decrypted audit records", out.stdout);
+    produced.add(DECRYPTED_TRAIL, out.stdout);
     produced.add("salus audit query stderr", out.stderr);
 }
 

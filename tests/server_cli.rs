@@ -46,7 +46,8 @@ fn keys_create_list_revoke_roundtrip() {
 
     let list = salus(&["keys", "--api-keys", store, "list"], &[]);
     let text = String::from_utf8(list.stdout).unwrap();
-    assert!(text.contains("dr.smith") && text.contains("inference,auditor") && text.contains("active"), "{text}");
+    assert!(text.contains("dr.smith") && text.contains("inference,audit.read") && text.contains("active"), "{text}");
+    assert!(text.contains("defaults"), "no limits of its own: {text}");
     assert!(!text.contains(&key[9..]));
 
     let rev = salus(&["keys", "--api-keys", store, "revoke", "dr.smith"], &[]);
@@ -61,6 +62,34 @@ fn keys_create_list_revoke_roundtrip() {
         vec!["keys", "--api-keys", store, "create", "--principal", "x", "--kind", "human", "--role", "root"],
         vec!["keys", "--api-keys", store, "create", "--principal", "x y", "--kind", "human", "--role", "inference"],
         vec!["keys", "--api-keys", store, "revoke", "nobody"],
+        vec![
+            "keys",
+            "--api-keys",
+            store,
+            "create",
+            "--principal",
+            "x",
+            "--kind",
+            "service",
+            "--role",
+            "inference",
+            "--allow-cidr",
+            "10.0.0.300/8",
+        ],
+        vec![
+            "keys",
+            "--api-keys",
+            store,
+            "create",
+            "--principal",
+            "x",
+            "--kind",
+            "service",
+            "--role",
+            "inference",
+            "--requests-per-minute",
+            "0",
+        ],
     ] {
         let out = salus(&args, &[]);
         assert!(!out.status.success(), "{args:?}");
@@ -68,6 +97,46 @@ fn keys_create_list_revoke_roundtrip() {
         assert!(err.starts_with("error: ") && err.trim_end().lines().count() == 1, "{err}");
     }
     assert_eq!(std::fs::read(dir.path().join("keys.json")).unwrap(), before);
+
+    // A key with limits of its own (and the permission to break glass).
+    let out = salus(
+        &[
+            "keys",
+            "--api-keys",
+            store,
+            "create",
+            "--principal",
+            "svc-lab",
+            "--kind",
+            "service",
+            "--role",
+            "inference",
+            "--role",
+            "break_glass",
+            "--requests-per-minute",
+            "120",
+            "--tokens-per-minute",
+            "50000",
+            "--concurrent-requests",
+            "4",
+            "--allow-cidr",
+            "10.20.0.0/16",
+            "--allow-cidr",
+            "fd00::/8",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let store_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("keys.json")).unwrap()).unwrap();
+    let rec = store_json["keys"].as_array().unwrap().iter().find(|k| k["principal"] == "svc-lab").unwrap().clone();
+    assert_eq!(rec["roles"], serde_json::json!(["inference", "break_glass"]));
+    assert_eq!(
+        rec["limits"],
+        serde_json::json!({"requests_per_minute": 120, "tokens_per_minute": 50000, "concurrent_requests": 4, "allowed_cidrs": ["10.20.0.0/16", "fd00::/8"]})
+    );
+    let text = String::from_utf8(salus(&["keys", "--api-keys", store, "list"], &[]).stdout).unwrap();
+    assert!(text.contains("120 req/min; 50000 tok/min; 4 concurrent; from 10.20.0.0/16,fd00::/8"), "{text}");
 }
 
 #[test]

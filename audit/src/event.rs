@@ -27,6 +27,15 @@ pub enum EventKind {
     AdminModelLoaded,
     AdminModelUnloaded,
     AdminConfigReloaded,
+    /// An interactive principal's server-side session began (first request).
+    SessionStarted,
+    /// A session ran past its idle or absolute timeout (`detail.reason`).
+    SessionExpired,
+    /// A session ended otherwise: replaced by a new sign-in, or the server stopped.
+    SessionEnded,
+    /// A principal holding `break_glass` overrode a policy rule (`detail`:
+    /// the rule and the reason given, encrypted like every record).
+    AccessBreakGlass,
     ServerStarted,
     ServerStopped,
     AuditRecovered,
@@ -34,7 +43,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 15] = [
+    pub const ALL: [EventKind; 19] = [
         EventKind::InferenceStarted,
         EventKind::InferenceCompleted,
         EventKind::InferenceFailed,
@@ -46,6 +55,10 @@ impl EventKind {
         EventKind::AdminModelLoaded,
         EventKind::AdminModelUnloaded,
         EventKind::AdminConfigReloaded,
+        EventKind::SessionStarted,
+        EventKind::SessionExpired,
+        EventKind::SessionEnded,
+        EventKind::AccessBreakGlass,
         EventKind::ServerStarted,
         EventKind::ServerStopped,
         EventKind::AuditRecovered,
@@ -66,6 +79,10 @@ impl EventKind {
             EventKind::AdminModelLoaded => "admin.model_loaded",
             EventKind::AdminModelUnloaded => "admin.model_unloaded",
             EventKind::AdminConfigReloaded => "admin.config_reloaded",
+            EventKind::SessionStarted => "session.started",
+            EventKind::SessionExpired => "session.expired",
+            EventKind::SessionEnded => "session.ended",
+            EventKind::AccessBreakGlass => "access.break_glass",
             EventKind::ServerStarted => "server.started",
             EventKind::ServerStopped => "server.stopped",
             EventKind::AuditRecovered => "audit.recovered",
@@ -167,6 +184,10 @@ pub struct AuditPrincipal {
     /// How the principal authenticated, e.g. `api_key`, `mtls`, `anonymous`.
     pub kind: String,
     pub roles: Vec<String>,
+    /// A signed-in person's display name (the IdP's `preferred_username`),
+    /// kept in the encrypted trail only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
 }
 
 impl AuditPrincipal {
@@ -175,7 +196,18 @@ impl AuditPrincipal {
         kind: impl Into<String>,
         roles: impl IntoIterator<Item = R>,
     ) -> Self {
-        AuditPrincipal { id: id.into(), kind: kind.into(), roles: roles.into_iter().map(Into::into).collect() }
+        AuditPrincipal {
+            id: id.into(),
+            kind: kind.into(),
+            roles: roles.into_iter().map(Into::into).collect(),
+            display_name: None,
+        }
+    }
+
+    /// The same principal with a display name.
+    pub fn with_display_name(mut self, name: Option<String>) -> Self {
+        self.display_name = name;
+        self
     }
 }
 

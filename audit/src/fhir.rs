@@ -19,7 +19,11 @@ fn event_type(kind: &str) -> Value {
         json!({ "system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "RESTful Operation" })
     } else if kind == "auth.denied" {
         dcm("110114", "User Authentication")
-    } else if kind.starts_with("audit.") {
+    } else if kind == "session.started" {
+        dcm("110122", "Login")
+    } else if kind == "session.expired" || kind == "session.ended" {
+        dcm("110123", "Logout")
+    } else if kind.starts_with("audit.") || kind == "access.break_glass" {
         dcm("110113", "Security Alert")
     } else {
         dcm("110100", "Application Activity")
@@ -68,6 +72,9 @@ pub fn audit_event(r: &AuditRecord) -> Value {
             "role": p.roles.iter().map(|role| json!({ "text": role })).collect::<Vec<_>>(),
             "requestor": true,
         });
+        if let Some(name) = &p.display_name {
+            a["who"]["display"] = json!(name);
+        }
         if let Some(addr) = &r.source_addr {
             a["network"] = json!({ "address": addr, "type": "2" });
         }

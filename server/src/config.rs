@@ -18,6 +18,11 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use salus_models::paged_cache::{KvCapacity, KvDtype};
+
+mod auth;
+pub use auth::{
+    AuthConfig, BreakGlassConfig, LimitSpec, OidcProviderConfig, OidcRoleConfig, PrincipalLimitsConfig, SessionConfig,
+};
 pub use salus_models::KernelConfig;
 
 /// Errors loading the configuration. They name the file or variable and the key;
@@ -117,36 +122,6 @@ pub struct TlsConfig {
 impl Default for TlsConfig {
     fn default() -> Self {
         TlsConfig { enabled: true, cert: None, key: None, client_ca: None }
-    }
-}
-
-/// `[auth]`: API keys.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct AuthConfig {
-    /// The API key store (JSON, hashes only), managed with `salus keys`.
-    pub api_keys: PathBuf,
-    /// Denied requests are written to the audit trail as one `auth.denied`
-    /// record per (source, reason) per this many seconds, with their count.
-    pub denial_record_interval_secs: u64,
-    /// Most (source, reason) tallies held per interval; denials from further
-    /// sources are folded into one tally per reason.
-    pub denial_max_sources: usize,
-    /// Failed authentications one source address may make at once…
-    pub failed_auth_burst: u32,
-    /// …and per second after that; past it, 429 with Retry-After.
-    pub failed_auth_per_second: f64,
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        AuthConfig {
-            api_keys: PathBuf::from("/var/lib/salus/api-keys.json"),
-            denial_record_interval_secs: 10,
-            denial_max_sources: 256,
-            failed_auth_burst: 20,
-            failed_auth_per_second: 5.0,
-        }
     }
 }
 
@@ -687,20 +662,7 @@ impl Config {
         if !matches!(self.logging.format.as_str(), "text" | "json") {
             return Err(ConfigError::Value { key: "logging.format", reason: "must be \"text\" or \"json\"".into() });
         }
-        let a = &self.auth;
-        if a.denial_record_interval_secs == 0 || a.denial_max_sources == 0 || a.failed_auth_burst == 0 {
-            return Err(ConfigError::Value {
-                key: "auth",
-                reason: "denial_record_interval_secs, denial_max_sources and failed_auth_burst must be at least 1"
-                    .into(),
-            });
-        }
-        if !(a.failed_auth_per_second.is_finite() && a.failed_auth_per_second > 0.0) {
-            return Err(ConfigError::Value {
-                key: "auth.failed_auth_per_second",
-                reason: "must be a positive number".into(),
-            });
-        }
+        self.auth.validate()?;
         if let Some(id) = &self.model.id {
             if !valid_model_id(id) {
                 return Err(ConfigError::Value {

@@ -91,6 +91,75 @@ impl Histogram {
     }
 }
 
+fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+}
+
+fn counter(out: &mut String, name: &str, help: &str, labels: &str, v: u64) {
+    let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{braces} {v}");
+}
+
+/// Counters of per-principal policy, break-glass and sessions.
+#[derive(Default)]
+struct AccessCounts {
+    rejections: BTreeMap<&'static str, u64>,
+    rejections_by_principal: BTreeMap<(String, &'static str), u64>,
+    break_glass: BTreeMap<&'static str, u64>,
+    notified: u64,
+    notify_failed: u64,
+    sessions_active: u64,
+}
+
+impl AccessCounts {
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP salus_policy_rejections_total Requests refused by a per-principal limit, by limit.\n# TYPE salus_policy_rejections_total counter"
+        );
+        for rule in crate::auth::policy::PolicyRule::ALL {
+            let n = self.rejections.get(rule.as_str()).copied().unwrap_or(0);
+            let _ = writeln!(out, "salus_policy_rejections_total{{limit=\"{}\"}} {n}", rule.as_str());
+        }
+        if !self.rejections_by_principal.is_empty() {
+            let _ = writeln!(
+                out,
+                "# HELP salus_policy_rejections_by_principal_total Limit refusals of the principals in auth.limits.metric_principals.\n# TYPE salus_policy_rejections_by_principal_total counter"
+            );
+            for ((p, rule), n) in &self.rejections_by_principal {
+                let p = p.replace('\\', "\\\\").replace('"', "\\\"");
+                let _ = writeln!(
+                    out,
+                    "salus_policy_rejections_by_principal_total{{principal=\"{p}\",limit=\"{rule}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP salus_break_glass_total Break-glass windows opened, by the rule overridden.\n# TYPE salus_break_glass_total counter"
+        );
+        for rule in crate::auth::policy::PolicyRule::ALL {
+            let n = self.break_glass.get(rule.as_str()).copied().unwrap_or(0);
+            let _ = writeln!(out, "salus_break_glass_total{{rule=\"{}\"}} {n}", rule.as_str());
+        }
+        counter(
+            out,
+            "salus_break_glass_notifications_total",
+            "Break-glass webhook notices delivered.",
+            "",
+            self.notified,
+        );
+        counter(
+            out,
+            "salus_break_glass_notification_failures_total",
+            "Break-glass webhook delivery attempts that failed.",
+            "",
+            self.notify_failed,
+        );
+        gauge(out, "salus_sessions_active", "Interactive sessions open now.", self.sessions_active);
+    }
+}
+
 /// All process metrics.
 pub struct Metrics {
     model_id: String,
@@ -103,6 +172,8 @@ pub struct Metrics {
     auth_rate_limited: AtomicU64,
     auth_denials_pending: AtomicU64,
     audit_volume_free_bytes: AtomicU64,
+    /// Per-principal policy and break-glass.
+    access: Mutex<AccessCounts>,
     /// Output-constraint lookups by result: cache hit, compiled, refused, timed out.
     constraints: [AtomicU64; 4],
     /// Time to compile an output constraint (cache misses).
@@ -143,6 +214,7 @@ impl Metrics {
             auth_rate_limited: AtomicU64::new(0),
             auth_denials_pending: AtomicU64::new(0),
             audit_volume_free_bytes: AtomicU64::new(0),
+            access: Mutex::new(AccessCounts::default()),
             constraints: Default::default(),
             grammar_compile: Histogram::new(COMPILE_BUCKETS),
             ttft: Histogram::new(TOKEN_LATENCY_BUCKETS_TTFT),
@@ -183,6 +255,32 @@ impl Metrics {
     pub fn set_audit_volume_free_bytes(&self, n: u64) {
         self.audit_volume_free_bytes.store(n, Ordering::Relaxed);
     }
+    /// A request refused by a per-principal rule; `principal` only when it
+    /// is in `auth.limits.metric_principals`.
+    pub fn policy_rejected(&self, rule: &'static str, principal: Option<&str>) {
+        let mut a = self.access.lock().unwrap_or_else(|e| e.into_inner());
+        *a.rejections.entry(rule).or_insert(0) += 1;
+        if let Some(p) = principal {
+            *a.rejections_by_principal.entry((p.to_string(), rule)).or_insert(0) += 1;
+        }
+    }
+    /// A break-glass window opened, overriding `rule`.
+    pub fn break_glass_used(&self, rule: &'static str) {
+        *self.access.lock().unwrap_or_else(|e| e.into_inner()).break_glass.entry(rule).or_insert(0) += 1;
+    }
+    /// A break-glass notice delivered.
+    pub fn break_glass_notified(&self) {
+        self.access.lock().unwrap_or_else(|e| e.into_inner()).notified += 1;
+    }
+    /// A break-glass notice delivery attempt failed (or the queue was full).
+    pub fn break_glass_notify_failed(&self) {
+        self.access.lock().unwrap_or_else(|e| e.into_inner()).notify_failed += 1;
+    }
+    /// Sessions open now.
+    pub fn set_sessions_active(&self, n: usize) {
+        self.access.lock().unwrap_or_else(|e| e.into_inner()).sessions_active = n as u64;
+    }
+
     /// One request's output constraint: looked up, compiled or refused.
     pub fn constraint(&self, result: ConstraintResult) {
         self.constraints[result as usize].fetch_add(1, Ordering::Relaxed);
@@ -200,13 +298,6 @@ impl Metrics {
         for ((route, status), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "salus_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
         }
-        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
-        let counter = |out: &mut String, name: &str, help: &str, labels: &str, v: u64| {
-            let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{braces} {v}");
-        };
         gauge(
             &mut out,
             "salus_http_requests_in_flight",
@@ -248,6 +339,7 @@ impl Metrics {
             "",
             self.auth_rate_limited.load(Ordering::Relaxed),
         );
+        self.access.lock().unwrap_or_else(|e| e.into_inner()).render(&mut out);
         gauge(
             &mut out,
             "salus_auth_denials_pending",

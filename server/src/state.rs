@@ -18,6 +18,7 @@ use salus_models::tool_calls::ToolCallFormat;
 use salus_models::Phi;
 
 use crate::api::structured::GrammarCache;
+use crate::auth::access::AccessControl;
 use crate::auth::denials::DenialRecorder;
 use crate::auth::KeyStoreHandle;
 use crate::config::LimitsConfig;
@@ -116,6 +117,8 @@ pub struct AppParts {
     /// Counts and records denied requests (coalesced) and limits failed
     /// authentication; built on the same `audit` and `metrics`.
     pub denials: Arc<DenialRecorder>,
+    /// Sessions, per-principal limits and break-glass.
+    pub access: Arc<AccessControl>,
 }
 
 struct Inner {
@@ -206,6 +209,12 @@ impl AppState {
         self.0.parts.denials.clone()
     }
     /// The audit trail every inference is recorded in.
+    pub fn access(&self) -> &AccessControl {
+        &self.0.parts.access
+    }
+    pub fn access_arc(&self) -> Arc<AccessControl> {
+        self.0.parts.access.clone()
+    }
     pub fn audit(&self) -> &AuditLog {
         &self.0.parts.audit
     }

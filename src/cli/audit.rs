@@ -116,6 +116,35 @@ enum AuditCommand {
     },
     /// Write a new random 32-byte audit master key to PATH (mode 0600; never overwrites).
     Keygen { path: PathBuf },
+    /// Reports for review.
+    Report {
+        #[command(subcommand)]
+        report: ReportCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReportCommand {
+    /// Every break-glass window opened in the range, with the requests made in it.
+    BreakGlass {
+        #[command(flatten)]
+        trail: TrailArgs,
+        /// Windows opened at or after this time (RFC 3339 or YYYY-MM-DD).
+        #[arg(long)]
+        since: Option<String>,
+        /// Windows opened at or before this time (RFC 3339 or YYYY-MM-DD).
+        #[arg(long)]
+        until: Option<String>,
+        /// text (for a reviewer) or json.
+        #[arg(long, value_enum, default_value = "text")]
+        format: ReportFormat,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ReportFormat {
+    Text,
+    Json,
 }
 
 pub fn run(args: AuditArgs) -> anyhow::Result<()> {
@@ -203,6 +232,28 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
                 text = render_chat(&model, text)?;
             }
             println!("{}", AuditKeys::from_master(&key).text_hmac(&text).as_str());
+            Ok(())
+        }
+        AuditCommand::Report { report: ReportCommand::BreakGlass { trail, since, until, format } } => {
+            let time = |s: Option<String>, what: &str| -> anyhow::Result<_> {
+                s.map(|s| RecordFilter::parse_time(&s).map_err(anyhow::Error::msg).with_context(|| format!("--{what}")))
+                    .transpose()
+            };
+            let (since, until) = (time(since, "since")?, time(until, "until")?);
+            if let (Some(s), Some(u)) = (since, until) {
+                if s > u {
+                    bail!("--since is after --until");
+                }
+            }
+            let key = trail.key.load().context("loading the audit key")?;
+            let mut records = Vec::new();
+            salus_audit::read_trail(&trail.dir, &key, |rec, _| records.push(rec.clone()))
+                .with_context(|| format!("reading audit trail {}", trail.dir.display()))?;
+            let report = super::audit_report::break_glass_report(&records, since, until);
+            match format {
+                ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                ReportFormat::Text => print!("{}", super::audit_report::render_text(&report)),
+            }
             Ok(())
         }
         AuditCommand::Keygen { path } => {

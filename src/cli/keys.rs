@@ -26,6 +26,7 @@ use salus_audit::{AuditError, AuditLog, AuditLogSettings};
 use salus_server::admin_events::local_operator;
 use salus_server::auth::key_baseline;
 use salus_server::auth::key_events::key_store_events;
+use salus_server::auth::policy::LimitSpec;
 use salus_server::auth::store::{format_time, parse_expiry, OffsetDateTime};
 use salus_server::auth::{KeyStore, Permission, PrincipalKind};
 use salus_server::config::Config;
@@ -58,12 +59,14 @@ enum KeysCommand {
         /// human or service.
         #[arg(long)]
         kind: String,
-        /// inference, admin, auditor or metrics; repeat for several.
+        /// inference, admin, audit.read, metrics, review or break_glass; repeat for several.
         #[arg(long = "role", required = true)]
         roles: Vec<String>,
         /// Expiry: a duration from now (90d, 12h, 30m) or an RFC 3339 time.
         #[arg(long)]
         expires: Option<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Lists keys (ids, principals, roles, status; never key material).
     List,
@@ -72,6 +75,57 @@ enum KeysCommand {
         /// Key id (key_…) or principal id.
         id: String,
     },
+}
+
+/// A key's own limits (unset: `[auth.limits]` of the server's config).
+#[derive(Args)]
+struct LimitArgs {
+    /// Requests per minute (token bucket).
+    #[arg(long)]
+    requests_per_minute: Option<u32>,
+    /// Prompt + completion tokens per minute, charged as generated.
+    #[arg(long)]
+    tokens_per_minute: Option<u64>,
+    /// Inference requests in flight at once.
+    #[arg(long)]
+    concurrent_requests: Option<u32>,
+    /// A source network the key may be used from (CIDR); repeat for several.
+    #[arg(long = "allow-cidr")]
+    allowed_cidrs: Vec<String>,
+}
+
+impl LimitArgs {
+    fn spec(&self) -> anyhow::Result<LimitSpec> {
+        let nets = self
+            .allowed_cidrs
+            .iter()
+            .map(|c| c.parse::<ipnet::IpNet>().map_err(|_| anyhow::anyhow!("--allow-cidr {c}: not a CIDR network")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(LimitSpec {
+            requests_per_minute: self.requests_per_minute,
+            tokens_per_minute: self.tokens_per_minute,
+            concurrent_requests: self.concurrent_requests,
+            allowed_cidrs: (!nets.is_empty()).then_some(nets),
+        })
+    }
+}
+
+/// A key's own limits, for `list` (unset ones are the server's defaults).
+fn limits_text(l: &LimitSpec) -> String {
+    let mut parts = Vec::new();
+    if let Some(n) = l.requests_per_minute {
+        parts.push(format!("{n} req/min"));
+    }
+    if let Some(n) = l.tokens_per_minute {
+        parts.push(format!("{n} tok/min"));
+    }
+    if let Some(n) = l.concurrent_requests {
+        parts.push(format!("{n} concurrent"));
+    }
+    if let Some(nets) = &l.allowed_cidrs {
+        parts.push(format!("from {}", nets.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")));
+    }
+    parts.join("; ")
 }
 
 /// The key store path and, if one is configured, the audit trail.
@@ -165,13 +219,16 @@ pub fn run(args: KeysArgs) -> anyhow::Result<()> {
     let (path, audit) = settings(&args)?;
     let now = OffsetDateTime::now_utc();
     match args.command {
-        KeysCommand::Create { principal, kind, roles, expires } => {
+        KeysCommand::Create { principal, kind, roles, expires, limits } => {
             let kind = PrincipalKind::parse(&kind)?;
             let roles = roles.iter().map(|r| Permission::parse(r)).collect::<Result<Vec<_>, _>>()?;
             let expires = expires.map(|e| parse_expiry(&e, now)).transpose()?;
+            let limits = limits.spec()?;
             let mut store = KeyStore::load(&path)?;
             let old = store.clone();
-            let new = store.create(&principal, kind, &roles, expires, now)?;
+            let mut new = store.create(&principal, kind, &roles, expires, now)?;
+            store.set_limits(&new.record.id, limits)?;
+            new.record = store.keys.last().cloned().expect("the key just created");
             save_audited(&path, &old, &store, audit, "keys.create")?;
             eprintln!(
                 "created key {} for {} {} (roles: {}; expires: {}) in {}",
@@ -187,7 +244,10 @@ pub fn run(args: KeysArgs) -> anyhow::Result<()> {
         }
         KeysCommand::List => {
             let store = KeyStore::load(&path)?;
-            println!("{:<22} {:<24} {:<8} {:<30} {:<9} EXPIRES", "KEY ID", "PRINCIPAL", "KIND", "ROLES", "STATUS");
+            println!(
+                "{:<22} {:<24} {:<8} {:<30} {:<9} {:<21} LIMITS",
+                "KEY ID", "PRINCIPAL", "KIND", "ROLES", "STATUS", "EXPIRES"
+            );
             for k in &store.keys {
                 let status = if k.revoked.is_some() {
                     "revoked"
@@ -197,13 +257,14 @@ pub fn run(args: KeysArgs) -> anyhow::Result<()> {
                     "active"
                 };
                 println!(
-                    "{:<22} {:<24} {:<8} {:<30} {:<9} {}",
+                    "{:<22} {:<24} {:<8} {:<30} {:<9} {:<21} {}",
                     k.id,
                     k.principal,
                     k.kind.as_str(),
                     k.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(","),
                     status,
-                    k.expires.map(format_time).unwrap_or_else(|| "never".into())
+                    k.expires.map(format_time).unwrap_or_else(|| "never".into()),
+                    k.limits.as_ref().map(limits_text).unwrap_or_else(|| "defaults".into())
                 );
             }
         }

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod audit;
+mod audit_report;
 mod generate;
 mod health;
 mod keys;
@@ -25,7 +26,7 @@ enum Command {
     Keys(keys::KeysArgs),
     /// Sealed model weights: seal, inspect, verify, rewrap, pull, keygen.
     Model(model::ModelArgs),
-    /// Audit trail: verify, query, export (FHIR), hash, keygen.
+    /// Audit trail: verify, query, export (FHIR), report, hash, keygen.
     Audit(audit::AuditArgs),
     /// Generate one completion on the command line (stdout: the completion only).
     Generate(generate::GenerateArgs),

@@ -25,6 +25,7 @@ use clap::Args;
 use salus_audit::AuditLog;
 use salus_server::admin_events;
 use salus_server::app::{app, metrics_app};
+use salus_server::auth::access::AccessControl;
 use salus_server::auth::denials::DenialRecorder;
 use salus_server::auth::key_baseline;
 use salus_server::auth::store::{parse_expiry, OffsetDateTime};
@@ -277,6 +278,7 @@ fn build_state(
         sealed: model.served.sealed,
     };
     let metrics = Arc::new(Metrics::new(&model.id));
+    let access = AccessControl::from_config(&config.auth, metrics.clone()).map_err(anyhow::Error::msg)?;
     let denials = Arc::new(DenialRecorder::new(config.denial_settings(), audit.clone(), metrics.clone()));
     denials.spawn_flusher();
     Ok(AppState::new(AppParts {
@@ -288,6 +290,7 @@ fn build_state(
         limits: config.limits.clone(),
         audit,
         denials,
+        access: Arc::new(access),
     }))
 }
 
@@ -381,7 +384,10 @@ fn run_with_audit(
         }
     };
     let denials = state.denials_arc();
+    let access = state.access_arc();
     runtime.block_on(serve_until_stopped(&config, addr, tls, state, keys.clone(), print))?;
+    // Every open session ends with the server (and is recorded so).
+    access.end_sessions_blocking(&audit);
     // Denials counted since the last interval go into the trail before it closes.
     if let Err(e) = denials.flush_blocking(true) {
         tracing::error!(error = %e, "audit: the last auth.denied records were not written");
@@ -414,7 +420,12 @@ async fn handle_signals(
     key_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = key_check.tick() => keys.refresh(),
+            _ = key_check.tick() => {
+                keys.refresh();
+                // Sessions that timed out are recorded even if their user never returns.
+                state.access().sweep_sessions(state.audit()).await;
+                state.metrics().set_sessions_active(state.access().sessions().active());
+            }
             _ = hup.recv() => {
                 let mut tls_state = "not_configured";
                 if let Some(t) = &tls {

@@ -297,7 +297,8 @@ def config_keys(path):
     value = r'(".*"|\'.*\'|-?[0-9][0-9_.eE+-]*|true|false|\[.*\])'
     with open(path, encoding="utf-8") as f:
         for line in f:
-            m = re.match(r"^\s*\[([a-z_]+)\]\s*$", line)
+            # `[section]`, `[section.sub]`, `[[section.array]]`, also commented out.
+            m = re.match(r"^\s*#?\s*\[\[?([a-z_.]+)\]\]?\s*$", line)
             if m:
                 section = m.group(1)
                 continue
@@ -316,7 +317,7 @@ def check_configuration_doc():
         doc = f.read()
     sections = {}
     for part in re.split(r"^## ", doc, flags=re.M)[1:]:
-        m = re.match(r"`\[([a-z_]+)\]`", part)
+        m = re.match(r"`\[\[?([a-z_.]+)\]\]?`", part)
         if m:
             sections[m.group(1)] = part
     missing = []

@@ -17,7 +17,8 @@ use super::response::{respond_whole, Endpoint, ResponseBuilder};
 use super::sse::{respond_stream, StreamUsage};
 use super::structured::compile_requested;
 use super::types::{CompletionPrompt, GenerationParams, ValidatedChatRequest, ValidatedCompletionRequest};
-use crate::auth::{AuthenticatedPrincipal, Permission};
+use crate::auth::policy::InferenceSlot;
+use crate::auth::AuthenticatedPrincipal;
 use crate::state::{AppState, PromptError, RequestContext};
 
 fn prompt_error(e: PromptError, param: &'static str, request_id: &str) -> ApiError {
@@ -78,6 +79,8 @@ struct Inference<'a> {
     ctx: &'a Arc<RequestContext>,
     principal: &'a AuthenticatedPrincipal,
     source: SourceAddr,
+    /// The principal's concurrency slot and token meter for this request.
+    slot: InferenceSlot,
 }
 
 impl Inference<'_> {
@@ -101,6 +104,7 @@ impl Inference<'_> {
                 .collect()
         });
         let plan = generation::plan(self.state, self.ctx, self.principal, prompts, params)?;
+        self.slot.charge(plan.prompt_tokens());
         let operation = match endpoint {
             Endpoint::Chat => "chat.completions",
             Endpoint::Completion => "completions",
@@ -114,7 +118,7 @@ impl Inference<'_> {
         };
         let audit = InferenceAudit::start(self.state, self.ctx, subject).await?;
         drop(canonical_prompt);
-        let mut generation: Generation = plan.submit(self.state, self.ctx, audit).await?;
+        let mut generation: Generation = plan.submit(self.state, self.ctx, audit).await?.with_slot(self.slot);
         if let Some(mode) = tool_calls {
             generation = generation.with_tool_calls(mode);
         }
@@ -139,7 +143,7 @@ pub async fn chat_completions(
     principal: AuthenticatedPrincipal,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
-    principal.require(Permission::Inference)?;
+    let slot = state.access().admit_inference(&principal, state.audit(), state.metrics(), ctx.request_id()).await?;
     let ValidatedChatRequest { model, messages, mut params, template, tools } =
         ValidatedChatRequest::parse(body, state.limits())?;
     check_servable(&state, &model)?;
@@ -182,7 +186,7 @@ pub async fn chat_completions(
         .await
         .map_err(|e| prompt_error(e, "messages", ctx.request_id()))?;
     // The canonical prompt of the audit HMAC: the text after the chat template.
-    let inference = Inference { state: &state, ctx: &ctx, principal: &principal, source };
+    let inference = Inference { state: &state, ctx: &ctx, principal: &principal, source, slot };
     inference.run(Endpoint::Chat, &params, vec![prompt.ids], prompt.text, tool_calls, None).await
 }
 
@@ -194,7 +198,7 @@ pub async fn completions(
     principal: AuthenticatedPrincipal,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
-    principal.require(Permission::Inference)?;
+    let slot = state.access().admit_inference(&principal, state.audit(), state.metrics(), ctx.request_id()).await?;
     let ValidatedCompletionRequest { model, prompts, mut params } =
         ValidatedCompletionRequest::parse(body, state.limits())?;
     check_servable(&state, &model)?;
@@ -236,7 +240,7 @@ pub async fn completions(
     }
     let (texts, prompts): (Vec<_>, Vec<_>) = encoded.into_iter().unzip();
     let echo_texts = params.echo.then_some(texts);
-    let inference = Inference { state: &state, ctx: &ctx, principal: &principal, source };
+    let inference = Inference { state: &state, ctx: &ctx, principal: &principal, source, slot };
     // Length errors name this endpoint's prompt field.
     inference
         .run(Endpoint::Completion, &params, prompts, canonical, None, echo_texts)

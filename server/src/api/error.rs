@@ -68,9 +68,28 @@ pub enum ApiError {
     /// 401: missing, unknown, revoked or expired API key (indistinguishable on purpose).
     #[error("invalid or missing API key")]
     Unauthorized,
+    /// 401: a bearer JWT was refused; each reason has its own `code`.
+    #[error("{0}")]
+    Token(crate::auth::oidc::TokenRejection),
+    /// 401: the interactive session timed out (idle or absolute), or the
+    /// server restarted since the token was issued: sign in again.
+    #[error("the session has expired; sign in again")]
+    SessionExpired,
     /// 403: the principal lacks a role.
     #[error("this API key lacks the '{role}' role")]
     Forbidden { role: &'static str },
+    /// 403: the connection's source address is outside the principal's networks.
+    #[error("requests from this network are not allowed for this principal")]
+    SourceNotAllowed,
+    /// 403: `Salus-Break-Glass` sent by a principal without `break_glass`.
+    #[error("this principal may not use break-glass access")]
+    BreakGlassNotPermitted,
+    /// 429: a per-principal limit (`rule`) is used up.
+    #[error("rate limit exceeded ({rule}); retry later")]
+    RateLimited { rule: &'static str, retry_after: Duration },
+    /// 503: the identity provider's keys cannot be fetched.
+    #[error("the identity provider cannot be reached to verify the token; retry later")]
+    IdentityProviderUnavailable,
     /// 404: no such model.
     #[error("the requested model does not exist or you do not have access to it")]
     ModelNotFound,
@@ -133,8 +152,12 @@ impl ApiError {
             | ApiError::Constraint { .. }
             | ApiError::ConstraintTooLarge { .. }
             | ApiError::ConstraintTimeout { .. } => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized | ApiError::Token(_) | ApiError::SessionExpired => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden { .. } | ApiError::SourceNotAllowed | ApiError::BreakGlassNotPermitted => {
+                StatusCode::FORBIDDEN
+            }
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::IdentityProviderUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::ModelNotFound | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -183,7 +206,13 @@ impl ApiError {
             ApiError::Unrecognized(_) => Some("unknown_parameter"),
             ApiError::ContextOverflow { .. } | ApiError::PromptTooLong { .. } => Some("context_length_exceeded"),
             ApiError::Unauthorized => Some("invalid_api_key"),
+            ApiError::Token(r) => Some(r.code()),
+            ApiError::SessionExpired => Some("session_expired"),
             ApiError::Forbidden { .. } => Some("insufficient_permissions"),
+            ApiError::SourceNotAllowed => Some("source_not_allowed"),
+            ApiError::BreakGlassNotPermitted => Some("break_glass_not_permitted"),
+            ApiError::RateLimited { .. } => Some("rate_limit_exceeded"),
+            ApiError::IdentityProviderUnavailable => Some("identity_provider_unavailable"),
             ApiError::ModelNotFound => Some("model_not_found"),
             ApiError::RouteNotFound => Some("unknown_url"),
             ApiError::MethodNotAllowed => Some("method_not_allowed"),
@@ -261,19 +290,39 @@ impl ApiError {
     /// key, a missing permission, or too many failed attempts. These are
     /// counted and recorded as `auth.denied`.
     pub fn is_denial(&self) -> bool {
-        matches!(self, ApiError::Unauthorized | ApiError::Forbidden { .. } | ApiError::AuthRateLimited { .. })
+        matches!(
+            self,
+            ApiError::Unauthorized
+                | ApiError::Token(_)
+                | ApiError::SessionExpired
+                | ApiError::Forbidden { .. }
+                | ApiError::SourceNotAllowed
+                | ApiError::BreakGlassNotPermitted
+                | ApiError::RateLimited { .. }
+                | ApiError::AuthRateLimited { .. }
+        )
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status(), axum::Json(self.body())).into_response();
-        if let ApiError::QueueFull { retry_after } | ApiError::AuthRateLimited { retry_after } = &self {
+        if let ApiError::QueueFull { retry_after }
+        | ApiError::AuthRateLimited { retry_after }
+        | ApiError::RateLimited { retry_after, .. } = &self
+        {
             let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        if let ApiError::Unauthorized = &self {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        match &self {
+            ApiError::Unauthorized => {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::Token(_) | ApiError::SessionExpired => {
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
+            }
+            _ => {}
         }
         resp.extensions_mut().insert(self);
         resp

@@ -28,6 +28,7 @@ use super::error::ApiError;
 use super::inference_audit::InferenceAudit;
 use super::tools::{new_call_id, ToolCall, ToolCallDelta};
 use super::types::GenerationParams;
+use crate::auth::policy::InferenceSlot;
 use crate::auth::AuthenticatedPrincipal;
 use crate::engine::{FinishReason, GenerationEvent, GenerationHandle, GenerationRequest, RequestId, TokenLogprob};
 use crate::state::{AppState, RequestContext};
@@ -37,6 +38,13 @@ pub struct Plan {
     requests: Vec<GenerationRequest>,
     prompt_tokens: usize,
     started: Instant,
+}
+
+impl Plan {
+    /// The prompt tokens of every planned request (what the principal's token budget is charged).
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_tokens
+    }
 }
 
 /// Checks the prompts against the limits and picks `max_tokens`: one engine
@@ -169,6 +177,7 @@ impl Plan {
             audit,
             tool_calls: None,
             pending: None,
+            slot: None,
         })
     }
 }
@@ -288,6 +297,9 @@ pub struct Generation {
     tool_calls: Option<ToolCallMode>,
     /// An update held back by [`Self::next`] (a choice's end, after its flush).
     pending: Option<Update>,
+    /// The principal's slot: generated tokens are charged to it; dropped
+    /// (freeing the concurrency slot) with the generation.
+    slot: Option<InferenceSlot>,
 }
 
 impl Generation {
@@ -327,6 +339,12 @@ impl Generation {
                 false => ToolCallStreamer::new(mode.format),
             });
         }
+        self
+    }
+
+    /// Charges generated tokens to `slot` and holds it until the generation is dropped.
+    pub fn with_slot(mut self, slot: InferenceSlot) -> Self {
+        self.slot = Some(slot);
         self
     }
 
@@ -391,6 +409,9 @@ impl Generation {
             match event {
                 GenerationEvent::Delta { text, logprobs, tokens, .. } => {
                     self.streamed_tokens += tokens;
+                    if let Some(slot) = &self.slot {
+                        slot.charge(tokens);
+                    }
                     self.observe_delta();
                     if text.expose().is_empty() && logprobs.is_empty() {
                         continue;

@@ -66,7 +66,7 @@ impl<S: Send + Sync> FromRequestParts<S> for SourceAddr {
 
 /// The principal as the trail records it: id, principal kind and roles.
 pub fn audit_principal(p: &AuthenticatedPrincipal) -> AuditPrincipal {
-    AuditPrincipal::new(p.id(), p.kind().as_str(), p.permissions().iter().map(|r| r.as_str()))
+    p.audit_principal()
 }
 
 /// The non-PHI parameters of a request (stop strings only counted).
@@ -153,6 +153,10 @@ impl InferenceAudit {
             .prompt_hmac(log.hmac(subject.prompt));
         if let Some(addr) = subject.source.0 {
             base = base.source_addr(addr);
+        }
+        // Inside a break-glass window every inference record says so.
+        if state.access().in_break_glass_window(subject.principal.id()) {
+            base = base.detail(serde_json::json!({ "break_glass": true }));
         }
         match log.record(base.clone()).await {
             Ok(_) => Ok(InferenceAudit { log, base, started: Instant::now(), done: false }),

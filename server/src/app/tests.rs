@@ -14,9 +14,10 @@ use time::OffsetDateTime;
 use tower::ServiceExt;
 
 use crate::app::app;
+use crate::auth::access::AccessControl;
 use crate::auth::denials::DenialRecorder;
 use crate::auth::{KeyStore, KeyStoreHandle, Permission, PrincipalKind};
-use crate::config::{Config, LimitsConfig};
+use crate::config::{AuthConfig, Config, LimitsConfig};
 use crate::engine::{
     CancelToken, Engine, EngineError, EngineStats, FinishReason, GenerationEvent, GenerationHandle, GenerationRequest,
     TokenLogprob,
@@ -203,6 +204,32 @@ fn fixture() -> Fixture {
     // Make it expire: rewrite its expiry into the past.
     let idx = store.keys.iter().position(|k| k.id == expired.record.id).unwrap();
     store.keys[idx].expires = Some(now - time::Duration::seconds(5));
+    let built = build_state(store, &AuthConfig::default());
+    Fixture {
+        state: built.state,
+        audit: built.audit,
+        audit_key: built.audit_key,
+        audit_dir: built.audit_dir,
+        engine: built.engine,
+        inference: inference.secret.to_string(),
+        inference_rotated: inference_rotated.secret.to_string(),
+        other_inference: other_inference.secret.to_string(),
+        metrics_only: metrics_only.secret.to_string(),
+        revoked: revoked.secret.to_string(),
+        expired: expired.secret.to_string(),
+    }
+}
+
+/// An app state over `store` with `[auth]` settings `auth`.
+struct BuiltState {
+    state: AppState,
+    audit: AuditLog,
+    audit_key: KeySource,
+    audit_dir: tempfile::TempDir,
+    engine: Arc<ScriptedEngine>,
+}
+
+fn build_state(store: KeyStore, auth: &AuthConfig) -> BuiltState {
     let engine = Arc::new(ScriptedEngine::default());
     let audit_dir = tempfile::tempdir().unwrap();
     let key_path = audit_dir.path().join("audit.key");
@@ -215,25 +242,14 @@ fn fixture() -> Fixture {
         engine: engine.clone(),
         codec: Arc::new(ByteCodec),
         keys: Arc::new(KeyStoreHandle::fixed(store)),
-        metrics,
+        metrics: metrics.clone(),
         model: ServedModelInfo { id: "test-model".into(), created: 1, fingerprint: "ab".repeat(32), sealed: true },
         limits: LimitsConfig { max_body_bytes: 4096, max_tokens: 100, default_max_tokens: 16, ..Default::default() },
         audit: audit.clone(),
         denials,
+        access: Arc::new(AccessControl::from_config(auth, metrics).unwrap()),
     });
-    Fixture {
-        state,
-        audit,
-        audit_key,
-        audit_dir,
-        engine,
-        inference: inference.secret.to_string(),
-        inference_rotated: inference_rotated.secret.to_string(),
-        other_inference: other_inference.secret.to_string(),
-        metrics_only: metrics_only.secret.to_string(),
-        revoked: revoked.secret.to_string(),
-        expired: expired.secret.to_string(),
-    }
+    BuiltState { state, audit, audit_key, audit_dir, engine }
 }
 
 async fn send(
@@ -798,6 +814,8 @@ async fn audit_auth_denied_and_cancelled_are_recorded() {
     assert!(!contains(&raw, b"sk-salus-wrong") && !contains(&raw, f.inference.as_bytes()));
 }
 
+/// OIDC sign-in, session timeout, per-principal limits, break-glass.
+mod access;
 /// What benchmark and evaluation clients send (vLLM extensions, inert OpenAI fields).
 mod compatibility;
 /// Denial-of-service regressions (audit flood, blocking tokenization, oversized prompts).

@@ -1,9 +1,15 @@
-//! Authentication: `Authorization: Bearer <key>` → [`AuthenticatedPrincipal`].
+//! Authentication: `Authorization: Bearer <credential>` → [`AuthenticatedPrincipal`].
+//!
+//! A credential is a Salus API key (`sk-salus-…`, checked against the
+//! [`KeyStore`]) or, with `[[auth.oidc]]` issuers configured, a JWT from the
+//! hospital's identity provider ([`oidc`]). Either way the extractor then
+//! applies what every principal is subject to ([`access`]): the session
+//! timeout for interactive principals, the principal's source networks and
+//! request rate, and break-glass.
 //!
 //! [`AuthenticatedPrincipal`] has private fields and no public constructor: the
-//! only way to get one is the axum extractor below, which checks the key against
-//! the [`KeyStore`]. Handlers that run inference take it as an argument, so an
-//! unauthenticated path to the model cannot compile.
+//! only way to get one is the axum extractor below. Handlers that run inference
+//! take it as an argument, so an unauthenticated path to the model cannot compile.
 //!
 //! The server re-reads the key store when its file changes (checked at most once
 //! a second), so `salus keys revoke` takes effect on a running server. With an
@@ -15,9 +21,14 @@
 //! reload also advances the trail's key baseline
 //! ([`crate::auth::key_baseline`]).
 
+pub mod access;
+pub mod break_glass;
 pub mod denials;
 pub mod key_baseline;
 pub mod key_events;
+pub mod oidc;
+pub mod policy;
+pub mod sessions;
 pub mod store;
 
 use std::path::PathBuf;
@@ -34,13 +45,29 @@ pub use store::{KeyRecord, KeyStore, KeyStoreError, Permission, PrincipalKind};
 use crate::api::error::ApiError;
 use crate::state::{AppState, RequestContext};
 
-/// A caller whose API key was verified. Only the auth layer constructs it.
+/// How a principal proved who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// A Salus API key (its public id).
+    ApiKey { key_id: String },
+    /// A JWT from a configured OIDC issuer: its `iat` and the IdP's `sid`.
+    Oidc { issued_at: Option<i64>, sid: Option<String> },
+}
+
+/// A caller whose credential was verified. Only the auth layer constructs it.
 #[derive(Debug, Clone)]
 pub struct AuthenticatedPrincipal {
     id: String,
     kind: PrincipalKind,
     permissions: Vec<Permission>,
-    key_id: String,
+    credential: Credential,
+    /// A signed-in person's display name (audit records only).
+    display_name: Option<String>,
+    /// The limits it runs under (its own, else `[auth.limits]`).
+    limits: policy::LimitSpec,
+    /// The break-glass reason sent with this request (only when the principal
+    /// holds `break_glass`).
+    break_glass: Option<salus_sensitive::Phi<String>>,
 }
 
 impl AuthenticatedPrincipal {
@@ -50,13 +77,19 @@ impl AuthenticatedPrincipal {
     pub fn kind(&self) -> PrincipalKind {
         self.kind
     }
-    /// What the principal may do (its key's `roles`).
+    /// What the principal may do (its key's `roles`, or its IdP roles' permissions).
     pub fn permissions(&self) -> &[Permission] {
         &self.permissions
     }
-    /// The public id of the key used (never the key).
-    pub fn key_id(&self) -> &str {
-        &self.key_id
+    pub fn credential(&self) -> &Credential {
+        &self.credential
+    }
+    /// The public id of the API key used (never the key); `None` for a JWT.
+    pub fn key_id(&self) -> Option<&str> {
+        match &self.credential {
+            Credential::ApiKey { key_id } => Some(key_id),
+            Credential::Oidc { .. } => None,
+        }
     }
     pub fn has_permission(&self, permission: Permission) -> bool {
         self.permissions.contains(&permission)
@@ -68,6 +101,12 @@ impl AuthenticatedPrincipal {
         } else {
             Err(ApiError::Forbidden { role: permission.as_str() })
         }
+    }
+    /// The principal as the trail records it: id, kind, roles and (for a
+    /// signed-in person) display name.
+    pub fn audit_principal(&self) -> salus_audit::AuditPrincipal {
+        salus_audit::AuditPrincipal::new(&self.id, self.kind.as_str(), self.permissions.iter().map(|r| r.as_str()))
+            .with_display_name(self.display_name.clone())
     }
 }
 
@@ -222,7 +261,8 @@ impl KeyStoreHandle {
         }
     }
 
-    /// Verifies a presented key.
+    /// Verifies a presented key: the principal with its own limits (the
+    /// defaults are applied by the extractor).
     pub fn authenticate(&self, presented: &str, now: OffsetDateTime) -> Result<AuthenticatedPrincipal, ApiError> {
         let store = self.current();
         match store.lookup(presented) {
@@ -230,10 +270,45 @@ impl KeyStoreHandle {
                 id: rec.principal.clone(),
                 kind: rec.kind,
                 permissions: rec.roles.clone(),
-                key_id: rec.id.clone(),
+                credential: Credential::ApiKey { key_id: rec.id.clone() },
+                display_name: None,
+                limits: rec.limits.clone().unwrap_or_default(),
+                break_glass: None,
             }),
             _ => Err(ApiError::Unauthorized),
         }
+    }
+}
+
+/// A signed-in person from a verified token.
+fn oidc_principal(t: oidc::VerifiedToken) -> AuthenticatedPrincipal {
+    AuthenticatedPrincipal {
+        id: t.principal,
+        kind: PrincipalKind::Human,
+        permissions: t.permissions,
+        credential: Credential::Oidc { issued_at: t.issued_at, sid: t.sid },
+        display_name: t.display_name,
+        limits: t.limits,
+        break_glass: None,
+    }
+}
+
+/// Checks a bearer credential: an API key, or a JWT when issuers are configured.
+async fn verify_credential(state: &AppState, token: &str) -> Result<AuthenticatedPrincipal, ApiError> {
+    let access = state.access();
+    // A compact JWS has exactly three dot-separated parts; anything else is
+    // taken for an API key (and an unknown one is `invalid_api_key`).
+    let jwt_shaped = token.bytes().filter(|b| *b == b'.').count() == 2;
+    if token.starts_with(store::KEY_PREFIX) || !jwt_shaped || access.oidc().is_empty() {
+        if token.len() > MAX_API_KEY_LEN {
+            return Err(ApiError::Unauthorized);
+        }
+        return state.keys().authenticate(token, OffsetDateTime::now_utc());
+    }
+    match access.oidc().verify(token).await {
+        Ok(t) => Ok(oidc_principal(t)),
+        Err(oidc::OidcError::Rejected(r)) => Err(ApiError::Token(r)),
+        Err(oidc::OidcError::KeysUnavailable) => Err(ApiError::IdentityProviderUnavailable),
     }
 }
 
@@ -242,7 +317,12 @@ fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
     Some((m.modified().ok()?, m.len()))
 }
 
-/// Extracts the bearer token; any malformed header is simply "no valid key".
+/// Longest API key accepted (`sk-salus-` + 64 hex, with room to spare).
+const MAX_API_KEY_LEN: usize = 256;
+/// Longest bearer token accepted (identity tokens with many groups are large).
+const MAX_BEARER_LEN: usize = 16 * 1024;
+
+/// Extracts the bearer token; any malformed header is simply "no valid credential".
 fn bearer(parts: &Parts) -> Option<&str> {
     let value = parts.headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
@@ -250,26 +330,16 @@ fn bearer(parts: &Parts) -> Option<&str> {
         return None;
     }
     let token = token.trim();
-    (!token.is_empty() && token.len() <= 256).then_some(token)
+    (!token.is_empty() && token.len() <= MAX_BEARER_LEN).then_some(token)
 }
 
 impl FromRequestParts<AppState> for AuthenticatedPrincipal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let result = match bearer(parts) {
-            Some(token) => state.keys().authenticate(token, OffsetDateTime::now_utc()),
-            None => Err(ApiError::Unauthorized),
-        };
-        // A failure costs this source one attempt; past its limit: 429, no more work.
-        let result = result.map_err(|e| {
-            let source = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
-            match state.denials().failed_authentication(source) {
-                Ok(()) => e,
-                Err(retry_after) => ApiError::AuthRateLimited { retry_after },
-            }
-        });
-        if let Some(ctx) = parts.extensions.get::<Arc<RequestContext>>() {
+        let ctx = parts.extensions.get::<Arc<RequestContext>>().cloned();
+        let result = admit(parts, state, ctx.as_deref()).await;
+        if let Some(ctx) = &ctx {
             match &result {
                 Ok(p) => ctx.set_principal(p.id()),
                 Err(_) => ctx.set_auth_denied(),
@@ -277,4 +347,39 @@ impl FromRequestParts<AppState> for AuthenticatedPrincipal {
         }
         result
     }
+}
+
+/// Credential, then session, break-glass header and policy.
+async fn admit(
+    parts: &Parts,
+    state: &AppState,
+    ctx: Option<&RequestContext>,
+) -> Result<AuthenticatedPrincipal, ApiError> {
+    let source = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+    let verified = match bearer(parts) {
+        Some(token) => verify_credential(state, token).await,
+        None => Err(ApiError::Unauthorized),
+    };
+    // A bad credential costs this source one attempt; past its limit: 429, no more work.
+    let mut principal = verified.map_err(|e| {
+        if !matches!(e, ApiError::Unauthorized | ApiError::Token(_)) {
+            return e;
+        }
+        match state.denials().failed_authentication(source) {
+            Ok(()) => e,
+            Err(retry_after) => ApiError::AuthRateLimited { retry_after },
+        }
+    })?;
+    let access = state.access();
+    principal.limits = access.resolve_limits(&principal.limits);
+    access.check_session(&principal, state.audit()).await?;
+    if let Some(reason) = break_glass::reason_from(&parts.headers)? {
+        if !principal.has_permission(Permission::BreakGlass) {
+            return Err(ApiError::BreakGlassNotPermitted);
+        }
+        principal.break_glass = Some(reason);
+    }
+    let request_id = ctx.map(RequestContext::request_id).unwrap_or("");
+    access.admit_request(&principal, source, state.audit(), state.metrics(), request_id).await?;
+    Ok(principal)
 }

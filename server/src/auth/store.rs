@@ -65,36 +65,57 @@ impl PrincipalKind {
 
 /// What a principal may do. A key lists its permissions as its `roles`
 /// (the key store's and the CLI's name for them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Permission {
     /// Run generations (`/v1/chat/completions`, `/v1/completions`, `/v1/models`).
+    #[serde(rename = "inference")]
     Inference,
     /// Administrative actions.
+    #[serde(rename = "admin")]
     Admin,
-    /// Read the audit trail.
+    /// Read the audit trail (`audit.read`; `auditor` is accepted as its old name).
+    #[serde(rename = "audit.read", alias = "auditor")]
     Auditor,
     /// Scrape `/metrics`.
+    #[serde(rename = "metrics")]
     Metrics,
+    /// Attest human reviews of outputs.
+    #[serde(rename = "review")]
+    Review,
+    /// Override a policy rule in an emergency (`Salus-Break-Glass`).
+    #[serde(rename = "break_glass")]
+    BreakGlass,
 }
 
 impl Permission {
+    pub const ALL: [Permission; 6] = [
+        Permission::Inference,
+        Permission::Admin,
+        Permission::Auditor,
+        Permission::Metrics,
+        Permission::Review,
+        Permission::BreakGlass,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Permission::Inference => "inference",
             Permission::Admin => "admin",
-            Permission::Auditor => "auditor",
+            Permission::Auditor => "audit.read",
             Permission::Metrics => "metrics",
+            Permission::Review => "review",
+            Permission::BreakGlass => "break_glass",
         }
     }
     pub fn parse(s: &str) -> Result<Self, KeyStoreError> {
-        match s {
-            "inference" => Ok(Permission::Inference),
-            "admin" => Ok(Permission::Admin),
-            "auditor" => Ok(Permission::Auditor),
-            "metrics" => Ok(Permission::Metrics),
-            _ => Err(KeyStoreError::Invalid("role must be one of inference, admin, auditor, metrics".into())),
+        if s == "auditor" {
+            return Ok(Permission::Auditor);
         }
+        Permission::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| {
+            KeyStoreError::Invalid(
+                "role must be one of inference, admin, audit.read, metrics, review, break_glass".into(),
+            )
+        })
     }
 }
 
@@ -115,6 +136,9 @@ pub struct KeyRecord {
     pub expires: Option<OffsetDateTime>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub revoked: Option<OffsetDateTime>,
+    /// The principal's own limits (unset ones: `[auth.limits]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<crate::auth::policy::LimitSpec>,
 }
 
 impl KeyRecord {
@@ -172,6 +196,9 @@ impl KeyStore {
                     path: shown,
                     reason: format!("key {} has a malformed hash", k.id),
                 });
+            }
+            if let Some(Err(reason)) = k.limits.as_ref().map(|l| l.validate()) {
+                return Err(KeyStoreError::Corrupt { path: shown, reason: format!("key {}: {reason}", k.id) });
             }
         }
         Ok(store)
@@ -237,10 +264,19 @@ impl KeyStore {
             created: now,
             expires,
             revoked: None,
+            limits: None,
         };
         self.version = 1;
         self.keys.push(record.clone());
         Ok(NewKey { record, secret })
+    }
+
+    /// Sets the limits of the key with this id (empty: the defaults).
+    pub fn set_limits(&mut self, id: &str, limits: crate::auth::policy::LimitSpec) -> Result<(), KeyStoreError> {
+        limits.validate().map_err(KeyStoreError::Invalid)?;
+        let key = self.keys.iter_mut().find(|k| k.id == id).ok_or_else(|| KeyStoreError::NotFound(id.to_string()))?;
+        key.limits = (!limits.is_empty()).then_some(limits);
+        Ok(())
     }
 
     /// Revokes the key with this id, or every active key of the principal with this id.

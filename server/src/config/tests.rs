@@ -20,6 +20,12 @@ fn shipped_config_parses_and_equals_defaults_where_documented() {
     assert_eq!(c.auth.denial_record_interval_secs, AuthConfig::default().denial_record_interval_secs);
     assert_eq!(c.audit.denial_reserve_bytes, AuditConfig::default().denial_reserve_bytes);
     assert_eq!(c.audit.retention_days, 2192);
+    let auth = AuthConfig::default();
+    assert_eq!(
+        (&c.auth.sessions, &c.auth.limits, &c.auth.break_glass),
+        (&auth.sessions, &auth.limits, &auth.break_glass)
+    );
+    assert!(c.auth.oidc.is_empty(), "the shipped [[auth.oidc]] is an example, commented out");
 }
 
 #[test]
@@ -120,4 +126,68 @@ fn scheduler_config_defaults_and_validation() {
     assert!(zero.validate().is_err());
     assert!(toml::from_str::<SchedulerConfig>("kv_dtype = \"f8\"").is_err());
     assert!(toml::from_str::<SchedulerConfig>("blocksize = 3").is_err());
+}
+
+#[test]
+fn auth_sections_parse_from_env_and_bad_values_are_errors() {
+    let oidc = r#"[{alias = "kc", issuer = "https://kc/realms/h", audience = ["salus", "salus-ui"], jwks_uri = "https://kc/certs", roles = {clinician = {permissions = ["inference", "audit.read"], limits = {requests_per_minute = 30, allowed_cidrs = ["10.0.0.0/8", "fd00::/8"]}}}}]"#;
+    let c = Config::load(
+        None,
+        env(&[
+            ("SALUS_AUTH__OIDC", oidc),
+            ("SALUS_AUTH__SESSIONS", "{idle_timeout_secs = 60}"),
+            ("SALUS_AUTH__LIMITS", "{tokens_per_minute = 1000, allowed_cidrs = [\"192.168.0.0/16\"]}"),
+            ("SALUS_AUTH__BREAK_GLASS", "{notify_url = \"https://sec.example/hook\"}"),
+        ]),
+    )
+    .unwrap();
+    c.validate().unwrap();
+    let p = &c.auth.oidc[0];
+    assert_eq!((p.audience.len(), p.principal_claim.as_str(), p.jwks_min_refresh_secs), (2, "sub", 30));
+    let role = &p.roles["clinician"];
+    assert_eq!(role.permissions, vec![crate::auth::Permission::Inference, crate::auth::Permission::Auditor]);
+    assert_eq!(role.limits.allowed_cidrs.as_ref().map(Vec::len), Some(2));
+    assert_eq!((c.auth.sessions.idle_timeout_secs, c.auth.sessions.max_session_secs), (60, 43_200));
+    assert_eq!(c.auth.limits.defaults().tokens_per_minute, Some(1000));
+    assert_eq!(c.auth.break_glass.window_secs, 3600);
+    // Each of these is refused at start-up, naming the key.
+    let bad = [
+        ("SALUS_AUTH__OIDC", r#"[{alias = "kc", issuer = "i", audience = "a"}]"#, "auth.oidc.jwks_uri"),
+        (
+            "SALUS_AUTH__OIDC",
+            r#"[{alias = "kc", issuer = "i", audience = "a", jwks_uri = "http://kc/certs"}]"#,
+            "auth.oidc.jwks_uri",
+        ),
+        ("SALUS_AUTH__OIDC", r#"[{alias = "k c", issuer = "i", audience = "a", jwks_file = "/j"}]"#, "auth.oidc.alias"),
+        (
+            "SALUS_AUTH__OIDC",
+            r#"[{alias = "kc", issuer = "i", audience = [], jwks_file = "/j"}]"#,
+            "auth.oidc.audience",
+        ),
+        (
+            "SALUS_AUTH__OIDC",
+            r#"[{alias = "kc", issuer = "i", audience = "a", jwks_file = "/j", algorithms = ["HS256"]}]"#,
+            "auth.oidc.algorithms",
+        ),
+        (
+            "SALUS_AUTH__OIDC",
+            r#"[{alias = "kc", issuer = "i", audience = "a", jwks_file = "/j"}, {alias = "kc", issuer = "j", audience = "a", jwks_file = "/j"}]"#,
+            "auth.oidc.alias",
+        ),
+        ("SALUS_AUTH__SESSIONS", "{idle_timeout_secs = 0}", "auth.sessions"),
+        ("SALUS_AUTH__LIMITS", "{requests_per_minute = 0}", "auth.limits"),
+        ("SALUS_AUTH__LIMITS", "{allowed_cidrs = []}", "auth.limits"),
+        ("SALUS_AUTH__BREAK_GLASS", "{notify_url = \"http://sec.example/hook\"}", "auth.break_glass.notify_url"),
+        ("SALUS_AUTH__BREAK_GLASS", "{window_secs = 0}", "auth.break_glass.window_secs"),
+    ];
+    for (var, value, key) in bad {
+        let c = Config::load(None, env(&[(var, value)])).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains(key), "{value}: {e}");
+    }
+    // Not a network, an unknown permission: refused while parsing.
+    assert!(Config::load(None, env(&[("SALUS_AUTH__LIMITS", "{allowed_cidrs = [\"10.0.0.300/8\"]}")])).is_err());
+    let unknown_role =
+        r#"[{alias = "kc", issuer = "i", audience = "a", jwks_file = "/j", roles = {x = {permissions = ["root"]}}}]"#;
+    assert!(Config::load(None, env(&[("SALUS_AUTH__OIDC", unknown_role)])).is_err());
 }
