@@ -27,13 +27,13 @@ else
   BIN="$TARGET_DIR/debug/salus"
 fi
 VENV="${SALUS_E2E_VENV:-$TARGET_DIR/e2e-venv}"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai, jsonschema, langchain_openai, jwt" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai, jsonschema, langchain_openai, jwt, fhir.resources" 2>/dev/null; then
   python3 -m venv "$VENV"
   # jsonschema validates structured outputs and tool arguments; LangChain is a
   # real tool-calling client (tests/e2e/test_structured_outputs.py, test_tools.py);
   # PyJWT mints the identity provider's tokens (test_access.py).
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40,<3" "jsonschema>=4.18,<5" \
-    "langchain-openai>=0.2,<2" "pyjwt[crypto]>=2.8,<3"
+    "langchain-openai>=0.2,<2" "pyjwt[crypto]>=2.8,<3" "fhir.resources>=7.1,<9"
 fi
 MODEL="$("$ROOT/scripts/fetch-model.sh")"
 
@@ -62,6 +62,9 @@ INFERENCE_KEY="$("$BIN" keys --api-keys "$KEYS" create --principal e2e-client --
 METRICS_KEY="$("$BIN" keys --api-keys "$KEYS" create --principal e2e-prometheus --kind service --role metrics 2>/dev/null)"
 REVOKED_KEY="$("$BIN" keys --api-keys "$KEYS" create --principal e2e-revoked --kind human --role inference 2>/dev/null)"
 "$BIN" keys --api-keys "$KEYS" revoke e2e-revoked 2>/dev/null
+REVIEWER_KEY="$("$BIN" keys --api-keys "$KEYS" create --principal e2e-reviewer --kind human --role inference \
+  --role review 2>/dev/null)"
+AUDITOR_KEY="$("$BIN" keys --api-keys "$KEYS" create --principal e2e-auditor --kind human --role audit.read 2>/dev/null)"
 LIMITED_KEY="$("$BIN" keys --api-keys "$KEYS" create --principal e2e-limited --kind service --role inference \
   --requests-per-minute 3 2>/dev/null)"
 
@@ -130,6 +133,17 @@ SALUS_E2E_IDP_KEY="$WORK/idp-key.pem" SALUS_E2E_HOOK_PORT="$HOOK_PORT" SALUS_E2E
 SALUS_E2E_BIN="$BIN" SALUS_E2E_AUDIT_DIR="$WORK/audit" SALUS_E2E_AUDIT_KEY="$WORK/audit.key" \
   "$VENV/bin/python" "$ROOT/tests/e2e/test_access.py" || status=$?
 
+# Review attestations, auditor access and the access report (rendered by
+# headless Chromium, installed here when missing).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+    { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } || true
+fi
+SALUS_E2E_BASE="https://127.0.0.1:$PORT" SALUS_E2E_CA="$WORK/cert.pem" SALUS_E2E_MODEL=smollm2-135m \
+SALUS_E2E_KEY="$INFERENCE_KEY" SALUS_E2E_REVIEWER_KEY="$REVIEWER_KEY" SALUS_E2E_AUDITOR_KEY="$AUDITOR_KEY" \
+SALUS_E2E_BIN="$BIN" SALUS_E2E_AUDIT_DIR="$WORK/audit" SALUS_E2E_AUDIT_KEY="$WORK/audit.key" \
+  "$VENV/bin/python" "$ROOT/tests/e2e/test_reviews.py" || status=$?
+
 # The production steps of docs/deployment.md, run verbatim with a server of their
 # own (plus: every configs/salus.toml key is in docs/configuration.md, every test
 # named in docs/compliance.md exists).
@@ -137,6 +151,15 @@ if python3 "$ROOT/tests/e2e/test_production_docs.py" --bin "$BIN" --model "$MODE
   echo "PASS production steps of docs/deployment.md"
 else
   echo "FAIL production steps of docs/deployment.md" >&2; status=1
+fi
+
+# The fleet kit with a server and a Prometheus of its own: Kubernetes manifests
+# (schemas, probes run against the CPU variant), alert rules (promtool), the
+# Grafana dashboard, and no Salus label value outside its fixed set.
+if "$ROOT/scripts/fleet-test.sh" "$BIN"; then
+  echo "PASS fleet kit (configs/kubernetes, configs/prometheus, configs/grafana)"
+else
+  echo "FAIL fleet kit (configs/kubernetes, configs/prometheus, configs/grafana)" >&2; status=1
 fi
 
 # SIGHUP reloads the certificate without dropping a connection that is streaming.
@@ -195,6 +218,14 @@ if grep -a -q -e "about the sea" -e "Count to fifty" -e "$INFERENCE_KEY" -e "${I
 else
   echo "PASS server output holds no prompt text or API key ($(cat "$WORK/server.out" "$WORK/server.err" | wc -c) bytes scanned)"
 fi
+# [audit.forward] against a real rsyslog over TLS, killed and restarted mid-stream
+# (a server of its own; installs rsyslog + rsyslog-gnutls with apt-get when missing).
+if SALUS_BIN="$BIN" SALUS_MODEL="$MODEL" "$ROOT/scripts/siem-forward-test.sh"; then
+  echo "PASS audit forwarding to a SIEM (scripts/siem-forward-test.sh)"
+else
+  echo "FAIL audit forwarding to a SIEM (scripts/siem-forward-test.sh)" >&2; status=1
+fi
+
 if [ "$status" -ne 0 ]; then
   echo "--- server stderr (last 40 lines) ---" >&2; tail -40 "$WORK/server.err" >&2
 fi

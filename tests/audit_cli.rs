@@ -200,3 +200,49 @@ fn keys_changes_are_audited_by_the_cli_or_left_to_the_running_server() {
     assert!(out.stdout.is_empty(), "no key may be printed when nothing was stored");
     assert_eq!(std::fs::read(&store).unwrap(), before);
 }
+
+/// Several replicas' trails in one command: verified and reported one by one
+/// (a damaged one fails the command but the others are still reported),
+/// queried together, and reported together.
+#[test]
+fn several_replica_trails_are_verified_and_reported_per_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key_path = tmp.path().join("audit.key");
+    let key = format!("file:{}", key_path.display());
+    assert!(salus(&["audit", "keygen", key_path.to_str().unwrap()], None).status.success());
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    write_trail(&a, &key);
+    write_trail(&b, &key);
+    let (da, db) = (a.join("audit"), b.join("audit"));
+    let (da, db) = (da.to_str().unwrap(), db.to_str().unwrap());
+    let out = salus(&["audit", "verify", "--dir", da, "--dir", db, "--key", &key], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<String> = text(&out.stdout).lines().map(String::from).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[0].starts_with(&format!("OK {da}: 22 records")) && lines[1].starts_with(&format!("OK {db}: 22 records"))
+    );
+    let out = salus(&["audit", "query", "--dir", da, "--dir", db, "--key", &key, "--event", "inference"], None);
+    assert_eq!(text(&out.stdout).lines().count(), 40);
+    let out = salus(&["audit", "report", "access", "--dir", da, "--dir", db, "--key", &key], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("\"alice\",0,20,0,0,"), "both trails counted: {}", text(&out.stdout));
+    // Damage replica b: the command fails, naming b, and still reports a.
+    let seg = std::fs::read_dir(b.join("audit"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "sealed"))
+        .expect("a sealed segment");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 1;
+    std::fs::write(&seg, bytes).unwrap();
+    let out = salus(&["audit", "verify", "--dir", da, "--dir", db, "--key", &key], None);
+    assert!(!out.status.success());
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains(&format!("OK {da}:")) && stdout.contains(&format!("FAILED {db}:")), "{stdout}");
+    assert!(text(&out.stderr).contains(db), "{}", text(&out.stderr));
+    // --checkpoints belongs to one trail.
+    let out = salus(&["audit", "verify", "--dir", da, "--dir", db, "--checkpoints", da, "--key", &key], None);
+    assert!(!out.status.success() && text(&out.stderr).contains("single --dir"));
+}

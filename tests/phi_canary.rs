@@ -13,7 +13,8 @@
 //! schemas (enum values, descriptions, property names, consts, choices) accepted
 //! and refused, regexes and grammars that do not compile, tools (a description,
 //! generated call arguments, a history call's arguments, a tool result), JWT
-//! claims of signed-in users and break-glass reasons — stops
+//! claims of signed-in users, break-glass reasons, review texts and codes, and
+//! auditor query parameters — stops
 //! the server with
 //! SIGTERM and scans every byte the process produced outside the HTTP responses
 //! (stdout, stderr, log file, `/metrics`, the dev (with the audit trail), home,
@@ -735,6 +736,7 @@ fn campaign(model_file: &Path, log_to_file: bool) -> Campaign {
     // 6. Signed-in people and break-glass.
     let hello = chat(&model, serde_json::json!([{"role": "user", "content": "Hello"}]));
     access::inject(&mut s, &issuer, &mut cn, &hello, &mut errors);
+    access::inject_reviews(&mut s, &mut cn, &hello, &mut errors);
 
     // 7. Still serving; then /metrics with the metrics role.
     let r = s.get("/health", None, &[]);

@@ -250,3 +250,23 @@ fn files_others_can_write_or_read_are_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("key.pem is readable by all users"), "{err}");
 }
+
+/// `salus generate --device`: a device this build or host cannot use is a
+/// one-line error before any model is read.
+#[test]
+fn generate_refuses_an_unusable_device_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-model.gguf");
+    let mut cases = vec![("tpu:0", "is not a device")];
+    if !cfg!(feature = "cuda") {
+        cases.push(("cuda:0", "no cuda support"));
+    }
+    for (device, expect) in cases {
+        let out = salus(&["generate", "--model", missing.to_str().unwrap(), "--prompt", "hi", "--device", device], &[]);
+        assert!(!out.status.success(), "{device}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with("error: ") && err.trim_end().lines().count() == 1, "{device}: {err}");
+        assert!(err.to_lowercase().contains(expect), "{device}: {err}");
+        assert!(!err.contains("no-model.gguf"), "the device is checked before the model: {err}");
+    }
+}

@@ -36,6 +36,10 @@ pub enum EventKind {
     /// A principal holding `break_glass` overrode a policy rule (`detail`:
     /// the rule and the reason given, encrypted like every record).
     AccessBreakGlass,
+    /// A person reviewed a generated output (accepted, edited, rejected, escalated).
+    ReviewRecorded,
+    /// The trail was read over the API (who, the filter, how many records).
+    AuditAccessed,
     ServerStarted,
     ServerStopped,
     AuditRecovered,
@@ -43,7 +47,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 19] = [
+    pub const ALL: [EventKind; 21] = [
         EventKind::InferenceStarted,
         EventKind::InferenceCompleted,
         EventKind::InferenceFailed,
@@ -59,6 +63,8 @@ impl EventKind {
         EventKind::SessionExpired,
         EventKind::SessionEnded,
         EventKind::AccessBreakGlass,
+        EventKind::ReviewRecorded,
+        EventKind::AuditAccessed,
         EventKind::ServerStarted,
         EventKind::ServerStopped,
         EventKind::AuditRecovered,
@@ -83,6 +89,8 @@ impl EventKind {
             EventKind::SessionExpired => "session.expired",
             EventKind::SessionEnded => "session.ended",
             EventKind::AccessBreakGlass => "access.break_glass",
+            EventKind::ReviewRecorded => "review.recorded",
+            EventKind::AuditAccessed => "audit.accessed",
             EventKind::ServerStarted => "server.started",
             EventKind::ServerStopped => "server.stopped",
             EventKind::AuditRecovered => "audit.recovered",
@@ -112,6 +120,8 @@ impl EventKind {
             EventKind::AdminKeyCreated => AuditAction::Create,
             EventKind::AdminKeyRevoked | EventKind::AuditPurged => AuditAction::Delete,
             EventKind::AdminConfigReloaded => AuditAction::Update,
+            EventKind::ReviewRecorded => AuditAction::Create,
+            EventKind::AuditAccessed => AuditAction::Read,
             _ => AuditAction::Execute,
         }
     }

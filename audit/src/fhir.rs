@@ -23,6 +23,8 @@ fn event_type(kind: &str) -> Value {
         dcm("110122", "Login")
     } else if kind == "session.expired" || kind == "session.ended" {
         dcm("110123", "Logout")
+    } else if kind == "audit.accessed" {
+        dcm("110101", "Audit Log Used")
     } else if kind.starts_with("audit.") || kind == "access.break_glass" {
         dcm("110113", "Security Alert")
     } else {
@@ -124,10 +126,38 @@ pub fn audit_event(r: &AuditRecord) -> Value {
         }
         entities.push(json!({ "type": object_type("4", "Other"), "name": "usage", "detail": detail }));
     }
+    if r.kind == "review.recorded" {
+        entities.extend(review_entity(r));
+    }
     if !entities.is_empty() {
         ev["entity"] = json!(entities);
     }
     ev
+}
+
+/// A review's link to the inference it reviews: a reference to that
+/// inference's `AuditEvent` (`urn:uuid:<event id>`, its `fullUrl` in an
+/// export), with the action, choice, reason code, latency and edit HMAC.
+fn review_entity(r: &AuditRecord) -> Option<Value> {
+    let d = r.detail.as_ref()?;
+    let reviewed = d.get("reviewed_event_id").and_then(Value::as_str)?;
+    let mut detail = Vec::new();
+    for key in ["action", "reason_code", "response_id", "edited_text_hmac"] {
+        if let Some(v) = d.get(key).and_then(Value::as_str) {
+            detail.push(json!({ "type": key, "valueString": v }));
+        }
+    }
+    for key in ["choice", "reviewed_seq", "review_latency_ms"] {
+        if let Some(v) = d.get(key).and_then(Value::as_u64) {
+            detail.push(json!({ "type": key, "valueString": v.to_string() }));
+        }
+    }
+    Some(json!({
+        "what": { "reference": format!("urn:uuid:{reviewed}"), "display": "the reviewed inference" },
+        "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "4", "display": "Other" },
+        "name": "reviewed inference",
+        "detail": detail,
+    }))
 }
 
 /// A `Bundle` of type `collection` holding one `AuditEvent` per record.

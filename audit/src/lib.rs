@@ -56,6 +56,8 @@
 //! [`AuditKeys::baseline_mac`], so that a key change made while no one was
 //! recording (a server killed before it noticed) is recorded at the next start.
 //! Offline readers: [`verify_trail`], [`read_trail`], [`fhir::export_bundle`].
+//! [`forward::Forwarder`] streams every record's metadata to a SIEM (RFC 5424
+//! over TLS, at least once, off the write path).
 //!
 //! # On-disk format (version 1)
 //!
@@ -108,8 +110,10 @@ mod checkpoint;
 mod event;
 pub mod fhir;
 mod format;
+pub mod forward;
 mod reader;
 mod segment;
+mod snapshot;
 mod sync;
 mod writer;
 
@@ -125,7 +129,11 @@ pub use event::{
     TextHmac, TokenCounts,
 };
 pub use format::AuditKeys;
-pub use reader::{read_trail, verify_trail, IntegrityError, RecordFilter, TrailReport};
+pub use reader::{read_trail, read_trail_with_keys, verify_trail, IntegrityError, RecordFilter, TrailReport};
+pub use snapshot::{
+    inspect_segment, parse_segment_name, segment_file_name, verify_backup_manifest, Inspect, SegmentSummary,
+    BACKUP_MANIFEST_CONTEXT,
+};
 pub use writer::{AuditHealth, AuditLog};
 
 #[allow(unused_imports)] // referenced by the docs above

@@ -126,6 +126,16 @@ pub fn read_trail(
     Walk::new(&keys, visit).run(dir)
 }
 
+/// [`read_trail`] with the derived keys in hand (a server holding its open
+/// [`crate::AuditLog`] reads its own trail with `log.audit_keys()`).
+pub fn read_trail_with_keys(
+    dir: &Path,
+    keys: &AuditKeys,
+    visit: impl FnMut(&AuditRecord, &[u8]),
+) -> Result<TrailReport, AuditError> {
+    Walk::new(keys, visit).run(dir)
+}
+
 /// Verifies the trail and its checkpoints (`dir/checkpoint.json`, and the newest
 /// checkpoint in `checkpoint_dir` if given): signatures, signer, and that the
 /// trail still reaches each checkpoint with the same chain head.

@@ -83,6 +83,9 @@ pub(super) fn run(jobs: mpsc::Receiver<Job>, done: mpsc::Sender<Cmd>, shared: Ar
                         out.written += chunk.buf.len() as u64;
                         out.records += chunk.replies.len() as u64;
                         shared.healthy.store(true, Ordering::Release);
+                        if let Some((last, _)) = chunk.replies.last() {
+                            shared.durable_through(last.seq);
+                        }
                         chunk.replies.drain(..).for_each(|(r, reply)| reply.send(Ok(r)));
                     }
                     Err(e) => {

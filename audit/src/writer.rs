@@ -66,6 +66,10 @@ pub(super) struct Shared {
     write_failures: AtomicU64,
     /// Unix time (ms) when a record last became durable; 0 before the first.
     last_durable_ms: AtomicU64,
+    /// The seq of the newest durable record (0 before the first): what the
+    /// SIEM forwarder may read up to. Bytes past it in the open segment may be
+    /// a write in progress, or the remains of a failed one whose seqs are reused.
+    pub(super) durable_seq: AtomicU64,
 }
 
 impl Shared {
@@ -78,6 +82,11 @@ impl Shared {
     /// Records became durable now.
     pub(super) fn durable_now(&self) {
         self.last_durable_ms.store(now_ms().max(0) as u64, Ordering::Relaxed);
+    }
+
+    /// Records up to `seq` are durable.
+    pub(super) fn durable_through(&self, seq: u64) {
+        self.durable_seq.fetch_max(seq, Ordering::Release);
     }
 
     pub(super) fn take_injected_failure(&self) -> bool {
@@ -156,6 +165,7 @@ impl AuditLog {
             healthy: AtomicBool::new(true),
             write_failures: AtomicU64::new(0),
             last_durable_ms: AtomicU64::new(0),
+            durable_seq: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             inject_failures: 0.into(),
         });
@@ -257,6 +267,18 @@ impl AuditLog {
 
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// The seq of the newest durable record (0 before the first).
+    pub fn durable_seq(&self) -> u64 {
+        self.inner.shared.durable_seq.load(Ordering::Acquire)
+    }
+
+    /// What the SIEM forwarder reads the trail with: the shared state (for
+    /// the durable seq) and the keys. It holds no [`AuditLog`], so that it
+    /// neither keeps the writer alive nor changes when the log is dropped.
+    pub(crate) fn forward_parts(&self) -> (Arc<Shared>, Arc<AuditKeys>) {
+        (self.inner.shared.clone(), self.inner.keys.clone())
     }
 
     /// The trail's derived keys (for `key_baseline`'s MAC).
@@ -669,6 +691,7 @@ impl Writer {
         let receipt = r?;
         self.flush(1).inspect_err(|_| (self.next_seq, self.last_hash) = (seq0, hash0))?;
         self.durable = ChainPos { next_seq: self.next_seq, last_hash: self.last_hash };
+        self.shared.durable_through(receipt.seq);
         Ok(receipt)
     }
 

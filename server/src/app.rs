@@ -17,7 +17,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use futures::FutureExt;
 
-use crate::api::{completions, meta, tokenize, ApiError};
+use crate::api::{audit_events, completions, meta, reviews, tokenize, ApiError};
 use crate::metrics::route_label;
 use crate::state::{AppState, RequestContext};
 
@@ -33,11 +33,18 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(meta::list_models))
         .route("/v1/models/{*id}", get(meta::get_model))
+        .route("/v1/reviews", post(reviews::create_review))
+        .route("/v1/reviews/pending", get(reviews::pending_reviews))
+        .route("/v1/audit/events", get(audit_events::list_events))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .route("/tokenizer_info", get(tokenize::tokenizer_info))
         .route("/health", get(meta::health))
-        .route("/ready", get(meta::ready))
+        .route(
+            "/ready",
+            get(meta::ready)
+                .layer(middleware::map_response_with_state(state.clone(), crate::audit_forward::ready_warnings)),
+        )
         .route("/metrics", get(meta::metrics))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -49,6 +56,7 @@ pub fn app(state: AppState) -> Router {
 pub fn metrics_app(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(meta::metrics_open))
+        .route("/ready", get(meta::ready_open))
         .fallback(|| async { ApiError::RouteNotFound })
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)

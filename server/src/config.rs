@@ -20,9 +20,13 @@ use serde::Deserialize;
 use salus_models::paged_cache::{KvCapacity, KvDtype};
 
 mod auth;
+mod forward;
+pub use forward::ForwardConfig;
+mod reviews;
 pub use auth::{
     AuthConfig, BreakGlassConfig, LimitSpec, OidcProviderConfig, OidcRoleConfig, PrincipalLimitsConfig, SessionConfig,
 };
+pub use reviews::ReviewsConfig;
 pub use salus_models::KernelConfig;
 
 /// Errors loading the configuration. They name the file or variable and the key;
@@ -57,6 +61,7 @@ pub struct Config {
     pub memory: MemoryConfig,
     pub audit: AuditConfig,
     pub logging: LoggingConfig,
+    pub reviews: ReviewsConfig,
 }
 
 /// `[server]`: listeners and lifecycle.
@@ -435,6 +440,12 @@ pub struct AuditConfig {
     /// Below this many free bytes `auth.denied` records wait (still counted),
     /// so the space left is kept for inference records.
     pub denial_reserve_bytes: u64,
+    /// This replica's name in every record (`instance`, FHIR `source.site`):
+    /// unique per replica and stable across restarts. Unset: the host name
+    /// (a Kubernetes StatefulSet pod's is its stable pod name).
+    pub instance: Option<String>,
+    /// `[audit.forward]`: stream every record's metadata to a SIEM (syslog over TLS).
+    pub forward: Option<ForwardConfig>,
 }
 
 impl Default for AuditConfig {
@@ -451,6 +462,8 @@ impl Default for AuditConfig {
             retention_days: 2192,
             low_space_warning_bytes: 1 << 30,
             denial_reserve_bytes: 256 << 20,
+            instance: None,
+            forward: None,
         }
     }
 }
@@ -504,6 +517,18 @@ impl AuditConfig {
             std::time::Duration::from_secs(positive("audit.segment_max_age_secs", self.segment_max_age_secs)?);
         c.retention_days = u32::try_from(positive("audit.retention_days", self.retention_days)?)
             .map_err(|_| ConfigError::Value { key: "audit.retention_days", reason: "too large".into() })?;
+        if let Some(name) = &self.instance {
+            let ok = !name.is_empty()
+                && name.len() <= 128
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'));
+            if !ok {
+                return Err(ConfigError::Value {
+                    key: "audit.instance",
+                    reason: "use 1-128 characters from A-Z a-z 0-9 . _ - :".into(),
+                });
+            }
+            c.instance = name.clone();
+        }
         Ok(c)
     }
 }
@@ -663,6 +688,10 @@ impl Config {
             return Err(ConfigError::Value { key: "logging.format", reason: "must be \"text\" or \"json\"".into() });
         }
         self.auth.validate()?;
+        if let Some(f) = &self.audit.forward {
+            f.validate()?;
+        }
+        self.reviews.validate()?;
         if let Some(id) = &self.model.id {
             if !valid_model_id(id) {
                 return Err(ConfigError::Value {

@@ -8,12 +8,14 @@
 pub mod admin_events;
 pub mod api;
 pub mod app;
+pub mod audit_forward;
 pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod listener;
 pub mod metrics;
 pub mod observability;
+pub mod reviews;
 pub mod scheduler;
 pub mod served_model;
 pub mod state;

@@ -109,6 +109,7 @@ struct AccessCounts {
     notified: u64,
     notify_failed: u64,
     sessions_active: u64,
+    tls_not_after: u64,
 }
 
 impl AccessCounts {
@@ -157,6 +158,14 @@ impl AccessCounts {
             self.notify_failed,
         );
         gauge(out, "salus_sessions_active", "Interactive sessions open now.", self.sessions_active);
+        if self.tls_not_after > 0 {
+            gauge(
+                out,
+                "salus_tls_certificate_expiry_timestamp_seconds",
+                "When the serving TLS certificate expires (notAfter, Unix seconds).",
+                self.tls_not_after,
+            );
+        }
     }
 }
 
@@ -181,6 +190,8 @@ pub struct Metrics {
     pub ttft: Histogram,
     pub inter_token: Histogram,
     pub e2e: Histogram,
+    /// The SIEM forwarder's gauges and counters (`[audit.forward]`).
+    forward: crate::audit_forward::ForwardMetrics,
 }
 
 /// Maps a matched route template to a fixed label (unknown → `other`).
@@ -190,6 +201,9 @@ pub fn route_label(template: Option<&str>) -> &'static str {
         "/v1/completions",
         "/v1/models",
         "/v1/models/{*id}",
+        "/v1/reviews",
+        "/v1/reviews/pending",
+        "/v1/audit/events",
         "/tokenize",
         "/detokenize",
         "/tokenizer_info",
@@ -220,7 +234,13 @@ impl Metrics {
             ttft: Histogram::new(TOKEN_LATENCY_BUCKETS_TTFT),
             inter_token: Histogram::new(TOKEN_LATENCY_BUCKETS),
             e2e: Histogram::new(LATENCY_BUCKETS),
+            forward: Default::default(),
         }
+    }
+
+    /// The SIEM forwarder's part (attach the running forwarder here).
+    pub fn forward(&self) -> &crate::audit_forward::ForwardMetrics {
+        &self.forward
     }
 
     pub fn request_done(&self, route: &'static str, status: u16) {
@@ -275,6 +295,10 @@ impl Metrics {
     /// A break-glass notice delivery attempt failed (or the queue was full).
     pub fn break_glass_notify_failed(&self) {
         self.access.lock().unwrap_or_else(|e| e.into_inner()).notify_failed += 1;
+    }
+    /// `notAfter` of the serving TLS certificate (Unix seconds; 0: no TLS).
+    pub fn set_tls_certificate_expiry(&self, unix: i64) {
+        self.access.lock().unwrap_or_else(|e| e.into_inner()).tls_not_after = unix.max(0) as u64;
     }
     /// Sessions open now.
     pub fn set_sessions_active(&self, n: usize) {
@@ -445,6 +469,7 @@ impl Metrics {
             "Unix time a record last became durable in the audit trail (0 before the first).",
             audit.last_durable_unix_ms.map_or(0, |ms| ms / 1000),
         );
+        self.forward.render(&mut out);
         out
     }
 }

@@ -81,6 +81,13 @@ pub const ALLOWED_FIELDS: &[&str] = &[
     "prefix_cache",
     "prefix_cache_idle_secs",
     "kv_prefault",
+    // Access control (operator configuration and fixed names, never request data).
+    "issuer",
+    "rule",
+    "attempt",
+    "attempts",
+    "why",
+    "records",
 ];
 
 /// Crates known to log bytes, headers or rejection texts below INFO: always

@@ -119,6 +119,8 @@ pub struct AppParts {
     pub denials: Arc<DenialRecorder>,
     /// Sessions, per-principal limits and break-glass.
     pub access: Arc<AccessControl>,
+    /// Recent completions that can be reviewed (`POST /v1/reviews`).
+    pub reviews: Arc<crate::reviews::ReviewIndex>,
 }
 
 struct Inner {
@@ -211,6 +213,12 @@ impl AppState {
     /// The audit trail every inference is recorded in.
     pub fn access(&self) -> &AccessControl {
         &self.0.parts.access
+    }
+    pub fn reviews(&self) -> &crate::reviews::ReviewIndex {
+        &self.0.parts.reviews
+    }
+    pub fn reviews_arc(&self) -> Arc<crate::reviews::ReviewIndex> {
+        self.0.parts.reviews.clone()
     }
     pub fn access_arc(&self) -> Arc<AccessControl> {
         self.0.parts.access.clone()

@@ -87,22 +87,42 @@ impl TlsSettings {
     }
 }
 
+impl TlsSettings {
+    /// When the leaf certificate expires (`notAfter`, Unix seconds).
+    pub fn leaf_not_after(&self) -> Result<i64, TlsError> {
+        let certs = read_certs(&self.cert)?;
+        let leaf = certs.first().ok_or_else(|| file_err(&self.cert, "contains no PEM certificate"))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+            .map_err(|_| file_err(&self.cert, "the first certificate is not valid X.509"))?;
+        Ok(cert.validity().not_after.timestamp())
+    }
+}
+
 /// The live TLS configuration, swappable on SIGHUP.
 pub struct ReloadableTls {
     settings: TlsSettings,
     current: RwLock<Arc<ServerConfig>>,
+    /// `notAfter` of the serving certificate, Unix seconds.
+    not_after: std::sync::atomic::AtomicI64,
 }
 
 impl ReloadableTls {
     pub fn new(settings: TlsSettings) -> Result<Self, TlsError> {
         let config = settings.build()?;
-        Ok(ReloadableTls { settings, current: RwLock::new(config) })
+        let not_after = settings.leaf_not_after()?;
+        Ok(ReloadableTls { settings, current: RwLock::new(config), not_after: not_after.into() })
     }
     /// Re-reads the files; on error the old configuration stays in use.
     pub fn reload(&self) -> Result<(), TlsError> {
         let config = self.settings.build()?;
+        let not_after = self.settings.leaf_not_after()?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
+        self.not_after.store(not_after, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+    /// When the certificate in use expires (Unix seconds).
+    pub fn not_after(&self) -> i64 {
+        self.not_after.load(std::sync::atomic::Ordering::Relaxed)
     }
     pub fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
@@ -157,6 +177,9 @@ mod tests {
         let tls = ReloadableTls::new(TlsSettings { cert: c.clone(), key: k.clone(), client_ca: None }).unwrap();
         let before = tls.current.read().unwrap().clone();
         assert_eq!(before.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+        // rcgen's default validity ends in 4096; the expiry metric reads it.
+        let year = time::OffsetDateTime::from_unix_timestamp(tls.not_after()).unwrap().year();
+        assert!(year > 2100, "notAfter year {year}");
         write_self_signed(&c, &k, &["localhost".into()]).unwrap();
         tls.reload().unwrap();
         assert!(!Arc::ptr_eq(&before, &tls.current.read().unwrap()));

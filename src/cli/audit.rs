@@ -24,9 +24,10 @@ pub struct AuditArgs {
 
 #[derive(Args)]
 struct TrailArgs {
-    /// The audit directory.
-    #[arg(long)]
-    dir: PathBuf,
+    /// The audit directory; repeat for several replicas' trails (each is read
+    /// and verified on its own, and reported per directory).
+    #[arg(long = "dir", required = true)]
+    dirs: Vec<PathBuf>,
     /// Audit master key: file:PATH, env:NAME or cmd:PROGRAM [ARGS].
     #[arg(long, env = "SALUS_AUDIT_KEY")]
     key: KeySource,
@@ -123,22 +124,50 @@ enum AuditCommand {
     },
 }
 
+/// The period of a report.
+#[derive(Args)]
+struct RangeArgs {
+    /// From this time on (RFC 3339 or YYYY-MM-DD).
+    #[arg(long)]
+    since: Option<String>,
+    /// Up to this time (RFC 3339 or YYYY-MM-DD).
+    #[arg(long)]
+    until: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum ReportCommand {
     /// Every break-glass window opened in the range, with the requests made in it.
     BreakGlass {
         #[command(flatten)]
         trail: TrailArgs,
-        /// Windows opened at or after this time (RFC 3339 or YYYY-MM-DD).
-        #[arg(long)]
-        since: Option<String>,
-        /// Windows opened at or before this time (RFC 3339 or YYYY-MM-DD).
-        #[arg(long)]
-        until: Option<String>,
+        /// Windows opened in this period.
+        #[command(flatten)]
+        range: RangeArgs,
         /// text (for a reviewer) or json.
         #[arg(long, value_enum, default_value = "text")]
         format: ReportFormat,
     },
+    /// Per principal: inferences, tokens, reviews by action, denials, break-glass uses.
+    Access {
+        #[command(flatten)]
+        trail: TrailArgs,
+        /// Records in this period.
+        #[command(flatten)]
+        range: RangeArgs,
+        /// csv, or html (a table and a chart of daily volume per principal).
+        #[arg(long, value_enum, default_value = "csv")]
+        format: AccessFormat,
+        /// Write to this file instead of stdout (never overwritten).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AccessFormat {
+    Csv,
+    Html,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -150,20 +179,40 @@ enum ReportFormat {
 pub fn run(args: AuditArgs) -> anyhow::Result<()> {
     match args.command {
         AuditCommand::Verify { trail, checkpoints } => {
+            if checkpoints.is_some() && trail.dirs.len() > 1 {
+                bail!("--checkpoints belongs to one trail: give a single --dir with it");
+            }
             let key = trail.key.load().context("loading the audit key")?;
-            let rep = salus_audit::verify_trail(&trail.dir, &key, checkpoints.as_deref())
-                .with_context(|| format!("audit trail {} FAILED verification", trail.dir.display()))?;
-            println!(
-                "OK: {} records (seq {}..{}) in {} segments ({} sealed, {} purged before); chain head {}; checkpoints: {}",
-                rep.records,
-                rep.first_seq,
-                rep.last_seq,
-                rep.segments,
-                rep.sealed_segments,
-                rep.purged_segments,
-                rep.chain_head,
-                rep.checkpoints.join(", ")
-            );
+            let mut failed = Vec::new();
+            let several = trail.dirs.len() > 1;
+            for dir in &trail.dirs {
+                // One trail: `OK: …` (as always); several: `OK <dir>: …` per replica.
+                let which = if several { format!(" {}", dir.display()) } else { String::new() };
+                match salus_audit::verify_trail(dir, &key, checkpoints.as_deref()) {
+                    Ok(rep) => println!(
+                        "OK{which}: {} records (seq {}..{}) in {} segments ({} sealed, {} purged before); chain head {}; checkpoints: {}",
+                        rep.records,
+                        rep.first_seq,
+                        rep.last_seq,
+                        rep.segments,
+                        rep.sealed_segments,
+                        rep.purged_segments,
+                        rep.chain_head,
+                        rep.checkpoints.join(", ")
+                    ),
+                    Err(e) if !several => {
+                        return Err(anyhow::Error::new(e))
+                            .with_context(|| format!("audit trail {} FAILED verification", dir.display()))
+                    }
+                    Err(e) => {
+                        println!("FAILED {}: {e}", dir.display());
+                        failed.push(dir.display().to_string());
+                    }
+                }
+            }
+            if !failed.is_empty() {
+                bail!("audit trail {} FAILED verification", failed.join(", "));
+            }
             Ok(())
         }
         AuditCommand::Query { trail, filter } => {
@@ -172,33 +221,29 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             let mut write_err = None;
-            let walk = salus_audit::read_trail(&trail.dir, &key, |rec, raw| {
-                if write_err.is_none() && filter.matches(rec) {
-                    if let Err(e) = out.write_all(raw).and_then(|_| out.write_all(b"\n")) {
-                        write_err = Some(e);
+            for dir in &trail.dirs {
+                let walk = salus_audit::read_trail(dir, &key, |rec, raw| {
+                    if write_err.is_none() && filter.matches(rec) {
+                        if let Err(e) = out.write_all(raw).and_then(|_| out.write_all(b"\n")) {
+                            write_err = Some(e);
+                        }
                     }
+                });
+                if let Some(e) = write_err {
+                    if e.kind() != std::io::ErrorKind::BrokenPipe {
+                        return Err(e).context("writing to stdout");
+                    }
+                    return Ok(());
                 }
-            });
-            if let Some(e) = write_err {
-                if e.kind() != std::io::ErrorKind::BrokenPipe {
-                    return Err(e).context("writing to stdout");
-                }
-                return Ok(());
+                let _ = out.flush();
+                walk.with_context(|| format!("reading audit trail {}", dir.display()))?;
             }
-            let _ = out.flush();
-            walk.with_context(|| format!("reading audit trail {}", trail.dir.display()))?;
             Ok(())
         }
         AuditCommand::Export { format: ExportFormat::Fhir, trail, filter, out } => {
             let filter = filter.build()?;
-            let key = trail.key.load().context("loading the audit key")?;
-            let mut records = Vec::new();
-            salus_audit::read_trail(&trail.dir, &key, |rec, _| {
-                if filter.matches(rec) {
-                    records.push(rec.clone());
-                }
-            })
-            .with_context(|| format!("reading audit trail {}", trail.dir.display()))?;
+            let mut records = all_records(&trail)?;
+            records.retain(|r| filter.matches(r));
             let bundle = serde_json::to_vec_pretty(&salus_audit::fhir::export_bundle(&records))?;
             match out {
                 Some(path) => {
@@ -234,21 +279,19 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
             println!("{}", AuditKeys::from_master(&key).text_hmac(&text).as_str());
             Ok(())
         }
-        AuditCommand::Report { report: ReportCommand::BreakGlass { trail, since, until, format } } => {
-            let time = |s: Option<String>, what: &str| -> anyhow::Result<_> {
-                s.map(|s| RecordFilter::parse_time(&s).map_err(anyhow::Error::msg).with_context(|| format!("--{what}")))
-                    .transpose()
+        AuditCommand::Report { report: ReportCommand::Access { trail, range, format, out } } => {
+            let (since, until) = report_range(range)?;
+            let records = all_records(&trail)?;
+            let report = super::access_report::access_report(&records, since, until);
+            let text = match format {
+                AccessFormat::Csv => super::access_report::render_csv(&report),
+                AccessFormat::Html => super::access_report::render_html(&report),
             };
-            let (since, until) = (time(since, "since")?, time(until, "until")?);
-            if let (Some(s), Some(u)) = (since, until) {
-                if s > u {
-                    bail!("--since is after --until");
-                }
-            }
-            let key = trail.key.load().context("loading the audit key")?;
-            let mut records = Vec::new();
-            salus_audit::read_trail(&trail.dir, &key, |rec, _| records.push(rec.clone()))
-                .with_context(|| format!("reading audit trail {}", trail.dir.display()))?;
+            write_new_or_stdout(out.as_deref(), text.as_bytes())
+        }
+        AuditCommand::Report { report: ReportCommand::BreakGlass { trail, range, format } } => {
+            let (since, until) = report_range(range)?;
+            let records = all_records(&trail)?;
             let report = super::audit_report::break_glass_report(&records, since, until);
             match format {
                 ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -262,6 +305,57 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `--since` / `--until` of a report, in order.
+type Range = (Option<time::OffsetDateTime>, Option<time::OffsetDateTime>);
+
+fn report_range(RangeArgs { since, until }: RangeArgs) -> anyhow::Result<Range> {
+    let time = |s: Option<String>, what: &str| -> anyhow::Result<_> {
+        s.map(|s| RecordFilter::parse_time(&s).map_err(anyhow::Error::msg).with_context(|| format!("--{what}")))
+            .transpose()
+    };
+    let (since, until) = (time(since, "since")?, time(until, "until")?);
+    if let (Some(s), Some(u)) = (since, until) {
+        if s > u {
+            bail!("--since is after --until");
+        }
+    }
+    Ok((since, until))
+}
+
+/// Every record of the trails, verified while read; several trails (replicas)
+/// are merged in time order.
+fn all_records(trail: &TrailArgs) -> anyhow::Result<Vec<salus_audit::AuditRecord>> {
+    let key = trail.key.load().context("loading the audit key")?;
+    let mut records = Vec::new();
+    for dir in &trail.dirs {
+        salus_audit::read_trail(dir, &key, |rec, _| records.push(rec.clone()))
+            .with_context(|| format!("reading audit trail {}", dir.display()))?;
+    }
+    if trail.dirs.len() > 1 {
+        // RFC 3339 UTC times of one format sort as text; equal times keep trail order.
+        records.sort_by(|a, b| a.time.cmp(&b.time));
+    }
+    Ok(records)
+}
+
+/// Writes `bytes` to a new file (never overwriting one) or to stdout.
+fn write_new_or_stdout(out: Option<&std::path::Path>, bytes: &[u8]) -> anyhow::Result<()> {
+    match out {
+        Some(path) => {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            eprintln!("wrote {}", path.display());
+        }
+        None => std::io::stdout().lock().write_all(bytes)?,
+    }
+    Ok(())
 }
 
 /// Renders `text` as one user message with the model's chat template (with the

@@ -46,6 +46,10 @@ pub struct GenerateArgs {
     /// Print prompt-processing and decode speed (tokens/s) on stderr.
     #[arg(long)]
     pub bench: bool,
+    /// Where the model runs: `cpu`, `cuda` or `cuda:N` (CUDA needs a build with
+    /// `--features cuda` and a usable GPU; otherwise a one-line error).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Server config file whose `[kernels]` section selects the CPU kernels
     /// (`SALUS_KERNELS__<KEY>` variables override it, as for `salus serve`).
     #[arg(long)]
@@ -66,9 +70,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
     let config = Config::load(args.config.as_deref(), std::env::vars())?;
     config.validate()?;
+    // The device first: a wrong one fails before the model is read.
+    let device = salus_server::served_model::open_device(&args.device)?;
+    let dtype = salus_server::served_model::compute_dtype(&device);
     let t0 = std::time::Instant::now();
     let source = ModelSource::read_plaintext(&args.model).context("reading the model")?;
-    let opts = LoadOptions { kernels: Some(config.kernels), ..LoadOptions::default() };
+    let opts = LoadOptions { device, dtype, kernels: Some(config.kernels), ..LoadOptions::default() };
     let lm = load(&source, &opts).context("loading the model")?;
     drop(source);
     eprintln!(

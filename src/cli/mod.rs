@@ -2,8 +2,10 @@
 
 use clap::{Parser, Subcommand};
 
+mod access_report;
 mod audit;
 mod audit_report;
+mod backup;
 mod generate;
 mod health;
 mod keys;
@@ -28,6 +30,8 @@ enum Command {
     Model(model::ModelArgs),
     /// Audit trail: verify, query, export (FHIR), report, hash, keygen.
     Audit(audit::AuditArgs),
+    /// Backups of the audit trail: create, list, verify, restore (exit 2: verification failed).
+    Backup(backup::BackupArgs),
     /// Generate one completion on the command line (stdout: the completion only).
     Generate(generate::GenerateArgs),
     /// Print the token ids of stdin as a JSON array.
@@ -43,6 +47,7 @@ pub fn run() -> std::process::ExitCode {
         Command::Keys(args) => keys::run(args),
         Command::Model(args) => model::run(args),
         Command::Audit(args) => audit::run(args),
+        Command::Backup(args) => backup::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::Health(args) => health::run(args),
@@ -51,7 +56,8 @@ pub fn run() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
-            std::process::ExitCode::FAILURE
+            // 2: a backup (or the trail it backs up) failed verification; 1: anything else.
+            std::process::ExitCode::from(backup::exit_code(&e))
         }
     }
 }

@@ -15,6 +15,8 @@
 //! does not (`keys.startup_reconcile`), `admin.key_created` for the development
 //! key and `admin.model_loaded`, and is
 //! closed (`server.stopped`, final checkpoint) after the listener has drained.
+//! With `[audit.forward]`, a forwarder thread streams the trail to a SIEM from
+//! just after the open until just after the close (so `server.stopped` goes too).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use salus_audit::forward::{ForwardMonitor, Forwarder};
 use salus_audit::AuditLog;
 use salus_server::admin_events;
 use salus_server::app::{app, metrics_app};
@@ -34,6 +37,7 @@ use salus_server::config::{valid_model_id, Config, MemoryLock};
 use salus_server::engine::Engine;
 use salus_server::listener::{raise_fd_limit, serve, ConnectionSettings};
 use salus_server::metrics::Metrics;
+use salus_server::reviews::ReviewIndex;
 use salus_server::scheduler::ContinuousBatchingEngine;
 use salus_server::served_model::{ModelCodec, ServedModel};
 use salus_server::state::{AppParts, AppState, ServedModelInfo};
@@ -170,13 +174,27 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The audit trail: required; refused before any model or key work if it is
     // not configured, not private, or cannot be made durable.
     let audit_cfg = config.audit.to_log_settings()?;
+    let forward_cfg = config.audit.forward_settings()?;
     let audit_dir = audit_cfg.dir.clone();
     let audit =
         AuditLog::open(audit_cfg).with_context(|| format!("opening the audit trail {}", audit_dir.display()))?;
     tracing::info!(dir = %audit_dir.display(), "audit trail open");
-    let result = run_with_audit(&args, config, dev_dir, addr, tls, audit.clone());
+    // The SIEM forwarder tails the trail on a thread of its own ([audit.forward]).
+    let forwarder = match forward_cfg.map(|s| Forwarder::start(&audit, s)).transpose() {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = audit.close();
+            return Err(e).context("starting the audit forwarder ([audit.forward])");
+        }
+    };
+    let monitor = forwarder.as_ref().map(Forwarder::monitor);
+    let result = run_with_audit(&args, config, dev_dir, addr, tls, audit.clone(), monitor);
     // server.stopped + final checkpoint, also when start-up failed after opening the trail.
     let closed = audit.close().context("closing the audit trail");
+    // After the close, so that server.stopped is forwarded too (bounded by shutdown_flush_secs).
+    if let Some(f) = forwarder {
+        f.stop();
+    }
     result.and(closed)
 }
 
@@ -229,7 +247,8 @@ fn set_up_keys(
 }
 
 /// What the development key may do.
-const DEV_KEY_PERMISSIONS: [Permission; 2] = [Permission::Inference, Permission::Metrics];
+const DEV_KEY_PERMISSIONS: [Permission; 4] =
+    [Permission::Inference, Permission::Metrics, Permission::Review, Permission::Auditor];
 
 /// Loads the model (sealed, or plaintext where allowed) and records `admin.model_loaded`.
 fn load_served_model(config: &Config, audit: &AuditLog) -> anyhow::Result<LoadedServedModel> {
@@ -279,6 +298,11 @@ fn build_state(
     };
     let metrics = Arc::new(Metrics::new(&model.id));
     let access = AccessControl::from_config(&config.auth, metrics.clone()).map_err(anyhow::Error::msg)?;
+    let reviews = Arc::new(
+        ReviewIndex::new(Duration::from_secs(config.reviews.lookup_window_secs), config.reviews.max_pending, false)
+            .with_reason_codes(config.reviews.reason_codes.clone()),
+    );
+    spawn_review_index_rebuild(reviews.clone(), audit.clone());
     let denials = Arc::new(DenialRecorder::new(config.denial_settings(), audit.clone(), metrics.clone()));
     denials.spawn_flusher();
     Ok(AppState::new(AppParts {
@@ -291,7 +315,40 @@ fn build_state(
         audit,
         denials,
         access: Arc::new(access),
+        reviews,
     }))
+}
+
+/// Rebuilds the review index from the trail (the window's completions and
+/// their reviews) on a thread of its own: a review of an inference from before
+/// the restart waits for it, nothing else does.
+fn spawn_review_index_rebuild(index: Arc<ReviewIndex>, audit: AuditLog) {
+    let spawned = std::thread::Builder::new().name("review-index".into()).spawn(move || {
+        let started = std::time::Instant::now();
+        let mut records = Vec::new();
+        let walked = salus_audit::read_trail_with_keys(audit.dir(), audit.audit_keys(), |r, _| {
+            if matches!(r.kind.as_str(), "inference.completed" | "review.recorded") {
+                records.push(r.clone());
+            }
+        });
+        match walked {
+            Ok(report) => {
+                index.load_from(&records);
+                tracing::info!(
+                    records = report.records,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "review index rebuilt from the audit trail"
+                );
+            }
+            Err(e) => {
+                index.give_up_loading();
+                tracing::error!(error = %e, "review index not rebuilt: only inferences from now on can be reviewed");
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "review index not rebuilt: no thread");
+    }
 }
 
 /// After the weights and the KV cache are allocated: `memory.lock = required`
@@ -354,6 +411,9 @@ async fn serve_until_stopped(
     }
     tracing::info!(listen = %addr, tls = tls.is_some(), mtls = config.tls.client_ca.is_some(), "salus is serving");
     on_listening();
+    if let Some(t) = &tls {
+        state.metrics().set_tls_certificate_expiry(t.not_after());
+    }
     let signals = tokio::spawn(handle_signals(state.clone(), tls.clone(), keys, stop_tx));
     serve(listener, app(state), tls, connections, shutdown(stop_rx)).await;
     if let Some(t) = metrics_task {
@@ -371,11 +431,15 @@ fn run_with_audit(
     addr: std::net::SocketAddr,
     tls: Option<Arc<ReloadableTls>>,
     audit: AuditLog,
+    forward: Option<ForwardMonitor>,
 ) -> anyhow::Result<()> {
     let (keys, dev_key) = set_up_keys(args, &config, &audit)?;
     salus_kernels::memory::set_lock_policy(config.memory.lock.policy());
     let model = load_served_model(&config, &audit)?;
     let state = build_state(&config, &model, keys.clone(), audit.clone())?;
+    if let Some(m) = forward {
+        state.metrics().forward().attach(m);
+    }
     check_memory_protection(config.memory.lock)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let print = || {
@@ -432,6 +496,7 @@ async fn handle_signals(
                     match t.reload() {
                         Ok(()) => {
                             tls_state = "reloaded";
+                            state.metrics().set_tls_certificate_expiry(t.not_after());
                             tracing::info!("SIGHUP: TLS certificate and key reloaded")
                         }
                         Err(e) => {

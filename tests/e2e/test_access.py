@@ -17,16 +17,16 @@ import json
 import os
 import ssl
 import subprocess
-import sys
 import threading
 import time
-import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import jwt
 import openai
+
+import checks
 
 BASE = os.environ["SALUS_E2E_BASE"]
 CA = os.environ["SALUS_E2E_CA"]
@@ -172,21 +172,5 @@ def check_break_glass_is_refused_served_notified_and_reported():
     assert bad.returncode != 0 and "--since" in bad.stderr, bad.stderr
 
 
-def main():
-    checks = [v for k, v in globals().items() if k.startswith("check_")]
-    failed = 0
-    for check in checks:
-        t0 = time.time()
-        try:
-            check()
-            print(f"PASS {check.__name__} ({time.time() - t0:.1f}s)")
-        except Exception:  # noqa: BLE001 - report every failure
-            failed += 1
-            print(f"FAIL {check.__name__}")
-            traceback.print_exc()
-    print(f"{len(checks) - failed}/{len(checks)} checks passed")
-    sys.exit(1 if failed else 0)
-
-
 if __name__ == "__main__":
-    main()
+    checks.run(globals())

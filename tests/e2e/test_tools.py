@@ -12,13 +12,12 @@ any check failed. Every prompt, argument and result is synthetic.
 import json
 import os
 import ssl
-import sys
-import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
+
+import checks
 from jsonschema import Draft202012Validator
 
 BASE = os.environ["SALUS_E2E_BASE"]
@@ -217,21 +216,5 @@ def check_langchain_bind_tools():
         assert not errors, (call, [e.message for e in errors])
 
 
-def main():
-    checks = [v for k, v in globals().items() if k.startswith("check_")]
-    failed = 0
-    for check in checks:
-        t0 = time.time()
-        try:
-            check()
-            print(f"PASS {check.__name__} ({time.time() - t0:.1f}s)")
-        except Exception:  # noqa: BLE001 - report every failure
-            failed += 1
-            print(f"FAIL {check.__name__}")
-            traceback.print_exc()
-    print(f"{len(checks) - failed}/{len(checks)} checks passed")
-    sys.exit(1 if failed else 0)
-
-
 if __name__ == "__main__":
-    main()
+    checks.run(globals())

@@ -110,3 +110,36 @@ pub fn inject(
         errors,
     );
 }
+
+/// Reviews and auditor reads: an edited text (only its HMAC may be kept), a
+/// refused reason code, a made-up response id, query parameters.
+pub fn inject_reviews(s: &mut Server, cn: &mut Canaries, body: &serde_json::Value, errors: &mut Vec<(String, Resp)>) {
+    let key = s.key.clone();
+    let r = post_with(s, &key, &[], body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"].as_str().unwrap().to_string();
+    let post_review = |s: &mut Server, review: serde_json::Value| {
+        s.post_raw("/v1/reviews", Some(&key), &[], review.to_string().as_bytes())
+    };
+    let edited = format!("Reviewed note for {}", cn.mint("review edited_text"));
+    let r = post_review(s, json!({"response_id": id, "action": "edited", "edited_text": edited}));
+    assert_eq!(r.status, 200, "a review is recorded: {}", r.text());
+    let r =
+        post_review(s, json!({"response_id": id, "action": "rejected", "reason_code": cn.mint("review reason_code")}));
+    expect_error("review reason_code", r, 400, errors);
+    let r = post_review(
+        s,
+        json!({"response_id": format!("chatcmpl-{}", cn.mint("review response_id")), "action": "accepted"}),
+    );
+    expect_error("review response_id", r, 404, errors);
+    let r = post_review(s, json!({"response_id": id, "action": cn.mint("review action")}));
+    expect_error("review action", r, 400, errors);
+    let r = s.get(&format!("/v1/reviews/pending?since={}", cn.mint("pending since")), Some(&key), &[]);
+    expect_error("pending since", r, 400, errors);
+    let r = s.get(&format!("/v1/audit/events?kind={}", cn.mint("audit events kind")), Some(&key), &[]);
+    expect_error("audit events kind", r, 400, errors);
+    // A filter value the server keeps only inside its (encrypted) audit.accessed record.
+    let who = cn.mint_audit_only("audit events principal filter");
+    let r = s.get(&format!("/v1/audit/events?principal={who}&limit=5"), Some(&key), &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+}

@@ -93,6 +93,10 @@ pub enum ApiError {
     /// 404: no such model.
     #[error("the requested model does not exist or you do not have access to it")]
     ModelNotFound,
+    /// 404: no completed response with this id that the caller may review
+    /// (unknown, another principal's, or older than the lookup window: alike).
+    #[error("no response with this id can be reviewed by this principal")]
+    ReviewTargetNotFound,
     /// 404: no such route.
     #[error("unknown URL")]
     RouteNotFound,
@@ -158,7 +162,7 @@ impl ApiError {
             }
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::IdentityProviderUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::ModelNotFound | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound | ApiError::RouteNotFound | ApiError::ReviewTargetNotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::QueueFull { .. } | ApiError::AuthRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -189,6 +193,7 @@ impl ApiError {
                 Some(Cow::Borrowed(param))
             }
             ApiError::ModelNotFound => Some(Cow::Borrowed("model")),
+            ApiError::ReviewTargetNotFound => Some(Cow::Borrowed("response_id")),
             ApiError::Constraint { param, .. }
             | ApiError::ConstraintTooLarge { param, .. }
             | ApiError::ConstraintTimeout { param, .. } => Some(Cow::Borrowed(param)),
@@ -215,6 +220,7 @@ impl ApiError {
             ApiError::IdentityProviderUnavailable => Some("identity_provider_unavailable"),
             ApiError::ModelNotFound => Some("model_not_found"),
             ApiError::RouteNotFound => Some("unknown_url"),
+            ApiError::ReviewTargetNotFound => Some("response_not_found"),
             ApiError::MethodNotAllowed => Some("method_not_allowed"),
             ApiError::PayloadTooLarge { .. } => Some("request_too_large"),
             ApiError::QueueFull { .. } => Some("queue_full"),

@@ -508,7 +508,9 @@ impl Generation {
         let texts: Vec<&Phi<String>> = self.choices.iter().map(|c| &c.text).collect();
         let hmac = self.audit.completion_hmac(&texts);
         let called = self.tools_called();
-        if let Err(e) = self.audit.completed(usage.prompt_tokens, usage.completion_tokens, hmac, called).await {
+        let choices = self.choices.len();
+        if let Err(e) = self.audit.completed(usage.prompt_tokens, usage.completion_tokens, hmac, called, choices).await
+        {
             // Fail closed: no durable record of this inference, no (further) output.
             tracing::error!(request_id = %self.request_id, error = %e, "audit: inference.completed not recorded; output withheld");
             return Err(self.internal_error());

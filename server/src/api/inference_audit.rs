@@ -119,6 +119,8 @@ pub struct InferenceAudit {
     base: AuditEvent,
     started: Instant,
     done: bool,
+    /// Where a completion is entered for review.
+    reviews: std::sync::Arc<crate::reviews::ReviewIndex>,
 }
 
 fn with_kind(base: &AuditEvent, kind: EventKind) -> AuditEvent {
@@ -159,7 +161,9 @@ impl InferenceAudit {
             base = base.detail(serde_json::json!({ "break_glass": true }));
         }
         match log.record(base.clone()).await {
-            Ok(_) => Ok(InferenceAudit { log, base, started: Instant::now(), done: false }),
+            Ok(_) => {
+                Ok(InferenceAudit { log, base, started: Instant::now(), done: false, reviews: state.reviews_arc() })
+            }
             Err(e) => {
                 tracing::error!(request_id = ctx.request_id(), error = %e, "audit: inference.started not recorded; request refused");
                 Err(ApiError::AuditUnavailable)
@@ -176,27 +180,49 @@ impl InferenceAudit {
         self.log.hmac(&all)
     }
 
-    /// Records `inference.completed`; an error means it is NOT recorded.
-    /// `tools_called` are the names of the tools the choices called (app-defined
-    /// identifiers; the arguments are covered by the completion HMAC only).
+    /// Records `inference.completed` (with `detail.choices`, the number of
+    /// choices) and enters it in the review index; an error means it is NOT
+    /// recorded. `tools_called` are the names of the tools the choices called
+    /// (app-defined identifiers; the arguments are covered by the completion
+    /// HMAC only).
     pub async fn completed(
         &mut self,
         prompt_tokens: usize,
         completion_tokens: usize,
         completion_hmac: TextHmac,
         tools_called: Vec<String>,
+        choices: usize,
     ) -> Result<(), salus_audit::AuditError> {
         self.done = true;
         let mut ev = with_kind(&self.base, EventKind::InferenceCompleted)
             .tokens(clamp(prompt_tokens), clamp(completion_tokens))
             .latency(self.started.elapsed())
             .completion_hmac(completion_hmac);
+        ev.detail.get_or_insert_with(Default::default).insert("choices".into(), choices.into());
         if !tools_called.is_empty() {
             if let Some(p) = ev.params.as_mut() {
                 p.tools_called = Some(tools_called);
             }
         }
-        self.log.record(ev).await.map(|_| ())
+        let receipt = self.log.record(ev).await?;
+        if let (Some(request_id), Some(principal)) = (&self.base.request_id, &self.base.principal) {
+            let completed = salus_audit::RecordFilter::parse_time(&receipt.time)
+                .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+            let choices = choices.min(u32::MAX as usize) as u32;
+            self.reviews.completed(
+                request_id,
+                crate::reviews::Reviewable {
+                    principal: principal.id.clone(),
+                    seq: receipt.seq,
+                    event_id: receipt.event_id,
+                    completed,
+                    operation: self.base.operation.unwrap_or_default().to_string(),
+                    choices,
+                    reviews: vec![0; choices as usize],
+                },
+            );
+        }
+        Ok(())
     }
 
     /// Records `inference.failed` with a fixed reason code; a failure to record

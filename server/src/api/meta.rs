@@ -89,3 +89,14 @@ pub async fn metrics(State(state): State<AppState>, principal: AuthenticatedPrin
 pub async fn metrics_open(State(state): State<AppState>) -> Response {
     metrics_text(&state)
 }
+
+/// `GET /ready` on the separate loopback listener, for probes that hold no
+/// API key (a Kubernetes exec probe running `salus health`): 200 `ready` or
+/// 503 `not_ready`, nothing else (the reasons need a key, on the API listener).
+pub async fn ready_open(State(state): State<AppState>) -> Response {
+    if state.is_ready() {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not_ready"}))).into_response()
+    }
+}

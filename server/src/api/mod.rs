@@ -8,6 +8,7 @@
 //! [`sse::respond_stream`] (Server-Sent Events), both building their JSON with
 //! [`response::ResponseBuilder`].
 
+pub mod audit_events;
 pub mod completions;
 pub mod error;
 pub mod generation;
@@ -15,6 +16,7 @@ pub mod inference_audit;
 pub mod json;
 pub mod meta;
 pub mod response;
+pub mod reviews;
 pub mod sse;
 pub mod structured;
 pub mod tokenize;

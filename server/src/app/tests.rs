@@ -248,6 +248,10 @@ fn build_state(store: KeyStore, auth: &AuthConfig) -> BuiltState {
         audit: audit.clone(),
         denials,
         access: Arc::new(AccessControl::from_config(auth, metrics).unwrap()),
+        reviews: Arc::new(
+            crate::reviews::ReviewIndex::new(Duration::from_secs(3600), 10_000, true)
+                .with_reason_codes(crate::config::ReviewsConfig::default().reason_codes),
+        ),
     });
     BuiltState { state, audit, audit_key, audit_dir, engine }
 }
@@ -820,6 +824,10 @@ mod access;
 mod compatibility;
 /// Denial-of-service regressions (audit flood, blocking tokenization, oversized prompts).
 mod hardening;
+/// Probes that need no API key.
+mod probes;
+/// Review attestations and auditor access over the API.
+mod reviews;
 /// Structured outputs: constraints compiled, cached, audited, refused.
 mod structured;
 /// Tool calling: requests, history, parsed calls, streamed deltas, audit.

@@ -90,13 +90,17 @@ impl BreakGlassNotifier {
         BreakGlassNotifier { url, agent, attempts, first_backoff, metrics, in_flight: Arc::new(AtomicUsize::new(0)) }
     }
 
+    /// A notice that could not be started: counted and logged, its slot returned.
+    fn dropped(&self, request_id: &str, why: &'static str) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.break_glass_notify_failed();
+        tracing::error!(request_id = %request_id, why, "break-glass notice dropped");
+    }
+
     /// Starts delivering a notice (never blocks the request).
     pub fn notify(&self, notice: BreakGlassNotice) {
         if self.in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            self.metrics.break_glass_notify_failed();
-            tracing::error!(request_id = %notice.request_id, "break-glass notice dropped: too many deliveries in progress");
-            return;
+            return self.dropped(&notice.request_id, "too many deliveries in progress");
         }
         let job = Delivery {
             url: self.url.clone(),
@@ -109,9 +113,7 @@ impl BreakGlassNotifier {
         let request_id = notice.request_id.clone();
         let spawned = std::thread::Builder::new().name("break-glass-notify".into()).spawn(move || job.run(notice));
         if spawned.is_err() {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            self.metrics.break_glass_notify_failed();
-            tracing::error!(request_id = %request_id, "break-glass notice dropped: no thread for its delivery");
+            self.dropped(&request_id, "no thread for its delivery");
         }
     }
 }

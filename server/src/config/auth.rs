@@ -87,8 +87,9 @@ pub struct OidcProviderConfig {
     /// roles or groups: a string or an array of strings.
     #[serde(default = "default_roles_claim")]
     pub roles_claim: String,
-    /// IdP role or group → Salus permissions and limits.
-    #[serde(default)]
+    /// IdP role or group → Salus permissions and limits: a table
+    /// `{ permissions = [...], limits = {...} }`, or just the list of permissions.
+    #[serde(default, alias = "role_map", alias = "role_mapping")]
     pub roles: BTreeMap<String, OidcRoleConfig>,
     /// Accepted signature algorithms (asymmetric only).
     #[serde(default = "default_algorithms")]
@@ -141,12 +142,36 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
 
 /// `[auth.oidc.roles.<name>]`: what an IdP role grants.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
+#[serde(from = "RoleForm")]
 pub struct OidcRoleConfig {
     pub permissions: Vec<Permission>,
     /// Limits for holders of this role (the most generous of a user's roles wins;
     /// unset ones fall back to `[auth.limits]`).
     pub limits: LimitSpec,
+}
+
+/// The two spellings of a role: the permissions alone, or a table.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RoleForm {
+    Permissions(Vec<Permission>),
+    Table(RoleTable),
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct RoleTable {
+    permissions: Vec<Permission>,
+    limits: LimitSpec,
+}
+
+impl From<RoleForm> for OidcRoleConfig {
+    fn from(f: RoleForm) -> Self {
+        match f {
+            RoleForm::Permissions(permissions) => OidcRoleConfig { permissions, limits: LimitSpec::default() },
+            RoleForm::Table(t) => OidcRoleConfig { permissions: t.permissions, limits: t.limits },
+        }
+    }
 }
 
 /// `[auth.sessions]`.

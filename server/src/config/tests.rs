@@ -187,6 +187,12 @@ fn auth_sections_parse_from_env_and_bad_values_are_errors() {
     }
     // Not a network, an unknown permission: refused while parsing.
     assert!(Config::load(None, env(&[("SALUS_AUTH__LIMITS", "{allowed_cidrs = [\"10.0.0.300/8\"]}")])).is_err());
+    // A role given as its permissions alone; limits under their short names.
+    let short = r#"[{alias = "kc", issuer = "i", audience = "a", jwks_file = "/j", role_map = {doc = ["inference", "break_glass"], x = {permissions = ["review"], limits = {rpm = 5}}}}]"#;
+    let c = Config::load(None, env(&[("SALUS_AUTH__OIDC", short)])).unwrap();
+    let roles = &c.auth.oidc[0].roles;
+    assert_eq!(roles["doc"].permissions, vec![crate::auth::Permission::Inference, crate::auth::Permission::BreakGlass]);
+    assert_eq!(roles["x"].limits.requests_per_minute, Some(5));
     let unknown_role =
         r#"[{alias = "kc", issuer = "i", audience = "a", jwks_file = "/j", roles = {x = {permissions = ["root"]}}}]"#;
     assert!(Config::load(None, env(&[("SALUS_AUTH__OIDC", unknown_role)])).is_err());
