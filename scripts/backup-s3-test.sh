@@ -6,7 +6,7 @@
 #   * every object lands with Object Lock COMPLIANCE and retain-until = now +
 #     --retain-days; deleting a version within retention is refused; an
 #     overwrite only adds a version (the original stays), and `backup verify`
-#     names the overwritten object (exit 2);
+#     names the overwritten object (exit 3);
 #   * a bucket without Object Lock is refused with a hint (exit 1), and
 #     accepted with --object-lock off;
 #   * `backup create` completes across an endpoint restart mid-upload (retries
@@ -61,7 +61,7 @@ PROXY_PID=""
 CREATE_PID=""
 cleanup() {
   for p in "$CREATE_PID" "$PROXY_PID" "$MOTO_PID"; do
-    if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then kill -KILL "$p" 2>/dev/null || true; fi
+    if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then { kill -KILL "$p"; wait "$p"; } 2>/dev/null || true; fi
   done
   if [ -n "${SALUS_BACKUP_S3_KEEP:-}" ]; then echo "backup-s3: kept $WORK"; else rm -rf "$WORK"; fi
 }
@@ -175,9 +175,9 @@ set +e
 "$BIN" backup verify "$DEST" --backup-key "$BKEY" >"$WORK/v.out" 2>"$WORK/v.err"
 rc=$?
 set -e
-[ "$rc" -eq 2 ] && grep -q "${VICTIM#site-a/}" "$WORK/v.err" && grep -q "modified" "$WORK/v.err" \
+[ "$rc" -eq 3 ] && grep -q "${VICTIM#site-a/}" "$WORK/v.err" && grep -q "modified" "$WORK/v.err" \
   || fail "verify after an overwrite: exit $rc, $(cat "$WORK/v.err")"
-say "backup verify names the overwritten object (exit 2)"
+say "backup verify names the overwritten object (exit 3)"
 # The forged version carries no retention: remove it, the original is current again.
 "$PY" -c "$S3PY
 s3.delete_object(Bucket='salus-evidence', Key='$VICTIM', VersionId='$NEWVID')"
@@ -202,7 +202,7 @@ BEFORE="$(objects)"
 create --concurrency 2 >"$WORK/create2.out" 2>"$WORK/create2.err" &
 CREATE_PID=$!
 for _ in $(seq 1 100); do [ "$(objects)" -gt $((BEFORE + 3)) ] && break; sleep 0.1; done
-kill -KILL "$PROXY_PID"; wait "$PROXY_PID" 2>/dev/null || true
+{ kill -KILL "$PROXY_PID"; wait "$PROXY_PID"; } 2>/dev/null || true
 say "endpoint down mid-upload ($(( $(objects) - BEFORE )) new objects so far)"
 sleep 3
 start_proxy
@@ -216,7 +216,7 @@ BEFORE="$(objects)"
 create --concurrency 1 >/dev/null 2>&1 &
 CREATE_PID=$!
 for _ in $(seq 1 100); do [ "$(objects)" -gt $((BEFORE + 3)) ] && break; sleep 0.1; done
-kill -KILL "$CREATE_PID"; wait "$CREATE_PID" 2>/dev/null || true
+{ kill -KILL "$CREATE_PID"; wait "$CREATE_PID"; } 2>/dev/null || true
 CREATE_PID=""
 ORPHANS=$(( $(objects) - BEFORE ))
 rm -f "$WORK/slow"
@@ -225,7 +225,7 @@ NEW=$(( $(objects) - BEFORE - 1 ))   # objects this backup added, less its manif
 UPLOADED="$(sed -n 's/.*; \([0-9]*\) objects uploaded.*/\1/p' "$WORK/create3.out")"
 [ "$ORPHANS" -ge 1 ] && [ -n "$UPLOADED" ] && [ "$UPLOADED" -le $((NEW - ORPHANS)) ] \
   || fail "resume: $ORPHANS objects from the killed run, $NEW new, the next run uploaded $UPLOADED"
-say "a killed create left $ORPHANS objects; the next run reused them (uploaded $UPLOADED of $NEW)"
+say "a killed create left $ORPHANS+ objects; the next run uploaded $UPLOADED of the $NEW new ones and reused the rest"
 
 # 5. Verify everything; a deleted newest manifest (a delete marker) is a rollback.
 "$BIN" backup verify "$DEST" --backup-key "$BKEY" --key "$KEY" --audit-dir "$WORK/audit" >"$WORK/verify.out" \
@@ -239,7 +239,7 @@ set +e
 "$BIN" backup verify "$DEST" --backup-key "$BKEY" --audit-dir "$WORK/audit" >/dev/null 2>"$WORK/rb.err"
 rc=$?
 set -e
-[ "$rc" -eq 2 ] && grep -q "rolled back" "$WORK/rb.err" || fail "deleted newest manifest: exit $rc, $(cat "$WORK/rb.err")"
+[ "$rc" -eq 3 ] && grep -q "rolled back" "$WORK/rb.err" || fail "deleted newest manifest: exit $rc, $(cat "$WORK/rb.err")"
 "$PY" - <<EOF || fail "the deleted manifest's version"
 $S3PY
 v = s3.list_object_versions(Bucket='salus-evidence', Prefix='$MKEY')
@@ -250,7 +250,7 @@ s3.delete_object(Bucket='salus-evidence', Key='$MKEY', VersionId=marker)
 EOF
 "$BIN" backup verify "$DEST" --backup-key "$BKEY" --audit-dir "$WORK/audit" >/dev/null \
   || fail "verify after removing the delete marker"
-say "a deleted newest manifest is a rollback (exit 2); its locked version was still there"
+say "a deleted newest manifest is a rollback (exit 3); its locked version was still there"
 
 # 6. Restore from S3; the backed-up checkpoints catch a local trail rolled back.
 "$BIN" backup restore "$DEST" --to "$WORK/restored" --backup-key "$BKEY" --key "$KEY" >"$WORK/restore.out" \
@@ -263,7 +263,7 @@ say "$(head -1 "$WORK/restore.out")"
   || fail "audit verify --checkpoints of the restored trail"
 # An older copy of the trail (the first backup) verifies alone, not against the checkpoints.
 "$BIN" backup restore "$DEST" --to "$WORK/old" --backup-key "$BKEY" \
-  --at "$("$BIN" backup list "$DEST" | sed -n 2p | awk '{print $2}')" >/dev/null || fail "restore --at"
+  --at "$("$BIN" backup list "$DEST" | sed -n 2p | awk '{print $2}')" >/dev/null 2>&1 || fail "restore --at"
 "$BIN" audit verify --dir "$WORK/old" --key "$KEY" >/dev/null || fail "the old copy alone"
 set +e
 "$BIN" audit verify --dir "$WORK/old" --key "$KEY" --checkpoints "$WORK/ckpts" >/dev/null 2>"$WORK/old.err"

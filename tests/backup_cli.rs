@@ -4,7 +4,7 @@
 //! `salus backup restore` brings it back; `salus audit verify` passes; a
 //! server started on the restored trail records more, and its first record
 //! links to the last restored one; the whole chain verifies. Then the exit
-//! codes a cron job acts on: a flipped byte in a backed-up object (2, naming
+//! codes a cron job acts on: a flipped byte in a backed-up object (3, naming
 //! it), a restore into a non-empty directory (1).
 //!
 //! Skips (with a message) when the default model or `curl` is absent. The
@@ -201,7 +201,7 @@ fn disaster_drill_backup_destroy_restore_verify_serve_again() {
         &salus(&["backup", "verify", dest_s, "--backup-key", &bkey, "--key", &key, "--audit-dir", audit_s]),
     );
 
-    // What a cron job sees: a flipped byte is exit code 2 and names the object…
+    // What a cron job sees: a flipped byte is exit code 3 and names the object…
     let objects = dest.join("objects");
     let victim = std::fs::read_dir(&objects)
         .unwrap()
@@ -216,7 +216,7 @@ fn disaster_drill_backup_destroy_restore_verify_serve_again() {
     let bad = salus(&["backup", "verify", dest_s, "--backup-key", &bkey]);
     let err = String::from_utf8_lossy(&bad.stderr);
     let name = victim.file_name().unwrap().to_str().unwrap();
-    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert_eq!(bad.status.code(), Some(3), "{err}");
     assert!(err.contains(name) && err.contains("modified"), "{err}");
     // …and a restore into a non-empty directory is exit code 1.
     let refused = salus(&["backup", "restore", dest_s, "--to", audit_s, "--backup-key", &bkey]);

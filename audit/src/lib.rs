@@ -88,6 +88,9 @@
 //! * `LOCK` — held (`flock`) by the one process writing the trail.
 //! * `keys.recorded` — the API key ids (and revocations) the trail has recorded,
 //!   authenticated with an HMAC (written by the server's key store).
+//! * `backup-head-<id>.json` — the newest backup `salus backup create` wrote to
+//!   a destination (the anchor that catches a destination rolled back; see
+//!   `salus_backup`). [`inspect_segment`] is what backups read segments with.
 //!
 //! A *record* is the UTF-8 JSON of an [`AuditRecord`]. Its hash is the RFC 6962
 //! leaf hash `SHA-256(0x00 | record bytes)`; each record's `prev_hash` is the

@@ -49,20 +49,24 @@ fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0)
 }
 
-/// The trail's size on disk as it settles: sealed segments and the newest
-/// `.log` (a full `.log` being sealed, and the partial `.sealed.tmp`, not counted).
+/// The trail's size on disk as it settles: sealed segments, the newest
+/// `.log`, and full `.log`s not sealed yet at the ratio sealing has shown
+/// (a partial `.sealed.tmp` is not counted).
 fn trail_bytes(dir: &Path) -> u64 {
-    let mut sealed = 0;
-    let mut newest_log = (0u64, 0u64);
+    let (mut sealed, mut sealed_n) = (0u64, 0u64);
+    let mut logs: Vec<(u64, u64)> = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let len = e.metadata().map(|m| m.len()).unwrap_or(0);
         match e.file_name().to_str().and_then(salus_audit::parse_segment_name) {
-            Some((_, true)) => sealed += len,
-            Some((i, false)) if i >= newest_log.0 => newest_log = (i, len),
+            Some((_, true)) => (sealed, sealed_n) = (sealed + len, sealed_n + 1),
+            Some((i, false)) => logs.push((i, len)),
             _ => {}
         }
     }
-    sealed + newest_log.1
+    logs.sort_unstable();
+    let newest = logs.pop().map(|l| l.1).unwrap_or(0);
+    let per_sealed = sealed.checked_div(sealed_n).unwrap_or(0);
+    sealed + newest + per_sealed * logs.len() as u64
 }
 
 /// Appends records to the trail in `dir` until it holds about `size` bytes.

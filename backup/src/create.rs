@@ -9,7 +9,7 @@
 //! found by name the next time. Everything read is authenticated with the
 //! audit key and checked to chain (segment to segment, to the checkpoint, to
 //! the previous backup) before the manifest is written: a damaged trail is
-//! not certified by a signed manifest (exit code 2).
+//! not certified by a signed manifest (exit code 3).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};

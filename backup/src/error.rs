@@ -29,8 +29,9 @@ impl fmt::Display for Problem {
 }
 
 /// Errors of `salus backup`. [`BackupError::exit_code`] maps them to the
-/// documented exit codes: 2 when something failed verification (evidence
-/// modified, missing, foreign or rolled back), 1 for everything else.
+/// documented exit codes: 3 when something failed verification (evidence
+/// modified, missing, foreign or rolled back), 1 for everything else (2 is
+/// the command line parser's: a usage error).
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
     /// A key (audit key, backup key) could not be loaded.
@@ -50,7 +51,7 @@ pub enum BackupError {
     /// The destination (directory or object store) failed a request.
     #[error("{context}: {message}")]
     Target { context: String, message: String },
-    /// Reading the audit trail failed (an integrity failure is exit code 2).
+    /// Reading the audit trail failed (an integrity failure is exit code 3).
     #[error("{0}")]
     Audit(#[from] AuditError),
     /// A wrong argument or setting.
@@ -90,11 +91,11 @@ impl BackupError {
         BackupError::Verification(vec![Problem::new(subject, problem)])
     }
 
-    /// The process exit code for this error: 2 for a verification failure
+    /// The process exit code for this error: 3 for a verification failure
     /// (of a backup or of the trail being backed up), 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            BackupError::Verification(_) | BackupError::Audit(AuditError::Integrity(_)) => 2,
+            BackupError::Verification(_) | BackupError::Audit(AuditError::Integrity(_)) => 3,
             _ => 1,
         }
     }

@@ -21,7 +21,8 @@
 //! * `objects/<xx>/<sha256>` — one encrypted object per distinct file
 //!   content, named by the SHA-256 of the plaintext (`xx` = its first two hex
 //!   digits). A backup uploads only the objects the destination lacks:
-//!   incremental by content hash.
+//!   incremental by content hash. A `.log` an earlier backup copied shorter
+//!   is that copy's objects plus one object with the bytes appended since.
 //!
 //! # Object format (`SALBAKO1`, version 1; integers little-endian)
 //!
@@ -48,10 +49,11 @@
 //!
 //! # Manifest
 //!
-//! JSON `{"manifest": {…}, "signature": "<hex>"}`: every object (file name,
-//! kind, object name, SHA-256 of the stored object and of the plaintext,
-//! sizes, data key id, and for a segment its index, seq range and the chain
-//! hashes before its first and of its last record), the trail position (first
+//! JSON `{"manifest": {…}, "signature": "<hex>"}`: every file (name, kind,
+//! size, SHA-256, for a segment its index, seq range and the chain hashes
+//! before its first and of its last record) with the objects that make it up
+//! (name, SHA-256 of the stored object and of its plaintext, sizes, data key
+//! id), the trail position (first
 //! and last seq, chain head, segments, checkpoint), the previous manifest's
 //! SHA-256 (a hash chain of backups), the audit key id and the trail's
 //! checkpoint public key. The signature is Ed25519 with the trail's

@@ -88,7 +88,7 @@ impl Fixture {
 }
 
 fn problems(e: BackupError) -> String {
-    assert_eq!(e.exit_code(), 2, "not a verification failure: {e}");
+    assert_eq!(e.exit_code(), 3, "not a verification failure: {e}");
     e.problems().iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n")
 }
 
@@ -316,7 +316,7 @@ async fn create_refuses_a_damaged_or_rolled_back_local_trail() {
     b[at] ^= 4;
     std::fs::write(&sealed, &b).unwrap();
     let e = f.create(&dest).await.unwrap_err();
-    assert_eq!(e.exit_code(), 2, "{e}");
+    assert_eq!(e.exit_code(), 3, "{e}");
     assert!(e.to_string().contains(sealed.file_name().unwrap().to_str().unwrap()), "{e}");
 }
 

@@ -3,11 +3,11 @@
 //! directory or `s3://bucket/prefix` (format and design: `salus_backup` and
 //! docs/deployment.md "Backups").
 //!
-//! Exit codes (for cron jobs and monitoring): 0 done; 1 error (bad
-//! arguments, unreadable key or file, destination unreachable, restore into
-//! a non-empty directory); 2 verification failed (a modified, missing,
-//! foreign or rolled-back backup, or a damaged local trail that `create`
-//! will not certify). Every problem found is printed on its own line
+//! Exit codes (for cron jobs and monitoring): 0 done; 1 error (a bad
+//! value, unreadable key or file, destination unreachable, restore into a
+//! non-empty directory); 2 usage error (unknown option, missing argument);
+//! 3 verification failed (a modified, missing, foreign or rolled-back
+//! backup, or a damaged local trail that `create` will not certify). Every problem found is printed on its own line
 //! (`FAIL subject: problem`) before the one-line error.
 //!
 //! S3 credentials come from the environment (`AWS_ACCESS_KEY_ID`,
@@ -46,11 +46,11 @@ struct DestArgs {
 #[derive(Args, Clone)]
 struct BackupKeyArgs {
     /// Backup key (wraps the data keys): file:PATH, env:NAME or cmd:PROGRAM [ARGS].
-    #[arg(long, env = "SALUS_BACKUP_KEY")]
-    backup_key: KeySource,
+    #[arg(long, env = "SALUS_BACKUP_KEY", hide_env_values = true)]
+    backup_key: String,
     /// An earlier backup key (after a rotation); repeat for several.
     #[arg(long = "previous-backup-key")]
-    previous_backup_keys: Vec<KeySource>,
+    previous_backup_keys: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -77,8 +77,8 @@ enum BackupCommand {
         #[arg(long)]
         audit_dir: Option<PathBuf>,
         /// Audit master key (overrides audit.key): file:PATH, env:NAME or cmd:PROGRAM [ARGS].
-        #[arg(long, env = "SALUS_AUDIT_KEY")]
-        key: Option<KeySource>,
+        #[arg(long, env = "SALUS_AUDIT_KEY", hide_env_values = true)]
+        key: Option<String>,
         #[command(flatten)]
         keys: BackupKeyArgs,
         /// The API key store to include (overrides auth.api_keys).
@@ -113,8 +113,8 @@ enum BackupCommand {
         #[command(flatten)]
         keys: BackupKeyArgs,
         /// Audit master key: pins the signer and authenticates every record.
-        #[arg(long, env = "SALUS_AUDIT_KEY")]
-        key: Option<KeySource>,
+        #[arg(long, env = "SALUS_AUDIT_KEY", hide_env_values = true)]
+        key: Option<String>,
         /// Server config (audit.key and audit.dir, as --key and --audit-dir).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -143,8 +143,8 @@ enum BackupCommand {
         #[command(flatten)]
         keys: BackupKeyArgs,
         /// Audit master key: also verifies the restored trail (as `salus audit verify`).
-        #[arg(long, env = "SALUS_AUDIT_KEY")]
-        key: Option<KeySource>,
+        #[arg(long, env = "SALUS_AUDIT_KEY", hide_env_values = true)]
+        key: Option<String>,
         #[command(flatten)]
         dest_args: DestArgs,
     },
@@ -158,8 +158,8 @@ enum BackupCommand {
         #[command(flatten)]
         keys: BackupKeyArgs,
         /// Audit master key: pins the signer.
-        #[arg(long, env = "SALUS_AUDIT_KEY")]
-        key: Option<KeySource>,
+        #[arg(long, env = "SALUS_AUDIT_KEY", hide_env_values = true)]
+        key: Option<String>,
         #[command(flatten)]
         dest_args: DestArgs,
     },
@@ -167,7 +167,7 @@ enum BackupCommand {
     Keygen { path: PathBuf },
 }
 
-/// The exit code for an error of `run` (2: verification failed).
+/// The exit code for an error of `run` (3: verification failed).
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     e.chain().find_map(|c| c.downcast_ref::<BackupError>()).map(|b| b.exit_code()).unwrap_or(1)
 }
@@ -206,8 +206,18 @@ impl Progress for Bars {
     }
 }
 
-fn load(what: &'static str, src: &KeySource) -> anyhow::Result<SecretKey> {
-    Ok(salus_backup::load_key(what, src)?)
+/// A key source from the command line or the environment. An invalid one
+/// is not echoed: it may be a key pasted where its source belongs.
+fn source(what: &str, s: &str) -> anyhow::Result<KeySource> {
+    s.parse::<KeySource>().map_err(|_| {
+        anyhow::anyhow!(
+            "{what}: not a key source (expected file:PATH, env:NAME or cmd:PROGRAM [ARGS]; the value is not shown)"
+        )
+    })
+}
+
+fn load(what: &'static str, src: &str) -> anyhow::Result<SecretKey> {
+    Ok(salus_backup::load_key(what, &source(what, src)?)?)
 }
 
 fn backup_keys(k: &BackupKeyArgs) -> anyhow::Result<(SecretKey, Vec<SecretKey>)> {
@@ -254,7 +264,7 @@ fn report<T>(r: Result<T, BackupError>) -> anyhow::Result<T> {
 /// `[audit]` / `[auth]` values of a server config.
 struct FromConfig {
     audit_dir: PathBuf,
-    audit_key: Option<KeySource>,
+    audit_key: Option<String>,
     retention_days: u64,
     api_keys: PathBuf,
 }
@@ -262,13 +272,9 @@ struct FromConfig {
 fn from_config(path: &std::path::Path) -> anyhow::Result<FromConfig> {
     let c = salus_server::config::Config::load(Some(path), std::env::vars())
         .with_context(|| format!("loading {}", path.display()))?;
-    let audit_key = match &c.audit.key {
-        Some(k) => Some(k.parse::<KeySource>().context("audit.key")?),
-        None => None,
-    };
     Ok(FromConfig {
         audit_dir: c.audit.dir,
-        audit_key,
+        audit_key: c.audit.key,
         retention_days: c.audit.retention_days,
         api_keys: c.auth.api_keys,
     })

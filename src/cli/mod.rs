@@ -30,7 +30,7 @@ enum Command {
     Model(model::ModelArgs),
     /// Audit trail: verify, query, export (FHIR), report, hash, keygen.
     Audit(audit::AuditArgs),
-    /// Backups of the audit trail: create, list, verify, restore (exit 2: verification failed).
+    /// Backups of the audit trail: create, list, verify, restore (exit 3: verification failed).
     Backup(backup::BackupArgs),
     /// Generate one completion on the command line (stdout: the completion only).
     Generate(generate::GenerateArgs),
@@ -56,7 +56,7 @@ pub fn run() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
-            // 2: a backup (or the trail it backs up) failed verification; 1: anything else.
+            // 3: a backup (or the trail it backs up) failed verification; 1: anything else.
             std::process::ExitCode::from(backup::exit_code(&e))
         }
     }
