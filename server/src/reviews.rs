@@ -10,7 +10,7 @@
 //! the background. Until the rebuild is done a lookup that misses waits for
 //! it (bounded), so a review of a pre-restart inference is not refused early.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -26,15 +26,30 @@ pub struct Reviewable {
     pub completed: OffsetDateTime,
     /// `chat.completions` or `completions`.
     pub operation: String,
-    /// Number of choices (prompts × `n`).
-    pub choices: u32,
-    /// Reviews recorded per choice.
+    /// Reviews recorded per choice (one entry per choice: prompts × `n`).
     pub reviews: Vec<u32>,
 }
 
 impl Reviewable {
+    /// A completion with `choices` choices, none reviewed yet.
+    pub fn new(
+        principal: String,
+        seq: u64,
+        event_id: String,
+        completed: OffsetDateTime,
+        operation: String,
+        choices: u32,
+    ) -> Self {
+        Reviewable { principal, seq, event_id, completed, operation, reviews: vec![0; choices as usize] }
+    }
+
+    /// The number of choices.
+    pub fn choices(&self) -> u32 {
+        self.reviews.len() as u32
+    }
+
     pub fn unreviewed(&self) -> Vec<u32> {
-        (0..self.choices).filter(|c| self.reviews.get(*c as usize).copied().unwrap_or(0) == 0).collect()
+        (0..self.choices()).filter(|c| self.reviews[*c as usize] == 0).collect()
     }
 }
 
@@ -50,7 +65,7 @@ pub enum LookupMiss {
 struct Table {
     by_request: HashMap<String, Reviewable>,
     /// (completion time, request id), for expiry.
-    by_time: BTreeMap<(OffsetDateTime, String), ()>,
+    by_time: BTreeSet<(OffsetDateTime, String)>,
     /// Most entries held (oldest dropped first).
     capacity: usize,
 }
@@ -102,9 +117,9 @@ impl ReviewIndex {
         if let Some(old) = t.by_request.insert(request_id.to_string(), entry) {
             t.by_time.remove(&(old.completed, request_id.to_string()));
         }
-        t.by_time.insert(key, ());
+        t.by_time.insert(key);
         let cutoff = self.cutoff(OffsetDateTime::now_utc());
-        while let Some(((when, id), ())) = t.by_time.first_key_value().map(|(k, v)| (k.clone(), *v)) {
+        while let Some((when, id)) = t.by_time.first().cloned() {
             if when >= cutoff && t.by_time.len() <= t.capacity {
                 break;
             }
@@ -159,7 +174,7 @@ impl ReviewIndex {
         let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let from = since.unwrap_or(OffsetDateTime::UNIX_EPOCH).max(self.cutoff(OffsetDateTime::now_utc()));
         t.by_time
-            .keys()
+            .iter()
             .filter(|(when, _)| *when >= from)
             .filter_map(|(_, id)| t.by_request.get(id).map(|e| (id, e)))
             .filter(|(_, e)| e.principal == principal && !e.unreviewed().is_empty())
@@ -222,15 +237,14 @@ fn reviewable_of(r: &salus_audit::AuditRecord) -> Option<Reviewable> {
         .or_else(|| r.params.as_ref().and_then(|p| p.n).map(u64::from))
         .unwrap_or(1)
         .min(u32::MAX as u64) as u32;
-    Some(Reviewable {
+    Some(Reviewable::new(
         principal,
-        seq: r.seq,
-        event_id: r.event_id.clone(),
+        r.seq,
+        r.event_id.clone(),
         completed,
-        operation: r.operation.clone().unwrap_or_default(),
+        r.operation.clone().unwrap_or_default(),
         choices,
-        reviews: vec![0; choices as usize],
-    })
+    ))
 }
 
 #[cfg(test)]
@@ -238,15 +252,8 @@ mod tests {
     use super::*;
 
     fn entry(principal: &str, seq: u64, age: Duration, choices: u32) -> Reviewable {
-        Reviewable {
-            principal: principal.into(),
-            seq,
-            event_id: format!("ev-{seq}"),
-            completed: OffsetDateTime::now_utc() - age,
-            operation: "chat.completions".into(),
-            choices,
-            reviews: vec![0; choices as usize],
-        }
+        let completed = OffsetDateTime::now_utc() - age;
+        Reviewable::new(principal.into(), seq, format!("ev-{seq}"), completed, "chat.completions".into(), choices)
     }
 
     #[test]

@@ -60,8 +60,15 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 impl TlsSettings {
     /// Builds the rustls server configuration.
     pub fn build(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        self.build_with_expiry().map(|(config, _)| config)
+    }
+
+    /// The configuration and the leaf certificate's `notAfter` (Unix
+    /// seconds), from one read of the files.
+    fn build_with_expiry(&self) -> Result<(Arc<ServerConfig>, i64), TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let certs = read_certs(&self.cert)?;
+        let not_after = leaf_not_after(&self.cert, &certs)?;
         let key = read_key(&self.key)?;
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -83,19 +90,17 @@ impl TlsSettings {
             .with_single_cert(certs, key)
             .map_err(|e| TlsError::Config(format!("certificate and key do not match or are unusable: {e}")))?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
+        Ok((Arc::new(config), not_after))
     }
 }
 
-impl TlsSettings {
-    /// When the leaf certificate expires (`notAfter`, Unix seconds).
-    pub fn leaf_not_after(&self) -> Result<i64, TlsError> {
-        let certs = read_certs(&self.cert)?;
-        let leaf = certs.first().ok_or_else(|| file_err(&self.cert, "contains no PEM certificate"))?;
-        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
-            .map_err(|_| file_err(&self.cert, "the first certificate is not valid X.509"))?;
-        Ok(cert.validity().not_after.timestamp())
-    }
+/// When the leaf (first) certificate of `certs`, read from `path`, expires
+/// (`notAfter`, Unix seconds).
+fn leaf_not_after(path: &Path, certs: &[CertificateDer<'static>]) -> Result<i64, TlsError> {
+    let leaf = certs.first().ok_or_else(|| file_err(path, "contains no PEM certificate"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|_| file_err(path, "the first certificate is not valid X.509"))?;
+    Ok(cert.validity().not_after.timestamp())
 }
 
 /// The live TLS configuration, swappable on SIGHUP.
@@ -108,14 +113,12 @@ pub struct ReloadableTls {
 
 impl ReloadableTls {
     pub fn new(settings: TlsSettings) -> Result<Self, TlsError> {
-        let config = settings.build()?;
-        let not_after = settings.leaf_not_after()?;
+        let (config, not_after) = settings.build_with_expiry()?;
         Ok(ReloadableTls { settings, current: RwLock::new(config), not_after: not_after.into() })
     }
     /// Re-reads the files; on error the old configuration stays in use.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let config = self.settings.build()?;
-        let not_after = self.settings.leaf_not_after()?;
+        let (config, not_after) = self.settings.build_with_expiry()?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
         self.not_after.store(not_after, std::sync::atomic::Ordering::Relaxed);
         Ok(())

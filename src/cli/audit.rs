@@ -54,15 +54,11 @@ impl FilterArgs {
         if let Some(e) = &self.event {
             RecordFilter::check_event(e).map_err(anyhow::Error::msg)?;
         }
-        let time = |s: Option<String>, what: &str| -> anyhow::Result<_> {
-            s.map(|s| RecordFilter::parse_time(&s).map_err(anyhow::Error::msg).with_context(|| format!("--{what}")))
-                .transpose()
-        };
         Ok(RecordFilter {
             principal: self.principal,
             event: self.event,
-            since: time(self.since, "since")?,
-            until: time(self.until, "until")?,
+            since: time_arg(self.since, "since")?,
+            until: time_arg(self.until, "until")?,
         })
     }
 }
@@ -244,24 +240,11 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
             let filter = filter.build()?;
             let mut records = all_records(&trail)?;
             records.retain(|r| filter.matches(r));
-            let bundle = serde_json::to_vec_pretty(&salus_audit::fhir::export_bundle(&records))?;
-            match out {
-                Some(path) => {
-                    let mut f = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .open(&path)
-                        .with_context(|| format!("creating {}", path.display()))?;
-                    f.write_all(&bundle)?;
-                    f.sync_all()?;
-                    eprintln!("wrote {} AuditEvent resources to {}", records.len(), path.display());
-                }
-                None => {
-                    let mut o = std::io::stdout().lock();
-                    o.write_all(&bundle)?;
-                    o.write_all(b"\n")?;
-                }
+            let mut bundle = serde_json::to_vec_pretty(&salus_audit::fhir::export_bundle(&records))?;
+            if out.is_none() {
+                bundle.push(b'\n');
             }
+            write_new_or_stdout(out.as_deref(), &bundle, &format!("{} AuditEvent resources", records.len()))?;
             Ok(())
         }
         AuditCommand::Hash { key, text, chat_model } => {
@@ -287,7 +270,7 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
                 AccessFormat::Csv => super::access_report::render_csv(&report),
                 AccessFormat::Html => super::access_report::render_html(&report),
             };
-            write_new_or_stdout(out.as_deref(), text.as_bytes())
+            write_new_or_stdout(out.as_deref(), text.as_bytes(), "the access report")
         }
         AuditCommand::Report { report: ReportCommand::BreakGlass { trail, range, format } } => {
             let (since, until) = report_range(range)?;
@@ -307,15 +290,16 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
     }
 }
 
+/// A time option (`--since`, `--until`): RFC 3339 or `YYYY-MM-DD`.
+fn time_arg(s: Option<String>, what: &str) -> anyhow::Result<Option<time::OffsetDateTime>> {
+    s.map(|s| RecordFilter::parse_time(&s).map_err(anyhow::Error::msg).with_context(|| format!("--{what}"))).transpose()
+}
+
 /// `--since` / `--until` of a report, in order.
 type Range = (Option<time::OffsetDateTime>, Option<time::OffsetDateTime>);
 
 fn report_range(RangeArgs { since, until }: RangeArgs) -> anyhow::Result<Range> {
-    let time = |s: Option<String>, what: &str| -> anyhow::Result<_> {
-        s.map(|s| RecordFilter::parse_time(&s).map_err(anyhow::Error::msg).with_context(|| format!("--{what}")))
-            .transpose()
-    };
-    let (since, until) = (time(since, "since")?, time(until, "until")?);
+    let (since, until) = (time_arg(since, "since")?, time_arg(until, "until")?);
     if let (Some(s), Some(u)) = (since, until) {
         if s > u {
             bail!("--since is after --until");
@@ -340,8 +324,9 @@ fn all_records(trail: &TrailArgs) -> anyhow::Result<Vec<salus_audit::AuditRecord
     Ok(records)
 }
 
-/// Writes `bytes` to a new file (never overwriting one) or to stdout.
-fn write_new_or_stdout(out: Option<&std::path::Path>, bytes: &[u8]) -> anyhow::Result<()> {
+/// Writes `bytes` to a new file (never overwriting one), saying so on stderr
+/// as `wrote <what> to <path>`, or to stdout.
+fn write_new_or_stdout(out: Option<&std::path::Path>, bytes: &[u8], what: &str) -> anyhow::Result<()> {
     match out {
         Some(path) => {
             let mut f = std::fs::OpenOptions::new()
@@ -351,7 +336,7 @@ fn write_new_or_stdout(out: Option<&std::path::Path>, bytes: &[u8]) -> anyhow::R
                 .with_context(|| format!("creating {}", path.display()))?;
             f.write_all(bytes)?;
             f.sync_all()?;
-            eprintln!("wrote {}", path.display());
+            eprintln!("wrote {what} to {}", path.display());
         }
         None => std::io::stdout().lock().write_all(bytes)?,
     }

@@ -105,14 +105,10 @@ impl Inference<'_> {
         });
         let plan = generation::plan(self.state, self.ctx, self.principal, prompts, params)?;
         self.slot.charge(plan.prompt_tokens());
-        let operation = match endpoint {
-            Endpoint::Chat => "chat.completions",
-            Endpoint::Completion => "completions",
-        };
         let subject = InferenceSubject {
             principal: self.principal,
             source: self.source,
-            operation,
+            operation: endpoint.operation(),
             params,
             prompt: &canonical_prompt,
         };

@@ -50,7 +50,7 @@ use super::error::ApiError;
 use super::types::GenerationParams;
 use crate::auth::AuthenticatedPrincipal;
 use crate::state::{AppState, RequestContext};
-use salus_audit::{AuditEvent, AuditLog, AuditPrincipal, EventKind, InferenceParams, TextHmac};
+use salus_audit::{AuditEvent, AuditLog, EventKind, InferenceParams, TextHmac};
 
 /// The peer address of the connection (absent for in-process requests).
 #[derive(Debug, Clone, Copy)]
@@ -62,11 +62,6 @@ impl<S: Send + Sync> FromRequestParts<S> for SourceAddr {
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         Ok(SourceAddr(parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)))
     }
-}
-
-/// The principal as the trail records it: id, principal kind and roles.
-pub fn audit_principal(p: &AuthenticatedPrincipal) -> AuditPrincipal {
-    p.audit_principal()
 }
 
 /// The non-PHI parameters of a request (stop strings only counted).
@@ -148,7 +143,7 @@ impl InferenceAudit {
         let model = state.model();
         let mut base = AuditEvent::new(EventKind::InferenceStarted)
             .request_id(ctx.request_id())
-            .principal(audit_principal(subject.principal))
+            .principal(subject.principal.audit_principal())
             .operation(subject.operation)
             .model(model.id.clone(), model.fingerprint.clone())
             .params(audit_params_with_constraint(&log, subject.params))
@@ -208,19 +203,17 @@ impl InferenceAudit {
         if let (Some(request_id), Some(principal)) = (&self.base.request_id, &self.base.principal) {
             let completed = salus_audit::RecordFilter::parse_time(&receipt.time)
                 .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+            let operation = self.base.operation.unwrap_or_default().to_string();
             let choices = choices.min(u32::MAX as usize) as u32;
-            self.reviews.completed(
-                request_id,
-                crate::reviews::Reviewable {
-                    principal: principal.id.clone(),
-                    seq: receipt.seq,
-                    event_id: receipt.event_id,
-                    completed,
-                    operation: self.base.operation.unwrap_or_default().to_string(),
-                    choices,
-                    reviews: vec![0; choices as usize],
-                },
+            let entry = crate::reviews::Reviewable::new(
+                principal.id.clone(),
+                receipt.seq,
+                receipt.event_id,
+                completed,
+                operation,
+                choices,
             );
+            self.reviews.completed(request_id, entry);
         }
         Ok(())
     }

@@ -21,6 +21,39 @@ pub enum Endpoint {
     Completion,
 }
 
+impl Endpoint {
+    const ALL: [Endpoint; 2] = [Endpoint::Chat, Endpoint::Completion];
+
+    /// The audit record's `operation`.
+    pub fn operation(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat.completions",
+            Endpoint::Completion => "completions",
+        }
+    }
+
+    pub fn from_operation(operation: &str) -> Option<Endpoint> {
+        Endpoint::ALL.into_iter().find(|e| e.operation() == operation)
+    }
+
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chatcmpl-",
+            Endpoint::Completion => "cmpl-",
+        }
+    }
+
+    /// The response `id` of request `request_id`: `chatcmpl-<id>` or `cmpl-<id>`.
+    pub fn response_id(self, request_id: &str) -> String {
+        format!("{}{request_id}", self.id_prefix())
+    }
+
+    /// The endpoint and request id a response `id` was made from.
+    pub fn parse_response_id(id: &str) -> Option<(Endpoint, &str)> {
+        Endpoint::ALL.into_iter().find_map(|e| id.strip_prefix(e.id_prefix()).map(|rest| (e, rest)))
+    }
+}
+
 /// One part of one choice, as a streamed chunk carries it or as the whole.
 enum ChoicePart<'a> {
     /// The chat role delta sent before any token (streaming).
@@ -45,14 +78,10 @@ pub struct ResponseBuilder {
 
 impl ResponseBuilder {
     pub fn new(state: &AppState, ctx: &RequestContext, endpoint: Endpoint, logprobs: bool) -> Self {
-        let prefix = match endpoint {
-            Endpoint::Chat => "chatcmpl",
-            Endpoint::Completion => "cmpl",
-        };
         ResponseBuilder {
             state: state.clone(),
             endpoint,
-            id: format!("{prefix}-{}", ctx.request_id()),
+            id: endpoint.response_id(ctx.request_id()),
             created: unix_now(),
             // `system_fingerprint` identifies the exact weights served.
             fingerprint: format!("fp_{}", state.model().fingerprint.chars().take(12).collect::<String>()),

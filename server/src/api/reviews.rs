@@ -30,6 +30,7 @@ use time::OffsetDateTime;
 use super::error::ApiError;
 use super::inference_audit::SourceAddr;
 use super::json::{Fields, JsonObject};
+use super::response::Endpoint;
 use crate::auth::{AuthenticatedPrincipal, Permission};
 use crate::reviews::LookupMiss;
 use crate::state::{AppState, RequestContext};
@@ -83,9 +84,8 @@ fn parse_review(body: serde_json::Map<String, Value>, reason_codes: &[String]) -
         return Err(ApiError::invalid("response_id", "missing required parameter response_id"));
     };
     // `chatcmpl-<request id>` or `cmpl-<request id>`; anything else cannot exist.
-    let request_id = response_id
-        .strip_prefix("chatcmpl-")
-        .or_else(|| response_id.strip_prefix("cmpl-"))
+    let request_id = Endpoint::parse_response_id(&response_id)
+        .map(|(_, id)| id)
         .filter(|id| {
             id.starts_with("req_") && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
         })
@@ -111,8 +111,6 @@ fn parse_review(body: serde_json::Map<String, Value>, reason_codes: &[String]) -
         }
     }
     f.finish(&[])?;
-    let response_id =
-        format!("{}{request_id}", if response_id.starts_with("chatcmpl-") { "chatcmpl-" } else { "cmpl-" });
     Ok(ValidatedReview { request_id, response_id, choice, action, edited_text, reason_code })
 }
 
@@ -127,7 +125,7 @@ pub async fn create_review(
     principal.require(Permission::Review)?;
     let review = parse_review(body, state.reviews().reason_codes())?;
     let target = match state.reviews().lookup_waiting(&review.request_id, principal.id(), LOADING_WAIT).await {
-        Ok(t) if review.choice < t.choices => t,
+        Ok(t) if review.choice < t.choices() => t,
         Ok(_) | Err(LookupMiss::NotFound) => return Err(ApiError::ReviewTargetNotFound),
         Err(LookupMiss::Loading) => return Err(ApiError::NotReady),
     };
@@ -210,13 +208,13 @@ pub async fn pending_reviews(
     let data: Vec<Value> = items
         .iter()
         .map(|(request_id, e)| {
-            let prefix = if e.operation == "completions" { "cmpl" } else { "chatcmpl" };
+            let endpoint = Endpoint::from_operation(&e.operation).unwrap_or(Endpoint::Chat);
             json!({
-                "response_id": format!("{prefix}-{request_id}"),
+                "response_id": endpoint.response_id(request_id),
                 "request_id": request_id,
                 "completed_at": e.completed.format(&Rfc3339).unwrap_or_default(),
                 "operation": e.operation,
-                "choices": e.choices,
+                "choices": e.choices(),
                 "unreviewed_choices": e.unreviewed(),
                 "audit_seq": e.seq,
             })

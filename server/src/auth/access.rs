@@ -34,7 +34,6 @@ pub struct AccessControl {
     defaults: LimitSpec,
     metric_principals: BTreeSet<String>,
     notifier: Option<BreakGlassNotifier>,
-    window: Duration,
 }
 
 impl AccessControl {
@@ -65,13 +64,7 @@ impl AccessControl {
             defaults: cfg.limits.defaults(),
             metric_principals: cfg.limits.metric_principals.iter().cloned().collect(),
             notifier,
-            window: Duration::from_secs(cfg.break_glass.window_secs),
         })
-    }
-
-    /// The defaults of `[auth]` with no OIDC issuer and no webhook (tests).
-    pub fn defaults(metrics: Arc<Metrics>) -> Self {
-        Self::from_config(&AuthConfig::default(), metrics).expect("the default [auth] is valid")
     }
 
     pub fn oidc(&self) -> &OidcVerifier {
@@ -102,13 +95,9 @@ impl AccessControl {
         if !applies {
             return Ok(());
         }
-        let key = match &p.credential {
-            Credential::ApiKey { key_id } => format!("key:{key_id}"),
-            Credential::Oidc { .. } => format!("oidc:{}", p.id),
-        };
-        let (issued_at, sid, signed_in) = match &p.credential {
-            Credential::ApiKey { .. } => (None, None, false),
-            Credential::Oidc { issued_at, sid } => (*issued_at, sid.as_deref(), true),
+        let (key, issued_at, sid, signed_in) = match &p.credential {
+            Credential::ApiKey { key_id } => (format!("key:{key_id}"), None, None, false),
+            Credential::Oidc { issued_at, sid } => (format!("oidc:{}", p.id), *issued_at, sid.as_deref(), true),
         };
         let cred = SessionCredential { key: &key, principal: &p.id, issued_at, sid, signed_in };
         let (result, events) = match self.sessions.touch(&cred, Instant::now(), OffsetDateTime::now_utc()) {
@@ -226,7 +215,7 @@ impl AccessControl {
                 rule: opened.rule.as_str(),
                 request_id: request_id.to_string(),
                 time: OffsetDateTime::now_utc(),
-                window_secs: self.window.as_secs(),
+                window_secs: opened.window.as_secs(),
             });
         }
         Ok(())

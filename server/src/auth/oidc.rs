@@ -125,7 +125,7 @@ const MAX_JWKS_BYTES: u64 = 1 << 20;
 type FileCache = Mutex<Option<(Option<SystemTime>, Arc<Vec<Jwk>>)>>;
 
 /// Where an issuer's keys come from, with the cached copy.
-enum KeySource {
+enum JwksSource {
     File { path: PathBuf, cached: FileCache },
     Uri { url: String, agent: ureq::Agent, cached: tokio::sync::Mutex<UriCache> },
 }
@@ -141,7 +141,7 @@ struct UriCache {
 struct Issuer {
     cfg: OidcProviderConfig,
     algorithms: Vec<Algorithm>,
-    source: KeySource,
+    source: JwksSource,
 }
 
 /// Every configured issuer.
@@ -159,9 +159,9 @@ impl OidcVerifier {
             let source = match (&cfg.jwks_file, &cfg.jwks_uri) {
                 (Some(path), _) => {
                     read_jwks_file(path).map_err(|e| format!("auth.oidc '{}': {e}", cfg.alias))?;
-                    KeySource::File { path: path.clone(), cached: Mutex::new(None) }
+                    JwksSource::File { path: path.clone(), cached: Mutex::new(None) }
                 }
-                (None, Some(url)) => KeySource::Uri {
+                (None, Some(url)) => JwksSource::Uri {
                     url: url.clone(),
                     agent: https_agent(cfg.ca_file.as_deref())
                         .map_err(|e| format!("auth.oidc '{}': {e}", cfg.alias))?,
@@ -218,7 +218,7 @@ impl Issuer {
     /// once per `jwks_min_refresh_secs`).
     async fn keys(&self, unknown_kid: bool) -> Result<Arc<Vec<Jwk>>, OidcError> {
         match &self.source {
-            KeySource::File { path, cached } => {
+            JwksSource::File { path, cached } => {
                 let stamp = std::fs::metadata(path).and_then(|m| m.modified()).ok();
                 let mut c = cached.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some((s, keys)) = c.as_ref() {
@@ -238,7 +238,7 @@ impl Issuer {
                     }
                 }
             }
-            KeySource::Uri { url, agent, cached } => {
+            JwksSource::Uri { url, agent, cached } => {
                 let mut c = cached.lock().await;
                 let now = Instant::now();
                 let fresh = c.fetched.is_some_and(|t| now - t < Duration::from_secs(self.cfg.jwks_cache_secs));

@@ -187,14 +187,15 @@ impl PrincipalUse {
     fn in_window(&self, now: Instant) -> bool {
         self.break_glass_until.is_some_and(|t| now < t)
     }
+}
 
-    /// Token credit after refilling (`None`: no token limit).
-    fn token_bucket(&mut self, limit: Option<u64>, now: Instant) -> Option<(&mut Bucket, f64)> {
-        let cap = limit? as f64;
-        let b = self.tokens.get_or_insert_with(|| Bucket::full(cap, now));
-        b.refill(cap, now);
-        Some((b, cap))
-    }
+/// The bucket in `slot` refilled to `now`, with its capacity, for a limit of
+/// `per_minute` (`None`: no such limit). A first use starts full.
+fn refilled(slot: &mut Option<Bucket>, per_minute: Option<f64>, now: Instant) -> Option<(&mut Bucket, f64)> {
+    let cap = per_minute?;
+    let b = slot.get_or_insert_with(|| Bucket::full(cap, now));
+    b.refill(cap, now);
+    Some((b, cap))
 }
 
 /// Most principals tracked; idle, full, window-less entries are dropped first.
@@ -258,10 +259,8 @@ impl Policy {
                     opened = opened.or(self.refuse_or_override(u, caller, refusal, now)?);
                 }
             }
-            if let Some(rpm) = caller.limits.requests_per_minute {
-                let cap = rpm as f64;
-                let b = u.requests.get_or_insert_with(|| Bucket::full(cap, now));
-                b.refill(cap, now);
+            let rpm = caller.limits.requests_per_minute.map(f64::from);
+            if let Some((b, cap)) = refilled(&mut u.requests, rpm, now) {
                 if b.level >= 1.0 {
                     b.level -= 1.0;
                 } else {
@@ -301,7 +300,8 @@ impl Policy {
                         opened.or(self.refuse_or_override(u, caller, refusal, now).map_err(InferenceRefusal::Limit)?);
                 }
             }
-            if let Some((b, cap)) = u.token_bucket(caller.limits.tokens_per_minute, now) {
+            let tpm = caller.limits.tokens_per_minute.map(|t| t as f64);
+            if let Some((b, cap)) = refilled(&mut u.tokens, tpm, now) {
                 if b.level <= 0.0 {
                     let refusal =
                         PolicyRefusal { rule: PolicyRule::TokensPerMinute, retry_after: b.wait_for(1.0, cap) };
@@ -330,7 +330,7 @@ impl Policy {
             return;
         }
         self.with_use(principal, now, |u| {
-            if let Some((b, _)) = u.token_bucket(limit, now) {
+            if let Some((b, _)) = refilled(&mut u.tokens, limit.map(|t| t as f64), now) {
                 b.level -= tokens as f64;
             }
         })

@@ -152,7 +152,7 @@ async fn a_review_after_a_restart_finds_the_inference_in_the_rebuilt_index() {
     index.load_from(&recs);
     let found = index.lookup(&request_id, "dr-ada").unwrap();
     assert_eq!(found.seq, recs.iter().find(|x| x.kind == "inference.completed").unwrap().seq);
-    assert_eq!(found.choices, 1);
+    assert_eq!(found.choices(), 1);
 }
 
 #[tokio::test]
