@@ -225,6 +225,13 @@ if SALUS_BIN="$BIN" SALUS_MODEL="$MODEL" "$ROOT/scripts/siem-forward-test.sh"; t
 else
   echo "FAIL audit forwarding to a SIEM (scripts/siem-forward-test.sh)" >&2; status=1
 fi
+# OpenTelemetry traces to OTLP receivers (HTTP over TLS, then gRPC; servers of
+# its own; opentelemetry-proto and grpcio into a virtualenv of its own).
+if SALUS_BIN="$BIN" SALUS_MODEL="$MODEL" "$ROOT/scripts/otel-trace-test.sh"; then
+  echo "PASS OpenTelemetry traces over OTLP (scripts/otel-trace-test.sh)"
+else
+  echo "FAIL OpenTelemetry traces over OTLP (scripts/otel-trace-test.sh)" >&2; status=1
+fi
 # `salus backup` to S3 with Object Lock (moto in server mode on loopback, from PyPI
 # into a virtualenv of its own; no server needed).
 if SALUS_BIN="$BIN" "$ROOT/scripts/backup-s3-test.sh"; then

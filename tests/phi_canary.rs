@@ -14,10 +14,11 @@
 //! and refused, regexes and grammars that do not compile, tools (a description,
 //! generated call arguments, a history call's arguments, a tool result), JWT
 //! claims of signed-in users, break-glass reasons, review texts and codes, and
-//! auditor query parameters — stops
+//! auditor query parameters, `traceparent` and `tracestate` headers — stops
 //! the server with
 //! SIGTERM and scans every byte the process produced outside the HTTP responses
-//! (stdout, stderr, log file, `/metrics`, the dev (with the audit trail), home,
+//! (stdout, stderr, log file, `/metrics`, the OpenTelemetry spans it exported
+//! to a local OTLP receiver, the dev (with the audit trail), home,
 //! temp and working directories, and the decrypted audit records) for
 //! each canary: raw, lowercase, hex (both cases) and base64 (standard and
 //! URL-safe, all three alignments). Error bodies must not echo any canary either.
@@ -51,6 +52,9 @@ const DECRYPTED_TRAIL: &str = "decrypted audit records";
 /// JWT claims and break-glass reasons.
 #[path = "phi_canary/access.rs"]
 mod access;
+/// The exported OpenTelemetry spans.
+#[path = "phi_canary/otlp.rs"]
+mod otlp;
 
 fn random_bytes(n: usize) -> Vec<u8> {
     let mut b = vec![0u8; n];
@@ -312,9 +316,10 @@ impl Drop for Server {
 }
 
 impl Server {
-    fn start(dirs: &Dirs, model: &Path, log_to_file: bool, client_dir: PathBuf) -> Server {
+    fn start(dirs: &Dirs, model: &Path, log_to_file: bool, client_dir: PathBuf, spans: &otlp::Receiver) -> Server {
         let port = free_port();
-        let mut child = server_command(dirs, model, port, log_to_file).spawn().expect("spawn salus");
+        let mut child =
+            server_command(dirs, model, port, log_to_file).envs(spans.server_env()).spawn().expect("spawn salus");
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let pumps = vec![
@@ -460,7 +465,8 @@ fn campaign(model_file: &Path, log_to_file: bool) -> Campaign {
     let client = tempfile::tempdir().unwrap();
     let issuer = access::Issuer::new(&dirs);
     let t0 = Instant::now();
-    let mut s = Server::start(&dirs, model_file, log_to_file, client.path().to_path_buf());
+    let spans = otlp::Receiver::start();
+    let mut s = Server::start(&dirs, model_file, log_to_file, client.path().to_path_buf(), &spans);
     let t_started = t0.elapsed().as_secs_f64();
     let key = s.key.clone();
     let models = s.get("/v1/models", Some(&key), &[]);
@@ -481,6 +487,7 @@ fn campaign(model_file: &Path, log_to_file: bool) -> Campaign {
         cn.mint("user field"),
     );
     let (query, header, agent) = (cn.mint("query string"), cn.mint("custom header"), cn.mint("user-agent header"));
+    let (traceparent, tracestate) = (cn.mint("traceparent header"), cn.mint("tracestate header"));
     let mut body = chat(
         &model,
         serde_json::json!([
@@ -498,10 +505,20 @@ fn campaign(model_file: &Path, log_to_file: bool) -> Campaign {
         "POST",
         &format!("/v1/chat/completions?patient={query}&{query}=1"),
         Some(&key),
-        &["Content-Type: application/json".into(), format!("X-Patient-Name: {header}"), format!("User-Agent: {agent}")],
+        &[
+            "Content-Type: application/json".into(),
+            format!("X-Patient-Name: {header}"),
+            format!("User-Agent: {agent}"),
+            // A valid parent, so that its tracestate would be taken if anything took it.
+            "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            format!("tracestate: vendor={tracestate}"),
+        ],
     );
     c.arg("--data-binary").arg(format!("@{}", file.display()));
     let r = s.run(c);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // A traceparent that is not one (ignored: a new trace).
+    let r = s.get("/v1/models", Some(&key), &[format!("traceparent: 00-{traceparent}-00f067aa0ba902b7-01")]);
     assert_eq!(r.status, 200, "{}", r.text());
 
     // 2. n = 2.
@@ -758,6 +775,14 @@ fn campaign(model_file: &Path, log_to_file: bool) -> Campaign {
     produced.add("stdout", stdout);
     produced.add("stderr", stderr);
     produced.add("/metrics", metrics.body);
+    // The spans of this run (the server flushed them at shutdown): every request has some.
+    let (exported, posts) = spans.received();
+    assert!(
+        posts > 0 && exported.len() > requests * 50,
+        "too few spans exported ({posts} posts, {} bytes)",
+        exported.len()
+    );
+    produced.add("exported OpenTelemetry spans", exported);
     for d in ["dev", "home", "tmp", "work", "logs"] {
         produced.add_tree(&dirs.path(d));
     }

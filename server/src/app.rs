@@ -3,7 +3,9 @@
 //!
 //! The access log records only: request id, principal id, route *template*
 //! (never the URI or query string), method (standard ones only), status, error
-//! code, token counts and duration. No headers, no body.
+//! code, token counts and duration. No headers, no body. The request's trace
+//! (when traces are exported) begins here too, from a validated `traceparent`
+//! and nothing else of the request (see [`crate::telemetry`]).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -136,7 +138,8 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
     let method = method_label(req.method());
     let source = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0);
     let request_id = new_request_id();
-    let ctx = Arc::new(RequestContext::new(request_id.clone()));
+    let trace = state.telemetry().begin(method, route, req.headers());
+    let ctx = Arc::new(RequestContext::traced(request_id.clone(), trace));
     req.extensions_mut().insert(ctx.clone());
     state.metrics().request_started();
     let run = AssertUnwindSafe(next.run(req)).catch_unwind();
@@ -153,6 +156,7 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
     state.metrics().request_done(route, status);
     let error = resp.extensions().get::<ApiError>();
     let error_code = error.and_then(|e| e.code()).unwrap_or("");
+    ctx.set_response(status, error_code);
     let (prompt_tokens, completion_tokens) = ctx.tokens();
     let principal = ctx.principal().unwrap_or_default();
     if error.is_some_and(ApiError::is_denial) {

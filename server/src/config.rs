@@ -23,11 +23,13 @@ mod auth;
 mod forward;
 pub use forward::ForwardConfig;
 mod reviews;
+mod telemetry;
 pub use auth::{
     AuthConfig, BreakGlassConfig, LimitSpec, OidcProviderConfig, OidcRoleConfig, PrincipalLimitsConfig, SessionConfig,
 };
 pub use reviews::ReviewsConfig;
 pub use salus_models::KernelConfig;
+pub use telemetry::{OtlpProtocol, TelemetryConfig};
 
 /// Errors loading the configuration. They name the file or variable and the key;
 /// configuration is operator data, never request data.
@@ -62,6 +64,8 @@ pub struct Config {
     pub audit: AuditConfig,
     pub logging: LoggingConfig,
     pub reviews: ReviewsConfig,
+    /// `[telemetry]`: OpenTelemetry traces over OTLP (the section being present turns them on).
+    pub telemetry: Option<TelemetryConfig>,
 }
 
 /// `[server]`: listeners and lifecycle.
@@ -692,6 +696,9 @@ impl Config {
             f.validate()?;
         }
         self.reviews.validate()?;
+        if let Some(t) = &self.telemetry {
+            t.validate()?;
+        }
         if let Some(id) = &self.model.id {
             if !valid_model_id(id) {
                 return Err(ConfigError::Value {

@@ -19,4 +19,5 @@ pub mod reviews;
 pub mod scheduler;
 pub mod served_model;
 pub mod state;
+pub mod telemetry;
 pub mod tls;

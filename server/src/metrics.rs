@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::engine::EngineStats;
 
@@ -192,6 +192,8 @@ pub struct Metrics {
     pub e2e: Histogram,
     /// The SIEM forwarder's gauges and counters (`[audit.forward]`).
     forward: crate::audit_forward::ForwardMetrics,
+    /// Spans exported and failed exports (`[telemetry]`).
+    traces: Arc<crate::telemetry::TraceCounters>,
 }
 
 /// Maps a matched route template to a fixed label (unknown → `other`).
@@ -235,7 +237,13 @@ impl Metrics {
             inter_token: Histogram::new(TOKEN_LATENCY_BUCKETS),
             e2e: Histogram::new(LATENCY_BUCKETS),
             forward: Default::default(),
+            traces: Default::default(),
         }
+    }
+
+    /// The trace exporter's counters (handed to it at start).
+    pub fn traces_arc(&self) -> Arc<crate::telemetry::TraceCounters> {
+        self.traces.clone()
     }
 
     /// The SIEM forwarder's part (attach the running forwarder here).
@@ -470,6 +478,20 @@ impl Metrics {
             audit.last_durable_unix_ms.map_or(0, |ms| ms / 1000),
         );
         self.forward.render(&mut out);
+        counter(
+            &mut out,
+            "salus_trace_spans_exported_total",
+            "Spans the OTLP collector accepted ([telemetry]).",
+            "",
+            self.traces.exported(),
+        );
+        counter(
+            &mut out,
+            "salus_trace_export_failures_total",
+            "OTLP exports that failed; their spans are dropped ([telemetry]).",
+            "",
+            self.traces.failures(),
+        );
         out
     }
 }

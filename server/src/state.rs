@@ -24,6 +24,7 @@ use crate::auth::KeyStoreHandle;
 use crate::config::LimitsConfig;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
+use crate::telemetry::{RequestOutcome, RequestTrace, Telemetry, TracePhase};
 use salus_audit::AuditLog;
 
 /// Why a prompt could not be encoded. Messages never quote the prompt.
@@ -121,6 +122,8 @@ pub struct AppParts {
     pub access: Arc<AccessControl>,
     /// Recent completions that can be reviewed (`POST /v1/reviews`).
     pub reviews: Arc<crate::reviews::ReviewIndex>,
+    /// Trace export (OpenTelemetry), or off.
+    pub telemetry: Arc<Telemetry>,
 }
 
 struct Inner {
@@ -226,6 +229,13 @@ impl AppState {
     pub fn audit(&self) -> &AuditLog {
         &self.0.parts.audit
     }
+    /// Trace export (OpenTelemetry), or off.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.0.parts.telemetry
+    }
+    pub fn telemetry_arc(&self) -> Arc<Telemetry> {
+        self.0.parts.telemetry.clone()
+    }
     /// Ready: accepting requests, the engine is up and the audit trail can be
     /// written (fail closed: no trail, no inference).
     pub fn is_ready(&self) -> bool {
@@ -252,7 +262,9 @@ impl AppState {
     }
 }
 
-/// Per-request facts for the access log and metrics. Holds no request text.
+/// Per-request facts for the access log, metrics and the request's trace.
+/// Holds no request text. When the last reference goes (the response, a
+/// stream included, is done), the request's spans are exported.
 #[derive(Debug, Default)]
 pub struct RequestContext {
     request_id: String,
@@ -260,11 +272,27 @@ pub struct RequestContext {
     auth_denied: AtomicBool,
     prompt_tokens: AtomicUsize,
     completion_tokens: AtomicUsize,
+    /// The response's status and error code (set by the middleware).
+    response: Mutex<(u16, &'static str)>,
+    /// The spans of this request, when it is traced.
+    trace: Mutex<Option<RequestTrace>>,
 }
 
 impl RequestContext {
     pub fn new(request_id: String) -> Self {
-        RequestContext { request_id, ..Default::default() }
+        Self::traced(request_id, None)
+    }
+    /// A context whose request is traced by `trace` (when `Some`).
+    pub fn traced(request_id: String, trace: Option<RequestTrace>) -> Self {
+        RequestContext {
+            request_id,
+            principal: Mutex::default(),
+            auth_denied: AtomicBool::default(),
+            prompt_tokens: AtomicUsize::default(),
+            completion_tokens: AtomicUsize::default(),
+            response: Mutex::default(),
+            trace: Mutex::new(trace),
+        }
     }
     pub fn request_id(&self) -> &str {
         &self.request_id
@@ -287,5 +315,32 @@ impl RequestContext {
     }
     pub fn tokens(&self) -> (usize, usize) {
         (self.prompt_tokens.load(Ordering::Relaxed), self.completion_tokens.load(Ordering::Relaxed))
+    }
+    /// The response's status and fixed error code ("" when none).
+    pub fn set_response(&self, status: u16, error_code: &'static str) {
+        *self.response.lock().unwrap_or_else(|e| e.into_inner()) = (status, error_code);
+    }
+    /// Records a stretch of this request's work in its trace (if traced).
+    pub fn trace_phase(&self, phase: TracePhase, start: std::time::Instant, end: std::time::Instant) {
+        if let Some(t) = self.trace.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            t.phase(phase, start, end);
+        }
+    }
+}
+
+impl Drop for RequestContext {
+    fn drop(&mut self) {
+        let Some(trace) = self.trace.get_mut().unwrap_or_else(|e| e.into_inner()).take() else { return };
+        let principal = self.principal.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        let (status, error_code) = *self.response.get_mut().unwrap_or_else(|e| e.into_inner());
+        let (prompt_tokens, completion_tokens) = self.tokens();
+        trace.end(RequestOutcome {
+            request_id: &self.request_id,
+            principal: principal.as_deref(),
+            status,
+            error_code,
+            prompt_tokens,
+            completion_tokens,
+        });
     }
 }

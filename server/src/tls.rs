@@ -26,6 +26,37 @@ pub enum TlsError {
     Config(String),
 }
 
+/// The TLS settings of Salus' own outbound HTTPS clients (JWKS, break-glass
+/// webhook, OTLP): ring, TLS 1.2 and 1.3, trusting the PEM certificates of
+/// `ca_file`, or else the system's roots. The error names the file.
+pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| format!("CA file {}: {e}", path.display()))?;
+            let mut reader = std::io::BufReader::new(&pem[..]);
+            for cert in rustls_pemfile::certs(&mut reader) {
+                let cert = cert.map_err(|e| format!("CA file {}: {e}", path.display()))?;
+                roots.add(cert).map_err(|e| format!("CA file {}: {e}", path.display()))?;
+            }
+            if roots.is_empty() {
+                return Err(format!("CA file {} holds no certificate", path.display()));
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// Where the certificate, key and optional client CA come from.
 #[derive(Debug, Clone)]
 pub struct TlsSettings {

@@ -41,6 +41,7 @@ use salus_server::reviews::ReviewIndex;
 use salus_server::scheduler::ContinuousBatchingEngine;
 use salus_server::served_model::{ModelCodec, ServedModel};
 use salus_server::state::{AppParts, AppState, ServedModelInfo};
+use salus_server::telemetry::Telemetry;
 use salus_server::tls::{check_plaintext_allowed, write_self_signed, ReloadableTls, TlsSettings};
 
 #[derive(Args)]
@@ -141,7 +142,7 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<(Config, Option<PathBuf>)> {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let (config, dev_dir) = build_config(&args)?;
+    let (mut config, dev_dir) = build_config(&args)?;
     salus_server::observability::init(&config.logging.format, &config.logging.level, config.logging.file.as_deref())?;
     if let Err(e) = salus_seal::harden_process() {
         tracing::warn!(error = %e, "process hardening incomplete");
@@ -174,6 +175,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The audit trail: required; refused before any model or key work if it is
     // not configured, not private, or cannot be made durable.
     let audit_cfg = config.audit.to_log_settings()?;
+    // The replica's name (the host name unless configured), also for traces.
+    config.audit.instance = Some(audit_cfg.instance.clone());
     let forward_cfg = config.audit.forward_settings()?;
     let audit_dir = audit_cfg.dir.clone();
     let audit =
@@ -286,6 +289,7 @@ fn build_state(
     model: &LoadedServedModel,
     keys: Arc<KeyStoreHandle>,
     audit: AuditLog,
+    runtime: &tokio::runtime::Runtime,
 ) -> anyhow::Result<AppState> {
     let engine: Arc<dyn Engine> =
         Arc::new(ContinuousBatchingEngine::start(model.served.lm.clone(), config.scheduler.clone())?);
@@ -303,9 +307,21 @@ fn build_state(
             .with_reason_codes(config.reviews.reason_codes.clone()),
     );
     spawn_review_index_rebuild(reviews.clone(), audit.clone());
+    let telemetry = match &config.telemetry {
+        Some(t) => {
+            // Inside the runtime's context: a gRPC exporter runs its connection there.
+            let _context = runtime.enter();
+            let instance = config.audit.instance.as_deref().unwrap_or("salus");
+            let started = Telemetry::start(t, &model.id, instance, metrics.traces_arc())?;
+            tracing::info!("telemetry: exporting traces over OTLP");
+            started
+        }
+        None => Telemetry::disabled(),
+    };
     let denials = Arc::new(DenialRecorder::new(config.denial_settings(), audit.clone(), metrics.clone()));
     denials.spawn_flusher();
     Ok(AppState::new(AppParts {
+        telemetry: Arc::new(telemetry),
         engine,
         codec: Arc::new(ModelCodec::new(model.served.lm.clone())),
         keys,
@@ -436,12 +452,12 @@ fn run_with_audit(
     let (keys, dev_key) = set_up_keys(args, &config, &audit)?;
     salus_kernels::memory::set_lock_policy(config.memory.lock.policy());
     let model = load_served_model(&config, &audit)?;
-    let state = build_state(&config, &model, keys.clone(), audit.clone())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let state = build_state(&config, &model, keys.clone(), audit.clone(), &runtime)?;
     if let Some(m) = forward {
         state.metrics().forward().attach(m);
     }
     check_memory_protection(config.memory.lock)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let print = || {
         if let (Some(key), Some(dir)) = (&dev_key, &dev_dir) {
             print_examples(addr, dir, &model.id, key.as_str());
@@ -449,7 +465,11 @@ fn run_with_audit(
     };
     let denials = state.denials_arc();
     let access = state.access_arc();
-    runtime.block_on(serve_until_stopped(&config, addr, tls, state, keys.clone(), print))?;
+    let telemetry = state.telemetry_arc();
+    let served = runtime.block_on(serve_until_stopped(&config, addr, tls, state, keys.clone(), print));
+    // Spans still queued go out while the runtime (a gRPC connection) still runs.
+    telemetry.shutdown();
+    served?;
     // Every open session ends with the server (and is recorded so).
     access.end_sessions_blocking(&audit);
     // Denials counted since the last interval go into the trail before it closes.

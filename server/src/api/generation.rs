@@ -30,8 +30,11 @@ use super::tools::{new_call_id, ToolCall, ToolCallDelta};
 use super::types::GenerationParams;
 use crate::auth::policy::InferenceSlot;
 use crate::auth::AuthenticatedPrincipal;
-use crate::engine::{FinishReason, GenerationEvent, GenerationHandle, GenerationRequest, RequestId, TokenLogprob};
+use crate::engine::{
+    ChoiceTiming, FinishReason, GenerationEvent, GenerationHandle, GenerationRequest, RequestId, TokenLogprob,
+};
 use crate::state::{AppState, RequestContext};
+use crate::telemetry::TracePhase;
 
 /// Requests that passed the limit checks, not yet submitted.
 pub struct Plan {
@@ -149,6 +152,7 @@ impl Plan {
         mut audit: InferenceAudit,
     ) -> Result<Generation, ApiError> {
         let choices: usize = self.requests.iter().map(|r| r.n).sum();
+        let submitted = Instant::now();
         let mut streams = Vec::with_capacity(self.requests.len());
         for request in self.requests {
             let offset = request.first_choice;
@@ -156,13 +160,14 @@ impl Plan {
                 Ok(handle) => streams.push(handle_stream(handle, offset)),
                 Err(e) => {
                     let err = ApiError::from_engine(&e, ctx.request_id());
-                    audit.failed(err.code().unwrap_or("internal_error"), self.prompt_tokens, 0).await;
+                    audit.failed(ctx, err.code().unwrap_or("internal_error"), self.prompt_tokens, 0).await;
                     return Err(err);
                 }
             }
         }
         ctx.set_tokens(self.prompt_tokens, 0);
         Ok(Generation {
+            engine_times: EngineTimes { submitted: Some(submitted), ..EngineTimes::default() },
             state: state.clone(),
             ctx: ctx.clone(),
             request_id: ctx.request_id().to_string(),
@@ -276,9 +281,47 @@ pub struct Completed {
     pub usage: Usage,
 }
 
+/// When the engine worked on a request's choices, over all of them (its trace's phases).
+#[derive(Debug, Clone, Copy, Default)]
+struct EngineTimes {
+    submitted: Option<Instant>,
+    /// The earliest choice's first scheduling and first token.
+    admitted: Option<Instant>,
+    first_token: Option<Instant>,
+    /// When the last choice finished.
+    finished: Option<Instant>,
+}
+
+impl EngineTimes {
+    fn choice_finished(&mut self, timing: ChoiceTiming) {
+        let earliest = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.admitted = earliest(self.admitted, timing.admitted);
+        self.first_token = earliest(self.first_token, timing.first_token);
+        self.finished = Some(Instant::now());
+    }
+
+    /// Records queue, prefill and decode in the request's trace (those that happened).
+    fn trace(&self, ctx: &RequestContext, usage: &Usage) {
+        let (Some(submitted), Some(admitted)) = (self.submitted, self.admitted) else { return };
+        ctx.trace_phase(TracePhase::Queue, submitted, admitted);
+        let Some(first) = self.first_token else { return };
+        let cached_prompt_tokens = usage.cached_prompt_tokens;
+        ctx.trace_phase(TracePhase::Prefill { cached_prompt_tokens }, admitted, first);
+        if let Some(finished) = self.finished {
+            let completion_tokens = usage.completion_tokens;
+            ctx.trace_phase(TracePhase::Decode { completion_tokens }, first, finished);
+        }
+    }
+}
+
 /// A submitted request's generation: the one place its events are accounted
 /// and its outcome is recorded.
 pub struct Generation {
+    /// When the engine worked on it (for its trace).
+    engine_times: EngineTimes,
     state: AppState,
     ctx: Arc<RequestContext>,
     request_id: String,
@@ -428,11 +471,12 @@ impl Generation {
                     }
                     return Some(Update::Delta { choice: index, text, logprobs, tool_calls });
                 }
-                GenerationEvent::Finished { choice, reason, completion_tokens, cached_prompt_tokens } => {
+                GenerationEvent::Finished { choice, reason, completion_tokens, cached_prompt_tokens, timing } => {
                     let c = &mut self.choices[index];
                     if c.finish.is_some() {
                         continue;
                     }
+                    self.engine_times.choice_finished(timing);
                     c.finish = Some(reason);
                     c.completion_tokens = completion_tokens;
                     // A prompt's cached tokens count once: on its first choice.
@@ -492,6 +536,7 @@ impl Generation {
         metrics.e2e.observe(self.started.elapsed().as_secs_f64());
         metrics.add_tokens(usage.prompt_tokens, usage.completion_tokens);
         self.ctx.set_tokens(usage.prompt_tokens, usage.completion_tokens);
+        self.engine_times.trace(&self.ctx, &usage);
         tracing::info!(
             request_id = %self.request_id,
             prompt_tokens = usage.prompt_tokens,
@@ -502,15 +547,16 @@ impl Generation {
         );
         if let Some(err) = self.failure.take() {
             let reason = err.code().unwrap_or("model_error");
-            self.audit.failed(reason, usage.prompt_tokens, usage.completion_tokens).await;
+            self.audit.failed(&self.ctx, reason, usage.prompt_tokens, usage.completion_tokens).await;
             return Err(err);
         }
         let texts: Vec<&Phi<String>> = self.choices.iter().map(|c| &c.text).collect();
         let hmac = self.audit.completion_hmac(&texts);
         let called = self.tools_called();
         let choices = self.choices.len();
-        if let Err(e) = self.audit.completed(usage.prompt_tokens, usage.completion_tokens, hmac, called, choices).await
-        {
+        let recorded =
+            self.audit.completed(&self.ctx, usage.prompt_tokens, usage.completion_tokens, hmac, called, choices).await;
+        if let Err(e) = recorded {
             // Fail closed: no durable record of this inference, no (further) output.
             tracing::error!(request_id = %self.request_id, error = %e, "audit: inference.completed not recorded; output withheld");
             return Err(self.internal_error());

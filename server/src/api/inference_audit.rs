@@ -50,6 +50,7 @@ use super::error::ApiError;
 use super::types::GenerationParams;
 use crate::auth::AuthenticatedPrincipal;
 use crate::state::{AppState, RequestContext};
+use crate::telemetry::TracePhase;
 use salus_audit::{AuditEvent, AuditLog, EventKind, InferenceParams, TextHmac};
 
 /// The peer address of the connection (absent for in-process requests).
@@ -118,6 +119,19 @@ pub struct InferenceAudit {
     reviews: std::sync::Arc<crate::reviews::ReviewIndex>,
 }
 
+/// Writes `ev` and waits until it is durable, timing the write in the request's trace.
+async fn record_traced(
+    log: &AuditLog,
+    ctx: &RequestContext,
+    ev: AuditEvent,
+) -> Result<salus_audit::RecordReceipt, salus_audit::AuditError> {
+    let event = ev.kind.as_str();
+    let start = Instant::now();
+    let result = log.record(ev).await;
+    ctx.trace_phase(TracePhase::AuditWrite { event, written: result.is_ok() }, start, Instant::now());
+    result
+}
+
 fn with_kind(base: &AuditEvent, kind: EventKind) -> AuditEvent {
     // The builder's defaults (action, outcome) follow the kind: rebuild from the base's fields.
     let mut ev = base.clone();
@@ -155,7 +169,7 @@ impl InferenceAudit {
         if state.access().in_break_glass_window(subject.principal.id()) {
             base = base.detail(serde_json::json!({ "break_glass": true }));
         }
-        match log.record(base.clone()).await {
+        match record_traced(&log, ctx, base.clone()).await {
             Ok(_) => {
                 Ok(InferenceAudit { log, base, started: Instant::now(), done: false, reviews: state.reviews_arc() })
             }
@@ -182,6 +196,7 @@ impl InferenceAudit {
     /// HMAC only).
     pub async fn completed(
         &mut self,
+        ctx: &RequestContext,
         prompt_tokens: usize,
         completion_tokens: usize,
         completion_hmac: TextHmac,
@@ -199,7 +214,7 @@ impl InferenceAudit {
                 p.tools_called = Some(tools_called);
             }
         }
-        let receipt = self.log.record(ev).await?;
+        let receipt = record_traced(&self.log, ctx, ev).await?;
         if let (Some(request_id), Some(principal)) = (&self.base.request_id, &self.base.principal) {
             let completed = salus_audit::RecordFilter::parse_time(&receipt.time)
                 .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
@@ -220,13 +235,19 @@ impl InferenceAudit {
 
     /// Records `inference.failed` with a fixed reason code; a failure to record
     /// is logged (the request already failed).
-    pub async fn failed(&mut self, reason: &'static str, prompt_tokens: usize, completion_tokens: usize) {
+    pub async fn failed(
+        &mut self,
+        ctx: &RequestContext,
+        reason: &'static str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    ) {
         self.done = true;
         let ev = with_kind(&self.base, EventKind::InferenceFailed)
             .outcome_reason(reason)
             .tokens(clamp(prompt_tokens), clamp(completion_tokens))
             .latency(self.started.elapsed());
-        if let Err(e) = self.log.record(ev).await {
+        if let Err(e) = record_traced(&self.log, ctx, ev).await {
             let request_id = self.base.request_id.clone().unwrap_or_default();
             tracing::error!(request_id = %request_id, error = %e, "audit: inference.failed not recorded");
         }

@@ -19,11 +19,12 @@ use crate::auth::denials::DenialRecorder;
 use crate::auth::{KeyStore, KeyStoreHandle, Permission, PrincipalKind};
 use crate::config::{AuthConfig, Config, LimitsConfig};
 use crate::engine::{
-    CancelToken, Engine, EngineError, EngineStats, FinishReason, GenerationEvent, GenerationHandle, GenerationRequest,
-    TokenLogprob,
+    CancelToken, ChoiceTiming, Engine, EngineError, EngineStats, FinishReason, GenerationEvent, GenerationHandle,
+    GenerationRequest, TokenLogprob,
 };
 use crate::metrics::Metrics;
 use crate::state::{AppParts, AppState, EncodedChat, PromptCodec, PromptError, ServedModelInfo};
+use crate::telemetry::Telemetry;
 use salus_audit::{read_trail, AuditLog, AuditLogSettings, AuditRecord};
 use salus_models::chat::{ChatMessage, RenderOptions};
 use salus_sensitive::secret::{write_new_key_file, KeySource};
@@ -67,6 +68,9 @@ impl Engine for ScriptedEngine {
         self.cancels.lock().unwrap().push(cancel.clone());
         let words: Vec<String> =
             self.reply.lock().unwrap().clone().unwrap_or_else(|| vec!["Hello".into(), " world".into()]);
+        // Scheduled and sampled at once (the trace tests read the order).
+        let admitted = std::time::Instant::now();
+        let timing = ChoiceTiming { admitted: Some(admitted), first_token: Some(std::time::Instant::now()) };
         for choice in 0..r.n {
             if let Some(top) = r.prompt_logprobs {
                 // Scores every prompt token after the first: -1, -2, …
@@ -98,7 +102,13 @@ impl Engine for ScriptedEngine {
             // Every choice reports one prompt token from the prefix cache; the
             // API must count it once per prompt, not per choice.
             let cached_prompt_tokens = 1;
-            let _ = tx.send(GenerationEvent::Finished { choice, reason, completion_tokens: k, cached_prompt_tokens });
+            let _ = tx.send(GenerationEvent::Finished {
+                choice,
+                reason,
+                completion_tokens: k,
+                cached_prompt_tokens,
+                timing,
+            });
         }
         Ok(GenerationHandle::new(rx, cancel))
     }
@@ -230,6 +240,11 @@ struct BuiltState {
 }
 
 fn build_state(store: KeyStore, auth: &AuthConfig) -> BuiltState {
+    build_state_traced(store, auth, Telemetry::disabled())
+}
+
+/// [`build_state`] whose requests are traced by `telemetry`.
+fn build_state_traced(store: KeyStore, auth: &AuthConfig, telemetry: Telemetry) -> BuiltState {
     let engine = Arc::new(ScriptedEngine::default());
     let audit_dir = tempfile::tempdir().unwrap();
     let key_path = audit_dir.path().join("audit.key");
@@ -252,6 +267,7 @@ fn build_state(store: KeyStore, auth: &AuthConfig) -> BuiltState {
             crate::reviews::ReviewIndex::new(Duration::from_secs(3600), 10_000, true)
                 .with_reason_codes(crate::config::ReviewsConfig::default().reason_codes),
         ),
+        telemetry: Arc::new(telemetry),
     });
     BuiltState { state, audit, audit_key, audit_dir, engine }
 }
@@ -832,3 +848,5 @@ mod reviews;
 mod structured;
 /// Tool calling: requests, history, parsed calls, streamed deltas, audit.
 mod tools;
+/// OpenTelemetry traces: spans, parents, timings, no request text.
+mod traces;

@@ -431,32 +431,7 @@ pub(crate) fn short_http_error(e: &ureq::Error) -> String {
 
 /// An HTTPS-only client trusting `ca_file` (PEM) or else the system's roots.
 pub(crate) fn https_agent(ca_file: Option<&std::path::Path>) -> Result<ureq::Agent, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| format!("CA file {}: {e}", path.display()))?;
-            let mut reader = std::io::BufReader::new(&pem[..]);
-            for cert in rustls_pemfile::certs(&mut reader) {
-                let cert = cert.map_err(|e| format!("CA file {}: {e}", path.display()))?;
-                roots.add(cert).map_err(|e| format!("CA file {}: {e}", path.display()))?;
-            }
-            if roots.is_empty() {
-                return Err(format!("CA file {} holds no certificate", path.display()));
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                let _ = roots.add(cert);
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = crate::tls::client_config(ca_file)?;
     Ok(ureq::AgentBuilder::new()
         .tls_config(Arc::new(config))
         .https_only(true)

@@ -67,14 +67,33 @@ pub enum GenerationEvent {
     },
     /// `choice` finished; `completion_tokens` counts its generated tokens and
     /// `cached_prompt_tokens` the prompt tokens its sequence took from the
-    /// prefix cache instead of computing them (at its first admission).
-    Finished { choice: usize, reason: FinishReason, completion_tokens: usize, cached_prompt_tokens: usize },
+    /// prefix cache instead of computing them (at its first admission);
+    /// `timing` says when it was scheduled and sampled first (for traces).
+    Finished {
+        choice: usize,
+        reason: FinishReason,
+        completion_tokens: usize,
+        cached_prompt_tokens: usize,
+        timing: ChoiceTiming,
+    },
     /// The prompt's scores for `choice` (requests with `prompt_logprobs`),
     /// before any other event of the choice: one entry per prompt token after
     /// the first (the first has no context to be scored in).
     PromptLogprobs { choice: usize, logprobs: Vec<TokenLogprob> },
     /// The request failed inside the engine; no further events follow.
     Failed { error: EngineError },
+}
+
+/// When the engine worked on a choice: its queue wait ends at `admitted`, its
+/// prefill at `first_token`. Both stay `None` for a choice that ended before
+/// it ran (nothing to generate).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChoiceTiming {
+    /// The start of the first step that scheduled the choice's sequence
+    /// (a preempted sequence keeps its first admission).
+    pub admitted: Option<Instant>,
+    /// When its first token was sampled (the end of its prefill).
+    pub first_token: Option<Instant>,
 }
 
 /// Errors the engine reports. Messages never contain request text.

@@ -20,7 +20,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::policy::{Policy, PolicyLimits, StepPlan};
 use super::{Shared, Submission};
-use crate::engine::{CancelToken, EngineError, FinishReason, GenerationEvent, RequestId};
+use crate::engine::{CancelToken, ChoiceTiming, EngineError, FinishReason, GenerationEvent, RequestId};
 
 struct RequestState {
     id: RequestId,
@@ -46,6 +46,8 @@ struct SeqCtx {
     decoder: ChoiceDecoder,
     /// The prompt's scores while they are computed (`prompt_logprobs`).
     prompt_scores: Option<PromptScores>,
+    /// When it was first scheduled and first sampled.
+    timing: ChoiceTiming,
 }
 
 /// The logprobs of a sequence's prompt tokens, filled in as its prefill chunks
@@ -193,6 +195,7 @@ impl Worker {
                     choice,
                     decoder,
                     prompt_scores: request.prompt_logprobs.map(|top| PromptScores::new(prompt.len(), top)),
+                    timing: ChoiceTiming::default(),
                 }),
                 Err(e) => {
                     tracing::error!(request_id = %state.id.0, error = %e, "invalid decoding parameters reached the engine");
@@ -206,7 +209,7 @@ impl Worker {
         if prompt.is_empty() || (request.decode.max_tokens == 0 && request.prompt_logprobs.is_none()) {
             for c in ctxs {
                 let done = DecodeStep { finished: Some(FinishReason::Length), ..Default::default() };
-                send_step(&state.events, c.choice, done, 0, 0);
+                send_step(&state.events, c.choice, done, (0, 0), c.timing);
             }
             return;
         }
@@ -295,6 +298,12 @@ impl Worker {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
             return;
+        }
+        let step_started = Instant::now();
+        for s in &plan.seqs {
+            if let Some(c) = self.seqs.get_mut(&s.seq) {
+                c.timing.admitted.get_or_insert(step_started);
+            }
         }
         let lm = self.lm.clone();
         // Sequences whose prompt is being scored: every position's logits.
@@ -425,6 +434,7 @@ impl Worker {
         let Some(ctx) = self.seqs.get_mut(&seq) else { return };
         let rid = ctx.request;
         let Some(req) = self.requests.get(&rid) else { return };
+        ctx.timing.first_token.get_or_insert_with(Instant::now);
         let tokens = self.policy.tokens(seq);
         let step = match ctx.decoder.step(&self.lm.tokenizer, logits, tokens, self.policy.prompt_len(seq)) {
             Ok(s) => s,
@@ -440,12 +450,12 @@ impl Worker {
             }
         };
         if let Some(token) = step.next_token() {
-            send_step(&req.events, ctx.choice, step, 0, 0);
+            send_step(&req.events, ctx.choice, step, (0, 0), ctx.timing);
             self.policy.append_token(seq, token);
             return;
         }
         let (generated, cached) = (ctx.decoder.generated(), self.policy.cached_prompt_tokens(seq));
-        send_step(&req.events, ctx.choice, step, generated, cached);
+        send_step(&req.events, ctx.choice, step, (generated, cached), ctx.timing);
         self.policy.remove(seq);
         self.seqs.remove(&seq);
         if let Some(r) = self.requests.get_mut(&rid) {
@@ -459,20 +469,23 @@ impl Worker {
 
 /// Streams one decoding step of `choice`: its text and logprobs as a delta
 /// (when there are any), then `Finished` when the step ended the choice
-/// (`completion_tokens` and `cached_prompt_tokens` describe the finished choice).
+/// (`counts`, its completion tokens and cached prompt tokens, and `timing`
+/// describe the finished choice).
 fn send_step(
     events: &UnboundedSender<GenerationEvent>,
     choice: usize,
     step: DecodeStep,
-    completion_tokens: usize,
-    cached_prompt_tokens: usize,
+    counts: (usize, usize),
+    timing: ChoiceTiming,
 ) {
+    let (completion_tokens, cached_prompt_tokens) = counts;
     let DecodeStep { text, token, logprob, finished } = step;
     let tokens = usize::from(token.is_some());
     if !text.expose().is_empty() || logprob.is_some() || tokens > 0 {
         let _ = events.send(GenerationEvent::Delta { choice, text, logprobs: logprob.into_iter().collect(), tokens });
     }
     if let Some(reason) = finished {
-        let _ = events.send(GenerationEvent::Finished { choice, reason, completion_tokens, cached_prompt_tokens });
+        let _ =
+            events.send(GenerationEvent::Finished { choice, reason, completion_tokens, cached_prompt_tokens, timing });
     }
 }
