@@ -402,6 +402,16 @@ pub fn score_token(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f3
     (logprob, top)
 }
 
+/// The rank of `token` under `logits`: 1 for the most likely, one more for
+/// each token strictly more likely (ties share a rank; NaN counts as `-inf`).
+/// vLLM reports it with each prompt logprob.
+pub fn token_rank(logits: &[f32], token: u32) -> u32 {
+    let clean = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
+    let Some(&own) = logits.get(token as usize) else { return logits.len() as u32 + 1 };
+    let own = clean(own);
+    1 + logits.iter().filter(|&&x| clean(x) > own).count() as u32
+}
+
 /// `Σ e^(x - max)` with eight independent accumulators (vectorizes; a single
 /// running float sum would serialize on the adds).
 fn sum_exp(v: &[f32], max: f32) -> f32 {

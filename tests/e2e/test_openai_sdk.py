@@ -307,6 +307,35 @@ def check_echo_scores_prompts_like_lm_eval():
     assert len(r.choices[0].logprobs.tokens) == r.usage.prompt_tokens
 
 
+def check_prompt_logprobs_like_vllm():
+    """vLLM's prompt_logprobs on both endpoints: per prompt token (the first null) the token's logprob,
+    its rank (1 when no alternative is more likely) and text, with the top alternatives; the same scores as echo."""
+    prompt = "The capital of France is Paris"
+    r = C.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,
+                             extra_body={"prompt_logprobs": 3})
+    p = r.choices[0].model_extra["prompt_logprobs"]
+    assert len(p) == r.usage.prompt_tokens and p[0] is None, p[:2]
+    echo = C.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=1, max_tokens=0)
+    ids = echo.choices[0].logprobs.tokens
+    for pos, entry in enumerate(p[1:], start=1):
+        assert 1 <= len(entry) <= 4, entry
+        ranked = sorted(entry.values(), key=lambda e: e["rank"])
+        own = [e for e in entry.values() if e["decoded_token"] == ids[pos]]
+        assert own, (pos, entry, ids[pos])
+        # Ranks agree with the logprobs: rank 1 is the most likely, a better token never ranks lower.
+        best = max(e["logprob"] for e in entry.values())
+        assert ranked[0]["rank"] == 1 and abs(ranked[0]["logprob"] - best) < 1e-4, entry
+        for e in entry.values():
+            assert e["logprob"] <= 0 and e["rank"] >= 1, entry
+            assert e["rank"] > 1 or e["logprob"] >= best - 1e-4, entry
+            assert e["logprob"] >= best - 1e-3 or e["rank"] > 1, entry
+        assert abs(own[0]["logprob"] - echo.choices[0].logprobs.token_logprobs[pos]) < 1e-3, (pos, own, echo)
+    chat = C.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+                                     extra_body={"prompt_logprobs": 0})
+    cp = chat.model_extra["prompt_logprobs"]
+    assert len(cp) == chat.usage.prompt_tokens and cp[0] is None and all(len(e) == 1 for e in cp[1:]), cp[:3]
+
+
 def check_vllm_extensions_are_honoured():
     """What benchmark harnesses send: ignore_eos really generates max_tokens, min_tokens really defers EOS."""
     hi = [{"role": "user", "content": "Say hi."}]

@@ -336,3 +336,14 @@ fn argmax(v: &[f32]) -> u32 {
     }
     best as u32
 }
+
+#[test]
+fn token_rank_counts_the_strictly_more_likely_tokens() {
+    let logits = [0.5, 2.0, f32::NAN, 2.0, -1.0];
+    assert_eq!(token_rank(&logits, 1), 1);
+    assert_eq!(token_rank(&logits, 3), 1, "ties share a rank");
+    assert_eq!(token_rank(&logits, 0), 3);
+    assert_eq!(token_rank(&logits, 4), 4);
+    assert_eq!(token_rank(&logits, 2), 5, "NaN counts as -inf");
+    assert_eq!(token_rank(&logits, 9), 6, "an id past the vocabulary ranks last");
+}

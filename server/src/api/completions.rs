@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use axum::extract::{Extension, State};
 use axum::response::Response;
+use salus_models::chat::Role;
 use salus_models::Phi;
 
 use super::error::ApiError;
@@ -97,11 +98,7 @@ impl Inference<'_> {
     ) -> Result<Response, ApiError> {
         // `echo`: each prompt's text and token ids.
         let echoed: Option<Vec<EchoedPrompt>> = echo_texts.map(|texts| {
-            texts
-                .into_iter()
-                .zip(prompts.iter().cloned())
-                .map(|(text, tokens)| EchoedPrompt { text, tokens, logprobs: Vec::new() })
-                .collect()
+            texts.into_iter().zip(prompts.iter().cloned()).map(|(text, tokens)| EchoedPrompt { text, tokens }).collect()
         });
         let plan = generation::plan(self.state, self.ctx, self.principal, prompts, params)?;
         self.slot.charge(plan.prompt_tokens());
@@ -121,7 +118,9 @@ impl Inference<'_> {
         if let Some(prompts) = echoed {
             generation = generation.with_echo(prompts, params.n);
         }
-        let builder = ResponseBuilder::new(self.state, self.ctx, endpoint, params.logprobs);
+        let top = params.decode.sampling.top_logprobs.unwrap_or(0);
+        let builder = ResponseBuilder::new(self.state, self.ctx, endpoint, params.logprobs.then_some(top))
+            .with_prompt_logprobs(params.prompt_logprobs_reply);
         if params.stream {
             let usage = StreamUsage { include: params.include_usage, continuous: params.continuous_usage };
             Ok(respond_stream(generation, builder, usage))
@@ -177,13 +176,16 @@ pub async fn chat_completions(
     };
     compile_requested(&state, &principal, &mut params).await?;
     check_prompt_size(&state, &params, messages.iter().map(|m| m.content.expose().len()).sum())?;
+    // `echo`: the last message, when it is the assistant's (the reply continues it).
+    let echoed = messages.last().filter(|m| m.role == Role::Assistant).map(|m| m.content.clone());
     let prompt = state
         .with_codec_off_runtime(move |codec| codec.encode_chat(&messages, &template))
         .await
         .map_err(|e| prompt_error(e, "messages", ctx.request_id()))?;
     // The canonical prompt of the audit HMAC: the text after the chat template.
     let inference = Inference { state: &state, ctx: &ctx, principal: &principal, source, slot };
-    inference.run(Endpoint::Chat, &params, vec![prompt.ids], prompt.text, tool_calls, None).await
+    let echo = echoed.filter(|_| params.echo).map(|text| vec![text]);
+    inference.run(Endpoint::Chat, &params, vec![prompt.ids], prompt.text, tool_calls, echo).await
 }
 
 /// `POST /v1/completions`.

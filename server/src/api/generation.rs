@@ -217,8 +217,11 @@ pub struct ChoiceOutput {
     current_call_kept: bool,
     /// Every token's logprobs so far, when requested.
     pub logprobs: Vec<TokenLogprob>,
-    /// `echo`: the prompt, and its tokens' scores after the first (with `logprobs`).
+    /// `echo`: the prompt (completions), or the last message (chat).
     pub echo: Option<EchoedPrompt>,
+    /// The prompt's tokens after the first, scored (`echo` with `logprobs`,
+    /// `prompt_logprobs`).
+    pub prompt_scores: Option<PromptScores>,
     pub finish: Option<FinishReason>,
     pub completion_tokens: usize,
     /// Prompt tokens served from the prefix cache, counted on the first choice
@@ -244,15 +247,22 @@ impl ChoiceOutput {
     }
 }
 
-/// The prompt a choice echoes (`/v1/completions` `echo`, non-streaming).
+/// The text a choice echoes (non-streaming): the prompt on
+/// `/v1/completions`, the last (assistant) message on chat.
 #[derive(Debug, Clone)]
 pub struct EchoedPrompt {
     /// The prompt's text (PHI).
     pub text: Phi<String>,
-    /// Its token ids (PHI).
+    /// The prompt's token ids (PHI).
     pub tokens: Phi<Vec<u32>>,
-    /// The scores of its tokens after the first, when logprobs were requested.
+}
+
+/// How the model scored a prompt: each token after the first with its
+/// logprob, alternatives and rank (1: the most likely).
+#[derive(Debug, Clone, Default)]
+pub struct PromptScores {
     pub logprobs: Vec<TokenLogprob>,
+    pub ranks: Vec<u32>,
 }
 
 /// What a consumer forwards to the client.
@@ -494,10 +504,8 @@ impl Generation {
                     self.pending = Some(finished);
                     return Some(Update::Delta { choice: index, text, logprobs: Vec::new(), tool_calls });
                 }
-                GenerationEvent::PromptLogprobs { logprobs, .. } => {
-                    if let Some(echo) = self.choices[index].echo.as_mut() {
-                        echo.logprobs = logprobs;
-                    }
+                GenerationEvent::PromptLogprobs { logprobs, ranks, .. } => {
+                    self.choices[index].prompt_scores = Some(PromptScores { logprobs, ranks });
                 }
                 GenerationEvent::Failed { error } => {
                     self.failure = Some(ApiError::from_engine(&error, &self.request_id));

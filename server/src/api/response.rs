@@ -8,7 +8,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::generation::{ChoiceOutput, Completed, EchoedPrompt, Generation, Usage};
+use super::generation::{ChoiceOutput, Completed, EchoedPrompt, Generation, PromptScores, Usage};
 use super::tools::ToolCallDelta;
 use crate::engine::TokenLogprob;
 use crate::state::{AppState, RequestContext};
@@ -73,11 +73,14 @@ pub struct ResponseBuilder {
     id: String,
     created: u64,
     fingerprint: String,
-    logprobs: bool,
+    /// `logprobs`: with this many alternatives per token.
+    logprobs: Option<usize>,
+    /// vLLM's `prompt_logprobs`: alternatives per prompt token in the reply.
+    prompt_logprobs: Option<usize>,
 }
 
 impl ResponseBuilder {
-    pub fn new(state: &AppState, ctx: &RequestContext, endpoint: Endpoint, logprobs: bool) -> Self {
+    pub fn new(state: &AppState, ctx: &RequestContext, endpoint: Endpoint, logprobs: Option<usize>) -> Self {
         ResponseBuilder {
             state: state.clone(),
             endpoint,
@@ -86,7 +89,14 @@ impl ResponseBuilder {
             // `system_fingerprint` identifies the exact weights served.
             fingerprint: format!("fp_{}", state.model().fingerprint.chars().take(12).collect::<String>()),
             logprobs,
+            prompt_logprobs: None,
         }
+    }
+
+    /// Replies carry the prompt's scores with `top` alternatives per token (vLLM's `prompt_logprobs`).
+    pub fn with_prompt_logprobs(mut self, top: Option<usize>) -> Self {
+        self.prompt_logprobs = top;
+        self
     }
 
     pub fn endpoint(&self) -> Endpoint {
@@ -123,20 +133,32 @@ impl ResponseBuilder {
             _ => None,
         };
         let logprobs = match logprobs {
-            Some(lps) if self.logprobs => match self.endpoint {
-                Endpoint::Chat => self.chat_logprobs(lps),
-                Endpoint::Completion => self.completion_logprobs(echo, lps),
+            Some(lps) if self.logprobs.is_some() => match (self.endpoint, &part) {
+                (Endpoint::Chat, _) => self.chat_logprobs(lps),
+                (Endpoint::Completion, ChoicePart::Whole(c)) => {
+                    self.completion_logprobs(echo.zip(c.prompt_scores.as_ref()), lps)
+                }
+                (Endpoint::Completion, _) => self.completion_logprobs(None, lps),
             },
             _ => Value::Null,
         };
         let finish_reason = finish.map_or(Value::Null, Value::from);
+        // `echo`: the text begins with the prompt (completions) or the continued message (chat).
+        let echoed;
+        let text = match echo {
+            Some(e) => {
+                echoed = Phi::new(format!("{}{text}", e.text.expose()));
+                echoed.expose().as_str()
+            }
+            None => text,
+        };
         if self.endpoint == Endpoint::Completion {
-            // `echo`: the text begins with the prompt.
-            let text = match echo {
-                Some(e) => Phi::new(format!("{}{text}", e.text.expose())),
-                None => Phi::new(text.to_owned()),
-            };
-            return json!({"text": text.expose(), "index": index, "logprobs": logprobs, "finish_reason": finish_reason});
+            let mut choice =
+                json!({"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason});
+            if let (Some(top), ChoicePart::Whole(c)) = (self.prompt_logprobs, &part) {
+                choice["prompt_logprobs"] = self.vllm_prompt_logprobs(c, top);
+            }
+            return choice;
         }
         let (key, message) = match part {
             ChoicePart::Preamble => ("delta", json!({"role": "assistant", "content": "", "refusal": null})),
@@ -193,12 +215,13 @@ impl ResponseBuilder {
 
     /// The legacy completions shape; `text_offset` counts bytes from the start
     /// of the part of the choice this object covers. With `echo`, the prompt's
-    /// tokens come first, the first of them with `null` (nothing precedes it).
-    fn completion_logprobs(&self, echo: Option<&EchoedPrompt>, lps: &[TokenLogprob]) -> Value {
+    /// tokens and their scores come first, the first token with `null`
+    /// (nothing precedes it).
+    fn completion_logprobs(&self, echo: Option<(&EchoedPrompt, &PromptScores)>, lps: &[TokenLogprob]) -> Value {
         let codec = self.state.codec();
         let (mut tokens, mut token_logprobs, mut top, mut offsets) = (vec![], vec![], vec![], vec![]);
         let mut offset = 0;
-        let first = echo.and_then(|e| e.tokens.expose().first().copied());
+        let first = echo.and_then(|(e, _)| e.tokens.expose().first().copied());
         if let Some(id) = first {
             let t = codec.token_text(id);
             offsets.push(offset);
@@ -207,7 +230,9 @@ impl ResponseBuilder {
             token_logprobs.push(Value::Null);
             top.push(Value::Null);
         }
-        let prompt_scores = echo.map(|e| e.logprobs.as_slice()).unwrap_or_default();
+        let prompt_scores = echo.map(|(_, s)| s.logprobs.as_slice()).unwrap_or_default();
+        // The prompt may have been scored with more alternatives (for `prompt_logprobs`).
+        let k = self.logprobs.unwrap_or(0);
         for lp in prompt_scores.iter().chain(lps) {
             let t = codec.token_text(lp.token_id);
             offsets.push(offset);
@@ -215,10 +240,30 @@ impl ResponseBuilder {
             tokens.push(Value::String(t.expose().clone()));
             token_logprobs.push(json!(lp.logprob));
             let alternatives: serde_json::Map<String, Value> =
-                lp.top.iter().map(|(id, l)| (codec.token_text(*id).expose().clone(), json!(l))).collect();
+                lp.top.iter().take(k).map(|(id, l)| (codec.token_text(*id).expose().clone(), json!(l))).collect();
             top.push(Value::Object(alternatives));
         }
         json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
+    }
+
+    /// vLLM's `prompt_logprobs`: one entry per prompt token, `null` for the
+    /// first, then `{token id: {logprob, rank, decoded_token}}` for the token
+    /// and its `top` most likely alternatives.
+    fn vllm_prompt_logprobs(&self, c: &ChoiceOutput, top: usize) -> Value {
+        let Some(scores) = &c.prompt_scores else { return Value::Null };
+        let codec = self.state.codec();
+        let entry = |id: u32, logprob: f32, rank: u32| json!({"logprob": logprob, "rank": rank, "decoded_token": codec.token_text(id).expose()});
+        let mut out = Vec::with_capacity(scores.logprobs.len() + 1);
+        out.push(Value::Null);
+        for (lp, &rank) in scores.logprobs.iter().zip(&scores.ranks) {
+            let mut position = serde_json::Map::new();
+            position.insert(lp.token_id.to_string(), entry(lp.token_id, lp.logprob, rank));
+            for (i, &(id, logprob)) in lp.top.iter().take(top).enumerate() {
+                position.entry(id.to_string()).or_insert_with(|| entry(id, logprob, i as u32 + 1));
+            }
+            out.push(Value::Object(position));
+        }
+        Value::Array(out)
     }
 
     /// The non-streaming response: every choice complete, plus usage.
@@ -230,6 +275,10 @@ impl ResponseBuilder {
             Endpoint::Completion => "text_completion",
         };
         let mut v = self.envelope(object, Value::Array(choices));
+        if let (Endpoint::Chat, Some(top), Some(first)) = (self.endpoint, self.prompt_logprobs, done.choices.first()) {
+            // Chat: one prompt, its scores beside the choices (as vLLM).
+            v["prompt_logprobs"] = self.vllm_prompt_logprobs(first, top);
+        }
         v["usage"] = usage_json(&done.usage);
         v
     }

@@ -52,8 +52,11 @@ pub struct GenerationParams {
     /// its logprobs) begins with the prompt.
     pub echo: bool,
     /// Score the prompt with this many alternatives per token (`echo` with
-    /// `logprobs`).
+    /// `logprobs`, or `prompt_logprobs`).
     pub prompt_logprobs: Option<usize>,
+    /// vLLM's `prompt_logprobs`: the response carries the prompt's scores
+    /// (token, logprob, rank) with this many alternatives per token.
+    pub prompt_logprobs_reply: Option<usize>,
     pub stream: bool,
     pub include_usage: bool,
     /// vLLM's `stream_options.continuous_usage_stats`: usage in every chunk.
@@ -287,6 +290,10 @@ fn parse_common(
         return Err(ApiError::invalid("min_tokens", "min_tokens must not exceed max_tokens"));
     }
     let truncate_prompt_tokens = f.u64_in("truncate_prompt_tokens", 1, u32::MAX as u64)?.map(|n| n as usize);
+    let prompt_logprobs_reply = f.u64_in("prompt_logprobs", 0, MAX_TOP_LOGPROBS as u64)?.map(|k| k as usize);
+    if prompt_logprobs_reply.is_some() && stream {
+        return Err(ApiError::invalid("prompt_logprobs", "prompt_logprobs cannot be combined with stream"));
+    }
     drop_inert_fields(f)?;
     let constraint = parse_constraint(f, limits)?;
     Ok(GenerationParams {
@@ -296,7 +303,8 @@ fn parse_common(
         truncate_prompt_tokens,
         logprobs: false,
         echo: false,
-        prompt_logprobs: None,
+        prompt_logprobs: prompt_logprobs_reply,
+        prompt_logprobs_reply,
         stream,
         include_usage,
         continuous_usage,
@@ -489,6 +497,14 @@ impl ValidatedChatRequest {
         if logprobs {
             params.decode.sampling.top_logprobs = Some(top.unwrap_or(0) as usize);
         }
+        // vLLM's chat `echo`: the reply begins with the last message when it
+        // is the assistant's (a continued message).
+        if f.bool("echo")?.unwrap_or(false) {
+            if params.stream {
+                return Err(ApiError::invalid("echo", "echo cannot be combined with stream"));
+            }
+            params.echo = true;
+        }
         let mut template = parse_template_options(&mut f)?;
         let tools = parse_tools(&mut f)?;
         if let Some(t) = &tools {
@@ -609,7 +625,8 @@ impl ValidatedCompletionRequest {
                 return Err(ApiError::invalid("echo", "echo cannot be combined with truncate_prompt_tokens"));
             }
             params.echo = true;
-            params.prompt_logprobs = params.decode.sampling.top_logprobs.filter(|_| params.logprobs);
+            let echoed = params.decode.sampling.top_logprobs.filter(|_| params.logprobs);
+            params.prompt_logprobs = params.prompt_logprobs.max(echoed);
         }
         match f.take("suffix") {
             None => {}

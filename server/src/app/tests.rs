@@ -73,14 +73,19 @@ impl Engine for ScriptedEngine {
         let timing = ChoiceTiming { admitted: Some(admitted), first_token: Some(std::time::Instant::now()) };
         for choice in 0..r.n {
             if let Some(top) = r.prompt_logprobs {
-                // Scores every prompt token after the first: -1, -2, …
+                // Scores every prompt token after the first: -1, -2, … (ranks 1, 2, …)
                 let ids = r.prompt_tokens.expose();
                 let logprobs = ids[1..]
                     .iter()
                     .enumerate()
-                    .map(|(i, &t)| TokenLogprob { token_id: t, logprob: -(i as f32) - 1.0, top: vec![(t, -0.5); top] })
+                    .map(|(i, &t)| {
+                        // Alternatives: the next byte values, best first.
+                        let top = (0..top as u32).map(|k| ((t + 1 + k) % 256, -0.5 - k as f32 / 10.0)).collect();
+                        TokenLogprob { token_id: t, logprob: -(i as f32) - 1.0, top }
+                    })
                     .collect();
-                let _ = tx.send(GenerationEvent::PromptLogprobs { choice, logprobs });
+                let ranks = (1..ids.len() as u32).collect();
+                let _ = tx.send(GenerationEvent::PromptLogprobs { choice, logprobs, ranks });
             }
             let k = r.decode.max_tokens.min(words.len());
             for w in &words[..k] {

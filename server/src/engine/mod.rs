@@ -79,7 +79,8 @@ pub enum GenerationEvent {
     /// The prompt's scores for `choice` (requests with `prompt_logprobs`),
     /// before any other event of the choice: one entry per prompt token after
     /// the first (the first has no context to be scored in).
-    PromptLogprobs { choice: usize, logprobs: Vec<TokenLogprob> },
+    /// `ranks[i]` is the rank of `logprobs[i]`'s token (1: the most likely).
+    PromptLogprobs { choice: usize, logprobs: Vec<TokenLogprob>, ranks: Vec<u32> },
     /// The request failed inside the engine; no further events follow.
     Failed { error: EngineError },
 }

@@ -54,7 +54,8 @@ struct SeqCtx {
 /// run: entry `p` scores prompt token `p + 1` from the logits at position `p`.
 struct PromptScores {
     top: usize,
-    scores: Vec<Option<TokenLogprob>>,
+    /// Each scored token with its rank.
+    scores: Vec<Option<(TokenLogprob, u32)>>,
 }
 
 impl PromptScores {
@@ -69,14 +70,16 @@ impl PromptScores {
             let p = start_pos + k;
             if let (Some(slot), Some(&next)) = (self.scores.get_mut(p), prompt.get(p + 1)) {
                 let (logprob, top) = salus_models::sampling::score_token(row, next, self.top);
-                *slot = Some(TokenLogprob { token_id: next, logprob, top });
+                let rank = salus_models::sampling::token_rank(row, next);
+                *slot = Some((TokenLogprob { token_id: next, logprob, top }, rank));
             }
         }
     }
 
-    /// Every score, once the whole prompt has run.
-    fn take(self) -> Option<Vec<TokenLogprob>> {
-        self.scores.into_iter().collect()
+    /// Every score and its token's rank, once the whole prompt has run.
+    fn take(self) -> Option<(Vec<TokenLogprob>, Vec<u32>)> {
+        let scores: Vec<(TokenLogprob, u32)> = self.scores.into_iter().collect::<Option<_>>()?;
+        Some(scores.into_iter().unzip())
     }
 }
 
@@ -407,9 +410,9 @@ impl Worker {
         let Some(scores) = ctx.prompt_scores.take() else { return true };
         let (rid, choice) = (ctx.request, ctx.choice);
         match scores.take() {
-            Some(logprobs) => {
+            Some((logprobs, ranks)) => {
                 if let Some(req) = self.requests.get(&rid) {
-                    let _ = req.events.send(GenerationEvent::PromptLogprobs { choice, logprobs });
+                    let _ = req.events.send(GenerationEvent::PromptLogprobs { choice, logprobs, ranks });
                 }
                 true
             }

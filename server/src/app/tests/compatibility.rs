@@ -273,6 +273,94 @@ async fn echo_returns_the_prompt_with_its_scores() {
     }
 }
 
+/// vLLM's `prompt_logprobs`: the prompt's tokens after the first with their
+/// logprob, rank and text, and the top alternatives; per choice on
+/// completions, beside the choices on chat.
+#[tokio::test]
+async fn prompt_logprobs_score_the_prompt_like_vllm() {
+    let f = fixture();
+    let body = serde_json::to_vec(&json!({"model": "test-model", "prompt": "Hi there", "max_tokens": 2,
+                                          "prompt_logprobs": 2, "n": 2}))
+    .unwrap();
+    let (s, v, text) = send(&f.state, "POST", "/v1/completions", Some(&f.inference), Some(&body)).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    for choice in v["choices"].as_array().unwrap() {
+        assert_eq!(choice["text"], "Hello world", "no echo without echo: {text}");
+        let p = choice["prompt_logprobs"].as_array().unwrap();
+        assert_eq!(p.len(), "Hi there".len(), "one entry per prompt token: {text}");
+        assert!(p[0].is_null());
+        // Position 1 is 'i' (105): its own entry, then the two alternatives.
+        let at1 = p[1].as_object().unwrap();
+        assert_eq!(at1.len(), 3, "{text}");
+        assert_eq!(at1["105"], json!({"logprob": -1.0, "rank": 1, "decoded_token": "i"}));
+        assert_eq!(at1["106"]["rank"], 1);
+        assert_eq!(at1["107"]["rank"], 2);
+        assert_eq!(p[7]["101"]["logprob"], -7.0, "'e' scored last: {text}");
+        assert_eq!(p[7]["101"]["rank"], 7);
+    }
+    // Chat: the templated prompt's scores, once, beside the choices.
+    let (s, v, text) = send(
+        &f.state,
+        "POST",
+        "/v1/chat/completions",
+        Some(&f.inference),
+        Some(&chat_body(json!({"prompt_logprobs": 0}))),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    let p = v["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(p.len() as u64, v["usage"]["prompt_tokens"].as_u64().unwrap(), "{text}");
+    assert!(p[0].is_null() && p[1].as_object().unwrap().len() == 1, "{text}");
+    assert!(v["choices"][0].get("prompt_logprobs").is_none());
+    // With echo and logprobs 1 as well: the legacy shape keeps its one alternative.
+    let body = serde_json::to_vec(&json!({"model": "test-model", "prompt": "Hi", "max_tokens": 1, "echo": true,
+                                          "logprobs": 1, "prompt_logprobs": 3}))
+    .unwrap();
+    let (s, v, text) = send(&f.state, "POST", "/v1/completions", Some(&f.inference), Some(&body)).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert_eq!(v["choices"][0]["logprobs"]["top_logprobs"][1].as_object().unwrap().len(), 1, "{text}");
+    assert_eq!(v["choices"][0]["prompt_logprobs"][1].as_object().unwrap().len(), 4, "{text}");
+    // Refused: with stream; out of range.
+    for (extra, param) in [
+        (json!({"stream": true, "prompt_logprobs": 1}), "prompt_logprobs"),
+        (json!({"prompt_logprobs": 21}), "prompt_logprobs"),
+        (json!({"prompt_logprobs": -1}), "prompt_logprobs"),
+    ] {
+        let (s, v, text) =
+            send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&chat_body(extra))).await;
+        assert_eq!((s, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some(param)), "{text}");
+    }
+}
+
+/// vLLM's `echo` on chat: a reply that continues the last (assistant)
+/// message begins with it; after a user message nothing is prepended.
+#[tokio::test]
+async fn chat_echo_prepends_the_continued_assistant_message() {
+    let f = fixture();
+    let continued = serde_json::to_vec(&json!({
+        "model": "test-model", "echo": true, "add_generation_prompt": false, "continue_final_message": true,
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure: "}],
+    }))
+    .unwrap();
+    let (s, v, text) = send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&continued)).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert_eq!(v["choices"][0]["message"]["content"], "Sure: Hello world", "{text}");
+    let (s, v, text) =
+        send(&f.state, "POST", "/v1/chat/completions", Some(&f.inference), Some(&chat_body(json!({"echo": true}))))
+            .await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello world", "{text}");
+    let (s, v, text) = send(
+        &f.state,
+        "POST",
+        "/v1/chat/completions",
+        Some(&f.inference),
+        Some(&chat_body(json!({"echo": true, "stream": true}))),
+    )
+    .await;
+    assert_eq!((s, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("echo")), "{text}");
+}
+
 #[tokio::test]
 async fn token_id_prompts_are_checked() {
     let f = fixture();
