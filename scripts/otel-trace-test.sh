@@ -29,16 +29,10 @@ fi
 WORK="$(mktemp -d)"
 chmod 700 "$WORK"
 trap 'rm -rf "$WORK"' EXIT
-# The collector's CA and its leaf certificate (rustls refuses a CA certificate as a server's own).
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj "/CN=salus-otel-test-ca" \
-  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
-  -keyout "$WORK/collector-ca-key.pem" -out "$WORK/collector-ca.pem" 2>/dev/null
-openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=127.0.0.1" \
-  -keyout "$WORK/collector-key.pem" -out "$WORK/collector.csr" 2>/dev/null
-printf 'basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n' \
-  >"$WORK/collector.ext"
-openssl x509 -req -in "$WORK/collector.csr" -CA "$WORK/collector-ca.pem" -CAkey "$WORK/collector-ca-key.pem" \
-  -CAcreateserial -days 1 -extfile "$WORK/collector.ext" -out "$WORK/collector.pem" 2>/dev/null
+# The collector's CA and its certificate for 127.0.0.1.
+# shellcheck source=scripts/lib/test-pki.sh
+. "$ROOT/scripts/lib/test-pki.sh"
+test_pki "$WORK" collector salus-otel-test-ca
 # Salus' own serving certificate, an API key and the audit key.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
   -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \

@@ -77,17 +77,10 @@ cleanup() {
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'; }
 
-# A CA and the collector's certificate: a leaf (CA:FALSE; rustls refuses a CA
-# certificate as a server's own) for 127.0.0.1.
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj "/CN=salus-siem-test-ca" \
-  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
-  -keyout "$WORK/ca-key.pem" -out "$WORK/ca.pem" 2>/dev/null
-openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=127.0.0.1" \
-  -keyout "$WORK/collector-key.pem" -out "$WORK/collector.csr" 2>/dev/null
-printf 'basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n' \
-  >"$WORK/collector.ext"
-openssl x509 -req -in "$WORK/collector.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca-key.pem" -CAcreateserial -days 1 \
-  -extfile "$WORK/collector.ext" -out "$WORK/collector.pem" 2>/dev/null
+# A CA and the collector's certificate for 127.0.0.1.
+# shellcheck source=scripts/lib/test-pki.sh
+. "$ROOT/scripts/lib/test-pki.sh"
+test_pki "$WORK" collector salus-siem-test-ca
 
 SYSLOG_PORT="$(free_port)"
 mkdir -p "$WORK/rsyslog"

@@ -370,6 +370,8 @@ impl ConnectionTask {
             .timer(TokioTimer::new())
             .keep_alive_interval(self.settings.http2_keepalive_interval)
             .keep_alive_timeout(self.settings.http2_keepalive_timeout);
+        // Requests hyper cannot parse get an OpenAI error body (see `unparsable`).
+        let io = unparsable::OpenAiParseErrors::new(io);
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(svc));
         tokio::pin!(conn);
         let idle = activity.idle_for(self.settings.idle_timeout);
@@ -393,6 +395,8 @@ impl ConnectionTask {
         }
     }
 }
+
+mod unparsable;
 
 #[cfg(test)]
 mod tests;

@@ -2,9 +2,19 @@
 module, in definition order, one PASS/FAIL line each (with the traceback of a
 failure), then a summary; exit status 1 if any failed."""
 
+import socket
 import sys
 import time
 import traceback
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on (now)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
 
 
 def run(namespace):

@@ -32,11 +32,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+from checks import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEPLOYMENT = os.path.join(ROOT, "docs", "deployment.md")
@@ -72,14 +73,6 @@ def extract_steps(path):
     if in_fence:
         raise Failure(f"{path}:{start}: unterminated code fence")
     return steps
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 # Run between the server start and the next step: wait for /health (the

@@ -15,7 +15,6 @@ import http.server
 import json
 import os
 import secrets
-import socket
 import ssl
 import subprocess
 import sys
@@ -28,14 +27,14 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 sys.path.insert(0, os.path.dirname(__file__))
-from checks import run  # noqa: E402
+from checks import free_port, run  # noqa: E402
 
 BIN = os.environ["SALUS_BIN"]
 MODEL = os.environ["SALUS_MODEL"]
 WORK = os.environ["SALUS_OTEL_WORK"]
 KEY = open(os.path.join(WORK, "inference.key")).read().strip()
 TLS_CA = os.path.join(WORK, "cert.pem")
-COLLECTOR_CA = os.path.join(WORK, "collector-ca.pem")
+COLLECTOR_CA = os.path.join(WORK, "ca.pem")
 
 # Every attribute key a Salus span may carry (server/src/telemetry.rs SPAN_ATTRIBUTES).
 DOCUMENTED = {
@@ -44,14 +43,6 @@ DOCUMENTED = {
     "gen_ai.usage.output_tokens", "salus.cached_prompt_tokens", "salus.audit.event", "salus.audit.written",
 }
 CANARY = "zzotelcanary" + secrets.token_hex(6)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Received:

@@ -52,7 +52,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import stat
 import subprocess
@@ -66,7 +65,9 @@ import urllib.request
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "e2e"))
 import kustomize_lite  # noqa: E402
+from checks import free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 K8S = os.path.join(ROOT, "configs", "kubernetes")
@@ -134,14 +135,6 @@ def check(name):
 
 def note(msg):
     print(f"NOTE {msg}", flush=True)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def run(cmd, **kw):

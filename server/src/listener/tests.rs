@@ -151,3 +151,39 @@ fn the_soft_descriptor_limit_is_raised_to_the_hard_limit() {
         assert_eq!(n, max);
     }
 }
+
+/// Regression (#27): a request hyper cannot parse got hyper's own empty 400
+/// (or 431); every error must have the OpenAI shape.
+#[test]
+fn requests_hyper_cannot_parse_get_openai_errors() {
+    let (addr, _stop) = start(settings());
+    let answer = |request: &[u8]| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(request).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let huge_header = format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(512 << 10));
+    for (request, status, code) in [
+        (
+            &b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n"[..],
+            400,
+            "malformed_request",
+        ),
+        (b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1, 2\r\n\r\n", 400, "malformed_request"),
+        (b"GARBAGE\r\n\r\n", 400, "malformed_request"),
+        (huge_header.as_bytes(), 431, "headers_too_large"),
+    ] {
+        let text = answer(request);
+        assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{text}");
+        let body: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap_or_default())
+            .unwrap_or_else(|_| panic!("not JSON: {text}"));
+        assert_eq!(body["error"]["code"], code, "{text}");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+    // Well-formed requests are untouched.
+    let mut s = TcpStream::connect(addr).unwrap();
+    assert!(get_health(&mut s).contains("200 OK"));
+}
