@@ -23,11 +23,13 @@ mod auth;
 mod forward;
 pub use forward::ForwardConfig;
 mod reviews;
+mod ship;
 pub use auth::{
     AuthConfig, BreakGlassConfig, LimitSpec, OidcProviderConfig, OidcRoleConfig, PrincipalLimitsConfig, SessionConfig,
 };
 pub use reviews::ReviewsConfig;
 pub use salus_models::KernelConfig;
+pub use ship::ShipConfig;
 
 /// Errors loading the configuration. They name the file or variable and the key;
 /// configuration is operator data, never request data.
@@ -446,6 +448,8 @@ pub struct AuditConfig {
     pub instance: Option<String>,
     /// `[audit.forward]`: stream every record's metadata to a SIEM (syslog over TLS).
     pub forward: Option<ForwardConfig>,
+    /// `[audit.ship]`: ship sealed segments and checkpoints off the host (backup format).
+    pub ship: Option<ShipConfig>,
 }
 
 impl Default for AuditConfig {
@@ -464,6 +468,7 @@ impl Default for AuditConfig {
             denial_reserve_bytes: 256 << 20,
             instance: None,
             forward: None,
+            ship: None,
         }
     }
 }
@@ -690,6 +695,9 @@ impl Config {
         self.auth.validate()?;
         if let Some(f) = &self.audit.forward {
             f.validate()?;
+        }
+        if let Some(s) = &self.audit.ship {
+            s.validate(&self.audit)?;
         }
         self.reviews.validate()?;
         if let Some(id) = &self.model.id {

@@ -91,11 +91,11 @@ impl Histogram {
     }
 }
 
-fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
+pub(crate) fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
 }
 
-fn counter(out: &mut String, name: &str, help: &str, labels: &str, v: u64) {
+pub(crate) fn counter(out: &mut String, name: &str, help: &str, labels: &str, v: u64) {
     let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{braces} {v}");
 }
@@ -192,6 +192,8 @@ pub struct Metrics {
     pub e2e: Histogram,
     /// The SIEM forwarder's gauges and counters (`[audit.forward]`).
     forward: crate::audit_forward::ForwardMetrics,
+    /// The off-host shipper's gauges and counters (`[audit.ship]`).
+    ship: crate::audit_ship::ShipMetrics,
 }
 
 /// Maps a matched route template to a fixed label (unknown → `other`).
@@ -235,12 +237,18 @@ impl Metrics {
             inter_token: Histogram::new(TOKEN_LATENCY_BUCKETS),
             e2e: Histogram::new(LATENCY_BUCKETS),
             forward: Default::default(),
+            ship: Default::default(),
         }
     }
 
     /// The SIEM forwarder's part (attach the running forwarder here).
     pub fn forward(&self) -> &crate::audit_forward::ForwardMetrics {
         &self.forward
+    }
+
+    /// The off-host shipper's part (attach the running shipper here).
+    pub fn ship(&self) -> &crate::audit_ship::ShipMetrics {
+        &self.ship
     }
 
     pub fn request_done(&self, route: &'static str, status: u16) {
@@ -470,6 +478,7 @@ impl Metrics {
             audit.last_durable_unix_ms.map_or(0, |ms| ms / 1000),
         );
         self.forward.render(&mut out);
+        self.ship.render(&mut out);
         out
     }
 }
