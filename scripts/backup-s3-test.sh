@@ -17,15 +17,23 @@
 #   * `backup restore` from S3 gives a trail `salus audit verify` accepts, and
 #     the backed-up checkpoints (`backup checkpoints`) catch a local trail rolled
 #     back to an older copy (`audit verify --checkpoints`).
+#   * a server with `[audit.ship]` ships its segments as they seal: every
+#     object Object-Locked (COMPLIANCE, retain-until = now + audit retention),
+#     a version delete refused; with the endpoint down (the proxy killed: moto
+#     keeps its state) requests are still answered, the lag metric grows and
+#     `/ready` warns; with the endpoint back it catches up (lag 0, no warning);
+#     after a SIGTERM the shipped destination verifies, restores to a trail
+#     `audit verify` accepts, and its checkpoints include the final one.
 # Credentials are moto's dummy ones, in the environment only.
 #
 # Needs: python3 (with venv; pip reaches PyPI), cargo (the binaries are built
-# unless SALUS_BIN / SALUS_TRAIL_BENCH are set). Bounded by
-# SALUS_BACKUP_S3_TIMEOUT seconds (default 600). SALUS_BACKUP_S3_KEEP=1 keeps the
+# unless SALUS_BIN / SALUS_TRAIL_BENCH are set), openssl, curl, and the
+# default model (scripts/fetch-model.sh; SALUS_MODEL names another GGUF). Bounded by
+# SALUS_BACKUP_S3_TIMEOUT seconds (default 900). SALUS_BACKUP_S3_KEEP=1 keeps the
 # work directory. Exit status 0 = all checks passed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-TIMEOUT="${SALUS_BACKUP_S3_TIMEOUT:-600}"
+TIMEOUT="${SALUS_BACKUP_S3_TIMEOUT:-900}"
 if [ -z "${SALUS_BACKUP_S3_INNER:-}" ]; then
   SALUS_BACKUP_S3_INNER=1 exec timeout --kill-after=10 "$TIMEOUT" "$0" "$@"
 fi
@@ -59,8 +67,9 @@ chmod 700 "$WORK"
 MOTO_PID=""
 PROXY_PID=""
 CREATE_PID=""
+SERVER_PID=""
 cleanup() {
-  for p in "$CREATE_PID" "$PROXY_PID" "$MOTO_PID"; do
+  for p in "$SERVER_PID" "$CREATE_PID" "$PROXY_PID" "$MOTO_PID"; do
     if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then { kill -KILL "$p"; wait "$p"; } 2>/dev/null || true; fi
   done
   if [ -n "${SALUS_BACKUP_S3_KEEP:-}" ]; then echo "backup-s3: kept $WORK"; else rm -rf "$WORK"; fi
@@ -141,35 +150,47 @@ KEY="file:$WORK/audit.key"
 BKEY="file:$WORK/backup.key"
 DEST="s3://salus-evidence/site-a"
 create() { "$BIN" backup create --to "$DEST" --audit-dir "$WORK/audit" --key "$KEY" --backup-key "$BKEY" --retain-days 1 "$@"; }
-objects() { "$PY" -c "$S3PY
-print(sum(1 for p in s3.get_paginator('list_objects_v2').paginate(Bucket='salus-evidence', Prefix='site-a/') for _ in p.get('Contents', [])))"; }
-
-# 1. Object Lock on every object; a delete within retention refused; an overwrite adds a version.
-create >"$WORK/create1.out" || fail "backup create: $(cat "$WORK/create1.out")"
-say "$(cat "$WORK/create1.out")"
-"$PY" - <<EOF || fail "Object Lock retention"
+# Every object under PREFIX/ has Object Lock COMPLIANCE until about now + 1 day,
+# and deleting a version of one is refused; prints how many there are.
+locked() {
+  "$PY" - "$1" <<EOF
 $S3PY
+prefix = sys.argv[1] + '/'
 now = datetime.datetime.now(datetime.timezone.utc)
-keys = [o['Key'] for p in s3.get_paginator('list_objects_v2').paginate(Bucket='salus-evidence', Prefix='site-a/') for o in p.get('Contents', [])]
-assert any(k.startswith('site-a/manifests/') for k in keys) and any(k.startswith('site-a/objects/') for k in keys), keys
+keys = [o['Key'] for p in s3.get_paginator('list_objects_v2').paginate(Bucket='salus-evidence', Prefix=prefix) for o in p.get('Contents', [])]
+assert any(k.startswith(prefix + 'manifests/') for k in keys) and any(k.startswith(prefix + 'objects/') for k in keys), keys
 for k in keys:
     h = s3.head_object(Bucket='salus-evidence', Key=k)
     assert h.get('ObjectLockMode') == 'COMPLIANCE', (k, h.get('ObjectLockMode'))
     left = h['ObjectLockRetainUntilDate'] - now
     assert datetime.timedelta(hours=23) < left < datetime.timedelta(hours=25), (k, left)
-victim = next(k for k in keys if k.startswith('site-a/objects/'))
+victim = next(k for k in keys if k.startswith(prefix + 'objects/'))
 vid = s3.head_object(Bucket='salus-evidence', Key=victim)['VersionId']
 try:
     s3.delete_object(Bucket='salus-evidence', Key=victim, VersionId=vid)
     sys.exit('a version within retention was deleted')
 except botocore.exceptions.ClientError as e:
     assert e.response['Error']['Code'] == 'AccessDenied', e.response['Error']
+print(len(keys))
+EOF
+}
+objects() { "$PY" -c "$S3PY
+print(sum(1 for p in s3.get_paginator('list_objects_v2').paginate(Bucket='salus-evidence', Prefix='site-a/') for _ in p.get('Contents', [])))"; }
+
+# 1. Object Lock on every object; a delete within retention refused; an overwrite adds a version.
+create >"$WORK/create1.out" || fail "backup create: $(cat "$WORK/create1.out")"
+say "$(cat "$WORK/create1.out")"
+N="$(locked site-a)" || fail "Object Lock retention"
+"$PY" - <<EOF || fail "an overwrite of a locked object"
+$S3PY
+victim = next(o['Key'] for o in s3.list_objects_v2(Bucket='salus-evidence', Prefix='site-a/objects/')['Contents'])
+vid = s3.head_object(Bucket='salus-evidence', Key=victim)['VersionId']
 new = s3.put_object(Bucket='salus-evidence', Key=victim, Body=b'forged')['VersionId']
 versions = s3.list_object_versions(Bucket='salus-evidence', Prefix=victim)['Versions']
 assert any(v['VersionId'] == vid for v in versions), 'the original version is gone'
 open('$WORK/victim', 'w').write(victim + ' ' + new + '\n')
-print(f'backup-s3: {len(keys)} objects COMPLIANCE until ~now+1d; version delete refused; an overwrite only added a version')
 EOF
+say "$N objects COMPLIANCE until ~now+1d; version delete refused; an overwrite only added a version"
 read -r VICTIM NEWVID <"$WORK/victim"
 set +e
 "$BIN" backup verify "$DEST" --backup-key "$BKEY" >"$WORK/v.out" 2>"$WORK/v.err"
@@ -218,8 +239,15 @@ CREATE_PID=$!
 for _ in $(seq 1 100); do [ "$(objects)" -gt $((BEFORE + 3)) ] && break; sleep 0.1; done
 { kill -KILL "$CREATE_PID"; wait "$CREATE_PID"; } 2>/dev/null || true
 CREATE_PID=""
-ORPHANS=$(( $(objects) - BEFORE ))
+# The slowed proxy may still hold an upload the killed run had sent (its
+# manifest, even): cut it, as a crashed host's connections are cut, so that it
+# cannot land while the next run plans (which would then, rightly, refuse to
+# overwrite that manifest and ask to be run again).
+{ kill -KILL "$PROXY_PID"; wait "$PROXY_PID"; } 2>/dev/null || true
 rm -f "$WORK/slow"
+start_proxy
+sleep 0.5
+ORPHANS=$(( $(objects) - BEFORE ))
 create >"$WORK/create3.out" || fail "create after a killed one"
 NEW=$(( $(objects) - BEFORE - 1 ))   # objects this backup added, less its manifest
 UPLOADED="$(sed -n 's/.*; \([0-9]*\) objects uploaded.*/\1/p' "$WORK/create3.out")"
@@ -271,6 +299,87 @@ rc=$?
 set -e
 [ "$rc" -ne 0 ] && grep -q "trail truncated" "$WORK/old.err" || fail "rolled-back copy vs checkpoints: $(cat "$WORK/old.err")"
 say "restored trail verifies; a rolled-back copy fails against the backed-up checkpoints"
+
+# 7. A server ships its trail as it grows ([audit.ship]), across an endpoint outage.
+MODEL="${SALUS_MODEL:-$("$ROOT/scripts/fetch-model.sh")}"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj "/CN=localhost" \
+  -addext "subjectAltName=IP:127.0.0.1" -keyout "$WORK/tls-key.pem" -out "$WORK/tls-cert.pem" 2>/dev/null
+"$BIN" audit keygen "$WORK/srv.key" >/dev/null
+SKEY="file:$WORK/srv.key"
+IKEY="$("$BIN" keys --api-keys "$WORK/api-keys.json" create --principal ship-test --kind service --role inference \
+  --role metrics 2>/dev/null)"
+PORT="$(free_port)"
+SHIP="s3://salus-evidence/ship"
+SALUS_MODEL__ALLOW_PLAINTEXT_WEIGHTS=true SALUS_MODEL__ID=smollm2-135m \
+SALUS_AUDIT__DIR="$WORK/srv-audit" SALUS_AUDIT__KEY="$SKEY" SALUS_AUDIT__RETENTION_DAYS=1 \
+SALUS_AUDIT__SEGMENT_MAX_BYTES=4096 SALUS_AUDIT__CHECKPOINT_EVERY_SECS=1 \
+SALUS_AUDIT__SHIP="{target = \"$SHIP\", backup_key = \"$BKEY\", min_interval_secs = 1, lag_warning_secs = 3, retry_max_backoff_secs = 1, shutdown_flush_secs = 30}" \
+  "$BIN" serve --listen "127.0.0.1:$PORT" --model "$MODEL" --tls-cert "$WORK/tls-cert.pem" \
+    --tls-key "$WORK/tls-key.pem" --api-keys "$WORK/api-keys.json" >"$WORK/server.out" 2>"$WORK/server.err" &
+SERVER_PID=$!
+api() { curl -s --cacert "$WORK/tls-cert.pem" -H "Authorization: Bearer $IKEY" "$@"; }
+for _ in $(seq 1 240); do
+  api -o /dev/null "https://127.0.0.1:$PORT/health" && break
+  kill -0 "$SERVER_PID" 2>/dev/null || fail "the server exited: $(tail -5 "$WORK/server.err")"
+  sleep 0.5
+done
+infer() {
+  for _ in $(seq 1 "$1"); do
+    code="$(api -o /dev/null -w '%{http_code}' -H 'Content-Type: application/json' \
+      "https://127.0.0.1:$PORT/v1/chat/completions" \
+      -d '{"model": "smollm2-135m", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2}')"
+    [ "$code" = 200 ] || fail "inference answered $code"
+  done
+}
+metric() { api "https://127.0.0.1:$PORT/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
+ready() { api "https://127.0.0.1:$PORT/ready"; }
+sealed_count() { find "$WORK/srv-audit" -name 'seg-*.sealed' | wc -l; }
+# Nothing left to ship: no lag, the newest sealed segment shipped, no warning.
+caught_up() {
+  [ "$(metric salus_audit_ship_lag_segments)" = 0 ] && [ "$(metric salus_audit_ship_lag_seconds)" = 0 ] \
+    && [ "$(metric salus_audit_ship_shipped_segment)" -ge "$1" ] && ! ready | grep -q audit_ship_lagging
+}
+infer 6
+SEALED="$(sealed_count)"
+[ "$SEALED" -ge 2 ] || fail "only $SEALED segments sealed"
+for _ in $(seq 1 120); do caught_up "$SEALED" && break; sleep 0.5; done
+caught_up "$SEALED" || fail "not shipped: lag $(metric salus_audit_ship_lag_segments), $(ready)"
+N="$(locked ship)" || fail "Object Lock of the shipped objects"
+say "the server shipped $SEALED sealed segments as they sealed ($(metric salus_audit_ship_shipments_total) shipments, $N objects, COMPLIANCE until ~now+1d = audit.retention_days; a version delete refused)"
+
+# The endpoint goes away: inference goes on, the lag grows, /ready warns (status unchanged).
+{ kill -KILL "$PROXY_PID"; wait "$PROXY_PID"; } 2>/dev/null || true
+infer 6
+for _ in $(seq 1 60); do ready | grep -q audit_ship_lagging && break; sleep 0.5; done
+READY="$(ready)"
+echo "$READY" | grep -q '"audit_ship_lagging"' || fail "no /ready warning with the endpoint down: $READY"
+echo "$READY" | grep -q '"status":"ready"' || fail "/ready status changed: $READY"
+LAG="$(metric salus_audit_ship_lag_segments)"
+[ "$LAG" -ge 1 ] || fail "lag metric with the endpoint down: $LAG"
+say "endpoint down: requests answered, lag $LAG segments / $(metric salus_audit_ship_lag_seconds) s, /ready: $READY"
+start_proxy
+SEALED="$(sealed_count)"
+for _ in $(seq 1 360); do caught_up "$SEALED" && break; sleep 0.5; done
+caught_up "$SEALED" || fail "no catch-up: lag $(metric salus_audit_ship_lag_segments), $(ready)"
+say "endpoint back: caught up (lag 0, no warning; $(metric salus_audit_ship_failures_total) failed attempts)"
+
+# SIGTERM: the final checkpoint is shipped; the destination verifies and restores.
+kill -TERM "$SERVER_PID"
+wait "$SERVER_PID" || fail "the server exited non-zero: $(tail -5 "$WORK/server.err")"
+SERVER_PID=""
+"$BIN" backup verify "$SHIP" --backup-key "$BKEY" --key "$SKEY" --audit-dir "$WORK/srv-audit" \
+  >"$WORK/ship-verify.out" || fail "backup verify of the shipped destination"
+"$BIN" backup restore "$SHIP" --to "$WORK/ship-restored" --backup-key "$BKEY" --key "$SKEY" >/dev/null \
+  || fail "backup restore of the shipped destination"
+"$BIN" audit verify --dir "$WORK/ship-restored" --key "$SKEY" >/dev/null || fail "audit verify of the shipped trail"
+"$BIN" backup checkpoints "$SHIP" --to "$WORK/ship-ckpts" --backup-key "$BKEY" --key "$SKEY" >/dev/null \
+  || fail "backup checkpoints of the shipped destination"
+"$BIN" audit verify --dir "$WORK/srv-audit" --key "$SKEY" --checkpoints "$WORK/ship-ckpts" >/dev/null \
+  || fail "the local trail against the shipped checkpoints"
+LAST="$("$PY" -c "import json; print(json.load(open('$WORK/srv-audit/checkpoint.json'))['records'])")"
+[ -f "$WORK/ship-ckpts/checkpoint-$(printf '%020d' "$LAST").json" ] || fail "the final checkpoint ($LAST) was not shipped"
+say "after SIGTERM: $(cat "$WORK/ship-verify.out")"
+say "the shipped destination restores to a trail that verifies; the final checkpoint (seq $LAST) was shipped"
 
 # Nothing secret in what Salus printed.
 if grep -a -q -e "salus-test-secret" "$WORK"/*.out "$WORK"/*.err 2>/dev/null; then

@@ -233,8 +233,8 @@ else
   echo "FAIL OpenTelemetry traces over OTLP (scripts/otel-trace-test.sh)" >&2; status=1
 fi
 # `salus backup` to S3 with Object Lock (moto in server mode on loopback, from PyPI
-# into a virtualenv of its own; no server needed).
-if SALUS_BIN="$BIN" "$ROOT/scripts/backup-s3-test.sh"; then
+# into a virtualenv of its own), and a server of its own shipping there ([audit.ship]).
+if SALUS_BIN="$BIN" SALUS_MODEL="$MODEL" "$ROOT/scripts/backup-s3-test.sh"; then
   echo "PASS backups to S3 with Object Lock (scripts/backup-s3-test.sh)"
 else
   echo "FAIL backups to S3 with Object Lock (scripts/backup-s3-test.sh)" >&2; status=1

@@ -107,7 +107,10 @@
 //! `.log`, so records never wait for sealing. Retention purges only sealed
 //! segments whose seal time is older than `retention_days`, oldest first, and
 //! records an `audit.purged` event (with the segment's last seq and hash, which
-//! lets `verify` accept the missing prefix) before deleting the file.
+//! lets `verify` accept the missing prefix) before deleting the file; with a
+//! [`PurgeHold`] (off-host shipping) it also stops at the first segment not yet
+//! shipped. [`AuditLog::changes`] tells a shipper when a segment was sealed or
+//! a checkpoint written.
 
 mod checkpoint;
 mod event;
@@ -137,7 +140,7 @@ pub use snapshot::{
     inspect_segment, parse_segment_name, segment_file_name, verify_backup_manifest, Inspect, SegmentSummary,
     BACKUP_MANIFEST_CONTEXT,
 };
-pub use writer::{AuditHealth, AuditLog};
+pub use writer::{AuditHealth, AuditLog, TrailChanges};
 
 #[allow(unused_imports)] // referenced by the docs above
 use salus_sensitive::secret::SecretKey;
@@ -168,6 +171,32 @@ pub struct AuditLogSettings {
     pub retention_days: u32,
     /// Name of this server instance (FHIR `AuditEvent.source`); defaults to the host name.
     pub instance: String,
+    /// Set when the trail is shipped off the host (`[audit.ship]`): the
+    /// retention purge deletes no segment past the hold's watermark.
+    pub purge_hold: Option<PurgeHold>,
+}
+
+/// Holds back the retention purge until segments are copied off the host:
+/// sealed segments with an index above [`PurgeHold::through`] are kept even
+/// when expired. Starts at 0 (nothing released); the shipper raises it as the
+/// destination confirms what it holds. Clones share one watermark.
+#[derive(Clone, Debug, Default)]
+pub struct PurgeHold(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl PurgeHold {
+    pub fn new() -> PurgeHold {
+        PurgeHold::default()
+    }
+
+    /// Segments up to `index` may be purged (the watermark never goes down).
+    pub fn release_through(&self, index: u64) {
+        self.0.fetch_max(index, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// The highest segment index the purge may delete.
+    pub fn through(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl AuditLogSettings {
@@ -184,6 +213,7 @@ impl AuditLogSettings {
             checkpoint_every: Duration::from_secs(10),
             retention_days: DEFAULT_RETENTION_DAYS,
             instance: default_instance(),
+            purge_hold: None,
         }
     }
 }

@@ -531,6 +531,52 @@ fn retention_purges_only_expired_sealed_segments_and_records_it() {
 }
 
 #[test]
+fn purge_keeps_segments_a_purge_hold_has_not_released() {
+    let t = build(30, 4096);
+    let sealed = |t: &Trail| t.segment_files().into_iter().filter(|n| n.ends_with(".sealed")).collect::<Vec<_>>();
+    let before = sealed(&t);
+    assert!(before.len() >= 3, "{before:?}");
+    // Everything is expired (0 days), nothing is shipped: nothing goes.
+    let hold = PurgeHold::new();
+    let mut cfg = t.config(4096);
+    cfg.retention_days = 0;
+    cfg.purge_hold = Some(hold.clone());
+    AuditLog::open(cfg.clone()).unwrap().close().unwrap();
+    assert_eq!(sealed(&t), before, "unshipped segments were purged");
+    // Segments 1 and 2 shipped: those go, the rest stays.
+    hold.release_through(2);
+    hold.release_through(1); // never lowers the watermark
+    assert_eq!(hold.through(), 2);
+    AuditLog::open(cfg).unwrap().close().unwrap();
+    let after = sealed(&t);
+    assert!(!after.contains(&sealed_name(1)) && !after.contains(&sealed_name(2)), "{after:?}");
+    assert_eq!(after, before[2..].to_vec());
+    let purged = t.records().into_iter().filter(|r| r.kind == "audit.purged").count();
+    assert_eq!(purged, 2);
+    t.verify().unwrap();
+}
+
+#[tokio::test]
+async fn changes_wake_a_subscriber_on_seal_and_checkpoint() {
+    let t = Trail::new();
+    let log = t.open(4096);
+    let mut changes = log.changes();
+    async fn wait(c: &mut TrailChanges) -> Result<bool, tokio::time::error::Elapsed> {
+        tokio::time::timeout(Duration::from_secs(10), c.changed()).await
+    }
+    // Five records: a checkpoint is due (checkpoint_every_records = 5).
+    for i in 0..5 {
+        log.record(inference(&log, i)).await.unwrap();
+    }
+    assert_eq!(wait(&mut changes).await, Ok(true), "no notice of the checkpoint");
+    log.close().unwrap();
+    // The final checkpoint was written; then the log is gone.
+    assert_eq!(wait(&mut changes).await, Ok(true));
+    drop(log);
+    assert_eq!(wait(&mut changes).await, Ok(false), "a closed log still reports changes");
+}
+
+#[test]
 fn reserved_kinds_second_writer_and_hmacs() {
     let t = Trail::new();
     let log = t.open(1 << 20);

@@ -70,6 +70,8 @@ pub(super) struct Shared {
     /// SIEM forwarder may read up to. Bytes past it in the open segment may be
     /// a write in progress, or the remains of a failed one whose seqs are reused.
     pub(super) durable_seq: AtomicU64,
+    /// Bumped after each seal and checkpoint written ([`AuditLog::changes`]).
+    pub(super) changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -87,6 +89,11 @@ impl Shared {
     /// Records up to `seq` are durable.
     pub(super) fn durable_through(&self, seq: u64) {
         self.durable_seq.fetch_max(seq, Ordering::Release);
+    }
+
+    /// A segment was sealed or a checkpoint written.
+    pub(super) fn trail_changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     pub(super) fn take_injected_failure(&self) -> bool {
@@ -168,6 +175,7 @@ impl AuditLog {
             durable_seq: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             inject_failures: 0.into(),
+            changes: tokio::sync::watch::channel(0).0,
         });
         let dir = cfg.dir.clone();
         let recovery::Recovered { mut writer, notes, interrupted } =
@@ -281,6 +289,13 @@ impl AuditLog {
         (self.inner.shared.clone(), self.inner.keys.clone())
     }
 
+    /// Wakes a shipper of the trail (`salus_backup::ship`) whenever a segment
+    /// has been sealed or a checkpoint written. Like the forwarder, the
+    /// receiver holds no [`AuditLog`].
+    pub fn changes(&self) -> TrailChanges {
+        TrailChanges(self.inner.shared.changes.subscribe())
+    }
+
     /// The trail's derived keys (for `key_baseline`'s MAC).
     pub fn audit_keys(&self) -> &AuditKeys {
         &self.inner.keys
@@ -308,6 +323,17 @@ impl AuditLog {
     #[cfg(any(test, feature = "test-hooks"))]
     pub fn inject_write_failures(&self, count: u32) {
         self.inner.shared.inject_failures.store(count, Ordering::SeqCst);
+    }
+}
+
+/// Notice of sealed segments and new checkpoints ([`AuditLog::changes`]).
+pub struct TrailChanges(tokio::sync::watch::Receiver<u64>);
+
+impl TrailChanges {
+    /// Waits until a segment is sealed or a checkpoint written after the last
+    /// call; `false` once the log is gone (nothing more will change).
+    pub async fn changed(&mut self) -> bool {
+        self.0.changed().await.is_ok()
     }
 }
 
@@ -359,7 +385,7 @@ fn lock_dir(dir: &Path) -> Result<File, AuditError> {
     Ok(f)
 }
 
-enum Job {
+pub(super) enum Job {
     Seal(u64),
     Checkpoint(Checkpoint),
 }
@@ -400,55 +426,6 @@ struct Writer {
 }
 
 impl Writer {
-    fn start_housekeeper(&mut self) {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let (cfg, keys) = (self.cfg.clone(), self.keys.clone());
-        let handle = std::thread::Builder::new()
-            .name("salus-audit-housekeeper".into())
-            .spawn(move || {
-                for job in rx {
-                    match job {
-                        Job::Seal(i) => {
-                            if let Err(e) = seal_log(&cfg.dir, &keys, i) {
-                                tracing::error!(segment = i, error = %e, "audit: sealing failed; retried at next start");
-                            }
-                        }
-                        Job::Checkpoint(c) => {
-                            if let Err(e) = write_checkpoint(&cfg, &c) {
-                                tracing::error!(error = %e, "audit: checkpoint write failed");
-                            }
-                        }
-                    }
-                }
-            })
-            .expect("spawning the audit housekeeper thread");
-        self.house = Some((tx, handle));
-    }
-
-    fn stop_housekeeper(&mut self) {
-        if let Some((tx, handle)) = self.house.take() {
-            drop(tx);
-            let _ = handle.join();
-        }
-    }
-
-    fn job(&mut self, job: Job) {
-        let job = match &self.house {
-            Some((tx, _)) => match tx.send(job) {
-                Ok(()) => return,
-                Err(mpsc::SendError(job)) => job,
-            },
-            None => job,
-        };
-        let r = match job {
-            Job::Seal(i) => seal_log(&self.cfg.dir, &self.keys, i).map_err(|e| e.to_string()),
-            Job::Checkpoint(c) => write_checkpoint(&self.cfg, &c).map_err(|e| e.to_string()),
-        };
-        if let Err(e) = r {
-            tracing::error!(error = %e, "audit: housekeeping failed");
-        }
-    }
-
     fn start_committer(&mut self, done: mpsc::Sender<Cmd>) -> Result<(), AuditError> {
         let (tx, rx) = mpsc::channel::<sync::Job>();
         let shared = self.shared.clone();
@@ -757,7 +734,9 @@ impl Writer {
         self.stop_housekeeper();
         let c = self.make_checkpoint();
         r?;
-        write_checkpoint(&self.cfg, &c).map_err(|e| AuditError::io("writing the final checkpoint", e))
+        write_checkpoint(&self.cfg, &c).map_err(|e| AuditError::io("writing the final checkpoint", e))?;
+        self.shared.trail_changed();
+        Ok(())
     }
 }
 

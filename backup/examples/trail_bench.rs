@@ -149,6 +149,7 @@ fn measure(size: u64, base: &Path) {
         config_file: None,
         instance: "bench".into(),
         concurrency: 4,
+        reuse_sealed: false,
     };
     let sync = || {
         let _ = std::process::Command::new("sync").status();

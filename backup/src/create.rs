@@ -27,6 +27,9 @@ use crate::manifest::*;
 use crate::target::{PutOutcome, Target};
 use crate::{load_manifest, manifest_numbers, now_rfc3339, Loaded, Progress};
 
+mod trail;
+use trail::check_trail;
+
 /// Attempts at a consistent pass over a trail that changes under it.
 const PASSES: usize = 10;
 
@@ -50,6 +53,12 @@ pub struct CreateOptions {
     pub instance: String,
     /// Objects read, encrypted and uploaded at once.
     pub concurrency: usize,
+    /// Take a sealed segment the previous backup holds (same name and size,
+    /// its objects in the destination) from that backup without reading it
+    /// again: sealed segments are written once, and the shipper backs up a
+    /// growing trail often. Off for `salus backup create`, which re-reads
+    /// and re-checks every file.
+    pub reuse_sealed: bool,
 }
 
 /// What `create` did.
@@ -111,6 +120,7 @@ struct Ctx {
     /// What this run uploaded (a pass that starts over reuses it).
     ours: std::sync::Mutex<HashMap<String, Part>>,
     progress: Arc<dyn Progress>,
+    reuse_sealed: bool,
 }
 
 /// What one pass over the trail knows.
@@ -220,6 +230,7 @@ pub async fn create(
         prev_files,
         ours: Default::default(),
         progress: progress.clone(),
+        reuse_sealed: opts.reuse_sealed,
     });
 
     let mut pass = Pass { existing, want };
@@ -463,6 +474,9 @@ struct Examined {
 /// Reads, authenticates and (what the destination lacks) encrypts and
 /// uploads one file.
 async fn back_up(ctx: Arc<Ctx>, pass: Arc<Pass>, mut src: Source, bytes: Option<Vec<u8>>) -> Result<Done, BackupError> {
+    if let Some(done) = reused(&ctx, &pass, &src) {
+        return Ok(done);
+    }
     let run = |src: Source, bytes: Option<Vec<u8>>| {
         let (c, p) = (ctx.clone(), pass.clone());
         async move {
@@ -561,6 +575,26 @@ async fn back_up(ctx: Arc<Ctx>, pass: Arc<Pass>, mut src: Source, bytes: Option<
         }
     }
     Ok(Done { entry, read: ex.read, wanted, foreign_wraps })
+}
+
+/// A sealed segment taken from the previous backup unread
+/// ([`CreateOptions::reuse_sealed`]): same name and size, every object in the
+/// destination, and no seq the checks want inside it (its last record's hash
+/// is in the entry).
+fn reused(ctx: &Ctx, pass: &Pass, src: &Source) -> Option<Done> {
+    if !ctx.reuse_sealed || src.kind != ObjectKind::SealedSegment {
+        return None;
+    }
+    let prev = ctx.prev_files.get(&src.name).filter(|p| p.kind == ObjectKind::SealedSegment)?;
+    let (first, last) = (prev.first_seq?, prev.last_seq?);
+    let last_hash = prev.last_hash.as_deref().and_then(hex32)?;
+    let same_size = std::fs::metadata(&src.path).ok()?.len() == prev.size;
+    let stored = prev.parts.iter().all(|p| pass.existing.get(&p.object) == Some(&p.stored_size));
+    if !same_size || !stored || seqs_in(&pass.want, first, last).next().is_some() {
+        return None;
+    }
+    let wanted = if pass.want.contains(&last) { vec![(last, last_hash)] } else { Vec::new() };
+    Some(Done { entry: prev.clone(), read: 0, wanted, foreign_wraps: Vec::new() })
 }
 
 /// Stores one part: reused when the destination has it (by content hash),
@@ -714,103 +748,4 @@ async fn adopt(ctx: &Ctx, object: &str, plain_sha256: &str, size: u64) -> Result
         key: header.key.id.clone(),
     };
     Ok(Stored { part, foreign_wrap: Some(header.key) })
-}
-
-/// The chain checks over what was read; returns the trail position.
-fn check_trail(
-    segments: &[&Done],
-    checkpoint: &Checkpoint,
-    prev: Option<&Manifest>,
-) -> Result<TrailPosition, BackupError> {
-    let mut problems = Vec::new();
-    let mut hashes: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
-    let mut last: Option<(u64, u64, [u8; 32])> = None; // (index, last seq, last hash)
-    for d in segments {
-        let e = &d.entry;
-        hashes.extend(d.wanted.iter().copied());
-        let (Some(index), Some(first), Some(last_seq)) = (e.segment, e.first_seq, e.last_seq) else {
-            problems.push(Problem::new(&e.path, "no seq range (internal)"));
-            continue;
-        };
-        let prev_hash = e.prev_hash.as_deref().and_then(hex32);
-        if let Some((pi, pl, ph)) = last {
-            if index != pi + 1 {
-                problems.push(Problem::new(salus_audit::segment_file_name(pi + 1, true), "segment missing (deleted)"));
-            } else if first != pl + 1 {
-                problems.push(Problem::new(&e.path, format!("starts at seq {first}, expected {}", pl + 1)));
-            } else if prev_hash.is_some_and(|h| h != ph) {
-                problems.push(Problem::new(&e.path, "does not chain to the previous segment"));
-            }
-        }
-        let lh = e.last_hash.as_deref().and_then(hex32).or(last.map(|l| l.2)).unwrap_or([0; 32]);
-        last = Some((index, last_seq, lh));
-    }
-    let first_entry = &segments[0].entry;
-    let (last_index, head, head_hash) = last.unwrap_or((0, 0, [0; 32]));
-    let first_seq = first_entry.first_seq.unwrap_or(1);
-    hashes.insert(head, head_hash);
-    if checkpoint.records > head {
-        problems.push(Problem::new(
-            "checkpoint.json",
-            format!(
-                "trail truncated: the checkpoint of {} covers {} records but the trail ends at seq {head}",
-                checkpoint.time, checkpoint.records
-            ),
-        ));
-    } else if checkpoint.records >= first_seq {
-        match hashes.get(&checkpoint.records) {
-            Some(h) if hex::encode(h) == checkpoint.chain_head => {}
-            Some(_) => problems.push(Problem::new(
-                "checkpoint.json",
-                format!("chain head at seq {} differs from the checkpoint (records rewritten)", checkpoint.records),
-            )),
-            None => problems.push(Problem::new("checkpoint.json", "chain head not found in the trail (internal)")),
-        }
-    }
-    if let Some(p) = prev {
-        let pname = format!("backup #{}", p.number);
-        if p.trail.last_seq > head {
-            problems.push(Problem::new(
-                "audit trail",
-                format!(
-                    "ends at seq {head}, behind {pname} (seq {}): the local trail was rolled back or replaced",
-                    p.trail.last_seq
-                ),
-            ));
-        } else if p.trail.last_seq >= first_seq {
-            match hashes.get(&p.trail.last_seq) {
-                Some(h) if hex::encode(h) == p.trail.chain_head => {}
-                Some(_) => problems.push(Problem::new(
-                    "audit trail",
-                    format!(
-                        "record seq {} differs from {pname} (the trail diverged or was rewritten)",
-                        p.trail.last_seq
-                    ),
-                )),
-                None => {
-                    problems.push(Problem::new("audit trail", format!("seq {} not found (internal)", p.trail.last_seq)))
-                }
-            }
-        }
-        let now: HashMap<u64, &ObjectEntry> =
-            segments.iter().filter_map(|d| d.entry.segment.map(|i| (i, &d.entry))).collect();
-        for old in p.objects.iter().filter(|o| o.kind == ObjectKind::SealedSegment) {
-            if let Some(cur) = old.segment.and_then(|i| now.get(&i)) {
-                if cur.kind == ObjectKind::SealedSegment && cur.plain_sha256 != old.plain_sha256 {
-                    problems.push(Problem::new(&cur.path, format!("differs from {pname} (rewritten)")));
-                }
-            }
-        }
-    }
-    if !problems.is_empty() {
-        return Err(BackupError::Verification(problems));
-    }
-    Ok(TrailPosition {
-        first_seq,
-        last_seq: head,
-        chain_head: hex::encode(head_hash),
-        first_segment: first_entry.segment.unwrap_or(1),
-        last_segment: last_index,
-        checkpoint_records: checkpoint.records,
-    })
 }

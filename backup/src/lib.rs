@@ -68,6 +68,13 @@
 //! fail when the destination is behind it (newest manifests deleted) or
 //! holds another manifest under that number. On S3, Object Lock in
 //! compliance mode keeps any version from being deleted within retention.
+//!
+//! # Continuous shipping
+//!
+//! [`Shipper`] (`[audit.ship]` in the server) makes these backups while the
+//! server runs: one each time a segment is sealed or (at most every
+//! `min_interval`) a checkpoint written, so the destination is an ordinary
+//! backup destination that follows the trail (see `ship.rs`).
 
 mod anchor;
 mod checkpoints;
@@ -77,6 +84,7 @@ mod error;
 mod manifest;
 mod restore;
 mod s3;
+mod ship;
 mod target;
 mod verify;
 
@@ -95,6 +103,7 @@ pub use manifest::{
     MANIFEST_FORMAT,
 };
 pub use restore::{restore, RestoreOptions, RestoreReport};
+pub use ship::{ShipMonitor, ShipSettings, ShipStatus, Shipper};
 pub use target::{ObjectLock, PutOutcome, Target, TargetOptions};
 pub use verify::{verify, VerifyOptions, VerifyReport};
 

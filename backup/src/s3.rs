@@ -76,7 +76,13 @@ impl S3Target {
                 BackupError::Invalid(format!("s3://{spec}: the prefix may hold only A-Z a-z 0-9 . _ - /"))
             })?;
         }
-        let builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if let Some(e) = &opts.endpoint {
+            builder = builder.with_endpoint(e);
+        }
+        if let Some(r) = &opts.region {
+            builder = builder.with_region(r);
+        }
         let endpoint = builder.get_config_value(&AmazonS3ConfigKey::Endpoint);
         let region = builder.get_config_value(&AmazonS3ConfigKey::Region).unwrap_or_else(|| "us-east-1".into());
         let virtual_hosted = builder

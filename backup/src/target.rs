@@ -28,11 +28,15 @@ pub struct TargetOptions {
     pub object_lock: ObjectLock,
     /// A PEM CA bundle trusted for the S3 endpoint, besides the system's roots.
     pub ca_file: Option<PathBuf>,
+    /// The S3 endpoint URL and region; unset: `AWS_ENDPOINT_URL` and
+    /// `AWS_REGION` from the environment (AWS itself and us-east-1 without them).
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
 }
 
 impl Default for TargetOptions {
     fn default() -> Self {
-        TargetOptions { object_lock: ObjectLock::Off, ca_file: None }
+        TargetOptions { object_lock: ObjectLock::Off, ca_file: None, endpoint: None, region: None }
     }
 }
 

@@ -10,17 +10,19 @@ use salus_sensitive::secret::{write_new_key_file, KeySource, SecretKey};
 
 use super::*;
 
-struct Fixture {
+/// A temporary audit key and trail directory, and a backup key (the
+/// shipper's tests use it too).
+pub(crate) struct Fixture {
     _tmp: tempfile::TempDir,
-    root: PathBuf,
-    trail: PathBuf,
-    key_src: KeySource,
-    audit_key: SecretKey,
-    backup_key: SecretKey,
+    pub(crate) root: PathBuf,
+    pub(crate) trail: PathBuf,
+    pub(crate) key_src: KeySource,
+    pub(crate) audit_key: SecretKey,
+    pub(crate) backup_key: SecretKey,
 }
 
 impl Fixture {
-    fn new() -> Fixture {
+    pub(crate) fn new() -> Fixture {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
         let key_path = root.join("audit.key");
@@ -35,7 +37,7 @@ impl Fixture {
         }
     }
 
-    fn settings(&self, dir: &Path) -> AuditLogSettings {
+    pub(crate) fn settings(&self, dir: &Path) -> AuditLogSettings {
         let mut cfg = AuditLogSettings::new(dir, self.key_src.clone());
         cfg.segment_max_bytes = 4096;
         cfg.checkpoint_every_records = 10;
@@ -65,10 +67,11 @@ impl Fixture {
             config_file: None,
             instance: "test".into(),
             concurrency: 3,
+            reuse_sealed: false,
         }
     }
 
-    fn verify_opts(&self) -> VerifyOptions {
+    pub(crate) fn verify_opts(&self) -> VerifyOptions {
         VerifyOptions {
             backup_keys: vec![self.backup_key.clone()],
             audit_key: Some(self.audit_key.clone()),
@@ -465,4 +468,27 @@ async fn exported_checkpoints_catch_a_local_trail_rolled_back_behind_the_backups
     salus_audit::verify_trail(&old, &f.audit_key, None).unwrap();
     let e = salus_audit::verify_trail(&old, &f.audit_key, Some(&ckpts)).unwrap_err();
     assert!(e.to_string().contains("trail truncated"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuse_sealed_takes_unchanged_sealed_segments_from_the_previous_backup_unread() {
+    let f = Fixture::new();
+    f.record(&f.trail, 120);
+    let dest = f.dest("dest");
+    let mut opts = f.create_opts();
+    opts.reuse_sealed = true;
+    let first = create(dest.clone(), opts.clone(), Arc::new(NoProgress)).await.unwrap();
+    f.record(&f.trail, 2);
+    let second = create(dest.clone(), opts, Arc::new(NoProgress)).await.unwrap();
+    // The same trail again, every file read: the difference is the sealed segments taken unread.
+    let third = f.create(&dest).await.unwrap();
+    let sealed = |m: &Manifest| -> Vec<(String, u64)> {
+        m.objects.iter().filter(|o| o.kind == ObjectKind::SealedSegment).map(|o| (o.path.clone(), o.size)).collect()
+    };
+    let before = sealed(&first.manifest);
+    let unread: u64 = sealed(&second.manifest).iter().filter(|s| before.contains(s)).map(|(_, n)| n).sum();
+    assert!(unread > 0 && before.len() >= 2, "{before:?}");
+    assert_eq!(third.read_bytes - second.read_bytes, unread);
+    assert_eq!(second.manifest.objects, third.manifest.objects, "the same backup either way");
+    f.verify(&dest, f.verify_opts()).await.unwrap();
 }

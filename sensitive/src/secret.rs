@@ -26,8 +26,10 @@ use zeroize::{Zeroize, Zeroizing};
 /// Errors reading a key. Messages name the source, never key material.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    /// The key source string is not `file:…`, `env:…` or `cmd:…`.
-    #[error("invalid key source '{0}': expected file:PATH, env:NAME or cmd:PROGRAM [ARGS]")]
+    /// The key source string is not `file:…`, `env:…` or `cmd:…`. Holds a
+    /// description, never the string itself: a key pasted where its source
+    /// belongs must not reach a log.
+    #[error("invalid key source ({0}): expected file:PATH, env:NAME or cmd:PROGRAM [ARGS]")]
     InvalidSource(String),
     /// The key file cannot be read.
     #[error("key file {path}: {reason}")]
@@ -142,20 +144,24 @@ impl FromStr for KeySource {
     fn from_str(s: &str) -> Result<Self, SecretError> {
         if let Some(p) = s.strip_prefix("file:") {
             if p.is_empty() {
-                return Err(SecretError::InvalidSource(s.into()));
+                return Err(SecretError::InvalidSource("file: without a path".into()));
             }
             Ok(KeySource::File(PathBuf::from(p)))
         } else if let Some(v) = s.strip_prefix("env:") {
             if v.is_empty() {
-                return Err(SecretError::InvalidSource(s.into()));
+                return Err(SecretError::InvalidSource("env: without a variable name".into()));
             }
             Ok(KeySource::Env(v.into()))
         } else if let Some(c) = s.strip_prefix("cmd:") {
             let mut parts = c.split_whitespace().map(String::from);
-            let program = parts.next().ok_or_else(|| SecretError::InvalidSource(s.into()))?;
+            let program = parts.next().ok_or_else(|| SecretError::InvalidSource("cmd: without a program".into()))?;
             Ok(KeySource::Command { program, args: parts.collect() })
         } else {
-            Err(SecretError::InvalidSource(s.into()))
+            // Not echoed: it may be the key itself.
+            Err(SecretError::InvalidSource(format!(
+                "a value of {} characters without a known prefix",
+                s.chars().count()
+            )))
         }
     }
 }
@@ -280,6 +286,18 @@ mod tests {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(src.load(), Err(SecretError::Permissions { .. })));
         assert!(write_new_key_file(&p).is_err(), "must not overwrite an existing key");
+    }
+
+    #[test]
+    fn an_invalid_source_is_never_echoed() {
+        // A key pasted where its source belongs.
+        let pasted = "3f9a1c0be4d7a2c8e6b1f0d9c3a7e5b24f8d1c6a9e3b7f0c2d5a8e1b4c7f0a3d";
+        let msg = pasted.parse::<KeySource>().unwrap_err().to_string();
+        assert!(!msg.contains(pasted) && !msg.contains(&pasted[..8]), "{msg}");
+        assert!(msg.contains("64 characters"), "{msg}");
+        for bad in ["file:", "env:", "cmd:  "] {
+            assert!(matches!(bad.parse::<KeySource>(), Err(SecretError::InvalidSource(_))), "{bad}");
+        }
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! The lag is a warning, never a failure: the trail is the record, the SIEM
 //! a copy, so `/ready`'s status stays what its readiness checks say and only
 //! the body gains `"warnings": ["audit_forward_lagging"]` and the figures.
+//! [`ready_warnings`] adds the off-host shipper's warning the same way
+//! (`crate::audit_ship`), so that both can appear together.
 
 use std::fmt::Write as _;
 use std::sync::OnceLock;
@@ -82,18 +84,46 @@ impl ForwardMetrics {
     }
 }
 
-/// Adds the forwarder's warning to a `/ready` response (200 or 503) while
-/// it lags past `lag_warning_records`; the status is left as it is.
+/// A warning `/ready` adds to its body: the code in `warnings`, and the
+/// figures under `key`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReadyWarning {
+    pub code: &'static str,
+    pub key: &'static str,
+    pub detail: Value,
+}
+
+impl ForwardMetrics {
+    /// The warning while the forwarder lags past `lag_warning_records`.
+    pub fn ready_warning(&self) -> Option<ReadyWarning> {
+        let s = self.status().filter(|s| s.lagging)?;
+        Some(ReadyWarning {
+            code: LAGGING,
+            key: "audit_forward",
+            detail: json!({
+                "lag_records": s.lag_records,
+                "lag_warning_records": s.lag_warning_records,
+                "connected": s.connected,
+            }),
+        })
+    }
+}
+
+/// Adds the warnings of the trail's copies — the SIEM forwarder's and the
+/// off-host shipper's (`crate::audit_ship`), either or both — to a `/ready`
+/// response (200 or 503) while they lag; the status is left as it is.
 pub async fn ready_warnings(State(state): State<AppState>, response: Response) -> Response {
-    let Some(s) = state.metrics().forward().status() else { return response };
-    if !s.lagging || !matches!(response.status(), StatusCode::OK | StatusCode::SERVICE_UNAVAILABLE) {
+    let m = state.metrics();
+    let warnings: Vec<ReadyWarning> =
+        [m.forward().ready_warning(), m.ship().ready_warning()].into_iter().flatten().collect();
+    if warnings.is_empty() || !matches!(response.status(), StatusCode::OK | StatusCode::SERVICE_UNAVAILABLE) {
         return response;
     }
     let (mut parts, body) = response.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, 64 << 10).await else {
         return parts.status.into_response();
     };
-    match with_warning(&bytes, &s) {
+    match with_warnings(&bytes, &warnings) {
         Some(body) => {
             parts.headers.remove(header::CONTENT_LENGTH);
             Response::from_parts(parts, axum::body::Body::from(body))
@@ -102,18 +132,13 @@ pub async fn ready_warnings(State(state): State<AppState>, response: Response) -
     }
 }
 
-/// A `/ready` JSON body with the lag warning added (`None`: not a JSON object).
-fn with_warning(body: &[u8], s: &ForwardStatus) -> Option<String> {
+/// A `/ready` JSON body with the warnings added (`None`: not a JSON object).
+pub(crate) fn with_warnings(body: &[u8], warnings: &[ReadyWarning]) -> Option<String> {
     let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(body) else { return None };
-    obj.insert("warnings".into(), json!([LAGGING]));
-    obj.insert(
-        "audit_forward".into(),
-        json!({
-            "lag_records": s.lag_records,
-            "lag_warning_records": s.lag_warning_records,
-            "connected": s.connected,
-        }),
-    );
+    obj.insert("warnings".into(), warnings.iter().map(|w| w.code).collect::<Vec<_>>().into());
+    for w in warnings {
+        obj.insert(w.key.into(), w.detail.clone());
+    }
     Some(Value::Object(obj).to_string())
 }
 
@@ -153,11 +178,13 @@ mod tests {
         assert!(out.contains("\nsalus_audit_forward_lag_records 4\n"), "{out}");
         assert!(out.contains("# TYPE salus_audit_forward_connection_failures_total counter"), "{out}");
         assert!(out.contains("\nsalus_audit_forward_connected 0\n"), "{out}");
-        let body: Value = serde_json::from_str(&with_warning(br#"{"status":"ready"}"#, &st).unwrap()).unwrap();
+        let w = m.ready_warning().unwrap();
+        let body: Value =
+            serde_json::from_str(&with_warnings(br#"{"status":"ready"}"#, std::slice::from_ref(&w)).unwrap()).unwrap();
         assert_eq!(body["status"], "ready");
         assert_eq!(body["warnings"], json!([LAGGING]));
         assert_eq!(body["audit_forward"]["lag_records"], 4);
-        assert!(with_warning(b"not json", &st).is_none());
+        assert!(with_warnings(b"not json", &[w]).is_none());
         log.close().unwrap();
         f.stop();
     }

@@ -23,12 +23,14 @@ mod auth;
 mod forward;
 pub use forward::ForwardConfig;
 mod reviews;
+mod ship;
 mod telemetry;
 pub use auth::{
     AuthConfig, BreakGlassConfig, LimitSpec, OidcProviderConfig, OidcRoleConfig, PrincipalLimitsConfig, SessionConfig,
 };
 pub use reviews::ReviewsConfig;
 pub use salus_models::KernelConfig;
+pub use ship::ShipConfig;
 pub use telemetry::{OtlpProtocol, TelemetryConfig};
 
 /// Errors loading the configuration. They name the file or variable and the key;
@@ -450,6 +452,8 @@ pub struct AuditConfig {
     pub instance: Option<String>,
     /// `[audit.forward]`: stream every record's metadata to a SIEM (syslog over TLS).
     pub forward: Option<ForwardConfig>,
+    /// `[audit.ship]`: ship sealed segments and checkpoints off the host (backup format).
+    pub ship: Option<ShipConfig>,
 }
 
 impl Default for AuditConfig {
@@ -468,6 +472,7 @@ impl Default for AuditConfig {
             denial_reserve_bytes: 256 << 20,
             instance: None,
             forward: None,
+            ship: None,
         }
     }
 }
@@ -694,6 +699,9 @@ impl Config {
         self.auth.validate()?;
         if let Some(f) = &self.audit.forward {
             f.validate()?;
+        }
+        if let Some(s) = &self.audit.ship {
+            s.validate(&self.audit)?;
         }
         self.reviews.validate()?;
         if let Some(t) = &self.telemetry {

@@ -9,6 +9,7 @@ pub mod admin_events;
 pub mod api;
 pub mod app;
 pub mod audit_forward;
+pub mod audit_ship;
 pub mod auth;
 pub mod config;
 pub mod engine;

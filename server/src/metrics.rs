@@ -91,11 +91,11 @@ impl Histogram {
     }
 }
 
-fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
+pub(crate) fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
 }
 
-fn counter(out: &mut String, name: &str, help: &str, labels: &str, v: u64) {
+pub(crate) fn counter(out: &mut String, name: &str, help: &str, labels: &str, v: u64) {
     let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{braces} {v}");
 }
@@ -194,6 +194,8 @@ pub struct Metrics {
     forward: crate::audit_forward::ForwardMetrics,
     /// Spans exported and failed exports (`[telemetry]`).
     traces: Arc<crate::telemetry::TraceCounters>,
+    /// The off-host shipper's gauges and counters (`[audit.ship]`).
+    ship: crate::audit_ship::ShipMetrics,
 }
 
 /// Maps a matched route template to a fixed label (unknown → `other`).
@@ -238,6 +240,7 @@ impl Metrics {
             e2e: Histogram::new(LATENCY_BUCKETS),
             forward: Default::default(),
             traces: Default::default(),
+            ship: Default::default(),
         }
     }
 
@@ -249,6 +252,11 @@ impl Metrics {
     /// The SIEM forwarder's part (attach the running forwarder here).
     pub fn forward(&self) -> &crate::audit_forward::ForwardMetrics {
         &self.forward
+    }
+
+    /// The off-host shipper's part (attach the running shipper here).
+    pub fn ship(&self) -> &crate::audit_ship::ShipMetrics {
+        &self.ship
     }
 
     pub fn request_done(&self, route: &'static str, status: u16) {
@@ -492,6 +500,7 @@ impl Metrics {
             "",
             self.traces.failures(),
         );
+        self.ship.render(&mut out);
         out
     }
 }

@@ -88,6 +88,12 @@ pub const ALLOWED_FIELDS: &[&str] = &[
     "attempts",
     "why",
     "records",
+    // Off-host shipping ([audit.ship]): the destination's name (no credentials) and counts.
+    "destination",
+    "backup",
+    "bytes",
+    "retry_ms",
+    "lag_segments",
 ];
 
 /// Crates known to log bytes, headers or rejection texts below INFO: always

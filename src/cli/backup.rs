@@ -228,7 +228,10 @@ fn backup_keys(k: &BackupKeyArgs) -> anyhow::Result<(SecretKey, Vec<SecretKey>)>
 }
 
 fn open_target(spec: &str, d: &DestArgs, lock: ObjectLock) -> anyhow::Result<Arc<Target>> {
-    Ok(Arc::new(Target::open(spec, &TargetOptions { object_lock: lock, ca_file: d.ca.clone() })?))
+    Ok(Arc::new(Target::open(
+        spec,
+        &TargetOptions { object_lock: lock, ca_file: d.ca.clone(), ..TargetOptions::default() },
+    )?))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -335,6 +338,7 @@ pub fn run(args: BackupArgs) -> anyhow::Result<()> {
                 config_file,
                 instance: instance(),
                 concurrency: dest.concurrency,
+                reuse_sealed: false,
             };
             let r = report(runtime()?.block_on(salus_backup::create(target.clone(), opts, Bars::new())))?;
             let t = &r.manifest.trail;

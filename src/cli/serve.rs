@@ -17,6 +17,9 @@
 //! closed (`server.stopped`, final checkpoint) after the listener has drained.
 //! With `[audit.forward]`, a forwarder thread streams the trail to a SIEM from
 //! just after the open until just after the close (so `server.stopped` goes too).
+//! With `[audit.ship]`, a shipper thread copies every sealed segment and
+//! checkpoint to the backup destination over the same span (the final
+//! checkpoint goes too), and the retention purge keeps what it has not shipped.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,7 +28,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use salus_audit::forward::{ForwardMonitor, Forwarder};
-use salus_audit::AuditLog;
+use salus_audit::{AuditLog, PurgeHold};
+use salus_backup::{ShipMonitor, Shipper};
 use salus_server::admin_events;
 use salus_server::app::{app, metrics_app};
 use salus_server::auth::access::AccessControl;
@@ -174,10 +178,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     // The audit trail: required; refused before any model or key work if it is
     // not configured, not private, or cannot be made durable.
-    let audit_cfg = config.audit.to_log_settings()?;
+    let mut audit_cfg = config.audit.to_log_settings()?;
     // The replica's name (the host name unless configured), also for traces.
     config.audit.instance = Some(audit_cfg.instance.clone());
     let forward_cfg = config.audit.forward_settings()?;
+    // [audit.ship]: keys loaded now; the purge keeps what the destination lacks.
+    let ship_cfg = config.audit.ship_settings(&audit_cfg.instance)?;
+    let hold = ship_cfg.as_ref().map(|_| PurgeHold::new());
+    audit_cfg.purge_hold = hold.clone();
     let audit_dir = audit_cfg.dir.clone();
     let audit =
         AuditLog::open(audit_cfg).with_context(|| format!("opening the audit trail {}", audit_dir.display()))?;
@@ -190,15 +198,37 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             return Err(e).context("starting the audit forwarder ([audit.forward])");
         }
     };
-    let monitor = forwarder.as_ref().map(Forwarder::monitor);
-    let result = run_with_audit(&args, config, dev_dir, addr, tls, audit.clone(), monitor);
+    // The shipper copies sealed segments and checkpoints off the host, on a thread of its own.
+    let shipper = match ship_cfg.map(|s| Shipper::start(&audit, s, hold)).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = audit.close();
+            return Err(e).context("starting the audit shipper ([audit.ship] target)");
+        }
+    };
+    let copies = TrailCopies {
+        forward: forwarder.as_ref().map(Forwarder::monitor),
+        ship: shipper.as_ref().map(Shipper::monitor),
+    };
+    let result = run_with_audit(&args, config, dev_dir, addr, tls, audit.clone(), copies);
     // server.stopped + final checkpoint, also when start-up failed after opening the trail.
     let closed = audit.close().context("closing the audit trail");
-    // After the close, so that server.stopped is forwarded too (bounded by shutdown_flush_secs).
+    // After the close, so that the final checkpoint is shipped (bounded by shutdown_flush_secs)…
+    if let Some(s) = shipper {
+        s.stop();
+    }
+    // …and server.stopped is forwarded too.
     if let Some(f) = forwarder {
         f.stop();
     }
     result.and(closed)
+}
+
+/// The running copies of the trail (SIEM forwarder, off-host shipper), whose
+/// figures the metrics and `/ready` show.
+struct TrailCopies {
+    forward: Option<ForwardMonitor>,
+    ship: Option<ShipMonitor>,
 }
 
 /// The served model, loaded and announced in the trail.
@@ -447,15 +477,18 @@ fn run_with_audit(
     addr: std::net::SocketAddr,
     tls: Option<Arc<ReloadableTls>>,
     audit: AuditLog,
-    forward: Option<ForwardMonitor>,
+    copies: TrailCopies,
 ) -> anyhow::Result<()> {
     let (keys, dev_key) = set_up_keys(args, &config, &audit)?;
     salus_kernels::memory::set_lock_policy(config.memory.lock.policy());
     let model = load_served_model(&config, &audit)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let state = build_state(&config, &model, keys.clone(), audit.clone(), &runtime)?;
-    if let Some(m) = forward {
+    if let Some(m) = copies.forward {
         state.metrics().forward().attach(m);
+    }
+    if let Some(m) = copies.ship {
+        state.metrics().ship().attach(m);
     }
     check_memory_protection(config.memory.lock)?;
     let print = || {

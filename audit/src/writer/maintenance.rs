@@ -1,6 +1,8 @@
 //! The writer's housekeeping: when a segment is due to be sealed, when a
-//! checkpoint is due, sealing (rolling) the open segment, writing checkpoints,
-//! and purging sealed segments past the retention period. Kept apart from the
+//! checkpoint is due, sealing (rolling) the open segment, writing checkpoints
+//! (on the housekeeper thread, which tells [`AuditLog::changes`] subscribers),
+//! and purging sealed segments past the retention period (never one a
+//! [`PurgeHold`](crate::PurgeHold) keeps because it is not yet shipped off the host). Kept apart from the
 //! record path in `writer.rs`; it runs on the writer thread between batches
 //! (and hands the slow parts to the housekeeper thread).
 
@@ -79,6 +81,10 @@ impl Writer {
             if i >= self.seg.index {
                 return;
             }
+            // Not yet shipped off the host (`PurgeHold`): kept, expired or not.
+            if self.cfg.purge_hold.as_ref().is_some_and(|h| i > h.through()) {
+                return;
+            }
             // Cheap look at the (not yet authenticated) header first; the whole
             // segment is authenticated only when it claims to be expired.
             let mut head = [0u8; SEALED_HEADER_LEN];
@@ -117,6 +123,55 @@ impl Writer {
                 return;
             }
         }
+    }
+}
+
+impl Writer {
+    pub(super) fn start_housekeeper(&mut self) {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (cfg, keys, shared) = (self.cfg.clone(), self.keys.clone(), self.shared.clone());
+        let handle = std::thread::Builder::new()
+            .name("salus-audit-housekeeper".into())
+            .spawn(move || {
+                for job in rx {
+                    run_job(&cfg, &keys, &shared, job);
+                }
+            })
+            .expect("spawning the audit housekeeper thread");
+        self.house = Some((tx, handle));
+    }
+
+    pub(super) fn stop_housekeeper(&mut self) {
+        if let Some((tx, handle)) = self.house.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
+
+    /// Hands a job to the housekeeper (or does it here when it is not running).
+    pub(super) fn job(&mut self, job: Job) {
+        let job = match &self.house {
+            Some((tx, _)) => match tx.send(job) {
+                Ok(()) => return,
+                Err(mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        run_job(&self.cfg, &self.keys, &self.shared, job);
+    }
+}
+
+/// Seals a segment or writes a checkpoint; tells a shipper when it did.
+fn run_job(cfg: &AuditLogSettings, keys: &AuditKeys, shared: &Shared, job: Job) {
+    match job {
+        Job::Seal(i) => match seal_log(&cfg.dir, keys, i) {
+            Ok(_) => shared.trail_changed(),
+            Err(e) => tracing::error!(segment = i, error = %e, "audit: sealing failed; retried at next start"),
+        },
+        Job::Checkpoint(c) => match write_checkpoint(cfg, &c) {
+            Ok(()) => shared.trail_changed(),
+            Err(e) => tracing::error!(error = %e, "audit: checkpoint write failed"),
+        },
     }
 }
 
