@@ -135,7 +135,9 @@ pub use event::{
     TextHmac, TokenCounts,
 };
 pub use format::AuditKeys;
-pub use reader::{read_trail, read_trail_with_keys, verify_trail, IntegrityError, RecordFilter, TrailReport};
+pub use reader::{
+    read_durable, read_trail, read_trail_with_keys, verify_trail, IntegrityError, RecordFilter, TrailReport,
+};
 pub use snapshot::{
     inspect_segment, parse_segment_name, segment_file_name, verify_backup_manifest, Inspect, SegmentSummary,
     BACKUP_MANIFEST_CONTEXT,

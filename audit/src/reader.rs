@@ -136,6 +136,39 @@ pub fn read_trail_with_keys(
     Walk::new(keys, visit).run(dir)
 }
 
+/// Reads the trail of a running [`crate::AuditLog`] up to its durable seq (as
+/// it stood when the read began), from its own process: what the server's
+/// auditor API and start-up index read. Unlike [`read_trail_with_keys`] it
+/// ignores what lies past the durable seq — a frame being written, which a
+/// plain walk would call a torn tail — and walks again when a segment was
+/// sealed (renamed) under it.
+pub fn read_durable(
+    log: &crate::AuditLog,
+    mut visit: impl FnMut(&AuditRecord, &[u8]),
+) -> Result<TrailReport, AuditError> {
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let up_to = log.durable_seq();
+        let mut seen = 0u64;
+        // A retried walk delivers only what the failed one did not.
+        let mut walk = Walk::new(log.audit_keys(), |r: &AuditRecord, raw: &[u8]| {
+            if r.seq > seen {
+                seen = r.seq;
+                visit(r, raw);
+            }
+        });
+        walk.up_to = Some(up_to);
+        match walk.run(log.dir()) {
+            Ok(report) => return Ok(report),
+            // A segment sealed (renamed) between the listing and its read.
+            Err(_) if attempt < ATTEMPTS => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Verifies the trail and its checkpoints (`dir/checkpoint.json`, and the newest
 /// checkpoint in `checkpoint_dir` if given): signatures, signer, and that the
 /// trail still reaches each checkpoint with the same chain head.
@@ -215,6 +248,9 @@ struct Walk<'k, F> {
     /// segment index → (last seq, last hash) from `audit.purged` events.
     purges: BTreeMap<u64, (u64, String)>,
     report: TrailReport,
+    /// Stop after this seq (a live trail's durable seq): later bytes of the
+    /// open segment may be a write in progress.
+    up_to: Option<u64>,
 }
 
 impl<'k, F: FnMut(&AuditRecord, &[u8])> Walk<'k, F> {
@@ -227,6 +263,7 @@ impl<'k, F: FnMut(&AuditRecord, &[u8])> Walk<'k, F> {
             start: None,
             purges: BTreeMap::new(),
             report: TrailReport::default(),
+            up_to: None,
         }
     }
 
@@ -346,6 +383,10 @@ impl<'k, F: FnMut(&AuditRecord, &[u8])> Walk<'k, F> {
         }
         while pos < bytes.len() {
             let after = self.expect.map(|e| e.0.saturating_sub(1)).unwrap_or(0);
+            if is_last && self.up_to.is_some_and(|u| after >= u) {
+                // Past the durable seq of a live trail: not ours to judge.
+                break;
+            }
             let frame = decode_frame(&cipher, i, &bytes[pos..]);
             if is_last && !matches!(frame, Frame::Ok { .. }) {
                 if let TailVerdict::Torn { cut } = judge_tail(&cipher, i, &bytes, pos) {

@@ -758,3 +758,28 @@ fn inferences_a_crash_cut_off_are_recorded_as_interrupted() {
     assert_eq!(recovered.len(), 1);
     assert_eq!(recovered[0].detail.as_ref().unwrap()["interrupted_inferences"], 20);
 }
+
+/// Regression: the server's auditor API and review index read the live
+/// trail, and a frame being written (bytes past the durable seq) made the
+/// walk fail as a torn tail. `read_durable` stops at the durable seq.
+#[test]
+fn read_durable_ignores_a_write_in_progress_past_the_durable_seq() {
+    let t = Trail::new();
+    let log = t.open(1 << 20);
+    for i in 0..7 {
+        log.record_blocking(inference(&log, i)).unwrap();
+    }
+    let durable = log.durable_seq();
+    assert!(durable >= 7);
+    // Half a frame at the end of the open segment: what a reader can meet
+    // while the writer appends.
+    let open = t.segment_files().into_iter().rfind(|n| n.ends_with(".log")).unwrap();
+    let mut f = std::fs::OpenOptions::new().append(true).open(t.path(&open)).unwrap();
+    std::io::Write::write_all(&mut f, &[0x00, 0x00, 0x01, 0x40, 0xde, 0xad]).unwrap();
+    drop(f);
+    assert!(read_trail_with_keys(log.dir(), log.audit_keys(), |_, _| {}).is_err(), "a plain walk calls it a torn tail");
+    let mut seqs = Vec::new();
+    let report = read_durable(&log, |r, _| seqs.push(r.seq)).unwrap();
+    assert_eq!(seqs, (1..=durable).collect::<Vec<_>>());
+    assert_eq!(report.last_seq, durable);
+}

@@ -372,7 +372,8 @@ fn spawn_review_index_rebuild(index: Arc<ReviewIndex>, audit: AuditLog) {
     let spawned = std::thread::Builder::new().name("review-index".into()).spawn(move || {
         let started = std::time::Instant::now();
         let mut records = Vec::new();
-        let walked = salus_audit::read_trail_with_keys(audit.dir(), audit.audit_keys(), |r, _| {
+        // The server is already recording: read only what is durable.
+        let walked = salus_audit::read_durable(&audit, |r, _| {
             if matches!(r.kind.as_str(), "inference.completed" | "review.recorded") {
                 records.push(r.clone());
             }

@@ -93,7 +93,8 @@ pub async fn list_events(
     let read = tokio::task::spawn_blocking(move || {
         let mut page: Vec<(salus_audit::AuditRecord, Value)> = Vec::new();
         let mut more = false;
-        let walked = salus_audit::read_trail_with_keys(log.dir(), log.audit_keys(), |rec, raw| {
+        // Up to the durable seq: a record being written is not read half.
+        let walked = salus_audit::read_durable(&log, |rec, raw| {
             if rec.seq <= after || more || !filter.matches(rec) {
                 return;
             }
