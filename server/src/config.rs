@@ -724,6 +724,11 @@ impl Config {
     }
 }
 
+/// A value out of range or inconsistent, naming its key.
+fn bad(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Value { key, reason: reason.into() }
+}
+
 /// Model ids appear in metric labels and URLs: a fixed, harmless alphabet.
 pub fn valid_model_id(id: &str) -> bool {
     !id.is_empty()

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::ConfigError;
+use super::{bad, ConfigError};
 use salus_audit::forward::{parse_target, ForwardSettings, MessageHeader, MAX_BATCH_RECORDS};
 
 /// `[audit.forward]`. The section being present turns forwarding on.
@@ -62,10 +62,6 @@ impl Default for ForwardConfig {
             hostname: None,
         }
     }
-}
-
-fn bad(key: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Value { key, reason: reason.into() }
 }
 
 /// 1..=`max` printable US-ASCII characters (an RFC 5424 header field).

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::ConfigError;
+use super::{bad, ConfigError};
 
 /// `[audit.ship]`. The section being present turns shipping on.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -66,10 +66,6 @@ impl Default for ShipConfig {
             shutdown_flush_secs: 10,
         }
     }
-}
-
-fn bad(key: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Value { key, reason: reason.into() }
 }
 
 /// Parses a key source without echoing it.

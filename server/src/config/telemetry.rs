@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::ConfigError;
+use super::{bad, ConfigError};
 
 /// How spans travel to the collector.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -75,10 +75,6 @@ impl Default for TelemetryConfig {
             shutdown_flush_secs: 5,
         }
     }
-}
-
-fn bad(key: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Value { key, reason: reason.into() }
 }
 
 impl TelemetryConfig {
