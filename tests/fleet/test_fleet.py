@@ -84,6 +84,12 @@ FORWARD_METRICS = {
     "salus_audit_forward_connection_failures_total", "salus_audit_forward_connected",
     "salus_audit_forward_skipped_records_total",
 }
+# Exposed only where [audit.ship] is configured (the replica here ships nowhere).
+SHIP_METRICS = {
+    "salus_audit_ship_lag_segments", "salus_audit_ship_lag_seconds", "salus_audit_ship_shipped_segment",
+    "salus_audit_ship_last_seq", "salus_audit_ship_shipments_total", "salus_audit_ship_failures_total",
+    "salus_audit_ship_uploaded_bytes_total", "salus_audit_ship_failing",
+}
 # Metrics that are not Salus' own.
 FOREIGN_METRICS = {"up"}
 
@@ -1092,7 +1098,7 @@ def grafana_expr(expr):
 
 
 def allowed_names(exposed, rep):
-    optional = set() if rep.forward else FORWARD_METRICS
+    optional = (set() if rep.forward else FORWARD_METRICS) | SHIP_METRICS
     return exposed | FOREIGN_METRICS, PENDING_METRICS | optional
 
 
