@@ -147,12 +147,23 @@ pub struct AppState(Arc<Inner>);
 impl AppState {
     pub fn new(parts: AppParts) -> Self {
         let grammars = GrammarCache::new(parts.limits.grammar_cache_entries, COMPILE_CONCURRENCY);
-        AppState(Arc::new(Inner {
+        let state = AppState(Arc::new(Inner {
             parts,
             accepting: AtomicBool::new(true),
             encode_permits: tokio::sync::Semaphore::new(ENCODE_CONCURRENCY),
             grammars,
-        }))
+        }));
+        // A principal whose last active key went (revoked, expired, removed)
+        // loses its compiled constraints at once, not when they age out.
+        let weak = Arc::downgrade(&state.0);
+        state.0.parts.keys.on_reload(Box::new(move |old, new| {
+            let Some(inner) = weak.upgrade() else { return };
+            let now = time::OffsetDateTime::now_utc();
+            let keyed = |p: &str| old.keys.iter().chain(&new.keys).any(|k| k.principal == p);
+            let active = |p: &str| new.keys.iter().any(|k| k.principal == p && k.is_active(now));
+            inner.grammars.retain_principals(|p| !keyed(p) || active(p));
+        }));
+        state
     }
 
     /// Compiled output constraints, cached per principal.

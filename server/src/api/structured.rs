@@ -255,8 +255,9 @@ fn parse_guided(f: &mut Fields) -> Result<Option<(ConstraintSpec, &'static str)>
     }
 }
 
-/// A cache entry: when it was last used (a logical clock) and the grammar.
-type CacheEntry = (u64, Arc<CompiledGrammar>);
+/// A cache entry: when it was last used (a logical clock), the grammar, and
+/// the principal it belongs to.
+type CacheEntry = (u64, Arc<CompiledGrammar>, String);
 
 /// Compiled constraints, shared between requests of one principal with the same
 /// constraint bytes. Bounded: the least recently used entry goes first.
@@ -318,7 +319,7 @@ impl GrammarCache {
         F: FnOnce(&ConstraintSpec) -> Result<CompiledGrammar, GrammarError> + Send + 'static,
     {
         let key = Self::key(scope, &spec);
-        if let Some((used, g)) = self.entries.lock().expect("grammar cache").get_mut(&key) {
+        if let Some((used, g, _)) = self.entries.lock().expect("grammar cache").get_mut(&key) {
             *used = self.tick();
             return Ok((g.clone(), CacheOutcome::Hit));
         }
@@ -342,13 +343,20 @@ impl GrammarCache {
         let mut entries = self.entries.lock().expect("grammar cache");
         if self.capacity > 0 {
             if entries.len() >= self.capacity {
-                if let Some(oldest) = entries.iter().min_by_key(|(_, (used, _))| *used).map(|(k, _)| *k) {
+                if let Some(oldest) = entries.iter().min_by_key(|(_, (used, _, _))| *used).map(|(k, _)| *k) {
                     entries.remove(&oldest);
                 }
             }
-            entries.insert(key, (self.tick(), g.clone()));
+            entries.insert(key, (self.tick(), g.clone(), scope.to_string()));
         }
         Ok((g, CacheOutcome::Compiled))
+    }
+
+    /// Drops the entries of every principal `keep` says no to (their
+    /// constraints are request data: kept no longer than the principal can
+    /// use them).
+    pub fn retain_principals(&self, keep: impl Fn(&str) -> bool) {
+        self.entries.lock().expect("grammar cache").retain(|_, (_, _, scope)| keep(scope));
     }
 
     /// Entries held now.

@@ -95,6 +95,11 @@ fn build_state(store: KeyStore, auth: &AuthConfig) -> BuiltState {
 
 /// [`build_state`] whose requests are traced by `telemetry`.
 fn build_state_traced(store: KeyStore, auth: &AuthConfig, telemetry: Telemetry) -> BuiltState {
+    build_state_on(KeyStoreHandle::fixed(store), auth, telemetry)
+}
+
+/// An app state over the key store `keys` (a file-backed one reloads).
+fn build_state_on(keys: KeyStoreHandle, auth: &AuthConfig, telemetry: Telemetry) -> BuiltState {
     let engine = Arc::new(ScriptedEngine::default());
     let audit_dir = tempfile::tempdir().unwrap();
     let key_path = audit_dir.path().join("audit.key");
@@ -106,7 +111,7 @@ fn build_state_traced(store: KeyStore, auth: &AuthConfig, telemetry: Telemetry) 
     let state = AppState::new(AppParts {
         engine: engine.clone(),
         codec: Arc::new(ByteCodec),
-        keys: Arc::new(KeyStoreHandle::fixed(store)),
+        keys: Arc::new(keys),
         metrics: metrics.clone(),
         model: ServedModelInfo { id: "test-model".into(), created: 1, fingerprint: "ab".repeat(32), sealed: true },
         limits: LimitsConfig { max_body_bytes: 4096, max_tokens: 100, default_max_tokens: 16, ..Default::default() },

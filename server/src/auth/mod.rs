@@ -122,7 +122,12 @@ pub struct KeyStoreHandle {
     /// Set once [`KeyStoreHandle::reconcile_with_trail`] succeeded: recorded
     /// reloads then rewrite the trail's key baseline.
     keep_baseline: AtomicBool,
+    /// Told the previous and the new store after each reload (see [`Self::on_reload`]).
+    on_reload: std::sync::OnceLock<OnReload>,
 }
+
+/// What a reload tells its listener: the previous store and the new one.
+pub type OnReload = Box<dyn Fn(&KeyStore, &KeyStore) + Send + Sync>;
 
 impl KeyStoreHandle {
     /// Loads the store at `path`.
@@ -137,6 +142,7 @@ impl KeyStoreHandle {
             audit: std::sync::OnceLock::new(),
             recorded: Mutex::new(store),
             keep_baseline: AtomicBool::new(false),
+            on_reload: std::sync::OnceLock::new(),
         })
     }
 
@@ -150,7 +156,15 @@ impl KeyStoreHandle {
             audit: std::sync::OnceLock::new(),
             recorded: Mutex::new(store),
             keep_baseline: AtomicBool::new(false),
+            on_reload: std::sync::OnceLock::new(),
         }
+    }
+
+    /// `f` is told the previous and the new store after every reload (one
+    /// listener; a second is ignored). The server drops what it keeps per
+    /// principal for principals that lost their last active key.
+    pub fn on_reload(&self, f: OnReload) {
+        let _ = self.on_reload.set(f);
     }
 
     /// From now on, every reload that changes the store records
@@ -234,7 +248,10 @@ impl KeyStoreHandle {
                 Err(e) => tracing::error!(error = %e, "audit: key store change not recorded"),
             }
         }
-        *self.store.write().unwrap_or_else(|e| e.into_inner()) = new;
+        let old = std::mem::replace(&mut *self.store.write().unwrap_or_else(|e| e.into_inner()), new.clone());
+        if let Some(f) = self.on_reload.get() {
+            f(&old, &new);
+        }
     }
 
     fn current(&self) -> Arc<KeyStore> {

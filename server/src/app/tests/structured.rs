@@ -67,6 +67,45 @@ async fn compiled_grammars_are_cached_per_principal() {
     assert!(metrics.contains("salus_output_constraints_total{result=\"compiled\"} 2"), "{metrics}");
 }
 
+/// A schema is request data: a principal that loses its last active key
+/// (revoked in the key-store file, noticed on reload) loses its compiled
+/// constraints at once; other principals keep theirs.
+#[tokio::test]
+async fn a_principal_that_loses_its_last_key_loses_its_cached_grammars() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api-keys.json");
+    let now = OffsetDateTime::now_utc();
+    let mut store = KeyStore::default();
+    let alice = store.create("alice", PrincipalKind::Service, &[Permission::Inference], None, now).unwrap();
+    let bob = store.create("bob", PrincipalKind::Service, &[Permission::Inference], None, now).unwrap();
+    store.save(&path).unwrap();
+    let built =
+        build_state_on(KeyStoreHandle::open(path.clone()).unwrap(), &AuthConfig::default(), Telemetry::disabled());
+    for key in [alice.secret.to_string(), bob.secret.to_string()] {
+        let (s, _, text) =
+            send(&built.state, "POST", "/v1/chat/completions", Some(&key), Some(&schema_body(json!({})))).await;
+        assert_eq!(s, StatusCode::OK, "{text}");
+    }
+    assert_eq!(built.state.grammars().len(), 2);
+    store.revoke(&alice.record.id, now).unwrap();
+    store.save(&path).unwrap();
+    built.state.keys().refresh();
+    assert_eq!(built.state.grammars().len(), 1, "alice's grammar outlived her key");
+    let (s, _, _) = send(
+        &built.state,
+        "POST",
+        "/v1/chat/completions",
+        Some(&bob.secret.to_string()),
+        Some(&schema_body(json!({}))),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let decodes = built.engine.decodes.lock().unwrap().clone();
+    let g = |i: usize| decodes[i].constraint.clone().unwrap();
+    assert!(Arc::ptr_eq(&g(1), &g(2)), "bob's grammar is still cached (a hit, not compiled again)");
+    assert_eq!(built.state.grammars().len(), 1);
+}
+
 #[tokio::test]
 async fn refused_constraints_never_reach_the_engine_or_the_trail() {
     let f = fixture();
