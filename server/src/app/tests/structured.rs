@@ -91,14 +91,9 @@ async fn a_principal_that_loses_its_last_key_loses_its_cached_grammars() {
     store.save(&path).unwrap();
     built.state.keys().refresh();
     assert_eq!(built.state.grammars().len(), 1, "alice's grammar outlived her key");
-    let (s, _, _) = send(
-        &built.state,
-        "POST",
-        "/v1/chat/completions",
-        Some(&bob.secret.to_string()),
-        Some(&schema_body(json!({}))),
-    )
-    .await;
+    let (s, _, _) =
+        send(&built.state, "POST", "/v1/chat/completions", Some(bob.secret.as_ref()), Some(&schema_body(json!({}))))
+            .await;
     assert_eq!(s, StatusCode::OK);
     let decodes = built.engine.decodes.lock().unwrap().clone();
     let g = |i: usize| decodes[i].constraint.clone().unwrap();
