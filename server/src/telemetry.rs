@@ -162,7 +162,8 @@ impl std::fmt::Debug for RequestTrace {
 impl RequestTrace {
     /// Records `phase` from `start` to `end`.
     pub fn phase(&mut self, phase: TracePhase, start: Instant, end: Instant) {
-        self.phases.push((phase, start, end.max(start)));
+        // Clamped into the request span when it ends.
+        self.phases.push((phase, start, end));
     }
 
     /// Wall-clock time of `at`, never before the request's start.
@@ -271,7 +272,7 @@ impl Telemetry {
         counters: Arc<TraceCounters>,
     ) -> Result<Self, TelemetryError> {
         if !config.enabled {
-            return Ok(Telemetry { model: Arc::from(model), ..Telemetry::disabled() });
+            return Ok(Telemetry::disabled());
         }
         let timeout = Duration::from_secs(config.export_timeout_secs);
         let exporter = match config.protocol {

@@ -343,7 +343,9 @@ fn build_state(
             let _context = runtime.enter();
             let instance = config.audit.instance.as_deref().unwrap_or("salus");
             let started = Telemetry::start(t, &model.id, instance, metrics.traces_arc())?;
-            tracing::info!("telemetry: exporting traces over OTLP");
+            if started.is_enabled() {
+                tracing::info!("telemetry: exporting traces over OTLP");
+            }
             started
         }
         None => Telemetry::disabled(),

@@ -167,7 +167,7 @@ impl Plan {
         }
         ctx.set_tokens(self.prompt_tokens, 0);
         Ok(Generation {
-            engine_times: EngineTimes { submitted: Some(submitted), ..EngineTimes::default() },
+            engine_times: EngineTimes::new(submitted),
             state: state.clone(),
             ctx: ctx.clone(),
             request_id: ctx.request_id().to_string(),
@@ -292,9 +292,9 @@ pub struct Completed {
 }
 
 /// When the engine worked on a request's choices, over all of them (its trace's phases).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct EngineTimes {
-    submitted: Option<Instant>,
+    submitted: Instant,
     /// The earliest choice's first scheduling and first token.
     admitted: Option<Instant>,
     first_token: Option<Instant>,
@@ -303,20 +303,20 @@ struct EngineTimes {
 }
 
 impl EngineTimes {
+    fn new(submitted: Instant) -> Self {
+        EngineTimes { submitted, admitted: None, first_token: None, finished: None }
+    }
+
     fn choice_finished(&mut self, timing: ChoiceTiming) {
-        let earliest = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        self.admitted = earliest(self.admitted, timing.admitted);
-        self.first_token = earliest(self.first_token, timing.first_token);
+        self.admitted = self.admitted.into_iter().chain(timing.admitted).min();
+        self.first_token = self.first_token.into_iter().chain(timing.first_token).min();
         self.finished = Some(Instant::now());
     }
 
     /// Records queue, prefill and decode in the request's trace (those that happened).
     fn trace(&self, ctx: &RequestContext, usage: &Usage) {
-        let (Some(submitted), Some(admitted)) = (self.submitted, self.admitted) else { return };
-        ctx.trace_phase(TracePhase::Queue, submitted, admitted);
+        let Some(admitted) = self.admitted else { return };
+        ctx.trace_phase(TracePhase::Queue, self.submitted, admitted);
         let Some(first) = self.first_token else { return };
         let cached_prompt_tokens = usage.cached_prompt_tokens;
         ctx.trace_phase(TracePhase::Prefill { cached_prompt_tokens }, admitted, first);
