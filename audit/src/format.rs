@@ -139,6 +139,14 @@ pub(crate) fn log_name(index: u64) -> String {
 pub(crate) fn sealed_name(index: u64) -> String {
     format!("seg-{index:016}.sealed")
 }
+/// A segment being created: its header is written here, then linked to the `.log`.
+pub(crate) fn log_tmp_name(index: u64) -> String {
+    format!("seg-{index:016}.log.tmp")
+}
+/// A seal in progress: renamed to the `.sealed` when whole.
+pub(crate) fn sealed_tmp_name(index: u64) -> String {
+    format!("seg-{index:016}.sealed.tmp")
+}
 
 /// A segment file found in the audit directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -146,6 +154,7 @@ pub(crate) enum SegFile {
     Log(u64),
     Sealed(u64),
     SealedTmp(u64),
+    LogTmp(u64),
 }
 
 pub(crate) fn parse_name(name: &str) -> Option<SegFile> {
@@ -159,6 +168,7 @@ pub(crate) fn parse_name(name: &str) -> Option<SegFile> {
         "log" => Some(SegFile::Log(index)),
         "sealed" => Some(SegFile::Sealed(index)),
         "sealed.tmp" => Some(SegFile::SealedTmp(index)),
+        "log.tmp" => Some(SegFile::LogTmp(index)),
         _ => None,
     }
 }
@@ -176,6 +186,7 @@ pub(crate) fn list_segments(dir: &Path) -> std::io::Result<Vec<(SegFile, PathBuf
         SegFile::Log(i) => (*i, 1),
         SegFile::Sealed(i) => (*i, 0),
         SegFile::SealedTmp(i) => (*i, 2),
+        SegFile::LogTmp(i) => (*i, 3),
     });
     Ok(out)
 }

@@ -274,7 +274,7 @@ impl<'k, F: FnMut(&AuditRecord, &[u8])> Walk<'k, F> {
             match f {
                 SegFile::Log(i) => present.entry(*i).or_default().0 = true,
                 SegFile::Sealed(i) => present.entry(*i).or_default().1 = true,
-                SegFile::SealedTmp(_) => {}
+                SegFile::SealedTmp(_) | SegFile::LogTmp(_) => {}
             }
         }
         let (Some(&first), Some((&last, &(last_is_log, last_is_sealed)))) =
@@ -364,6 +364,15 @@ impl<'k, F: FnMut(&AuditRecord, &[u8])> Walk<'k, F> {
     fn log(&mut self, dir: &Path, i: u64, is_last: bool) -> Result<(), AuditError> {
         let name = log_name(i);
         let bytes = std::fs::read(dir.join(&name)).map_err(|e| AuditError::io(format!("reading {name}"), e))?;
+        if is_last && bytes.len() < LOG_HEADER_LEN {
+            // Still an error (the trail is not whole), but not tampering.
+            return Err(integrity(
+                &name,
+                None,
+                format!("header truncated ({} of {LOG_HEADER_LEN} bytes): a segment whose creation a crash interrupted, holding no record; the server removes it and records audit.recovered at its next start", bytes.len()),
+            )
+            .into());
+        }
         let h = LogHeader::decode(&bytes, self.keys).map_err(|p| integrity(&name, None, p))?;
         if h.index != i {
             return Err(integrity(&name, None, format!("header names segment {} (renamed or swapped)", h.index)).into());

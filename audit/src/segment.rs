@@ -27,17 +27,23 @@ pub(super) struct OpenSegment {
 }
 
 impl OpenSegment {
+    /// Creates segment `index`. The header is written and synced under a
+    /// temporary name (`seg-N.log.tmp`) and only then linked to `seg-N.log`,
+    /// so a crash can never leave a `.log` without a whole header (before
+    /// this, a kill between creating the file and writing its header left
+    /// an empty `.log` that no later start could open). Linking, unlike a
+    /// rename, fails if the `.log` already exists.
     pub(super) fn create(dir: &Path, keys: &AuditKeys, index: u64, first_seq: u64) -> std::io::Result<OpenSegment> {
         let header =
             LogHeader { index, first_seq, created_ms: now_ms(), salt: random_bytes(), key_id: key_id_bytes(keys) };
-        let file = std::fs::OpenOptions::new()
-            .create_new(true)
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .open(dir.join(log_name(index)))?;
+        let tmp = dir.join(log_tmp_name(index));
+        let path = dir.join(log_name(index));
+        let file =
+            std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).mode(0o600).open(&tmp)?;
         file.write_all_at(&header.encode(keys), 0)?;
         file.sync_all()?;
+        std::fs::hard_link(&tmp, &path)?;
+        std::fs::remove_file(&tmp)?;
         sync_dir(dir)?;
         Ok(OpenSegment {
             file: Arc::new(file),
@@ -243,7 +249,7 @@ pub(super) fn seal_log(dir: &Path, keys: &AuditKeys, index: u64) -> Result<(), A
         nonce: [0; 12],
     };
     let out = encode_sealed(keys, sealed, &records);
-    let tmp = dir.join(format!("seg-{index:016}.sealed.tmp"));
+    let tmp = dir.join(sealed_tmp_name(index));
     {
         let f = std::fs::OpenOptions::new()
             .create(true)

@@ -21,12 +21,13 @@ use super::reader::{integrity, IntegrityError};
 pub const BACKUP_MANIFEST_CONTEXT: &[u8] = b"salus-backup-manifest/v1\n";
 
 /// A segment file name of the trail: `(index, sealed)`. `seg-N.sealed.tmp`
-/// (a seal in progress) and every other name are `None`.
+/// (a seal in progress), `seg-N.log.tmp` (a segment being created) and every
+/// other name are `None`.
 pub fn parse_segment_name(name: &str) -> Option<(u64, bool)> {
     match parse_name(name)? {
         SegFile::Log(i) => Some((i, false)),
         SegFile::Sealed(i) => Some((i, true)),
-        SegFile::SealedTmp(_) => None,
+        SegFile::SealedTmp(_) | SegFile::LogTmp(_) => None,
     }
 }
 

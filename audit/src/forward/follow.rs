@@ -231,7 +231,7 @@ impl Follower {
                 SegFile::Sealed(i) => {
                     by_index.insert(*i, true);
                 }
-                SegFile::SealedTmp(_) => {}
+                SegFile::SealedTmp(_) | SegFile::LogTmp(_) => {}
             }
         }
         let mut oldest = None;

@@ -27,6 +27,10 @@ impl Writer {
                     std::fs::remove_file(path).map_err(io(format!("removing {}", path.display())))?;
                     notes.insert("removed_partial_seal".into(), json!(true));
                 }
+                SegFile::LogTmp(_) => {
+                    std::fs::remove_file(path).map_err(io(format!("removing {}", path.display())))?;
+                    notes.insert("removed_partial_segment".into(), json!(true));
+                }
                 SegFile::Log(i) => drop(logs.insert(*i)),
                 SegFile::Sealed(i) => drop(sealed.insert(*i)),
             }
@@ -39,8 +43,27 @@ impl Writer {
             std::fs::remove_file(dir.join(log_name(i))).map_err(io(format!("removing {}", log_name(i))))?;
             logs.remove(&i);
         }
-        let max_index = logs.iter().chain(sealed.iter()).max().copied();
-        let last_log = logs.iter().max().copied().filter(|l| Some(*l) == max_index);
+        let mut max_index = logs.iter().chain(sealed.iter()).max().copied();
+        let mut last_log = logs.iter().max().copied().filter(|l| Some(*l) == max_index);
+        if let Some(l) = last_log {
+            // A last `.log` shorter than its header was being created when the
+            // process died (builds before segments were created under a
+            // temporary name could leave one): no record was ever appended to
+            // it. Remove it; the trail then ends where the segment before it
+            // ended, and the open segment is created (or reopened) from there.
+            let path = dir.join(log_name(l));
+            let len = std::fs::metadata(&path).map_err(io(format!("reading {}", log_name(l))))?.len();
+            if len < LOG_HEADER_LEN as u64 {
+                std::fs::remove_file(&path).map_err(io(format!("removing {}", log_name(l))))?;
+                notes.insert(
+                    "interrupted_segment_creation".into(),
+                    json!({ "segment": log_name(l), "header_bytes": len }),
+                );
+                logs.remove(&l);
+                max_index = logs.iter().chain(sealed.iter()).max().copied();
+                last_log = logs.iter().max().copied().filter(|l| Some(*l) == max_index);
+            }
+        }
         // Full segments that were rolled but not yet sealed: seal them now.
         for &i in logs.iter().filter(|&&i| Some(i) != last_log) {
             seal_log(&dir, &keys, i)?;
@@ -57,7 +80,9 @@ impl Writer {
             (Some(m), None) => {
                 // The trail ends in a sealed segment: the open segment is gone.
                 let tail = sealed_tail(&dir, &keys, m)?;
-                notes.insert("open_segment_missing".into(), json!(log_name(m + 1)));
+                if !notes.contains_key("interrupted_segment_creation") {
+                    notes.insert("open_segment_missing".into(), json!(log_name(m + 1)));
+                }
                 let seg = OpenSegment::create(&dir, &keys, m + 1, tail.next_seq)
                     .map_err(io(format!("creating {}", log_name(m + 1))))?;
                 (seg, tail)
