@@ -23,13 +23,14 @@ impl Writer {
         let mut sealed = std::collections::BTreeSet::new();
         for (f, path) in &files {
             match f {
-                SegFile::SealedTmp(_) => {
+                SegFile::SealedTmp(_) | SegFile::LogTmp(_) => {
                     std::fs::remove_file(path).map_err(io(format!("removing {}", path.display())))?;
-                    notes.insert("removed_partial_seal".into(), json!(true));
-                }
-                SegFile::LogTmp(_) => {
-                    std::fs::remove_file(path).map_err(io(format!("removing {}", path.display())))?;
-                    notes.insert("removed_partial_segment".into(), json!(true));
+                    let note = if matches!(f, SegFile::LogTmp(_)) {
+                        "removed_partial_segment"
+                    } else {
+                        "removed_partial_seal"
+                    };
+                    notes.insert(note.into(), json!(true));
                 }
                 SegFile::Log(i) => drop(logs.insert(*i)),
                 SegFile::Sealed(i) => drop(sealed.insert(*i)),
@@ -43,14 +44,12 @@ impl Writer {
             std::fs::remove_file(dir.join(log_name(i))).map_err(io(format!("removing {}", log_name(i))))?;
             logs.remove(&i);
         }
-        let mut max_index = logs.iter().chain(sealed.iter()).max().copied();
-        let mut last_log = logs.iter().max().copied().filter(|l| Some(*l) == max_index);
-        if let Some(l) = last_log {
-            // A last `.log` shorter than its header was being created when the
-            // process died (builds before segments were created under a
-            // temporary name could leave one): no record was ever appended to
-            // it. Remove it; the trail then ends where the segment before it
-            // ended, and the open segment is created (or reopened) from there.
+        // A last `.log` shorter than its header was being created when the
+        // process died (builds before segments were created under a temporary
+        // name could leave one): no record was ever appended to it. Remove it;
+        // the trail then ends where the segment before it ended, and the open
+        // segment is created (or reopened) from there.
+        if let Some(&l) = logs.iter().max().filter(|&&l| sealed.iter().all(|&s| s < l)) {
             let path = dir.join(log_name(l));
             let len = std::fs::metadata(&path).map_err(io(format!("reading {}", log_name(l))))?.len();
             if len < LOG_HEADER_LEN as u64 {
@@ -60,10 +59,10 @@ impl Writer {
                     json!({ "segment": log_name(l), "header_bytes": len }),
                 );
                 logs.remove(&l);
-                max_index = logs.iter().chain(sealed.iter()).max().copied();
-                last_log = logs.iter().max().copied().filter(|l| Some(*l) == max_index);
             }
         }
+        let max_index = logs.iter().chain(sealed.iter()).max().copied();
+        let last_log = logs.iter().max().copied().filter(|l| Some(*l) == max_index);
         // Full segments that were rolled but not yet sealed: seal them now.
         for &i in logs.iter().filter(|&&i| Some(i) != last_log) {
             seal_log(&dir, &keys, i)?;
